@@ -1,0 +1,188 @@
+"""The potstill command line: one verb per stage, plus `run` (all stages) and `quickstart`.
+
+Examples:
+  potstill quickstart --out runs/quickstart
+  potstill run examples/quickstart/recipe.yaml train.temperature=2.0 output_dir=runs/t2
+  potstill generate my_recipe.yaml generation.batch_size=32
+  potstill train my_recipe.yaml train.objective=sft
+  potstill eval my_recipe.yaml
+  potstill report runs/quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from potstill.errors import PotstillError
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "recipe.yaml"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for a hub
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def _recipe(args):
+    from potstill.recipe import load_recipe
+
+    return load_recipe(args.recipe, args.overrides)
+
+
+def baseline_spec(recipe):
+    from potstill.recipe import TrainSpec
+
+    if recipe.baseline is None:
+        return None
+    fields = {k: v for k, v in recipe.baseline.model_dump().items() if v is not None}
+    return TrainSpec(**{**recipe.train.model_dump(), **fields})
+
+
+def _students(recipe):
+    out = [("student", recipe.train)]
+    if (b := baseline_spec(recipe)) is not None:
+        out.append(("baseline", b))
+    return out
+
+
+def print_summary(eval_report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from potstill.report import COLUMNS, summary_rows
+
+    table = Table(title=f"held-out prompts: {eval_report['prompts']['n']}")
+    table.add_column("model")
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    for row in summary_rows(eval_report):
+        table.add_row(*row)
+    console = Console(width=max(Console().width, 90))
+    console.print(table)
+    console.print("agree: same answer as the teacher; KL/tok: KL(teacher || model) per token of the teacher's "
+                  "answers; top-1: same argmax as the teacher there; tok/s: batched greedy generation")
+
+
+def cmd_generate(args) -> None:
+    from potstill.generate import generate
+
+    counts = generate(_recipe(args))
+    print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']} "
+          f"(of {counts['planned']} planned)")
+
+
+def cmd_train(args) -> None:
+    from potstill.train import train
+
+    recipe = _recipe(args)
+    for name, spec in _students(recipe):
+        print(f"train: wrote {train(recipe, spec, name)}")
+
+
+def cmd_eval(args) -> None:
+    from potstill.evaluate import evaluate
+
+    print_summary(evaluate(_recipe(args)))
+
+
+def cmd_report(args) -> None:
+    from potstill.report import write_report
+
+    for run in args.runs:
+        print(f"report: wrote {write_report(run)}")
+
+
+def run_all(recipe) -> dict:
+    """Every stage in order; a student already trained from the same recipe and ledger is kept."""
+    from potstill.evaluate import evaluate
+    from potstill.generate import generate
+    from potstill.ledger import Ledger
+    from potstill.report import write_report
+    from potstill.train import train
+
+    counts = generate(recipe)
+    print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']}")
+    with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
+        ledger_sha = ledger.content_sha256()
+    changed = False
+    for name, spec in _students(recipe):
+        info_path = recipe.run_dir / name / "potstill.json"
+        if info_path.is_file():
+            info = json.loads(info_path.read_text())
+            if info["train"] == spec.model_dump() and info["ledger_sha256"] == ledger_sha \
+                    and info.get("student") == recipe.student.model_dump():
+                print(f"train: {name} is up to date, kept")
+                continue
+        train(recipe, spec, name)
+        changed = True
+    eval_path = recipe.run_dir / "eval.json"
+    if changed or not eval_path.is_file() or json.loads(eval_path.read_text())["provenance"]["recipe_sha256"] != recipe.sha256():
+        report = evaluate(recipe)
+    else:
+        print("eval: up to date, kept")
+        report = json.loads(eval_path.read_text())
+    print(f"report: wrote {write_report(recipe.run_dir)}")
+    return report
+
+
+def cmd_run(args) -> None:
+    print_summary(run_all(_recipe(args)))
+
+
+def cmd_quickstart(args) -> None:
+    from potstill.recipe import load_recipe
+
+    if not QUICKSTART.is_file():
+        raise PotstillError(f"the quickstart recipe {QUICKSTART} is missing: run quickstart from a potstill checkout")
+    recipe = load_recipe(QUICKSTART, [f"output_dir={args.out}", *args.overrides])
+    print_summary(run_all(recipe))
+    print(f"open {recipe.run_dir / 'report.html'} for plots and samples")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="potstill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def with_recipe(name, func, help_):
+        p = verbs.add_parser(name, help=help_, description=help_)
+        p.add_argument("recipe", help="recipe YAML file")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+        p.set_defaults(func=func)
+
+    q = verbs.add_parser("quickstart", help="the whole pipeline on the bundled teacher (about 5 minutes on 2 CPU cores)")
+    q.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of examples/quickstart/recipe.yaml")
+    q.set_defaults(func=cmd_quickstart)
+    with_recipe("run", cmd_run, "run every stage, resuming whatever is already done")
+    with_recipe("generate", cmd_generate, "ask the teacher for every prompt not yet in the ledger")
+    with_recipe("train", cmd_train, "train the student (and the baseline, if the recipe has one) on the ledger")
+    with_recipe("eval", cmd_eval, "evaluate teacher, student and baseline on the held-out prompts")
+    r = verbs.add_parser("report", help="write report.html for one or more run directories")
+    r.add_argument("runs", nargs="+", help="run directories")
+    r.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.func(args)
+    except PotstillError as e:
+        print(f"potstill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("potstill: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

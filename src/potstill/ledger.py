@@ -1,0 +1,262 @@
+"""The ledger: one SQLite file (WAL) holding every prompt, request and completion of a run.
+
+It is the single source of truth for generated data. Rules it keeps:
+
+- A request is keyed by ``request_hash`` = sha256(teacher, messages, sampling params, sample
+  index): the idempotency key. Planning the same request twice is a no-op.
+- A completion and its request's ``done`` status are written in one transaction, so a request
+  is never "done" without its completion, and a crash loses at most the batch in flight.
+- Completions whose logprobs are not finite are not stored as valid: the request is marked
+  ``failed`` with the reason, and is retried on the next run.
+
+Top-k logprobs are stored compactly: ids as little-endian int32 and logprobs as float16, each
+a (T, k) array in one blob (4 + 2 bytes per entry, so 120 bytes per token at k = 20, plus 4 for
+the token id itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from potstill.errors import PotstillError
+from potstill.prompts import Prompt
+from potstill.provenance import library_versions
+from potstill.teachers.base import Completion, Request
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS teachers (
+    teacher_key TEXT PRIMARY KEY,          -- sha256 of the description
+    description TEXT NOT NULL              -- JSON: id, backend, weights/tokenizer/template hashes, terms
+);
+CREATE TABLE IF NOT EXISTS prompts (
+    prompt_sha256 TEXT PRIMARY KEY,
+    messages TEXT NOT NULL,                -- JSON list of {role, content}
+    meta TEXT NOT NULL,                    -- JSON: the prompt file's other keys (id, answer, ...)
+    source TEXT                            -- file:line it was first read from
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id INTEGER PRIMARY KEY,
+    started_at TEXT NOT NULL,
+    recipe_sha256 TEXT,
+    versions TEXT NOT NULL                 -- JSON: python, potstill, torch, transformers, ...
+);
+CREATE TABLE IF NOT EXISTS requests (
+    request_hash TEXT PRIMARY KEY,
+    prompt_sha256 TEXT NOT NULL REFERENCES prompts,
+    teacher_key TEXT NOT NULL REFERENCES teachers,
+    params TEXT NOT NULL,                  -- JSON sampling parameters, seed included
+    sample_index INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
+    error TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_status ON requests (status);
+CREATE TABLE IF NOT EXISTS completions (
+    request_hash TEXT PRIMARY KEY REFERENCES requests,
+    session_id INTEGER NOT NULL REFERENCES sessions,
+    text TEXT NOT NULL,
+    token_ids BLOB,                        -- int32 (T,)
+    top_k INTEGER NOT NULL,
+    topk_ids BLOB,                         -- int32 (T, k)
+    topk_logprobs BLOB,                    -- float16 (T, k), temperature 1
+    finish_reason TEXT NOT NULL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER NOT NULL,
+    seed INTEGER,
+    seconds REAL,
+    created_at TEXT NOT NULL
+);
+"""
+SCHEMA_VERSION = "1"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def request_hash(teacher_key: str, messages: list[dict], params: dict, sample_index: int) -> str:
+    return hashlib.sha256(_canonical([teacher_key, messages, params, sample_index]).encode()).hexdigest()
+
+
+@dataclass
+class Example:
+    """A done completion joined with its prompt and teacher: what training reads."""
+
+    request_hash: str
+    messages: list[dict]
+    meta: dict
+    teacher_key: str
+    text: str
+    token_ids: np.ndarray | None  # (T,) int32
+    topk_ids: np.ndarray | None  # (T, k) int32
+    topk_logprobs: np.ndarray | None  # (T, k) float32
+    finish_reason: str
+
+
+class Ledger:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed completion survives power loss, not only a process crash
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise PotstillError(f"{self.path}: not a usable potstill ledger ({e})") from None
+        version = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if version is None:
+            self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif version[0] != SCHEMA_VERSION:
+            raise PotstillError(f"{self.path}: ledger schema {version[0]}, this potstill reads {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def register_teacher(self, description: dict) -> str:
+        key = hashlib.sha256(_canonical(description).encode()).hexdigest()
+        self.db.execute("INSERT OR IGNORE INTO teachers VALUES (?, ?)", (key, _canonical(description)))
+        return key
+
+    def start_session(self, recipe_sha256: str | None) -> int:
+        cur = self.db.execute(
+            "INSERT INTO sessions (started_at, recipe_sha256, versions) VALUES (?, ?, ?)",
+            (_now(), recipe_sha256, _canonical(library_versions())),
+        )
+        return cur.lastrowid
+
+    def plan(self, teacher_key: str, prompts: list[Prompt], params: dict, samples_per_prompt: int = 1) -> list[Request]:
+        """Record the requests for ``prompts`` (idempotent) and return those not yet done."""
+        now = _now()
+        planned = []
+        with self.db:
+            self.db.execute("BEGIN")
+            for p in prompts:
+                self.db.execute("INSERT OR IGNORE INTO prompts VALUES (?, ?, ?, ?)",
+                                (p.sha256, _canonical(p.chat), _canonical(p.meta), p.source))
+                for i in range(samples_per_prompt):
+                    h = request_hash(teacher_key, p.chat, params, i)
+                    self.db.execute(
+                        "INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?, ?, 'pending', NULL, ?, ?)",
+                        (h, p.sha256, teacher_key, _canonical(params), i, now, now),
+                    )
+                    planned.append((h, p.chat, i))
+        done = self.done_hashes()
+        seed = params.get("seed", 0)
+        return [Request(h, chat, i, seed) for h, chat, i in planned if h not in done]
+
+    def record(self, session_id: int, completions: list[Completion]) -> int:
+        """Store completions and mark their requests done, in one transaction. Returns how many
+        were valid; the others (non-finite logprobs) are marked failed with the reason."""
+        now = _now()
+        valid = 0
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for c in completions:
+                problem = _problem(c)
+                if problem:
+                    self.db.execute("UPDATE requests SET status='failed', error=?, updated_at=? WHERE request_hash=?",
+                                    (problem, now, c.request_hash))
+                    continue
+                k = 0 if c.topk_ids is None else c.topk_ids.shape[1]
+                self.db.execute(
+                    "INSERT OR REPLACE INTO completions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (c.request_hash, session_id, c.text,
+                     None if c.token_ids is None else np.asarray(c.token_ids, "<i4").tobytes(),
+                     k,
+                     None if c.topk_ids is None else np.ascontiguousarray(c.topk_ids, "<i4").tobytes(),
+                     None if c.topk_logprobs is None else np.ascontiguousarray(c.topk_logprobs, "<f2").tobytes(),
+                     c.finish_reason, c.prompt_tokens,
+                     len(c.token_ids) if c.token_ids is not None else 0, c.seed, c.seconds, now),
+                )
+                self.db.execute("UPDATE requests SET status='done', error=NULL, updated_at=? WHERE request_hash=?",
+                                (now, c.request_hash))
+                valid += 1
+        return valid
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def done_hashes(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT request_hash FROM completions")}
+
+    def counts(self) -> dict[str, int]:
+        out = {"pending": 0, "done": 0, "failed": 0}
+        out.update(dict(self.db.execute("SELECT status, count(*) FROM requests GROUP BY status")))
+        return out
+
+    def teachers(self) -> dict[str, dict]:
+        return {k: json.loads(d) for k, d in self.db.execute("SELECT teacher_key, description FROM teachers")}
+
+    def examples(self, teacher_key: str | None = None) -> Iterator[Example]:
+        """Done completions in a stable order (by request hash)."""
+        sql = """SELECT c.request_hash, p.messages, p.meta, r.teacher_key, c.text, c.token_ids, c.top_k,
+                        c.topk_ids, c.topk_logprobs, c.finish_reason
+                 FROM completions c JOIN requests r USING (request_hash) JOIN prompts p USING (prompt_sha256)"""
+        args: tuple = ()
+        if teacher_key is not None:
+            sql += " WHERE r.teacher_key = ?"
+            args = (teacher_key,)
+        for h, msgs, meta, tkey, text, ids, k, tids, tlp, finish in self.db.execute(sql + " ORDER BY c.request_hash", args):
+            token_ids = None if ids is None else np.frombuffer(ids, "<i4")
+            yield Example(
+                h, json.loads(msgs), json.loads(meta), tkey, text, token_ids,
+                None if tids is None else np.frombuffer(tids, "<i4").reshape(-1, k),
+                None if tlp is None else np.frombuffer(tlp, "<f2").reshape(-1, k).astype(np.float32),
+                finish,
+            )
+
+    def content_sha256(self) -> str:
+        """A hash of every done completion (prompt, text, ids, logprobs): names the training data."""
+        h = hashlib.sha256()
+        for row in self.db.execute(
+            """SELECT c.request_hash, r.prompt_sha256, c.text, c.token_ids, c.topk_ids, c.topk_logprobs
+               FROM completions c JOIN requests r USING (request_hash) ORDER BY c.request_hash"""
+        ):
+            for field in row:
+                h.update(b"\x00" if field is None else (field.encode() if isinstance(field, str) else field))
+                h.update(b"\x1f")
+        return h.hexdigest()
+
+    def bytes_per_token(self) -> float:
+        """Stored bytes of token ids + top-k ids + top-k logprobs, per completion token."""
+        row = self.db.execute(
+            "SELECT sum(length(token_ids) + ifnull(length(topk_ids), 0) + ifnull(length(topk_logprobs), 0)),"
+            " sum(completion_tokens) FROM completions"
+        ).fetchone()
+        return (row[0] or 0) / max(row[1] or 0, 1)
+
+
+def _problem(c: Completion) -> str | None:
+    if c.topk_logprobs is not None:
+        lp = np.asarray(c.topk_logprobs, np.float32)
+        if np.isnan(lp).any() or np.isposinf(lp).any() or (lp > 1e-3).any():
+            return "non-finite or positive logprob in the teacher's top-k"
+        if c.token_ids is not None and lp.shape[0] != len(c.token_ids):
+            return f"top-k rows ({lp.shape[0]}) do not match completion tokens ({len(c.token_ids)})"
+    if c.finish_reason not in ("stop", "length"):
+        return f"unknown finish_reason {c.finish_reason!r}"
+    return None

@@ -1,0 +1,206 @@
+"""The recipe: one YAML file, one typed schema per section, dotted ``key=value`` overrides.
+
+Relative paths of inputs (teacher, prompts, student checkpoint) are resolved against the folder
+of the recipe file, so a recipe travels with its data; ``output_dir`` is relative to the current
+directory. Unknown keys and wrong types are rejected with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from potstill.errors import PotstillError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherSpec(Section):
+    backend: Literal["local"] = "local"  # local = a Hugging Face model directory run with transformers
+    path: str  # Hugging Face model directory (config.json, model.safetensors, tokenizer)
+    id: str | None = None  # name recorded in provenance and the model card; default: the folder name
+    revision: str | None = None  # e.g. a git commit or hub revision, recorded as given
+    terms_family: str = "unknown"  # licence / terms family of the teacher's outputs, e.g. apache-2.0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+
+class PromptsSpec(Section):
+    path: str  # JSONL: one object per line with "prompt" (text) or "messages" (chat); other keys kept
+    limit: int | None = Field(None, ge=1)  # use only the first N prompts
+
+
+class GenerationSpec(Section):
+    max_new_tokens: int = Field(64, ge=1, le=32768)
+    temperature: float = Field(1.0, ge=0.0, le=10.0)  # 0 = greedy decoding
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_logprobs: int = Field(20, ge=0, le=1000)  # teacher top-k logprobs kept per generated token
+    samples_per_prompt: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class StudentSpec(Section):
+    config: dict[str, Any] | None = None  # HF config fields for a randomly initialised student; needs model_type
+    path: str | None = None  # or a local HF checkpoint to start from
+    tokenizer: str | None = None  # tokenizer directory; default: the teacher's
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentSpec:
+        if (self.config is None) == (self.path is None):
+            raise ValueError("give exactly one of student.config (random init) or student.path (checkpoint)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("student.config needs model_type (e.g. llama)")
+        return self
+
+
+class TrainSpec(Section):
+    objective: Literal["kd", "sft"] = "kd"  # kd: kd_ratio * KD + (1 - kd_ratio) * CE; sft: CE on teacher text
+    loss: Literal["forward_kl"] = "forward_kl"  # KD divergence over the teacher's top-k + tail bucket
+    kd_ratio: float = Field(0.5, ge=0.0, le=1.0)  # weight of the KD term against cross-entropy
+    temperature: float = Field(1.0, gt=0.0, le=10.0)  # softens teacher and student alike; KD term x T^2
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 = no clipping
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+
+
+class BaselineSpec(Section):
+    """A second student trained like the first but for what is named here (default: SFT only)."""
+
+    objective: Literal["kd", "sft"] = "sft"
+    kd_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    temperature: float | None = Field(None, gt=0.0, le=10.0)
+
+
+class EvalSpec(Section):
+    prompts: str  # JSONL held-out prompts; "answer" is the reference for exact match
+    limit: int | None = Field(None, ge=1)
+    verifier: Literal["exact", "skillmix"] = "exact"  # skillmix: any valid answer of the quickstart task
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class Recipe(Section):
+    name: str = "run"
+    output_dir: str = "runs/run"  # relative to the current directory
+    teacher: TeacherSpec
+    prompts: PromptsSpec
+    generation: GenerationSpec = GenerationSpec()
+    student: StudentSpec
+    train: TrainSpec = TrainSpec()
+    baseline: BaselineSpec | None = None
+    eval: EvalSpec
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
+    def teacher_id(self) -> str:
+        return self.teacher.id or Path(self.teacher.path).name
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        for sub in getattr(field.annotation, "__args__", ()) + (field.annotation,):
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                keys += _known_keys(sub, prefix + name + ".")
+    return keys
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else None
+        if node is None:
+            raise PotstillError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.epochs=3`` -> ("train.epochs", 3); the value is read as YAML (null, numbers, lists)."""
+    if "=" not in text:
+        raise PotstillError(f"override {text!r} is not key=value (e.g. train.epochs=3)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _relative_paths(data: dict, base: Path) -> None:
+    """Resolve input paths against the recipe's folder (absolute paths are kept)."""
+    for section, key in (("teacher", "path"), ("prompts", "path"), ("student", "path"),
+                         ("student", "tokenizer"), ("eval", "prompts")):
+        value = (data.get(section) or {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            data[section][key] = str((base / value).resolve())
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, _known_keys(Recipe), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            lines.append(f"{source}: unknown key {loc}{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: {loc} is required")
+        else:
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            lines.append(f"{source}: {loc or 'recipe'}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; every user mistake is a PotstillError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise PotstillError(f"recipe {path} not found; give the path of a YAML recipe, e.g. examples/quickstart/recipe.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PotstillError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise PotstillError(f"{path}: not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise PotstillError(f"{path}: a recipe is a YAML mapping of sections (teacher, prompts, student, ...)")
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in _known_keys(Recipe) and not key.startswith("student.config."):
+            close = difflib.get_close_matches(key, _known_keys(Recipe), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise PotstillError(f"override {key}: unknown key{hint}")
+        _set_dotted(data, key, value)
+    _relative_paths(data, path.resolve().parent)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise PotstillError(_explain(e, str(path))) from None
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False), encoding="utf-8")

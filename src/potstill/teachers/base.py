@@ -1,0 +1,39 @@
+"""What every teacher backend takes and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Request:
+    """One completion to ask for. ``request_hash`` is its idempotency key in the ledger."""
+
+    request_hash: str
+    messages: list[dict]
+    sample_index: int
+    seed: int
+
+
+@dataclass
+class Completion:
+    request_hash: str
+    text: str
+    token_ids: list[int] | None  # generated ids, ending with EOS when finish_reason == "stop"
+    topk_ids: np.ndarray | None  # (T, k) int32: the teacher's k most likely ids at each generated position
+    topk_logprobs: np.ndarray | None  # (T, k) float32 log-probabilities at temperature 1, descending
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
+    prompt_tokens: int
+    seed: int | None
+    seconds: float  # wall time of the batch this completion came in, divided by its size
+
+
+class Teacher(Protocol):
+    def describe(self) -> dict:
+        """Provenance: id, backend, weights or endpoint, tokenizer and chat-template hashes, terms."""
+
+    def complete(self, requests: list[Request], params: dict) -> list[Completion]:
+        """Answer ``requests`` with the sampling ``params`` of the recipe's generation section."""

@@ -1,0 +1,126 @@
+"""A local Hugging Face causal LM as the teacher: batched generation with top-k logprobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from potstill.errors import PotstillError
+from potstill.provenance import text_sha256, weights_sha256
+from potstill.teachers.base import Completion, Request
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model_dir(path: str | Path, what: str = "model", dtype: str = "float32", device: str = "cpu"):
+    """Load a local HF model + tokenizer, or raise one clear error saying what is missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise PotstillError(f"{what} directory {path} not found")
+    if not (path / "config.json").is_file():
+        raise PotstillError(f"{what} directory {path} has no config.json: not a Hugging Face model folder")
+    if not list(path.glob("*.safetensors")):
+        raise PotstillError(f"{what} directory {path} has no *.safetensors weights (potstill loads safetensors only)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True).to(device)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise PotstillError(f"{what} directory {path} could not be loaded: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """Hash of the vocabulary and special tokens: equal hashes mean the same token ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = {k: str(v) for k, v in tokenizer.special_tokens_map.items()}
+    return hashlib.sha256(json.dumps([vocab, special], sort_keys=True).encode()).hexdigest()
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` with the chat template and the assistant turn opened."""
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    text = "\n".join(m["content"] for m in messages)
+    return tokenizer(text)["input_ids"]
+
+
+class LocalTeacher:
+    def __init__(self, path: str | Path, *, id: str | None = None, revision: str | None = None,
+                 terms_family: str = "unknown", dtype: str = "float32", device: str = "cpu"):
+        self.path = Path(path)
+        self.model, self.tokenizer = load_model_dir(self.path, "teacher", dtype, device)
+        self.device = device
+        self.info = {
+            "id": id or self.path.name,
+            "backend": "local",
+            "path": str(self.path),
+            "revision": revision,
+            "weights_sha256": weights_sha256(self.path),
+            "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
+            "chat_template_sha256": text_sha256(self.tokenizer.chat_template),
+            "dtype": dtype,
+            "terms_family": terms_family,
+        }
+
+    def describe(self) -> dict:
+        return dict(self.info)
+
+    @torch.no_grad()
+    def complete(self, requests: list[Request], params: dict) -> list[Completion]:
+        """Generate for a batch of requests (left-padded). Logprobs are the model's own
+        distribution (temperature 1, before sampling filters), whatever the sampling temperature."""
+        tok = self.tokenizer
+        start = time.perf_counter()
+        rows = [prompt_ids(tok, r.messages) for r in requests]
+        width = max(map(len, rows))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention[i, width - len(ids):] = 1
+        # One seed per batch, derived from its first request: the same batch samples the same text.
+        seed = int(hashlib.sha256((requests[0].request_hash + str(params.get("seed", 0))).encode()).hexdigest()[:8], 16)
+        torch.manual_seed(seed)
+        greedy = params["temperature"] == 0
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+            max_new_tokens=params["max_new_tokens"], do_sample=not greedy,
+            temperature=None if greedy else params["temperature"], top_p=None if greedy else params["top_p"],
+            top_k=None, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+            output_logits=True, return_dict_in_generate=True,
+        )
+        generated = out.sequences[:, width:].cpu()  # (B, T)
+        k = params["top_logprobs"]
+        if k:
+            logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, T, V), raw logits at T=1
+            top_lp, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (B, T, k)
+        seconds = (time.perf_counter() - start) / len(requests)
+        completions = []
+        for i, req in enumerate(requests):
+            ids = generated[i].tolist()
+            finish = "length"
+            if tok.eos_token_id in ids:
+                ids = ids[: ids.index(tok.eos_token_id) + 1]
+                finish = "stop"
+            n = len(ids)
+            completions.append(Completion(
+                request_hash=req.request_hash,
+                text=tok.decode(ids, skip_special_tokens=True),
+                token_ids=ids,
+                topk_ids=top_ids[i, :n].cpu().numpy().astype(np.int32) if k else None,
+                topk_logprobs=top_lp[i, :n].cpu().numpy() if k else None,
+                finish_reason=finish,
+                prompt_tokens=len(rows[i]),
+                seed=seed,
+                seconds=seconds,
+            ))
+        return completions
