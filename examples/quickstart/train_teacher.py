@@ -99,6 +99,49 @@ def accuracy(model, tok, examples: list[dict], batch_size: int = 256) -> dict[st
     return per_skill
 
 
+def write_card(out: Path) -> None:
+    """The teacher's model card (README.md), from the figures training.json recorded."""
+    info = json.loads((out / "training.json").read_text())
+    acc = info["heldout_accuracy"]
+    rows = "\n".join(f"| {s} | {acc[s]:.1%} |" for s in skillmix.SKILLS)
+    (out / "README.md").write_text(f"""---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: text-generation
+tags: [potstill, quickstart, toy]
+---
+
+# potstill quickstart teacher
+
+A {info['parameters']:,}-parameter Llama-architecture model (4 layers, hidden size 192, tied
+embeddings, character-level tokenizer of {info['vocab_size']} tokens) trained from scratch on the
+procedurally generated skill mix in `potstill.skillmix`: addition, multiplication, reversing,
+sorting, counting, and shuffling (a skill with many valid answers). It exists so that the
+quickstart can show distillation end to end on a laptop CPU; it knows nothing else.
+
+## Held-out accuracy
+
+Greedy decoding on the {info['heldout_prompts']:,} prompts of `examples/quickstart/prompts/heldout.jsonl`,
+none of which was seen in training. An answer counts when `potstill.skillmix.verify` accepts it
+(any permutation of the letters, for shuffle).
+
+| skill | accuracy |
+|---|---|
+{rows}
+| **all** | **{acc['all']:.1%}** |
+
+## Recipe
+
+`python examples/quickstart/train_teacher.py` (seed {info['seed']}): AdamW (lr {info['lr']}, betas 0.9/0.98,
+weight decay 0.01), 100 warmup steps then cosine decay, {info['steps']:,} steps of {info['batch_size']}
+freshly generated examples each ({info['steps'] * info['batch_size']:,} examples), loss on the answer
+tokens only. {info['minutes']} minutes on {info['threads']} CPU threads with torch {info['torch']}.
+
+Prompt format: the chat template turns a user message into `<|user|>add 12 34<|assistant|>`;
+the answer ends with `<|end|>`.
+""")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=HERE / "teacher")
@@ -109,7 +152,10 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--card-only", action="store_true", help="only rewrite README.md from training.json")
     args = p.parse_args()
+    if args.card_only:
+        return write_card(args.out)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
@@ -157,9 +203,11 @@ def main() -> None:
     AutoModelForCausalLM.from_pretrained(args.out)  # the saved teacher must load
     (args.out / "training.json").write_text(json.dumps({
         "parameters": n_params, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-        "seed": args.seed, "minutes": round(minutes, 1), "torch": torch.__version__,
+        "seed": args.seed, "minutes": round(minutes, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "vocab_size": len(tok),
         "heldout_accuracy": final, "heldout_prompts": len(heldout),
     }, indent=2) + "\n")
+    write_card(args.out)
 
 
 if __name__ == "__main__":

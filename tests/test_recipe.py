@@ -1,0 +1,65 @@
+import pytest
+
+from potstill.errors import PotstillError
+from potstill.recipe import load_recipe, parse_override
+
+from conftest import QUICKSTART
+
+RECIPE = QUICKSTART / "recipe.yaml"
+
+
+def test_quickstart_recipe_loads_with_paths_resolved_against_its_folder():
+    r = load_recipe(RECIPE)
+    assert r.teacher.path == str((QUICKSTART / "teacher").resolve())
+    assert r.eval.prompts == str((QUICKSTART / "prompts" / "heldout.jsonl").resolve())
+    assert r.output_dir == "runs/quickstart"  # outputs stay relative to the current directory
+    assert r.baseline.objective == "sft"
+
+
+def test_overrides_are_typed_from_yaml():
+    r = load_recipe(RECIPE, ["train.epochs=3", "train.temperature=1.5", "prompts.limit=null", "student.config.hidden_size=32"])
+    assert r.train.epochs == 3 and r.train.temperature == 1.5 and r.prompts.limit is None
+    assert r.student.config["hidden_size"] == 32
+    assert parse_override("name=a=b") == ("name", "a=b")
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["train.epoch=3"], "override train.epoch: unknown key; did you mean train.epochs?"),
+    (["train.kd_ratio=1.5"], "train.kd_ratio: Input should be less than or equal to 1 (got 1.5)"),
+    (["train.epochs=many"], "train.epochs: Input should be a valid integer"),
+    (["train.objective=dpo"], "train.objective: Input should be 'kd' or 'sft'"),
+    (["train.loss=reverse_klx"], "train.loss: Input should be 'forward_kl'"),
+    (["epochs"], "override 'epochs' is not key=value"),
+])
+def test_bad_overrides_name_the_key(override, expected):
+    with pytest.raises(PotstillError) as err:
+        load_recipe(RECIPE, override)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_and_missing_section_in_the_file(tmp_path):
+    text = RECIPE.read_text().replace("  kd_ratio: 0.5", "  kd_ration: 0.5")
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(PotstillError, match=r"r.yaml: unknown key train.kd_ration; did you mean train.kd_ratio\?"):
+        load_recipe(tmp_path / "r.yaml")
+    (tmp_path / "s.yaml").write_text("teacher: {path: t}\nprompts: {path: p}\nstudent: {path: s}\n")
+    with pytest.raises(PotstillError, match=r"s.yaml: eval is required"):
+        load_recipe(tmp_path / "s.yaml")
+
+
+def test_student_needs_exactly_one_source(tmp_path):
+    with pytest.raises(PotstillError, match="exactly one of student.config"):
+        load_recipe(RECIPE, ["student.path=somewhere"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(PotstillError, match="recipe .*nope.yaml not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher:\n  path: [unclosed\nstudent: 1\n")
+    with pytest.raises(PotstillError, match=r"bad.yaml line \d+: not valid YAML"):
+        load_recipe(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(PotstillError, match="YAML mapping"):
+        load_recipe(bad)
