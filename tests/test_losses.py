@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from potstill.losses import dense_forward_kl, sparse_forward_kl
+from potstill.losses import kd_loss
+
+
+def sparse_forward_kl(s, ids, lp, temperature=1.0):
+    return kd_loss("forward_kl", s, topk_ids=ids, topk_logprobs=lp, temperature=temperature)
+
+
+def dense_forward_kl(s, teacher, temperature=1.0):
+    return kd_loss("forward_kl", s, teacher_logits=teacher, temperature=temperature)
 
 
 def reference_buckets(student_logits, topk_ids, topk_logprobs, t):

@@ -28,7 +28,7 @@ def test_overrides_are_typed_from_yaml():
     (["train.kd_ratio=1.5"], "train.kd_ratio: Input should be less than or equal to 1 (got 1.5)"),
     (["train.epochs=many"], "train.epochs: Input should be a valid integer"),
     (["train.objective=dpo"], "train.objective: Input should be 'kd' or 'sft'"),
-    (["train.loss=reverse_klx"], "train.loss: Input should be 'forward_kl'"),
+    (["train.loss=reverse_klx"], "train.loss: Input should be 'forward_kl', 'reverse_kl'"),
     (["epochs"], "override 'epochs' is not key=value"),
 ])
 def test_bad_overrides_name_the_key(override, expected):

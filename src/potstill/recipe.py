@@ -64,7 +64,10 @@ class StudentSpec(Section):
 
 class TrainSpec(Section):
     objective: Literal["kd", "sft"] = "kd"  # kd: kd_ratio * KD + (1 - kd_ratio) * CE; sft: CE on teacher text
-    loss: Literal["forward_kl"] = "forward_kl"  # KD divergence over the teacher's top-k + tail bucket
+    # KD divergence over the teacher's top-k + tail bucket (formulas: src/potstill/losses/)
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0.0, le=1.0)  # jsd: 0 = forward KL, 1 = reverse KL (GKD)
+    alpha: float = Field(0.1, ge=0.0, le=1.0)  # skew_kl / skew_reverse_kl mixing weight (DistiLLM)
     kd_ratio: float = Field(0.5, ge=0.0, le=1.0)  # weight of the KD term against cross-entropy
     temperature: float = Field(1.0, gt=0.0, le=10.0)  # softens teacher and student alike; KD term x T^2
     epochs: int = Field(1, ge=1)

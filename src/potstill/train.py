@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from potstill.data import build_examples, collate
 from potstill.errors import PotstillError
 from potstill.ledger import Ledger
-from potstill.losses import sparse_forward_kl
+from potstill.losses import kd_loss
 from potstill.progress import progress
 from potstill.recipe import Recipe, TrainSpec
 from potstill.teachers.local import load_model_dir, tokenizer_sha256
@@ -68,8 +68,9 @@ def loss_terms(model, batch: dict, spec: TrainSpec) -> tuple[torch.Tensor, torch
     ce = F.cross_entropy(student.float(), labels[mask], reduction="sum") / max(student.shape[0], 1)
     if spec.objective == "sft":
         return ce, ce, None, student.shape[0]
-    kd = sparse_forward_kl(student, batch["topk_ids"][:, 1:][mask], batch["topk_logprobs"][:, 1:][mask],
-                           temperature=spec.temperature)
+    kd = kd_loss(spec.loss, student, topk_ids=batch["topk_ids"][:, 1:][mask],
+                 topk_logprobs=batch["topk_logprobs"][:, 1:][mask], temperature=spec.temperature,
+                 beta=spec.beta, alpha=spec.alpha)
     return spec.kd_ratio * kd + (1 - spec.kd_ratio) * ce, ce, kd, student.shape[0]
 
 

@@ -1,0 +1,77 @@
+"""Teacher and student log-probabilities over the same buckets, dense or sparse.
+
+Every divergence in this package is a function of two log-distributions over the same support.
+Dense: the support is the vocabulary (teacher logits known). Sparse: the teacher's top-k ids
+plus one tail bucket for all other ids (see ``sparse_logprobs``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NEG = -1e30  # a finite "minus infinity" for masking: -inf would turn 0 * inf into NaN in backward
+# Log-probabilities are floored here: e^-100 is nothing, but a finite floor keeps every divergence
+# finite when one side has an exact zero (a -inf or -9999 sentinel, a teacher with no tail mass).
+LOG_FLOOR = -100.0
+
+
+def _wide(x: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32 (softmax in half precision loses the tail); wider kept."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def dense_logprobs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(N, V), (N, V) logits -> teacher log p_T, student log q_T, both (N, V), at least float32."""
+    t = temperature
+    teacher = (_wide(teacher_logits) / t).log_softmax(-1).clamp_min(LOG_FLOOR)
+    return teacher, (_wide(student_logits) / t).log_softmax(-1).clamp_min(LOG_FLOOR)
+
+
+def sparse_logprobs(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
+                    temperature: float) -> tuple[Tensor, Tensor]:
+    """Teacher top-k (N, k) at T = 1 and student logits (N, V) -> log p_T, log q_T over k + 1 buckets.
+
+    The student's buckets are its exact probabilities of the k ids and of everything else. The
+    teacher's tail mass t = 1 - sum_i exp(l_i) is taken as spread evenly over the V - k other ids,
+    so softened by T its total weight is (V - k) * (t / (V - k))^(1/T). At T = 1, or with k = V,
+    or with a truly flat tail, this is exact.
+    """
+    t = temperature
+    n_vocab, k = student_logits.shape[-1], topk_ids.shape[-1]
+    ids = topk_ids.long()
+
+    s = _wide(student_logits) / t  # (N, V)
+    log_z = s.logsumexp(-1, keepdim=True)  # (N, 1)
+    s_top = s.gather(-1, ids) - log_z  # (N, k)
+    s_tail = s.scatter(-1, ids, NEG).logsumexp(-1, keepdim=True) - log_z  # (N, 1)
+    student_logp = torch.cat([s_top, s_tail], -1).clamp_min(LOG_FLOOR)  # (N, k + 1)
+
+    lp = _wide(topk_logprobs).to(s.dtype).clamp_min(LOG_FLOOR)  # (N, k); -inf / -9999 sentinels become finite
+    n_tail = n_vocab - k
+    if n_tail > 0:
+        tail_mass = (1.0 - lp.exp().sum(-1, keepdim=True)).clamp_min(0.0)  # (N, 1) at T = 1
+        tail_weight = math.log(n_tail) + (tail_mass.clamp_min(1e-30).log() - math.log(n_tail)) / t
+    else:
+        tail_weight = torch.full_like(lp[:, :1], LOG_FLOOR)
+    teacher_logp = torch.cat([lp / t, tail_weight], -1).log_softmax(-1).clamp_min(LOG_FLOOR)  # (N, k + 1)
+    return teacher_logp, student_logp
+
+
+def reduce(per_row: Tensor, reduction: str) -> Tensor:
+    """"mean" over rows (0 for no rows), "sum", or "none"."""
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == "mean":
+        return per_row.sum() / max(per_row.shape[0], 1)
+    raise ValueError(f"reduction must be mean, sum or none, not {reduction!r}")
+
+
+def kl_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
+    """KL(p || q) = sum_b p_b (log p_b - log q_b) per row, with 0 log 0 = 0."""
+    p = p_logp.exp()
+    return torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p)).sum(-1)
