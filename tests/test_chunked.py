@@ -1,0 +1,51 @@
+"""Chunked loss from hidden states equals the unchunked loss, in value and in gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from potstill.losses import LOSSES, kd_loss
+from potstill.losses.chunked import chunked_kd_loss
+
+
+def unchunked(hidden, weight, labels, kd_ratio, name, temp, **teacher):
+    logits = hidden @ weight.T
+    ce = F.cross_entropy(logits, labels)
+    kd = kd_loss(name, logits, temperature=temp, **teacher)
+    return kd_ratio * kd + (1 - kd_ratio) * ce, ce, kd
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("teacher_kind", ["sparse", "dense"])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_equals_unchunked(name, teacher_kind, chunk):
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 37, 16, 101
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    labels = torch.randint(0, v, (n,), generator=g)
+    t_hidden, t_weight = torch.randn(n, 24, generator=g), torch.randn(v, 24, generator=g) * 0.5
+    if teacher_kind == "sparse":
+        lp, ids = (t_hidden @ t_weight.T).log_softmax(-1).topk(10, -1)
+        ref_teacher = chunk_teacher = {"topk_ids": ids, "topk_logprobs": lp}
+    else:
+        ref_teacher = {"teacher_logits": t_hidden @ t_weight.T}
+        chunk_teacher = {"teacher_hidden": t_hidden, "teacher_weight": t_weight}
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref, ref_ce, ref_kd = unchunked(h1, w1, labels, 0.7, name, 2.0, **ref_teacher)
+    ref.backward()
+    got, ce, kd = chunked_kd_loss(h2, w2, labels, name=name, kd_ratio=0.7, temperature=2.0, chunk_size=chunk, **chunk_teacher)
+    got.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert ce == pytest.approx(ref_ce.item(), rel=1e-5) and kd == pytest.approx(ref_kd.item(), rel=1e-5, abs=1e-7)
+    assert torch.allclose(h2.grad, h1.grad, atol=1e-5) and torch.allclose(w2.grad, w1.grad, atol=1e-5)
+
+
+def test_no_rows_and_cross_entropy_only():
+    w = torch.randn(11, 4, requires_grad=True)
+    loss, ce, kd = chunked_kd_loss(torch.zeros(0, 4), w, torch.zeros(0, dtype=torch.long), kd_ratio=0.0)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(w.grad).all()
+    with pytest.raises(ValueError, match="needs a teacher"):
+        chunked_kd_loss(torch.zeros(2, 4), w, torch.zeros(2, dtype=torch.long), kd_ratio=0.5)
