@@ -99,11 +99,26 @@ def accuracy(model, tok, examples: list[dict], batch_size: int = 256) -> dict[st
     return per_skill
 
 
+def portable_tokenizer_config(out: Path) -> None:
+    """Also put the chat template inside tokenizer_config.json, and name the tokenizer class that
+    transformers 4.x knows, so that older transformers load the same tokenizer and template."""
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["additional_special_tokens"] = SPECIALS[1:3]
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def write_card(out: Path) -> None:
     """The teacher's model card (README.md), from the figures training.json recorded."""
     info = json.loads((out / "training.json").read_text())
     acc = info["heldout_accuracy"]
     rows = "\n".join(f"| {s} | {acc[s]:.1%} |" for s in skillmix.SKILLS)
+    weak = [s for s in skillmix.SKILLS if acc[s] < 0.9]
+    limits = (f"\n**Weak skills**: {', '.join(f'{s} ({acc[s]:.0%})' for s in weak)}. Its wrong answers are "
+              "still fluent (right length and format), so a student distilled from it inherits them; "
+              "eval scores every model against the task's verifier, not against the teacher.\n") if weak else ""
     (out / "README.md").write_text(f"""---
 license: apache-2.0
 library_name: transformers
@@ -129,7 +144,7 @@ none of which was seen in training. An answer counts when `potstill.skillmix.ver
 |---|---|
 {rows}
 | **all** | **{acc['all']:.1%}** |
-
+{limits}
 ## Recipe
 
 `python examples/quickstart/train_teacher.py` (seed {info['seed']}): AdamW (lr {info['lr']}, betas 0.9/0.98,
@@ -145,7 +160,7 @@ the answer ends with `<|end|>`.
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=HERE / "teacher")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=4500)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--hidden", type=int, default=192)
@@ -155,6 +170,7 @@ def main() -> None:
     p.add_argument("--card-only", action="store_true", help="only rewrite README.md from training.json")
     args = p.parse_args()
     if args.card_only:
+        portable_tokenizer_config(args.out)
         return write_card(args.out)
 
     torch.manual_seed(args.seed)
@@ -200,6 +216,7 @@ def main() -> None:
     )
     model.save_pretrained(args.out, safe_serialization=True)
     tok.save_pretrained(args.out)
+    portable_tokenizer_config(args.out)
     AutoModelForCausalLM.from_pretrained(args.out)  # the saved teacher must load
     (args.out / "training.json").write_text(json.dumps({
         "parameters": n_params, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
