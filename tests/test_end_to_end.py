@@ -26,6 +26,7 @@ def test_run_trains_evaluates_reports_and_then_skips_what_is_done(tmp_path, caps
         assert not list((out / name).glob("*.bin"))
         info = json.loads((out / name / "potstill.json").read_text())
         assert info["objective"] == {"student": "kd", "baseline": "sft"}[name]
+        assert info["examples"] == 64
         assert info["teachers"][0]["id"] == "potstill/quickstart-teacher"
     logs = [json.loads(line) for line in (out / "logs" / "student.jsonl").open()]
     assert len(logs) == 4 and all(row["kd"] is not None for row in logs)
@@ -45,6 +46,9 @@ def test_run_trains_evaluates_reports_and_then_skips_what_is_done(tmp_path, caps
     assert main(["run", RECIPE, *tiny_overrides(out)]) == 0
     second = capsys.readouterr().out
     assert "generate: sent 0" in second and "student is up to date" in second and "eval: up to date" in second
+    # training reads exactly the recipe's requests: more prompts than were generated is refused
+    assert main(["train", RECIPE, *tiny_overrides(out, n_prompts=100)]) == 2
+    assert "36 of the recipe's 100 requests have no completion" in capsys.readouterr().err
     # a changed training setting retrains that student only
     assert main(["run", RECIPE, *tiny_overrides(out), "baseline.objective=kd"]) == 0
     third = capsys.readouterr().out

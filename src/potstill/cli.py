@@ -102,7 +102,7 @@ def cmd_report(args) -> None:
 def run_all(recipe) -> dict:
     """Every stage in order; a student already trained from the same recipe and ledger is kept."""
     from potstill.evaluate import evaluate
-    from potstill.generate import generate
+    from potstill.generate import generate, recipe_requests
     from potstill.ledger import Ledger
     from potstill.report import write_report
     from potstill.train import train
@@ -110,7 +110,7 @@ def run_all(recipe) -> dict:
     counts = generate(recipe)
     print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']}")
     with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
-        ledger_sha = ledger.content_sha256()
+        ledger_sha = ledger.content_sha256(recipe_requests(recipe)[1])
     changed = False
     for name, spec in _students(recipe):
         info_path = recipe.run_dir / name / "potstill.json"

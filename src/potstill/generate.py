@@ -3,6 +3,8 @@ in the ledger before counting it done. Rerunning sends nothing already done."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from potstill.ledger import Ledger
 from potstill.progress import progress
 from potstill.prompts import load_prompts
@@ -16,6 +18,27 @@ def make_teacher(recipe: Recipe) -> Teacher:
     spec = recipe.teacher
     return LocalTeacher(spec.path, id=recipe.teacher_id(), revision=spec.revision, terms_family=spec.terms_family,
                         dtype=spec.dtype, device=spec.device)
+
+
+def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
+    """The teacher's description and the request hashes this recipe asks for, computed without
+    loading the teacher's weights: what `train` reads from the ledger."""
+    from transformers import AutoTokenizer
+
+    from potstill.errors import PotstillError
+    from potstill.ledger import request_hash, teacher_key
+    from potstill.teachers.local import describe_local
+
+    spec = recipe.teacher
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.path)
+    except (OSError, ValueError) as e:
+        raise PotstillError(f"teacher tokenizer {spec.path} could not be loaded: {str(e).splitlines()[0]}") from None
+    desc = describe_local(Path(spec.path), tokenizer, id=recipe.teacher_id(), revision=spec.revision,
+                          terms_family=spec.terms_family, dtype=spec.dtype)
+    key, params = teacher_key(desc), sampling_params(recipe)
+    prompts = load_prompts(recipe.prompts.path, recipe.prompts.limit)
+    return desc, [request_hash(key, p.chat, params, i) for p in prompts for i in range(recipe.generation.samples_per_prompt)]
 
 
 def sampling_params(recipe: Recipe) -> dict:

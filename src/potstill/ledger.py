@@ -88,6 +88,10 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+def teacher_key(description: dict) -> str:
+    return hashlib.sha256(_canonical(description).encode()).hexdigest()
+
+
 def request_hash(teacher_key: str, messages: list[dict], params: dict, sample_index: int) -> str:
     return hashlib.sha256(_canonical([teacher_key, messages, params, sample_index]).encode()).hexdigest()
 
@@ -138,7 +142,7 @@ class Ledger:
     # -- writing ------------------------------------------------------------------------------
 
     def register_teacher(self, description: dict) -> str:
-        key = hashlib.sha256(_canonical(description).encode()).hexdigest()
+        key = teacher_key(description)
         self.db.execute("INSERT OR IGNORE INTO teachers VALUES (?, ?)", (key, _canonical(description)))
         return key
 
@@ -211,16 +215,22 @@ class Ledger:
     def teachers(self) -> dict[str, dict]:
         return {k: json.loads(d) for k, d in self.db.execute("SELECT teacher_key, description FROM teachers")}
 
-    def examples(self, teacher_key: str | None = None) -> Iterator[Example]:
-        """Done completions in a stable order (by request hash)."""
-        sql = """SELECT c.request_hash, p.messages, p.meta, r.teacher_key, c.text, c.token_ids, c.top_k,
-                        c.topk_ids, c.topk_logprobs, c.finish_reason
-                 FROM completions c JOIN requests r USING (request_hash) JOIN prompts p USING (prompt_sha256)"""
-        args: tuple = ()
-        if teacher_key is not None:
-            sql += " WHERE r.teacher_key = ?"
-            args = (teacher_key,)
-        for h, msgs, meta, tkey, text, ids, k, tids, tlp, finish in self.db.execute(sql + " ORDER BY c.request_hash", args):
+    def _select(self, request_hashes: list[str] | None) -> str:
+        """A FROM clause over done completions, restricted to ``request_hashes`` when given."""
+        if request_hashes is None:
+            return "completions c"
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS selected (request_hash TEXT PRIMARY KEY)")
+        self.db.execute("DELETE FROM selected")
+        self.db.executemany("INSERT OR IGNORE INTO selected VALUES (?)", ((h,) for h in request_hashes))
+        return "selected JOIN completions c USING (request_hash)"
+
+    def examples(self, request_hashes: list[str] | None = None) -> Iterator[Example]:
+        """Done completions (all, or those of ``request_hashes``) in a stable order (by request hash)."""
+        sql = f"""SELECT c.request_hash, p.messages, p.meta, r.teacher_key, c.text, c.token_ids, c.top_k,
+                         c.topk_ids, c.topk_logprobs, c.finish_reason
+                  FROM {self._select(request_hashes)} JOIN requests r USING (request_hash)
+                  JOIN prompts p USING (prompt_sha256) ORDER BY c.request_hash"""
+        for h, msgs, meta, tkey, text, ids, k, tids, tlp, finish in self.db.execute(sql).fetchall():
             token_ids = None if ids is None else np.frombuffer(ids, "<i4")
             yield Example(
                 h, json.loads(msgs), json.loads(meta), tkey, text, token_ids,
@@ -229,12 +239,12 @@ class Ledger:
                 finish,
             )
 
-    def content_sha256(self) -> str:
-        """A hash of every done completion (prompt, text, ids, logprobs): names the training data."""
+    def content_sha256(self, request_hashes: list[str] | None = None) -> str:
+        """A hash of done completions (prompt, text, ids, logprobs): names the training data."""
         h = hashlib.sha256()
         for row in self.db.execute(
-            """SELECT c.request_hash, r.prompt_sha256, c.text, c.token_ids, c.topk_ids, c.topk_logprobs
-               FROM completions c JOIN requests r USING (request_hash) ORDER BY c.request_hash"""
+            f"""SELECT c.request_hash, r.prompt_sha256, c.text, c.token_ids, c.topk_ids, c.topk_logprobs
+                FROM {self._select(request_hashes)} JOIN requests r USING (request_hash) ORDER BY c.request_hash"""
         ):
             for field in row:
                 h.update(b"\x00" if field is None else (field.encode() if isinstance(field, str) else field))

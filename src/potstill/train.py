@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 from potstill.data import build_examples, collate
 from potstill.errors import PotstillError
+from potstill.generate import recipe_requests
 from potstill.ledger import Ledger
 from potstill.losses import kd_loss
 from potstill.progress import progress
@@ -88,15 +89,16 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     ledger_path = run / "ledger.sqlite"
     if not ledger_path.is_file():
         raise PotstillError(f"{ledger_path} not found: run `potstill generate` first")
+    teacher_desc, hashes = recipe_requests(recipe)
     with Ledger(ledger_path) as ledger:
-        teachers = ledger.teachers()
-        examples = list(ledger.examples())
-        ledger_sha = ledger.content_sha256()
-    if not examples:
-        raise PotstillError(f"{ledger_path} has no completions: run `potstill generate` first")
+        examples = list(ledger.examples(hashes))
+        ledger_sha = ledger.content_sha256(hashes)
+    if len(examples) < len(hashes):
+        raise PotstillError(f"{len(hashes) - len(examples)} of the recipe's {len(hashes)} requests have no completion "
+                            f"in {ledger_path}: run `potstill generate` first")
 
     tokenizer = load_student_tokenizer(recipe)
-    same = all(d.get("tokenizer_sha256") == tokenizer_sha256(tokenizer) for d in teachers.values())
+    same = teacher_desc["tokenizer_sha256"] == tokenizer_sha256(tokenizer)
     if spec.objective == "kd" and not same:
         raise PotstillError(
             "logit KD needs the student to share the teacher's tokenizer, and it does not; "
@@ -157,7 +159,7 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     info = {
         "name": name, "objective": spec.objective, "train": spec.model_dump(), "recipe_sha256": recipe.sha256(),
         "student": recipe.student.model_dump(), "ledger_sha256": ledger_sha, "examples": len(data), "steps": step, "seconds": round(seconds, 2),
-        "parameters": n_params, "teachers": list(teachers.values()),
+        "parameters": n_params, "teachers": [teacher_desc],
     }
     (tmp / "potstill.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)

@@ -52,23 +52,30 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+def describe_local(path: Path, tokenizer, *, id: str | None, revision: str | None, terms_family: str,
+                   dtype: str) -> dict:
+    """A local teacher's provenance: needs its tokenizer and weight files, not its weights loaded."""
+    return {
+        "id": id or path.name,
+        "backend": "local",
+        "path": str(path),
+        "revision": revision,
+        "weights_sha256": weights_sha256(path),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "chat_template_sha256": text_sha256(tokenizer.chat_template),
+        "dtype": dtype,
+        "terms_family": terms_family,
+    }
+
+
 class LocalTeacher:
     def __init__(self, path: str | Path, *, id: str | None = None, revision: str | None = None,
                  terms_family: str = "unknown", dtype: str = "float32", device: str = "cpu"):
         self.path = Path(path)
         self.model, self.tokenizer = load_model_dir(self.path, "teacher", dtype, device)
         self.device = device
-        self.info = {
-            "id": id or self.path.name,
-            "backend": "local",
-            "path": str(self.path),
-            "revision": revision,
-            "weights_sha256": weights_sha256(self.path),
-            "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
-            "chat_template_sha256": text_sha256(self.tokenizer.chat_template),
-            "dtype": dtype,
-            "terms_family": terms_family,
-        }
+        self.info = describe_local(self.path, self.tokenizer, id=id, revision=revision, terms_family=terms_family,
+                                   dtype=dtype)
 
     def describe(self) -> dict:
         return dict(self.info)
