@@ -7,6 +7,7 @@ Examples:
   potstill train my_recipe.yaml train.objective=sft
   potstill eval my_recipe.yaml
   potstill report runs/quickstart
+  potstill doctor path/to/teacher path/to/student
 """
 
 from __future__ import annotations
@@ -146,6 +147,13 @@ def cmd_quickstart(args) -> None:
     print(f"open {recipe.run_dir / 'report.html'} for plots and samples")
 
 
+def cmd_doctor(args) -> None:
+    from potstill.compat import doctor
+
+    for line in doctor(args.teacher, args.student):
+        print(line)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potstill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -164,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_recipe("generate", cmd_generate, "ask the teacher for every prompt not yet in the ledger")
     with_recipe("train", cmd_train, "train the student (and the baseline, if the recipe has one) on the ledger")
     with_recipe("eval", cmd_eval, "evaluate teacher, student and baseline on the held-out prompts")
+    d = verbs.add_parser("doctor", help="can STUDENT learn from TEACHER's logits? (tokenizers, vocabulary, chat template)")
+    d.add_argument("teacher", help="teacher model folder")
+    d.add_argument("student", help="student model folder (or any folder with a tokenizer and config.json)")
+    d.set_defaults(func=cmd_doctor)
     r = verbs.add_parser("report", help="write report.html for one or more run directories")
     r.add_argument("runs", nargs="+", help="run directories")
     r.set_defaults(func=cmd_report)

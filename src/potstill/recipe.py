@@ -62,22 +62,43 @@ class StudentSpec(Section):
         return self
 
 
+class LoraSpec(Section):
+    """Train low-rank adapters instead of every weight (needs the peft extra); merged on export."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
 class TrainSpec(Section):
     objective: Literal["kd", "sft"] = "kd"  # kd: kd_ratio * KD + (1 - kd_ratio) * CE; sft: CE on teacher text
-    # KD divergence over the teacher's top-k + tail bucket (formulas: src/potstill/losses/)
+    # KD divergence (formulas: src/potstill/losses/); over the teacher's top-k + tail when cached
     loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
     beta: float = Field(0.5, ge=0.0, le=1.0)  # jsd: 0 = forward KL, 1 = reverse KL (GKD)
     alpha: float = Field(0.1, ge=0.0, le=1.0)  # skew_kl / skew_reverse_kl mixing weight (DistiLLM)
     kd_ratio: float = Field(0.5, ge=0.0, le=1.0)  # weight of the KD term against cross-entropy
     temperature: float = Field(1.0, gt=0.0, le=10.0)  # softens teacher and student alike; KD term x T^2
+    # where the teacher's distribution comes from: cached = top-k in the ledger; online = a forward
+    # pass of the local teacher each step (full vocabulary); on_policy = online, and with
+    # probability lmbda a step's completions are sampled from the student first (GKD)
+    teacher_signal: Literal["cached", "online", "on_policy"] = "cached"
+    lmbda: float = Field(0.5, ge=0.0, le=1.0)  # on_policy: fraction of steps on student samples
     epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)  # examples per optimizer step, over all processes
+    micro_batch_size: int | None = Field(None, ge=1)  # examples per forward pass per process; default: all
+    chunk_size: int = Field(0, ge=0)  # > 0: loss computed from hidden states this many tokens at a time
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, ge=0.0)  # 0 = no clipping
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints; 0 = none
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = True  # continue from the newest complete checkpoint of this student, if any
+    lora: LoraSpec | None = None
 
 
 class BaselineSpec(Section):

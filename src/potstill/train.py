@@ -1,15 +1,21 @@
-"""Train a student on the ledger: SFT on the teacher's text, or top-k logit KD mixed with CE.
+"""Train a student on the ledger: SFT on the teacher's text, or logit KD mixed with CE.
 
-    loss = kd_ratio * KD(teacher top-k || student) + (1 - kd_ratio) * CE(teacher tokens)
+    loss = kd_ratio * KD(teacher || student) + (1 - kd_ratio) * CE(teacher tokens)
 
-Both terms are means over completion tokens (the prompt carries no loss). The loop is plain
-torch on accelerate, so the same code runs on one CPU or under ``accelerate launch``.
+Both terms are means over the completion tokens of an optimizer step (the prompt carries no
+loss), however the step is split into micro-batches and processes. The loop is plain torch on
+accelerate, so the same code runs on one CPU or under ``accelerate launch`` (DDP).
+
+Steps are numbered globally. Step s uses examples ``order(seed, epoch)[i*B:(i+1)*B]`` (drop-last),
+so the sample order is a function of the recipe alone: a resumed run sees the same batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import random
 import shutil
 import time
 from pathlib import Path
@@ -18,14 +24,19 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from potstill.data import build_examples, collate
+from potstill import checkpoint
+from potstill.compat import Compat, check_tokenizers
+from potstill.data import TrainExample, build_examples, collate
 from potstill.errors import PotstillError
 from potstill.generate import recipe_requests
 from potstill.ledger import Ledger
 from potstill.losses import kd_loss
+from potstill.losses.chunked import chunked_kd_loss
 from potstill.progress import progress
 from potstill.recipe import Recipe, TrainSpec
-from potstill.teachers.local import load_model_dir, tokenizer_sha256
+from potstill.teachers.local import load_model_dir
+
+MAX_BAD_STEPS = 3  # consecutive non-finite steps before the run stops
 
 
 def load_student(recipe: Recipe, tokenizer):
@@ -35,7 +46,6 @@ def load_student(recipe: Recipe, tokenizer):
     spec = recipe.student
     if spec.path is not None:
         model, _ = load_model_dir(spec.path, "student")
-        model.train()
         return model
     fields = dict(spec.config)
     model_type = fields.pop("model_type")
@@ -60,27 +70,116 @@ def load_student_tokenizer(recipe: Recipe):
         raise PotstillError(f"student tokenizer {path} could not be loaded: {str(e).splitlines()[0]}") from None
 
 
-def loss_terms(model, batch: dict, spec: TrainSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """(loss, ce, kd, n_tokens) for one batch; every term a mean over its completion tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]  # (B, L-1, V)
+def add_lora(model, spec: TrainSpec):
+    try:
+        import peft
+    except ImportError:
+        raise PotstillError("train.lora needs peft: pip install 'potstill[lora]'") from None
+    config = peft.LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                             target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as e:
+        raise PotstillError(f"train.lora: {str(e).splitlines()[0]}") from None
+
+
+def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None, on_policy: bool = False):
+    """(loss, ce, kd) summed over the completion tokens of one micro-batch; only loss has a grad.
+
+    Cached signal: sparse KD against the ledger's top-k. Online signal: dense KD against the
+    teacher's full distribution. On-policy batches (student samples) train on KD alone: CE on
+    the student's own samples would only reinforce them.
+    """
     labels = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
     mask = labels != -100
-    student = logits[mask]  # (N, V), N completion tokens
-    ce = F.cross_entropy(student.float(), labels[mask], reduction="sum") / max(student.shape[0], 1)
-    if spec.objective == "sft":
-        return ce, ce, None, student.shape[0]
-    kd = kd_loss(spec.loss, student, topk_ids=batch["topk_ids"][:, 1:][mask],
-                 topk_logprobs=batch["topk_logprobs"][:, 1:][mask], temperature=spec.temperature,
-                 beta=spec.beta, alpha=spec.alpha)
-    return spec.kd_ratio * kd + (1 - spec.kd_ratio) * ce, ce, kd, student.shape[0]
+    n = int(mask.sum())
+    kd_ratio = 1.0 if on_policy else (spec.kd_ratio if spec.objective == "kd" else 0.0)
+    targets = {}
+    if kd_ratio and teacher is not None:
+        with torch.no_grad():
+            t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            output_hidden_states=spec.chunk_size > 0, logits_to_keep=1 if spec.chunk_size else 0)
+        if spec.chunk_size:
+            targets = {"teacher_hidden": t_out.hidden_states[-1][:, :-1][mask],
+                       "teacher_weight": teacher.get_output_embeddings().weight[:compat.shared_vocab]}
+        else:
+            targets = {"teacher_logits": t_out.logits[:, :-1][mask][:, :compat.shared_vocab]}
+    elif kd_ratio:
+        targets = {"topk_ids": batch["topk_ids"][:, 1:][mask], "topk_logprobs": batch["topk_logprobs"][:, 1:][mask]}
+    kd_args = dict(name=spec.loss, temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha)
+
+    if spec.chunk_size:  # never builds the (N, V) logits
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, :-1][mask]  # (N, H)
+        head = _unwrap(model).get_output_embeddings().weight[:compat.shared_vocab]
+        loss, ce, kd = chunked_kd_loss(hidden, head, labels[mask], kd_ratio=kd_ratio, chunk_size=spec.chunk_size,
+                                       **kd_args, **targets)
+        return loss * n, torch.tensor(ce * n), torch.tensor(kd * n)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    student = logits[mask][:, :compat.shared_vocab].float()  # (N, V_shared)
+    ce = F.cross_entropy(student, labels[mask], reduction="sum")
+    kd = kd_loss(spec.loss, student, reduction="sum", **{k: v for k, v in kd_args.items() if k != "name"},
+                 **targets) if kd_ratio else torch.zeros_like(ce)
+    return kd_ratio * kd + (1 - kd_ratio) * ce, ce.detach(), kd.detach()
 
 
 def lr_at(step: int, total: int, spec: TrainSpec) -> float:
     """Linear warmup, then cosine decay to zero."""
     if step < spec.warmup_steps:
         return spec.lr * (step + 1) / spec.warmup_steps
-    progress_ = (step - spec.warmup_steps) / max(total - spec.warmup_steps, 1)
-    return spec.lr * 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0)))
+    done = (step - spec.warmup_steps) / max(total - spec.warmup_steps, 1)
+    return spec.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+class Plan:
+    """Which examples each step, process and micro-batch sees: a function of the recipe alone."""
+
+    def __init__(self, n_examples: int, spec: TrainSpec, world: int):
+        if n_examples < spec.batch_size:
+            raise PotstillError(f"train.batch_size is {spec.batch_size} but there are only {n_examples} examples")
+        if spec.batch_size % world:
+            raise PotstillError(f"train.batch_size ({spec.batch_size}) must be a multiple of the {world} processes")
+        self.n, self.spec, self.world = n_examples, spec, world
+        self.steps_per_epoch = n_examples // spec.batch_size  # drop-last: every process gets a full share
+        self.total = self.steps_per_epoch * spec.epochs
+
+    def batch(self, step: int) -> list[int]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.spec.seed * 1000 + epoch))
+        return order[i * self.spec.batch_size:(i + 1) * self.spec.batch_size].tolist()
+
+    def micro_batches(self, ids: list[int], rank: int) -> list[list[int]]:
+        mine = ids[rank::self.world]
+        size = self.spec.micro_batch_size or len(mine)
+        return [mine[j:j + size] for j in range(0, len(mine), size)]
+
+
+@torch.no_grad()
+def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: int, max_new_tokens: int) -> list[TrainExample]:
+    """Replace each example's completion with one sampled from the student (temperature 1)."""
+    prompts = [ex.input_ids[:ex.n_prompt] for ex in batch]
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], att[i, width - len(p):] = torch.tensor(p), 1
+    m = _unwrap(model)
+    was_training = m.training
+    m.eval()
+    out = m.generate(input_ids=ids, attention_mask=att, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                     max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+    m.train(was_training)
+    samples = []
+    for p, row in zip(prompts, out[:, width:].tolist()):
+        if eos_id in row:
+            row = row[:row.index(eos_id) + 1]
+        samples.append(TrainExample(p + (row or [eos_id]), len(p), None, None))
+    return samples
 
 
 def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
@@ -96,72 +195,129 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     if len(examples) < len(hashes):
         raise PotstillError(f"{len(hashes) - len(examples)} of the recipe's {len(hashes)} requests have no completion "
                             f"in {ledger_path}: run `potstill generate` first")
+    if spec.objective == "kd" and spec.teacher_signal == "cached" and any(ex.topk_ids is None for ex in examples):
+        raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; generate with "
+                            "generation.top_logprobs > 0, or use train.teacher_signal=online")
 
-    tokenizer = load_student_tokenizer(recipe)
-    same = teacher_desc["tokenizer_sha256"] == tokenizer_sha256(tokenizer)
-    if spec.objective == "kd" and not same:
-        raise PotstillError(
-            "logit KD needs the student to share the teacher's tokenizer, and it does not; "
-            "use sequence-level KD instead (train.objective=sft)"
-        )
-    if spec.objective == "kd" and any(ex.topk_ids is None for ex in examples):
-        raise PotstillError("logit KD needs top-k logprobs in the ledger; generate with generation.top_logprobs > 0")
-    data = build_examples(examples, tokenizer, same_tokenizer=same)
-
+    accelerator = Accelerator(cpu=recipe.teacher.device == "cpu", mixed_precision=spec.mixed_precision)
     torch.manual_seed(spec.seed)
+    tokenizer = load_student_tokenizer(recipe)
     model = load_student(recipe, tokenizer)
-    accelerator = Accelerator(cpu=recipe.teacher.device == "cpu")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    compat = check_tokenizers(recipe.teacher.path, tokenizer, model.config.vocab_size,
+                              need_logits=spec.objective == "kd")
+    data = build_examples(examples, tokenizer, same_tokenizer=compat.same_ids)
+    teacher = None
+    if spec.objective == "kd" and spec.teacher_signal != "cached":
+        teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype)
+        teacher.to(accelerator.device).requires_grad_(False)
+    if spec.lora is not None:
+        model = add_lora(model, spec)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
+                                  weight_decay=spec.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plan = Plan(len(data), spec, accelerator.num_processes)
+    signature = {"examples": len(data), "ledger_sha256": ledger_sha, "train": spec.model_dump(exclude={"resume"}),
+                 "processes": accelerator.num_processes}
 
-    steps_per_epoch = math.ceil(len(data) / spec.batch_size)
-    total = steps_per_epoch * spec.epochs
-    log_dir = run / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.jsonl"
-    start = time.perf_counter()
-    step = 0
+    ckpt_root = run / "checkpoints" / name
+    start = 0
+    if spec.resume and (found := checkpoint.latest(ckpt_root)) is not None:
+        state = checkpoint.load_checkpoint(found, _unwrap(model), optimizer)
+        if state["signature"] != signature:
+            raise PotstillError(f"{found} was written by a different recipe or ledger; "
+                                f"delete {ckpt_root} or set train.resume=false to start over")
+        start = state["step"]
+    elif accelerator.is_main_process:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+
+    log_path = run / "logs" / f"{name}.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    kept = [line for line in (log_path.read_text().splitlines() if start and log_path.exists() else [])
+            if json.loads(line)["step"] <= start]
+    log = open(log_path, "w") if accelerator.is_main_process else contextlib.nullcontext()
+    began, bad = time.perf_counter(), 0
     model.train()
-    with log_path.open("w") as log, progress(f"train {name}", total) as advance:
-        for epoch in range(spec.epochs):
-            # the order is a function of (seed, epoch) alone, so a rerun sees the same batches
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(spec.seed * 1000 + epoch))
-            for i in range(steps_per_epoch):
-                batch = collate([data[j] for j in order[i * spec.batch_size:(i + 1) * spec.batch_size]], pad_id)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, spec)
-                loss, ce, kd, n_tokens = loss_terms(model, batch, spec)
-                accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.grad_clip if spec.grad_clip else float("inf"))
-                optimizer.step()
+    with log, progress(f"train {name}", plan.total - start) as advance:
+        if accelerator.is_main_process:
+            log.write("".join(line + "\n" for line in kept))
+        for step in range(start, plan.total):
+            ids = plan.batch(step)
+            n_tokens = sum(len(data[i].input_ids) - data[i].n_prompt for i in ids)  # all processes together
+            on_policy = spec.teacher_signal == "on_policy" and random.Random(spec.seed * 7919 + step).random() < spec.lmbda
+            torch.manual_seed(spec.seed * 1_000_003 + step * 1009 + accelerator.process_index)  # dropout, sampling
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, plan.total, spec)
+            sums = torch.zeros(3)
+            micro = plan.micro_batches(ids, accelerator.process_index)
+            for j, chunk in enumerate(micro):
+                batch = [data[i] for i in chunk]
+                if on_policy:
+                    batch = sample_from_student(model, batch, pad_id, tokenizer.eos_token_id,
+                                                recipe.generation.max_new_tokens)
+                    n_tokens = None  # student samples have their own lengths: normalise per micro-batch below
+                tensors = {k: v.to(accelerator.device) for k, v in collate(batch, pad_id).items()}
+                sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    loss, ce, kd = loss_sums(model, tensors, spec, compat, teacher, on_policy)
+                    # a sum over this micro-batch's tokens / all tokens of the step; DDP averages the
+                    # gradients over processes, so multiply by their number to get a plain sum
+                    denom = n_tokens or int((tensors["labels"][:, 1:] != -100).sum()) * len(micro)
+                    accelerator.backward(loss * accelerator.num_processes / denom)
+                sums += torch.stack([loss.detach().float(), ce.float(), kd.float()]).cpu() / denom
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
+            sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu() / accelerator.num_processes
+            if not (torch.isfinite(sums).all() and torch.isfinite(torch.as_tensor(grad_norm))):
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
+                bad += 1
+                if accelerator.is_main_process:
+                    log.write(json.dumps({"step": step + 1, "skipped": "non-finite loss or gradient"}) + "\n")
+                if bad >= MAX_BAD_STEPS:
+                    raise PotstillError(f"{bad} non-finite steps in a row (last: step {step + 1}); lower train.lr, "
+                                        f"use train.mixed_precision=no, or check the ledger's logprobs")
                 advance(1)
-                if step % spec.log_every == 0 or step == total:
-                    log.write(json.dumps({
-                        "step": step, "epoch": epoch, "loss": loss.item(), "ce": ce.item(),
-                        "kd": None if kd is None else kd.item(), "grad_norm": float(grad_norm),
-                        "lr": optimizer.param_groups[0]["lr"], "tokens": n_tokens,
-                        "seconds": round(time.perf_counter() - start, 3),
-                    }) + "\n")
-    seconds = time.perf_counter() - start
+                continue
+            bad = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            advance(1)
+            done = step + 1
+            if accelerator.is_main_process and (done % spec.log_every == 0 or done == plan.total):
+                log.write(json.dumps({
+                    "step": done, "epoch": step // plan.steps_per_epoch, "loss": sums[0].item(),
+                    "ce": sums[1].item(), "kd": sums[2].item() if spec.objective == "kd" else None,
+                    "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"], "on_policy": on_policy,
+                    "seconds": round(time.perf_counter() - began, 3),
+                }) + "\n")
+                log.flush()
+            if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < plan.total:
+                if accelerator.is_main_process:
+                    checkpoint.save_checkpoint(ckpt_root, done, _unwrap(model), optimizer, {"signature": signature},
+                                               spec.keep_checkpoints)
+                accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - began
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        info = {
+            "name": name, "objective": spec.objective, "train": spec.model_dump(), "student": recipe.student.model_dump(),
+            "recipe_sha256": recipe.sha256(), "ledger_sha256": ledger_sha, "examples": len(data),
+            "steps": plan.total, "resumed_from": start, "seconds": round(seconds, 2),
+            "processes": accelerator.num_processes, "tokenizers": compat.kind, "teachers": [teacher_desc],
+        }
+        save_student(_unwrap(model), tokenizer, run / name, info)
+    accelerator.wait_for_everyone()
+    return run / name
 
-    # write to a temporary folder, then rename: a half-written student never looks finished
-    out = run / name
-    tmp = run / f".{name}.tmp"
+
+def save_student(model, tokenizer, out: Path, info: dict) -> None:
+    """Write to a temporary folder, then rename: a half-written student never looks finished."""
+    tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model = accelerator.unwrap_model(model)
+    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
+        model = model.merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    n_params = sum(p.numel() for p in model.parameters())
-    info = {
-        "name": name, "objective": spec.objective, "train": spec.model_dump(), "recipe_sha256": recipe.sha256(),
-        "student": recipe.student.model_dump(), "ledger_sha256": ledger_sha, "examples": len(data), "steps": step, "seconds": round(seconds, 2),
-        "parameters": n_params, "teachers": [teacher_desc],
-    }
+    info["parameters"] = sum(p.numel() for p in model.parameters())
     (tmp / "potstill.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return out
