@@ -9,8 +9,8 @@ Loading: the newest ``step-N`` with a COMPLETE marker whose files match the mani
 without the marker are remnants of a crash during a save and are ignored; a checkpoint whose
 files do not match its manifest was damaged or tampered with, and is refused with a clear error.
 
-Weights are safetensors; the optimizer and RNG states are torch files read with
-``weights_only=True`` (no arbitrary unpickling).
+Weights are safetensors; the optimizer state is a torch file read with ``weights_only=True``
+(no arbitrary unpickling).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -28,6 +29,12 @@ from potstill.errors import PotstillError
 from potstill.provenance import file_sha256
 
 _STEP = re.compile(r"^step-(\d+)$")
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the kill tests: SIGKILL this process when POTSTILL_CRASH_AT == name."""
+    if os.environ.get("POTSTILL_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync(path: Path) -> None:
@@ -49,8 +56,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     # separate contiguous copies: safetensors refuses tensors sharing storage (tied embeddings)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, tmp / "model.safetensors")
+    crash_point(f"save-{step}-weights")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     (tmp / "trainer.json").write_text(json.dumps({"step": step, **extra}, indent=2))
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
@@ -58,6 +65,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     manifest = {name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     _fsync(tmp / "manifest.json")
+    crash_point(f"save-{step}-marker")
     (tmp / "COMPLETE").write_text("ok\n")
     _fsync(tmp / "COMPLETE")
     _fsync(tmp)
@@ -65,6 +73,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         shutil.rmtree(final)
     tmp.rename(final)
     _fsync(root)
+    crash_point(f"save-{step}-renamed")
     verify(final)
     for old in sorted(_complete(root), key=lambda p: -_step(p))[keep_last:]:
         shutil.rmtree(old)
@@ -105,8 +114,8 @@ def latest(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and RNG from a verified checkpoint; returns trainer.json."""
+    """Restore model and optimizer from a verified checkpoint; returns trainer.json. (No RNG state:
+    the loop reseeds every step from (seed, step, rank).)"""
     model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
     return json.loads((path / "trainer.json").read_text())

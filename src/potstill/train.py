@@ -248,25 +248,24 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
             torch.manual_seed(spec.seed * 1_000_003 + step * 1009 + accelerator.process_index)  # dropout, sampling
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, plan.total, spec)
+            micro = [[data[i] for i in chunk] for chunk in plan.micro_batches(ids, accelerator.process_index)]
+            if on_policy:  # completions sampled from the student; their tokens are counted afresh
+                micro = [sample_from_student(model, batch, pad_id, tokenizer.eos_token_id,
+                                             recipe.generation.max_new_tokens) for batch in micro]
+                mine = sum(len(ex.input_ids) - ex.n_prompt for batch in micro for ex in batch)
+                n_tokens = int(accelerator.reduce(torch.tensor(mine, device=accelerator.device), "sum"))
             sums = torch.zeros(3)
-            micro = plan.micro_batches(ids, accelerator.process_index)
-            for j, chunk in enumerate(micro):
-                batch = [data[i] for i in chunk]
-                if on_policy:
-                    batch = sample_from_student(model, batch, pad_id, tokenizer.eos_token_id,
-                                                recipe.generation.max_new_tokens)
-                    n_tokens = None  # student samples have their own lengths: normalise per micro-batch below
+            for j, batch in enumerate(micro):
                 tensors = {k: v.to(accelerator.device) for k, v in collate(batch, pad_id).items()}
                 sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
                     loss, ce, kd = loss_sums(model, tensors, spec, compat, teacher, on_policy)
                     # a sum over this micro-batch's tokens / all tokens of the step; DDP averages the
                     # gradients over processes, so multiply by their number to get a plain sum
-                    denom = n_tokens or int((tensors["labels"][:, 1:] != -100).sum()) * len(micro)
-                    accelerator.backward(loss * accelerator.num_processes / denom)
-                sums += torch.stack([loss.detach().float(), ce.float(), kd.float()]).cpu() / denom
+                    accelerator.backward(loss * accelerator.num_processes / n_tokens)
+                sums += torch.stack([loss.detach().float(), ce.float(), kd.float()]).cpu() / n_tokens
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
-            sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu() / accelerator.num_processes
+            sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()  # per-token means of the step
             if not (torch.isfinite(sums).all() and torch.isfinite(torch.as_tensor(grad_norm))):
                 optimizer.zero_grad(set_to_none=True)
                 bad += 1
@@ -282,6 +281,7 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
             optimizer.zero_grad(set_to_none=True)
             advance(1)
             done = step + 1
+            checkpoint.crash_point(f"step-{done}")
             if accelerator.is_main_process and (done % spec.log_every == 0 or done == plan.total):
                 log.write(json.dumps({
                     "step": done, "epoch": step // plan.steps_per_epoch, "loss": sums[0].item(),

@@ -1,0 +1,244 @@
+"""Training-engine invariants: accumulation and process swaps, chunked = unchunked, exact resume
+after a real SIGKILL (also during a save), the NaN guard, online / on-policy teachers, LoRA."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from potstill import checkpoint
+from potstill.cli import main
+from potstill.errors import PotstillError
+from potstill.generate import generate
+from potstill.recipe import load_recipe
+from potstill.train import train
+
+from conftest import QUICKSTART, tiny_overrides
+
+RECIPE = QUICKSTART / "recipe.yaml"
+POTSTILL = str(Path(sys.executable).parent / "potstill")
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory):
+    """One small generated ledger, copied into each test's run directory."""
+    out = tmp_path_factory.mktemp("ledger") / "run"
+    generate(load_recipe(RECIPE, tiny_overrides(out)))
+    return out / "ledger.sqlite"
+
+
+def overrides(run: Path, *extra: str) -> list[str]:
+    return tiny_overrides(run) + ["baseline=null", "train.epochs=2", *extra]
+
+
+def run_dir(tmp_path, ledger, name="run") -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    shutil.copy(ledger, d / "ledger.sqlite")
+    return d
+
+
+def weights(run: Path, name="student") -> dict:
+    return load_file(run / name / "model.safetensors")
+
+
+def assert_close(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+def trained(tmp_path, ledger, name, *extra) -> dict:
+    d = run_dir(tmp_path, ledger, name)
+    recipe = load_recipe(RECIPE, overrides(d, *extra))
+    train(recipe, recipe.train)
+    return weights(d)
+
+
+def curve(run: Path) -> list[tuple[float, float]]:
+    return [(r["loss"], r["grad_norm"]) for r in map(json.loads, (run / "logs" / "student.jsonl").open())]
+
+
+def assert_same_training(run_a: Path, run_b: Path, rtol: float = 1e-5, atol: float = 1e-4):
+    """Same loss and gradient norm at every step, and the same final weights. Weights get a looser
+    bound: Adam divides by sqrt(v), so a parameter whose gradient is ~1e-9 turns float rounding
+    (a different summation order) into a visible step; the per-step loss shows the update is equal."""
+    a, b = curve(run_a), curve(run_b)
+    assert len(a) == len(b) == 8
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(a, b):
+        assert loss_b == pytest.approx(loss_a, rel=rtol) and norm_b == pytest.approx(norm_a, rel=rtol)
+    assert_close(weights(run_a), weights(run_b), atol)
+
+
+def test_batch_times_accumulation_swaps_give_the_same_update(tmp_path, ledger):
+    trained(tmp_path, ledger, "whole", "train.log_every=1")
+    trained(tmp_path, ledger, "acc", "train.log_every=1", "train.micro_batch_size=4")
+    trained(tmp_path, ledger, "uneven", "train.log_every=1", "train.micro_batch_size=6")  # 6 + 6 + 4 rows
+    assert_same_training(tmp_path / "whole", tmp_path / "acc")
+    assert_same_training(tmp_path / "whole", tmp_path / "uneven")
+
+
+def test_chunked_loss_trains_the_same_model(tmp_path, ledger):
+    trained(tmp_path, ledger, "plain", "train.log_every=1")
+    trained(tmp_path, ledger, "chunked", "train.log_every=1", "train.chunk_size=7")
+    assert_same_training(tmp_path / "plain", tmp_path / "chunked")
+
+
+def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, ledger):
+    trained(tmp_path, ledger, "one", "train.log_every=1", "train.micro_batch_size=8")
+    d = run_dir(tmp_path, ledger, "two")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", POTSTILL, "train", str(RECIPE),
+           *overrides(d, "train.log_every=1")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((d / "student" / "potstill.json").read_text())["processes"] == 2
+    assert_same_training(tmp_path / "one", d)
+
+
+def run_killed(d: Path, crash_at: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "POTSTILL_CRASH_AT": crash_at}
+    return subprocess.run([POTSTILL, "train", str(RECIPE), *overrides(d, "train.checkpoint_every=2", *extra)],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("crash_at, resumes_from", [
+    ("step-5", 4),             # between checkpoints
+    ("save-4-weights", 2),     # during a save: the half-written step-4 is ignored
+    ("save-4-marker", 2),      # everything written but the COMPLETE marker
+    ("save-4-renamed", 4),     # saved, before the old one is pruned
+])
+def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, ledger, crash_at, resumes_from):
+    reference = trained(tmp_path, ledger, "ref", "train.checkpoint_every=2")
+    d = run_dir(tmp_path, ledger, "killed")
+    killed = run_killed(d, crash_at)
+    assert killed.returncode == -9  # a real SIGKILL
+    assert not (d / "student").exists()
+    assert checkpoint.latest(d / "checkpoints" / "student").name == f"step-{resumes_from}"
+    resumed = run_killed(d, "never")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    info = json.loads((d / "student" / "potstill.json").read_text())
+    assert info["resumed_from"] == resumes_from
+    assert_close(reference, weights(d), 1e-6)
+    steps = [json.loads(line)["step"] for line in (d / "logs" / "student.jsonl").open()]
+    assert steps == list(range(1, 9))  # the log has each step once
+
+
+def test_tampered_checkpoint_is_refused_and_keep_last_prunes(tmp_path, ledger):
+    d = run_dir(tmp_path, ledger)
+    assert run_killed(d, "step-7").returncode == -9
+    kept = sorted(p.name for p in (d / "checkpoints" / "student").iterdir())
+    assert kept == ["step-4", "step-6"]  # keep_checkpoints=2
+    blob = d / "checkpoints" / "student" / "step-6" / "model.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    done = run_killed(d, "never")
+    assert done.returncode == 2 and "step-6: model.safetensors does not match its manifest" in done.stderr
+    assert run_killed(d, "never", "train.resume=false").returncode == 0
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, ledger, monkeypatch):
+    import potstill.train as engine
+
+    real = engine.loss_sums
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, ce, kd = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), ce, kd) if calls["n"] in poison else (loss, ce, kd)
+
+    monkeypatch.setattr(engine, "loss_sums", poisoned)
+    d = run_dir(tmp_path, ledger)
+    recipe = load_recipe(RECIPE, overrides(d, "train.log_every=1"))
+    poison = {2}
+    train(recipe, recipe.train)
+    rows = [json.loads(line) for line in (d / "logs" / "student.jsonl").open()]
+    assert rows[1] == {"step": 2, "skipped": "non-finite loss or gradient"} and len(rows) == 8
+    assert all(torch.isfinite(w).all() for w in weights(d).values())
+    calls["n"], poison = 0, {3, 4, 5}
+    with pytest.raises(PotstillError, match="3 non-finite steps in a row"):
+        train(recipe, recipe.train)
+
+
+def test_a_tiny_model_overfits_one_batch(tmp_path, ledger):
+    d = run_dir(tmp_path, ledger)
+    recipe = load_recipe(RECIPE, tiny_overrides(d, n_prompts=16) + [
+        "baseline=null", "train.epochs=150", "train.lr=0.01", "train.kd_ratio=0.0", "train.log_every=150"])
+    train(recipe, recipe.train)
+    last = json.loads((d / "logs" / "student.jsonl").read_text().splitlines()[-1])
+    assert last["ce"] < 0.05
+
+
+@pytest.mark.parametrize("extra", [
+    ["train.teacher_signal=online", "student.config.vocab_size=48"],  # padded rows: KD on the shared 41
+    ["student.config.vocab_size=48"],
+    ["train.teacher_signal=online", "train.chunk_size=5", "train.loss=jsd", "train.beta=0.3"],
+    ["train.teacher_signal=on_policy", "train.lmbda=0.5", "train.loss=reverse_kl"],
+])
+def test_online_and_on_policy_teachers(tmp_path, ledger, extra):
+    d = run_dir(tmp_path, ledger)
+    recipe = load_recipe(RECIPE, overrides(d, "train.log_every=1", *extra))
+    train(recipe, recipe.train)
+    rows = [json.loads(line) for line in (d / "logs" / "student.jsonl").open()]
+    assert all(r["kd"] > 0 and r["loss"] == r["loss"] for r in rows)
+    if "on_policy" in extra[0]:
+        assert 0 < sum(r["on_policy"] for r in rows) < len(rows)
+
+
+def test_online_equals_cached_when_the_cache_holds_the_whole_vocabulary(tmp_path, ledger):
+    """k = V: the top-k cache is the full distribution, so both signals train the same student, up
+    to the float16 rounding of the cached logprobs (about 1e-3 relative)."""
+    big = tmp_path / "big"
+    generate(load_recipe(RECIPE, tiny_overrides(big) + ["generation.top_logprobs=41"]))
+    args = ("generation.top_logprobs=41", "train.temperature=2.0", "train.log_every=1")
+    trained(tmp_path, big / "ledger.sqlite", "cached", *args)
+    trained(tmp_path, big / "ledger.sqlite", "online", *args, "train.teacher_signal=online")
+    assert_same_training(tmp_path / "cached", tmp_path / "online", rtol=3e-3, atol=3e-3)
+
+
+def test_lora_trains_adapters_and_exports_merged_weights(tmp_path, ledger):
+    pytest.importorskip("peft")
+    d = run_dir(tmp_path, ledger)
+    recipe = load_recipe(RECIPE, overrides(d, "train.lora={r: 4, alpha: 8}"))
+    train(recipe, recipe.train)
+    w = weights(d)
+    assert not any("lora" in k for k in w)
+    assert sum(v.numel() for k, v in w.items() if k != "lm_head.weight") == 153_600
+
+
+def test_doctor_and_logit_kd_across_tokenizers(tmp_path, ledger, capsys):
+    teacher = str(QUICKSTART / "teacher")
+    assert main(["doctor", teacher, teacher]) == 0
+    assert "tokenizers: identical" in capsys.readouterr().out
+    from transformers import AutoConfig, AutoTokenizer
+
+    padded = tmp_path / "padded"
+    tok = AutoTokenizer.from_pretrained(teacher)
+    tok.save_pretrained(padded)
+    config = AutoConfig.from_pretrained(teacher)
+    config.vocab_size = 48
+    config.save_pretrained(padded)
+    assert main(["doctor", teacher, str(padded)]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizers: padded" in out and "41 shared rows" in out
+    other = tmp_path / "other"
+    vocab = json.loads((QUICKSTART / "teacher" / "tokenizer.json").read_text())
+    swap = vocab["model"]["vocab"]
+    swap["a"], swap["b"] = swap["b"], swap["a"]
+    other.mkdir()
+    (other / "tokenizer.json").write_text(json.dumps(vocab))
+    for f in ("tokenizer_config.json", "config.json"):
+        shutil.copy(QUICKSTART / "teacher" / f, other / f)
+    assert main(["doctor", teacher, str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizers: different" in out and "2 of the teacher's 41 tokens have another id" in out
+    assert main(["train", str(RECIPE), *overrides(run_dir(tmp_path, ledger)), f"student.tokenizer={other}"]) == 2
+    assert "use sequence-level KD instead: train.objective=sft" in capsys.readouterr().err
