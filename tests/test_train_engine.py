@@ -178,6 +178,7 @@ def test_a_tiny_model_overfits_one_batch(tmp_path, ledger):
 
 
 @pytest.mark.parametrize("extra", [
+    ["train.mixed_precision=bf16"],
     ["train.teacher_signal=online", "student.config.vocab_size=48"],  # padded rows: KD on the shared 41
     ["student.config.vocab_size=48"],
     ["train.teacher_signal=online", "train.chunk_size=5", "train.loss=jsd", "train.beta=0.3"],

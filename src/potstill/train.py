@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from potstill import checkpoint
 from potstill.compat import Compat, check_tokenizers
@@ -199,6 +200,9 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
         raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; generate with "
                             "generation.top_logprobs > 0, or use train.teacher_signal=online")
 
+    # accelerate keeps one state per process; a second student (the baseline) in the same process may
+    # ask for another mixed precision, so forget the previous setting but keep the process group
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=recipe.teacher.device == "cpu", mixed_precision=spec.mixed_precision)
     torch.manual_seed(spec.seed)
     tokenizer = load_student_tokenizer(recipe)
