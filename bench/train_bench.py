@@ -5,10 +5,10 @@
 
 Arms:
   loss-dense       logits = hidden @ W.T for all N tokens, then top-k forward KL + CE, backward
-  loss-chunked     potstill.losses.chunked (1,024 tokens a chunk), same loss and gradients
+  loss-chunked     potstill.losses.chunked (256 tokens a chunk), same loss and gradients
   step-dense       a full training step of a 2-layer, d=128 Llama student (forward, loss, backward,
                    AdamW) on cached top-k targets, through potstill.train.loss_sums
-  step-chunked     the same with train.chunk_size=1024
+  step-chunked     the same with train.chunk_size=256
   step-online      step-chunked, but the targets come from a 4-layer, d=256 teacher's forward pass
                    each step (full vocabulary, chunked), instead of the ledger's top-k
 
@@ -32,6 +32,7 @@ import torch
 
 ARMS = ("loss-dense", "loss-chunked", "step-dense", "step-chunked", "step-online")
 SKIP_ABOVE_GB = 16.0  # the machine has 24 GiB: a dense arm predicted above this is not run
+CHUNK = 256  # tokens per chunk: 256 x V fp32 logits is 33 MB at V = 32k, 156 MB at V = 152k
 
 
 def rss_gb() -> float:
@@ -66,7 +67,7 @@ def measure(arm: str, v: int, n: int) -> dict:
                     0.5 * F.cross_entropy(logits, labels)
             else:
                 loss, _, _ = chunked_kd_loss(hidden, weight, labels, topk_ids=topk_ids, topk_logprobs=topk_lp,
-                                             kd_ratio=0.5, chunk_size=1024)
+                                             kd_ratio=0.5, chunk_size=CHUNK)
             loss.backward()
             hidden.grad = weight.grad = None
             return loss.item()
@@ -85,7 +86,7 @@ def measure(arm: str, v: int, n: int) -> dict:
                                                 max_position_embeddings=seq, tie_word_embeddings=False))
         student = llama(2, 128)
         teacher = llama(4, 256).requires_grad_(False).eval() if arm == "step-online" else None
-        spec = TrainSpec(kd_ratio=0.5, chunk_size=0 if arm == "step-dense" else 1024,
+        spec = TrainSpec(kd_ratio=0.5, chunk_size=0 if arm == "step-dense" else CHUNK,
                          teacher_signal="online" if teacher is not None else "cached")
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
         input_ids = torch.randint(0, v, (b, seq))

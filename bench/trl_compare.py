@@ -103,9 +103,17 @@ def run_trl(out: Path) -> None:
             times.append(time.perf_counter() - self.t)
 
     trainer.add_callback(Clock())
+    losses = []
+    step = trainer.training_step
+
+    def recording_step(*a, **k):  # the logged losses are rounded; keep the exact ones
+        loss = step(*a, **k)
+        losses.append(loss.item())
+        return loss
+
+    trainer.training_step = recording_step
     base = rss_gb()
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tensors = {f"{k}.{i}": v for i, b in enumerate(batches[:STEPS]) for k, v in b.items()}
     save_file(tensors, out / "trl_batches.safetensors")
     trained = int(sum((b["labels"][:, 1:] != -100).sum() for b in batches[:STEPS])) / STEPS

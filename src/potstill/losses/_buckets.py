@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 NEG = -1e30  # a finite "minus infinity" for masking: -inf would turn 0 * inf into NaN in backward
@@ -26,7 +27,7 @@ def _wide(x: Tensor) -> Tensor:
 def dense_logprobs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """(N, V), (N, V) logits -> teacher log p_T, student log q_T, both (N, V), at least float32."""
     t = temperature
-    teacher = (_wide(teacher_logits) / t).log_softmax(-1).clamp_min(LOG_FLOOR)
+    teacher = (_wide(teacher_logits) / t).log_softmax(-1).clamp_min_(LOG_FLOOR)  # in place: no extra (N, V) copy
     return teacher, (_wide(student_logits) / t).log_softmax(-1).clamp_min(LOG_FLOOR)
 
 
@@ -72,6 +73,6 @@ def reduce(per_row: Tensor, reduction: str) -> Tensor:
 
 
 def kl_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
-    """KL(p || q) = sum_b p_b (log p_b - log q_b) per row, with 0 log 0 = 0."""
-    p = p_logp.exp()
-    return torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p)).sum(-1)
+    """KL(p || q) = sum_b p_b (log p_b - log q_b) per row. One fused elementwise op (F.kl_div);
+    the log-probabilities are floored (finite), so no 0 * inf can occur."""
+    return F.kl_div(q_logp, p_logp, log_target=True, reduction="none").sum(-1)
