@@ -11,6 +11,7 @@ Arms:
   step-chunked     the same with train.chunk_size=256
   step-online      step-chunked, but the targets come from a 4-layer, d=256 teacher's forward pass
                    each step (full vocabulary, chunked), instead of the ledger's top-k
+  step-online-large  the same with an 8-layer, d=512 teacher (about 10x the student's parameters)
 
 N = B*T trained tokens per step (B = N / 256 sequences of 256 tokens for the step arms). Peak
 memory is the rise of ru_maxrss over the level after setup (models and inputs built), so it is
@@ -30,7 +31,7 @@ import time
 
 import torch
 
-ARMS = ("loss-dense", "loss-chunked", "step-dense", "step-chunked", "step-online")
+ARMS = ("loss-dense", "loss-chunked", "step-dense", "step-chunked", "step-online", "step-online-large")
 SKIP_ABOVE_GB = 16.0  # the machine has 24 GiB: a dense arm predicted above this is not run
 CHUNK = 256  # tokens per chunk: 256 x V fp32 logits is 33 MB at V = 32k, 156 MB at V = 152k
 
@@ -85,7 +86,9 @@ def measure(arm: str, v: int, n: int) -> dict:
                                                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                                                 max_position_embeddings=seq, tie_word_embeddings=False))
         student = llama(2, 128)
-        teacher = llama(4, 256).requires_grad_(False).eval() if arm == "step-online" else None
+        teacher = None
+        if arm.startswith("step-online"):
+            teacher = (llama(8, 512) if arm.endswith("large") else llama(4, 256)).requires_grad_(False).eval()
         spec = TrainSpec(kd_ratio=0.5, chunk_size=0 if arm == "step-dense" else CHUNK,
                          teacher_signal="online" if teacher is not None else "cached")
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)

@@ -169,7 +169,7 @@ def table(out: Path) -> None:
     for a in arms:
         speed[a["arm"]] = a["tokens_per_step"] / statistics.median(a["step_seconds"][WARMUP:])
     for a in arms:
-        print(f"| {a['arm']} | {a['losses'][0]:.6f} | {a['losses'][-1]:.6f} | {speed[a['arm']]:,.0f} | "
+        print(f"| {a['arm']} | {a['losses'][0]:.8f} | {a['losses'][-1]:.8f} | {speed[a['arm']]:,.0f} | "
               f"{speed[a['arm']] / speed[trl_arm['arm']]:.2f}x | {a['peak_gb']:.2f} |")
     for a in arms:
         if abs(a["losses"][0] - trl_arm["losses"][0]) > 1e-5 * max(1.0, abs(trl_arm["losses"][0])):

@@ -79,3 +79,21 @@ def test_model_dir_without_safetensors_is_refused(tmp_path, capsys):
     (tmp_path / "t" / "pytorch_model.bin").write_bytes(b"pickle")
     assert main(["generate", RECIPE, f"teacher.path={tmp_path / 't'}", f"output_dir={tmp_path / 'r'}"]) == 2
     assert "no *.safetensors weights" in capsys.readouterr().err
+
+
+def test_model_card_names_the_teacher_and_parses(tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "run"
+    assert main(["run", RECIPE, *tiny_overrides(out), "baseline=null"]) == 0
+    card = ModelCard.load(out / "student" / "README.md")
+    data = card.data.to_dict()
+    assert data["license"] == "apache-2.0" and "distillation" in data["tags"]
+    block = data["distillation"]
+    (teacher,) = block["teachers"]
+    assert teacher["id"] == "potstill/quickstart-teacher" and teacher["terms_family"] == "apache-2.0"
+    assert teacher["access"] == "local weights" and teacher["share_of_examples"] == 1.0
+    assert block["loss"] == "forward_kl" and block["teacher_signal"] == "cached"
+    assert block["ledger_sha256"] == json.loads((out / "student" / "potstill.json").read_text())["ledger_sha256"]
+    assert "## Evaluation" in card.text and "potstill/quickstart-teacher" in card.text
+    assert "base_model" not in data  # random init: no base model

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from potstill import skillmix
+from potstill.card import write_card
 from potstill.errors import PotstillError
 from potstill.prompts import Prompt, load_prompts
 from potstill.provenance import git_commit, library_versions
@@ -125,4 +126,7 @@ def evaluate(recipe: Recipe) -> dict:
                        "threads": torch.get_num_threads(), "recipe_sha256": recipe.sha256(), "verifier": spec.verifier},
     }
     (run / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name in models:
+        if name != "teacher":
+            write_card(models[name], report)  # the card now states the measured results
     return report

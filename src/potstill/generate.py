@@ -17,7 +17,7 @@ def make_teacher(recipe: Recipe) -> Teacher:
 
     spec = recipe.teacher
     return LocalTeacher(spec.path, id=recipe.teacher_id(), revision=spec.revision, terms_family=spec.terms_family,
-                        dtype=spec.dtype, device=spec.device)
+                        terms_url=spec.terms_url, dtype=spec.dtype, device=spec.device)
 
 
 def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
@@ -35,7 +35,7 @@ def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
     except (OSError, ValueError) as e:
         raise PotstillError(f"teacher tokenizer {spec.path} could not be loaded: {str(e).splitlines()[0]}") from None
     desc = describe_local(Path(spec.path), tokenizer, id=recipe.teacher_id(), revision=spec.revision,
-                          terms_family=spec.terms_family, dtype=spec.dtype)
+                          terms_family=spec.terms_family, dtype=spec.dtype, terms_url=spec.terms_url)
     key, params = teacher_key(desc), sampling_params(recipe)
     prompts = load_prompts(recipe.prompts.path, recipe.prompts.limit)
     return desc, [request_hash(key, p.chat, params, i) for p in prompts for i in range(recipe.generation.samples_per_prompt)]

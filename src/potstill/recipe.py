@@ -29,6 +29,7 @@ class TeacherSpec(Section):
     id: str | None = None  # name recorded in provenance and the model card; default: the folder name
     revision: str | None = None  # e.g. a git commit or hub revision, recorded as given
     terms_family: str = "unknown"  # licence / terms family of the teacher's outputs, e.g. apache-2.0
+    terms_url: str | None = None  # where those terms are written, for the student's model card
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
 
@@ -52,6 +53,7 @@ class StudentSpec(Section):
     config: dict[str, Any] | None = None  # HF config fields for a randomly initialised student; needs model_type
     path: str | None = None  # or a local HF checkpoint to start from
     tokenizer: str | None = None  # tokenizer directory; default: the teacher's
+    license: str | None = None  # the student's licence in its model card (SPDX id); default "other"
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentSpec:

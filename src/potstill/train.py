@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from potstill import checkpoint
+from potstill.card import write_card
 from potstill.compat import Compat, check_tokenizers
 from potstill.data import TrainExample, build_examples, collate
 from potstill.errors import PotstillError
@@ -302,11 +303,15 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     seconds = time.perf_counter() - began
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        tokens = sum(len(ex.input_ids) - ex.n_prompt for ex in data)
+        # a recipe has one teacher, so it supplied every example and token
+        teacher_desc = {**teacher_desc, "share_of_examples": 1.0, "share_of_tokens": 1.0}
         info = {
             "name": name, "objective": spec.objective, "train": spec.model_dump(), "student": recipe.student.model_dump(),
             "recipe_sha256": recipe.sha256(), "ledger_sha256": ledger_sha, "examples": len(data),
             "steps": plan.total, "resumed_from": start, "seconds": round(seconds, 2),
             "processes": accelerator.num_processes, "tokenizers": compat.kind, "teachers": [teacher_desc],
+            "license": recipe.student.license, "completion_tokens": tokens,
         }
         save_student(_unwrap(model), tokenizer, run / name, info)
     accelerator.wait_for_everyone()
@@ -323,5 +328,6 @@ def save_student(model, tokenizer, out: Path, info: dict) -> None:
     tokenizer.save_pretrained(tmp)
     info["parameters"] = sum(p.numel() for p in model.parameters())
     (tmp / "potstill.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_card(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -53,7 +53,7 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def describe_local(path: Path, tokenizer, *, id: str | None, revision: str | None, terms_family: str,
-                   dtype: str) -> dict:
+                   dtype: str, terms_url: str | None = None) -> dict:
     """A local teacher's provenance: needs its tokenizer and weight files, not its weights loaded."""
     return {
         "id": id or path.name,
@@ -65,17 +65,19 @@ def describe_local(path: Path, tokenizer, *, id: str | None, revision: str | Non
         "chat_template_sha256": text_sha256(tokenizer.chat_template),
         "dtype": dtype,
         "terms_family": terms_family,
+        "terms_url": terms_url,
     }
 
 
 class LocalTeacher:
     def __init__(self, path: str | Path, *, id: str | None = None, revision: str | None = None,
-                 terms_family: str = "unknown", dtype: str = "float32", device: str = "cpu"):
+                 terms_family: str = "unknown", terms_url: str | None = None, dtype: str = "float32",
+                 device: str = "cpu"):
         self.path = Path(path)
         self.model, self.tokenizer = load_model_dir(self.path, "teacher", dtype, device)
         self.device = device
         self.info = describe_local(self.path, self.tokenizer, id=id, revision=revision, terms_family=terms_family,
-                                   dtype=dtype)
+                                   dtype=dtype, terms_url=terms_url)
 
     def describe(self) -> dict:
         return dict(self.info)

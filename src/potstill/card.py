@@ -1,0 +1,87 @@
+"""The student's model card (``<run>/<student>/README.md``): it names its teachers.
+
+Hugging Face metadata (license, base_model when the student started from a checkpoint, tags
+including ``distillation``) plus a ``distillation:`` block that the Hub has no field for:
+teachers (id, revision, access route, terms family and URL, weights hash, share of the training
+examples and tokens), method, loss, teacher signal, and the content hash of the ledger rows the
+student was trained on. Written by ``train``; rewritten by ``eval`` with the measured results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+
+def method_of(train: dict) -> str:
+    if train["objective"] == "sft":
+        return "sequence-level KD (SFT on teacher completions)"
+    if train["teacher_signal"] == "on_policy":
+        return "on-policy logit KD (GKD)"
+    return f"logit KD ({'teacher top-k from the ledger' if train['teacher_signal'] == 'cached' else 'online teacher, full vocabulary'})"
+
+
+def card_text(info: dict, eval_report: dict | None = None, name: str = "student") -> str:
+    """README.md for a student from its ``potstill.json`` (and the run's eval.json, if any)."""
+    train = info["train"]
+    teachers = []
+    for t in info["teachers"]:
+        teachers.append({
+            "id": t["id"], "revision": t.get("revision"),
+            "access": "local weights" if t.get("backend") == "local" else t.get("backend", "unknown"),
+            "terms_family": t.get("terms_family", "unknown"), "terms_url": t.get("terms_url"),
+            "weights_sha256": t.get("weights_sha256"),
+            "share_of_examples": t.get("share_of_examples", 1.0), "share_of_tokens": t.get("share_of_tokens", 1.0),
+        })
+    meta = {
+        "license": info.get("license") or "other",
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["potstill", "distillation", "knowledge-distillation", "synthetic"],
+    }
+    if info.get("student", {}).get("path"):
+        meta["base_model"] = info["student"].get("base_model") or Path(info["student"]["path"]).name
+        meta["base_model_relation"] = "finetune"
+    meta["distillation"] = {
+        "method": method_of(train), "objective": train["objective"],
+        "loss": train["loss"] if train["objective"] == "kd" else "cross_entropy",
+        "teacher_signal": train["teacher_signal"] if train["objective"] == "kd" else "teacher text",
+        "temperature": train["temperature"], "kd_ratio": train["kd_ratio"] if train["objective"] == "kd" else 0.0,
+        "teachers": teachers, "ledger_sha256": info["ledger_sha256"], "examples": info["examples"],
+        "recipe_sha256": info["recipe_sha256"],
+    }
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {name}: distilled with potstill", "",
+             f"A {info.get('parameters', 0):,}-parameter student trained by {method_of(train)} on "
+             f"{info['examples']:,} completions of its teacher{'s' if len(teachers) > 1 else ''}:", ""]
+    for t in teachers:
+        url = f" ({t['terms_url']})" if t.get("terms_url") else ""
+        lines.append(f"- **{t['id']}**{' @ ' + t['revision'] if t.get('revision') else ''}, {t['access']}, "
+                     f"terms: {t['terms_family']}{url}; {t['share_of_examples']:.0%} of examples, "
+                     f"{t['share_of_tokens']:.0%} of tokens")
+    lines += ["", "Anyone using this model must also honour the terms under which its teachers' outputs were "
+              "obtained; the `distillation:` block above records them.", "", "## Training", "",
+              f"{info['steps']:,} optimizer steps, batch {train['batch_size']}, lr {train['lr']}, "
+              f"loss `{meta['distillation']['loss']}`, T = {train['temperature']}, kd_ratio = "
+              f"{meta['distillation']['kd_ratio']}, seed {train['seed']}. Training data: the ledger rows whose "
+              f"content hash is `{info['ledger_sha256']}`."]
+    if eval_report and name in eval_report.get("models", {}):
+        m, t = eval_report["models"][name], eval_report["models"].get("teacher", {})
+        lines += ["", "## Evaluation", "",
+                  f"{eval_report['prompts']['n']:,} held-out prompts, greedy decoding.", "",
+                  "| metric | this model | teacher |", "|---|---:|---:|"]
+        for key, label in (("accuracy", "accuracy"), ("agreement", "agreement with the teacher"),
+                           ("kl_per_token", "KL(teacher || model) per token"), ("parameters", "parameters")):
+            if m.get(key) is not None:
+                fmt = (lambda v: f"{v:,}") if key == "parameters" else (lambda v: f"{v:.3f}")
+                lines.append(f"| {label} | {fmt(m[key])} | {fmt(t[key]) if t.get(key) is not None else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_card(model_dir: Path, eval_report: dict | None = None) -> Path:
+    info = json.loads((model_dir / "potstill.json").read_text())
+    path = model_dir / "README.md"
+    path.write_text(card_text(info, eval_report, info.get("name", model_dir.name)), encoding="utf-8")
+    return path
