@@ -39,7 +39,7 @@ def test_bad_overrides_name_the_key(override, expected):
 
 
 def test_unknown_key_and_missing_section_in_the_file(tmp_path):
-    text = RECIPE.read_text().replace("  kd_ratio: 0.5", "  kd_ration: 0.5")
+    text = RECIPE.read_text().replace("  kd_ratio:", "  kd_ration:")
     (tmp_path / "r.yaml").write_text(text)
     with pytest.raises(PotstillError, match=r"r.yaml: unknown key train.kd_ration; did you mean train.kd_ratio\?"):
         load_recipe(tmp_path / "r.yaml")

@@ -1,15 +1,20 @@
 """The eval stage: teacher, student and baseline on the same held-out prompts, greedy decoding.
 
-Per model: accuracy against the reference (per category), agreement with the teacher's answers,
-per-token KL(teacher || student) on the teacher's own completions, parameters, size on disk and
-generation tokens/s. Written to ``<run>/eval.json`` with provenance.
+Per model: accuracy against the reference (per category, with a 95% bootstrap interval), ROUGE-L
+against the reference, agreement with the teacher's answers, per-token KL(teacher || model),
+top-1 agreement and perplexity on the teacher's own completions, a judge's win rate against the
+teacher (when the recipe names a judge), parameters, size on disk, generation tokens/s (batched)
+and latency (one request alone). Written to ``<run>/eval.json`` with provenance.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
+import random
+import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +24,8 @@ import torch
 from potstill import skillmix
 from potstill.card import write_card
 from potstill.errors import PotstillError
+from potstill.judge import judge_pairs
+from potstill.progress import progress
 from potstill.prompts import Prompt, load_prompts
 from potstill.provenance import git_commit, library_versions
 from potstill.recipe import Recipe
@@ -47,15 +54,15 @@ def greedy(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, batc
 
 
 @torch.no_grad()
-def kl_on_teacher_text(teacher: LocalTeacher, student: LocalTeacher, prompts: list[Prompt], completions,
-                       batch_size: int) -> tuple[float, float]:
-    """Mean per-token KL(teacher || student) and top-1 agreement, on the teacher's completions
-    (full vocabulary, temperature 1)."""
+def score_teacher_text(teacher: LocalTeacher, model: LocalTeacher, prompts: list[Prompt], completions,
+                       batch_size: int) -> dict:
+    """On the teacher's own completions (full vocabulary, temperature 1): mean per-token
+    KL(teacher || model), top-1 agreement, and the model's perplexity of the teacher's text."""
     from potstill.teachers.local import prompt_ids
 
     tok = teacher.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    kl_sum, top1, n = 0.0, 0, 0
+    kl_sum, nll_sum, top1, n = 0.0, 0.0, 0, 0
     for s in range(0, len(prompts), batch_size):
         rows = [(prompt_ids(tok, p.chat), c.token_ids) for p, c in zip(prompts[s:s + batch_size], completions[s:s + batch_size])]
         width = max(len(a) + len(b) for a, b in rows)
@@ -66,12 +73,62 @@ def kl_on_teacher_text(teacher: LocalTeacher, student: LocalTeacher, prompts: li
             ids[i, :len(a) + len(b)] = torch.tensor(a + b)
             att[i, :len(a) + len(b)] = 1
             mask[i, len(a) - 1:len(a) + len(b) - 1] = True
+        targets = ids[:, 1:][mask]  # (N,) the teacher's tokens
         t = teacher.model(input_ids=ids, attention_mask=att).logits[:, :-1][mask].float().log_softmax(-1)  # (N, V)
-        q = student.model(input_ids=ids, attention_mask=att).logits[:, :-1][mask].float().log_softmax(-1)
+        q = model.model(input_ids=ids, attention_mask=att).logits[:, :-1][mask].float().log_softmax(-1)
         kl_sum += (t.exp() * (t - q)).sum().item()
+        nll_sum -= q.gather(-1, targets[:, None]).sum().item()
         top1 += (t.argmax(-1) == q.argmax(-1)).sum().item()
         n += t.shape[0]
-    return kl_sum / max(n, 1), top1 / max(n, 1)
+    n = max(n, 1)
+    return {"kl_per_token": kl_sum / n, "top1_agreement": top1 / n, "perplexity_teacher_text": math.exp(nll_sum / n)}
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over whitespace tokens (longest common subsequence; Lin 2004)."""
+    a, b = candidate.split(), reference.split()
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def bootstrap_ci(values: list[float], n: int = 1000, seed: int = 0) -> list[float] | None:
+    """95% percentile bootstrap interval of the mean (resampling prompts)."""
+    if not values:
+        return None
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(n))
+    return [means[int(0.025 * n)], means[int(0.975 * n) - 1]]
+
+
+def latency_ms(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, n: int = 8) -> float:
+    """Median wall time of one request alone (batch size 1), in milliseconds."""
+    times = []
+    for p in prompts[:n]:
+        start = time.perf_counter()
+        greedy(model, [p], max_new_tokens, 1)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def check_same_format(name: str, path: Path, model: LocalTeacher, teacher: LocalTeacher) -> None:
+    mine, theirs = model.describe(), teacher.describe()
+    if mine["tokenizer_sha256"] != theirs["tokenizer_sha256"]:
+        raise PotstillError(f"{path}: the {name}'s tokenizer differs from the teacher's; eval compares token by "
+                            f"token, so it needs the same tokenizer")
+    if mine["chat_template_sha256"] != theirs["chat_template_sha256"]:
+        raise PotstillError(f"{path}: the {name}'s chat template differs from the teacher's; it would be evaluated "
+                            f"on prompts formatted differently from its training")
 
 
 def evaluate(recipe: Recipe) -> dict:
@@ -87,35 +144,45 @@ def evaluate(recipe: Recipe) -> dict:
 
     results: dict[str, dict] = {}
     teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype)
+    judge = LocalTeacher(spec.judge.path) if spec.judge is not None else None
     teacher_out = None
-    for name, path in models.items():
-        model = teacher if name == "teacher" else LocalTeacher(path)
-        if name != "teacher" and model.describe()["tokenizer_sha256"] != teacher.describe()["tokenizer_sha256"]:
-            raise PotstillError(f"{path}: its tokenizer differs from the teacher's; eval compares token by token and needs the same one")
-        completions, tokens_per_s = greedy(model, prompts, spec.max_new_tokens, spec.batch_size)
-        if name == "teacher":
-            teacher_out = completions
-        by_cat: dict[str, list[bool]] = {}
-        for p, c in zip(prompts, completions):
-            ok = is_correct(spec.verifier, p, c.text)
-            if ok is not None:
-                by_cat.setdefault(str(p.meta.get("skill", "all")), []).append(ok)
-        checked = [ok for v in by_cat.values() for ok in v]
-        row = {
-            "accuracy": sum(checked) / len(checked) if checked else None,
-            "accuracy_by_category": {k: sum(v) / len(v) for k, v in sorted(by_cat.items())},
-            "agreement": sum(c.text == t.text for c, t in zip(completions, teacher_out)) / len(prompts),
-            "parameters": sum(p.numel() for p in model.model.parameters()),
-            "size_bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors")),
-            "tokens_per_second": tokens_per_s,
-            "weights_sha256": model.describe()["weights_sha256"],
-        }
-        if name == "teacher":
-            row["kl_per_token"], row["top1_agreement"] = 0.0, 1.0
-        else:
-            row["kl_per_token"], row["top1_agreement"] = kl_on_teacher_text(teacher, model, prompts, teacher_out, spec.batch_size)
-        row["samples"] = [{"prompt": p.text, "answer": c.text} for p, c in zip(prompts[:20], completions[:20])]
-        results[name] = row
+    with progress("eval", len(models)) as advance:
+        for name, path in models.items():
+            model = teacher if name == "teacher" else LocalTeacher(path)
+            if name != "teacher":
+                check_same_format(name, path, model, teacher)
+            completions, tokens_per_s = greedy(model, prompts, spec.max_new_tokens, spec.batch_size)
+            if name == "teacher":
+                teacher_out = completions
+            by_cat: dict[str, list[bool]] = {}
+            for p, c in zip(prompts, completions):
+                ok = is_correct(spec.verifier, p, c.text)
+                if ok is not None:
+                    by_cat.setdefault(str(p.meta.get("skill", "all")), []).append(ok)
+            checked = [float(ok) for v in by_cat.values() for ok in v]
+            agree = [float(c.text == t.text) for c, t in zip(completions, teacher_out)]
+            refs = [(c.text, str(p.meta["answer"])) for p, c in zip(prompts, completions) if "answer" in p.meta]
+            rouge = [rouge_l(a, r) for a, r in refs]
+            row = {
+                "accuracy": sum(checked) / len(checked) if checked else None,
+                "accuracy_ci95": bootstrap_ci(checked),
+                "accuracy_by_category": {k: sum(v) / len(v) for k, v in sorted(by_cat.items())},
+                "rouge_l": sum(rouge) / len(rouge) if rouge else None,
+                "agreement": sum(agree) / len(agree),
+                "agreement_ci95": bootstrap_ci(agree),
+                "parameters": sum(p.numel() for p in model.model.parameters()),
+                "size_bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors")),
+                "tokens_per_second": tokens_per_s,
+                "latency_ms": latency_ms(model, prompts, spec.max_new_tokens),
+                "weights_sha256": model.describe()["weights_sha256"],
+                "completion_lengths": [len(c.token_ids) for c in completions],
+            }
+            row.update(score_teacher_text(teacher, model, prompts, teacher_out, spec.batch_size))
+            if judge is not None and name != "teacher":
+                row["judge"] = judged(judge, prompts, completions, teacher_out, spec)
+            row["samples"] = [{"prompt": p.text, "answer": c.text} for p, c in zip(prompts[:20], completions[:20])]
+            results[name] = row
+            advance(1)
 
     report = {
         "models": results,
@@ -123,10 +190,24 @@ def evaluate(recipe: Recipe) -> dict:
                     "sha256": hashlib.sha256("".join(p.sha256 for p in prompts).encode()).hexdigest()},
         "provenance": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "versions": library_versions(), "git_commit": git_commit(), "machine": platform.machine(),
-                       "threads": torch.get_num_threads(), "recipe_sha256": recipe.sha256(), "verifier": spec.verifier},
+                       "threads": torch.get_num_threads(), "recipe_sha256": recipe.sha256(), "verifier": spec.verifier,
+                       "seeds": {"train": recipe.train.seed, "generation": recipe.generation.seed, "bootstrap": 0},
+                       "judge": None if judge is None else judge.describe()},
     }
     (run / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     for name in models:
         if name != "teacher":
             write_card(models[name], report)  # the card now states the measured results
     return report
+
+
+def judged(judge: LocalTeacher, prompts: list[Prompt], completions, teacher_out, spec) -> dict:
+    """Win rate of a model's answers over the teacher's, judged in both orders."""
+    result = judge_pairs(judge, [p.text for p in prompts], [c.text for c in completions], [t.text for t in teacher_out],
+                         max_new_tokens=spec.judge.max_new_tokens, batch_size=spec.batch_size)
+    if result.parsed == 0:
+        raise PotstillError(f"the judge ({spec.judge.path}) gave no parseable verdict in {result.unparseable} replies "
+                            f"(expected a first line of A, B or tie); use a judge model that follows instructions")
+    return {"win_rate_vs_teacher": result.win_rate, "wins": result.wins, "losses": result.losses, "ties": result.ties,
+            "unparseable": result.unparseable,
+            "win_rate_ci95": bootstrap_ci([v for v in result.votes if v is not None])}

@@ -111,12 +111,18 @@ class BaselineSpec(Section):
     temperature: float | None = Field(None, gt=0.0, le=10.0)
 
 
+class JudgeSpec(Section):
+    path: str  # a local HF model that follows instructions; judges student vs teacher answers pairwise
+    max_new_tokens: int = Field(16, ge=1)
+
+
 class EvalSpec(Section):
     prompts: str  # JSONL held-out prompts; "answer" is the reference for exact match
     limit: int | None = Field(None, ge=1)
     verifier: Literal["exact", "skillmix"] = "exact"  # skillmix: any valid answer of the quickstart task
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
+    judge: JudgeSpec | None = None  # judge win rate of each student against the teacher (prompt: potstill/judge.py)
 
 
 class Recipe(Section):
@@ -175,11 +181,14 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _relative_paths(data: dict, base: Path) -> None:
     """Resolve input paths against the recipe's folder (absolute paths are kept)."""
-    for section, key in (("teacher", "path"), ("prompts", "path"), ("student", "path"),
-                         ("student", "tokenizer"), ("eval", "prompts")):
-        value = (data.get(section) or {}).get(key) if isinstance(data.get(section), dict) else None
+    for where, key in (("teacher", "path"), ("prompts", "path"), ("student", "path"),
+                       ("student", "tokenizer"), ("eval", "prompts"), ("eval.judge", "path")):
+        node = data
+        for part in where.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(key) if isinstance(node, dict) else None
         if isinstance(value, str) and value and not Path(value).is_absolute():
-            data[section][key] = str((base / value).resolve())
+            node[key] = str((base / value).resolve())
 
 
 def _explain(error: ValidationError, source: str) -> str:

@@ -1,0 +1,89 @@
+"""Pairwise judging: another model says which of two answers to a prompt is better.
+
+The judge is any teacher backend (the same ``complete`` interface), asked with ``JUDGE_PROMPT``
+at temperature 0. Every pair is judged twice, with the answers in both orders, so a judge that
+prefers a position gains nothing from it. A verdict is parsed from the first non-empty line of
+the judge's reply (``parse_verdict``); a reply that says neither A, B nor tie is counted as
+unparseable and left out of the win rate, never guessed.
+
+    win rate of X over Y = (votes for X + 0.5 * ties) / parsed votes
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from potstill.teachers.base import Request
+
+JUDGE_PROMPT = """You are judging two answers to the same request. Decide which answer is better: more correct, \
+more helpful, more to the point. Reply with one line: "A" if answer A is better, "B" if answer B is better, or \
+"tie" if they are equally good.
+
+[Request]
+{prompt}
+
+[Answer A]
+{a}
+
+[Answer B]
+{b}
+
+Verdict:"""
+
+_VERDICT = re.compile(r"^\W*(?:verdict\W*)?(?:answer\s+)?(a|b|tie)\b", re.IGNORECASE)
+
+
+def parse_verdict(reply: str) -> str | None:
+    """"A", "B" or "tie" from the first non-empty line of the reply; None if it says none of them."""
+    for line in reply.splitlines():
+        if line.strip():
+            m = _VERDICT.match(line.strip())
+            if not m:
+                return None
+            word = m.group(1).lower()
+            return "tie" if word == "tie" else word.upper()
+    return None
+
+
+@dataclass
+class JudgeResult:
+    wins: int  # votes for the candidate
+    losses: int  # votes for the reference
+    ties: int
+    unparseable: int
+    votes: list[float | None]  # per prompt and order: 1 win, 0 loss, 0.5 tie, None unparseable
+
+    @property
+    def parsed(self) -> int:
+        return self.wins + self.losses + self.ties
+
+    @property
+    def win_rate(self) -> float | None:
+        return None if not self.parsed else (self.wins + 0.5 * self.ties) / self.parsed
+
+
+def judge_pairs(judge, prompts: list[str], candidate: list[str], reference: list[str], *,
+                max_new_tokens: int = 16, batch_size: int = 16) -> JudgeResult:
+    """Judge ``candidate[i]`` against ``reference[i]`` for each prompt, in both orders."""
+    requests, meaning = [], []
+    for i, (p, c, r) in enumerate(zip(prompts, candidate, reference)):
+        for cand_is_a in (True, False):
+            a, b = (c, r) if cand_is_a else (r, c)
+            text = JUDGE_PROMPT.format(prompt=p, a=a, b=b)
+            requests.append(Request(f"judge-{i}-{int(cand_is_a)}", [{"role": "user", "content": text}], 0, 0))
+            meaning.append(cand_is_a)
+    params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0, "seed": 0}
+    replies = []
+    for s in range(0, len(requests), batch_size):
+        replies += [c.text for c in judge.complete(requests[s:s + batch_size], params)]
+    votes: list[float | None] = []
+    for reply, cand_is_a in zip(replies, meaning):
+        verdict = parse_verdict(reply)
+        if verdict is None:
+            votes.append(None)
+        elif verdict == "tie":
+            votes.append(0.5)
+        else:
+            votes.append(1.0 if (verdict == "A") == cand_is_a else 0.0)
+    return JudgeResult(votes.count(1.0), votes.count(0.0), votes.count(0.5), votes.count(None), votes)

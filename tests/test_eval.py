@@ -1,0 +1,129 @@
+"""Evaluation pieces: the judge protocol and its parser, ROUGE-L, bootstrap intervals, bad input."""
+
+import json
+import shutil
+
+import pytest
+
+from potstill import skillmix
+from potstill.cli import main
+from potstill.evaluate import bootstrap_ci, rouge_l
+from potstill.judge import JUDGE_PROMPT, judge_pairs, parse_verdict
+from potstill.teachers.base import Completion
+
+from conftest import QUICKSTART, tiny_overrides
+
+RECIPE = str(QUICKSTART / "recipe.yaml")
+
+
+@pytest.mark.parametrize("reply, verdict", [
+    ("A", "A"), ("b", "B"), ("Tie", "tie"), ("tie.", "tie"), ("Answer A", "A"), ("Verdict: B", "B"),
+    ("  A, because it is correct", "A"), ("\n\nB\n", "B"), ("**A**", "A"),
+    ("neither", None), ("", None), ("AB", None), ("I think A", None), ("Both are fine", None),
+])
+def test_parse_verdict_reads_the_first_line_and_never_guesses(reply, verdict):
+    assert parse_verdict(reply) == verdict
+
+
+class ScriptedJudge:
+    """A judge backend for the protocol test: answers each judging prompt with a rule. (No model
+    here can follow the judging instruction; the parsing, both orders and counting are real.)"""
+
+    def __init__(self, rule):
+        self.rule, self.prompts = rule, []
+
+    def complete(self, requests, params):
+        out = []
+        for r in requests:
+            text = r.messages[0]["content"]
+            self.prompts.append(text)
+            out.append(Completion(r.request_hash, self.rule(text), None, None, None, "stop", 0, 0, 0.0))
+        return out
+
+
+def _parts(text):
+    prompt = text.split("[Request]\n")[1].split("\n\n[Answer A]")[0]
+    a = text.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0]
+    b = text.split("[Answer B]\n")[1].split("\n\nVerdict:")[0]
+    return prompt, a, b
+
+
+def test_both_orders_cancel_a_position_bias_and_ties_count_half():
+    prompts, cand, ref = ["add 1 2", "add 2 2"], ["3", "5"], ["3", "4"]
+    always_a = judge_pairs(ScriptedJudge(lambda t: "A"), prompts, cand, ref)
+    assert always_a.win_rate == 0.5 and always_a.parsed == 4  # a judge that always says A favours no one
+
+    def correctness(text):
+        prompt, a, b = _parts(text)
+        ok_a, ok_b = skillmix.verify(prompt, a), skillmix.verify(prompt, b)
+        return "tie" if ok_a == ok_b else ("A" if ok_a else "B")
+
+    judge = ScriptedJudge(correctness)
+    result = judge_pairs(judge, prompts, cand, ref)
+    assert (result.wins, result.losses, result.ties) == (0, 2, 2)  # a tie on "add 1 2", a loss on "add 2 2"
+    assert result.win_rate == pytest.approx(0.25)
+    assert judge.prompts[0] == JUDGE_PROMPT.format(prompt="add 1 2", a="3", b="3")
+
+
+def test_unparseable_verdicts_are_counted_not_scored():
+    replies = iter(["A", "banana", "B", ""])
+    result = judge_pairs(ScriptedJudge(lambda t: next(replies)), ["p1", "p2"], ["x", "y"], ["u", "v"])
+    assert result.unparseable == 2 and result.parsed == 2
+    # order: (p1, candidate as A), (p1, candidate as B), (p2, candidate as A), (p2, candidate as B)
+    assert result.votes == [1.0, None, 0.0, None]
+    empty = judge_pairs(ScriptedJudge(lambda t: "no idea"), ["p"], ["x"], ["y"])
+    assert empty.win_rate is None and empty.unparseable == 2
+
+
+def test_rouge_l_and_bootstrap():
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    # LCS("a b c d", "a c d e") = 3: precision 3/4, recall 3/4
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    assert rouge_l("x", "y") == 0.0 and rouge_l("", "") == 1.0
+    values = [1.0] * 70 + [0.0] * 30
+    low, high = bootstrap_ci(values)
+    assert low < 0.7 < high and 0.55 < low and high < 0.85
+    assert bootstrap_ci([]) is None
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    assert main(["run", RECIPE, *tiny_overrides(out), "baseline=null"]) == 0
+    return out
+
+
+def test_eval_json_has_the_metrics_and_provenance(trained_run):
+    report = json.loads((trained_run / "eval.json").read_text())
+    m = report["models"]["student"]
+    for key in ("accuracy", "accuracy_ci95", "rouge_l", "agreement", "agreement_ci95", "kl_per_token",
+                "top1_agreement", "perplexity_teacher_text", "tokens_per_second", "latency_ms", "size_bytes",
+                "parameters", "weights_sha256"):
+        assert m[key] is not None, key
+    assert m["accuracy_ci95"][0] <= m["accuracy"] <= m["accuracy_ci95"][1]
+    assert len(m["completion_lengths"]) == report["prompts"]["n"] == 48
+    assert report["models"]["teacher"]["perplexity_teacher_text"] >= 1.0
+    prov = report["provenance"]
+    assert prov["versions"]["torch"] and prov["recipe_sha256"] and prov["seeds"]["train"] == 0
+    assert len(report["prompts"]["sha256"]) == 64
+
+
+def test_a_judge_that_talks_nonsense_is_refused_not_scored(trained_run, capsys):
+    # the bundled teacher only knows arithmetic: as a judge, none of its replies is a verdict
+    args = ["eval", RECIPE, *tiny_overrides(trained_run), "baseline=null", f"eval.judge.path={QUICKSTART / 'teacher'}"]
+    assert main(args) == 2
+    assert "gave no parseable verdict in 96 replies" in capsys.readouterr().err
+
+
+def test_student_with_another_chat_template_or_no_prompts_is_refused(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = json.loads((run / "student" / "tokenizer_config.json").read_text())
+    (run / "student" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    config["chat_template"] = "{{ messages[0]['content'] }}"
+    (run / "student" / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["eval", RECIPE, *tiny_overrides(run), "baseline=null"]) == 2
+    assert "chat template differs from the teacher's" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert main(["eval", RECIPE, *tiny_overrides(trained_run), f"eval.prompts={tmp_path / 'empty.jsonl'}"]) == 2
+    assert "no prompts in the file" in capsys.readouterr().err
