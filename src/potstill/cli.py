@@ -7,6 +7,7 @@ Examples:
   potstill train my_recipe.yaml train.objective=sft
   potstill eval my_recipe.yaml
   potstill report runs/quickstart
+  potstill report runs/a runs/b --out compare.html
   potstill doctor path/to/teacher path/to/student
 """
 
@@ -96,8 +97,7 @@ def cmd_eval(args) -> None:
 def cmd_report(args) -> None:
     from potstill.report import write_report
 
-    for run in args.runs:
-        print(f"report: wrote {write_report(run)}")
+    print(f"report: wrote {write_report(args.runs, args.out)}")
 
 
 def run_all(recipe) -> dict:
@@ -176,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("teacher", help="teacher model folder")
     d.add_argument("student", help="student model folder (or any folder with a tokenizer and config.json)")
     d.set_defaults(func=cmd_doctor)
-    r = verbs.add_parser("report", help="write report.html for one or more run directories")
+    r = verbs.add_parser("report", help="write one report.html for one run, or several side by side")
     r.add_argument("runs", nargs="+", help="run directories")
+    r.add_argument("--out", default=None, help="output file (default: RUN/report.html; for several runs, "
+                                                 "report.html beside the first)")
     r.set_defaults(func=cmd_report)
     return parser
 

@@ -1,5 +1,6 @@
-"""The report stage: one self-contained ``report.html`` (plots embedded as PNG) and a summary
-table, from the run directory's eval.json and training logs."""
+"""The report stage: one self-contained HTML page (plots embedded as PNG, no network needed) for
+one run or several side by side, from each run's eval.json, training logs and students'
+potstill.json. The plots are also written as PNG files next to the page."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ COLUMNS = [  # (key in eval.json, header, format)
     ("parameters", "params", "{:,}"),
     ("tokens_per_second", "tok/s", "{:,.0f}"),  # greedy generation, batched
 ]
+CURVES = [("loss", "training loss"), ("kd", "KD term (x T^2)"), ("ce", "cross-entropy on teacher tokens"),
+          ("grad_norm", "gradient norm"), ("lr", "learning rate")]
 
 
 def summary_rows(eval_report: dict) -> list[list[str]]:
@@ -28,109 +31,153 @@ def summary_rows(eval_report: dict) -> list[list[str]]:
     return rows
 
 
-def _read_logs(run: Path) -> dict[str, list[dict]]:
-    logs = {}
-    for path in sorted((run / "logs").glob("*.jsonl")):
-        logs[path.stem] = [json.loads(line) for line in path.open() if line.strip()]
-    return logs
+def _load(run: Path) -> dict:
+    eval_path = run / "eval.json"
+    if not eval_path.is_file():
+        raise PotstillError(f"{eval_path} not found: run `potstill eval` first")
+    logs = {p.stem: [r for r in map(json.loads, filter(str.strip, p.open())) if "loss" in r]
+            for p in sorted((run / "logs").glob("*.jsonl"))}
+    students = {name: json.loads((run / name / "potstill.json").read_text())
+                for name in ("student", "baseline") if (run / name / "potstill.json").is_file()}
+    return {"name": run.name, "path": run, "eval": json.loads(eval_path.read_text()), "logs": logs, "students": students}
 
 
 def _png(fig, path: Path) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     path.write_bytes(buf.getvalue())
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _plots(run: Path, eval_report: dict, logs: dict[str, list[dict]]) -> dict[str, str]:
+def _plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = run / "plots"
-    out_dir.mkdir(exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     images = {}
+    label = (lambda run, name: f"{run['name']}/{name}") if len(runs) > 1 else (lambda run, name: name)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, rows in logs.items():
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["loss"] for r in rows], label=f"{name}: loss")
-        axes[0].plot(steps, [r["ce"] for r in rows], "--", label=f"{name}: CE")
-        if any(r.get("kd") is not None for r in rows):
-            axes[1].plot(steps, [r["kd"] for r in rows], label=f"{name}: KD (x T^2)")
-    axes[0].set(title="training loss", xlabel="step", yscale="log")
-    axes[1].set(title="KD term", xlabel="step")
-    for ax in axes:
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        for run in runs:
+            for name, rows in run["logs"].items():
+                points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), label=label(run, name))
+        ax.set(title=title, xlabel="step")
+        if key in ("loss", "ce", "kd") and ax.lines:
+            ax.set_yscale("log")
         if ax.lines:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
+    axes.flat[-1].axis("off")
     images["Training curves"] = _png(fig, out_dir / "training.png")
     plt.close(fig)
 
-    models = eval_report["models"]
-    cats = sorted({c for m in models.values() for c in m["accuracy_by_category"]})
-    fig, ax = plt.subplots(figsize=(10, 3.6))
-    width = 0.8 / max(len(models), 1)
-    for i, (name, m) in enumerate(models.items()):
+    bars = [(label(run, name), m) for run in runs for name, m in run["eval"]["models"].items()]
+    cats = sorted({c for _, m in bars for c in m["accuracy_by_category"]})
+    fig, ax = plt.subplots(figsize=(13, 3.8))
+    width = 0.8 / max(len(bars), 1)
+    for i, (name, m) in enumerate(bars):
         xs = [j + i * width for j in range(len(cats))]
         ax.bar(xs, [m["accuracy_by_category"].get(c, 0) for c in cats], width, label=name)
-    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(cats))], cats)
+    ax.set_xticks([j + width * (len(bars) - 1) / 2 for j in range(len(cats))], cats)
     ax.set(title="held-out accuracy by category", ylim=(0, 1))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     images["Accuracy by category"] = _png(fig, out_dir / "accuracy.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(13, 3.5))
+    lengths = [(name, m["completion_lengths"]) for name, m in bars if m.get("completion_lengths")]
+    if lengths:
+        top = max(max(v) for _, v in lengths)
+        ax.hist([v for _, v in lengths], bins=range(0, top + 2), label=[n for n, _ in lengths])
+        ax.legend(fontsize=7)
+    ax.set(title="completion length (tokens) on the held-out prompts", xlabel="tokens", ylabel="prompts")
+    images["Completion lengths"] = _png(fig, out_dir / "lengths.png")
     plt.close(fig)
     return images
 
 
-def write_report(run: str | Path) -> Path:
-    run = Path(run)
-    eval_path = run / "eval.json"
-    if not eval_path.is_file():
-        raise PotstillError(f"{eval_path} not found: run `potstill eval` first")
-    eval_report = json.loads(eval_path.read_text())
-    logs = _read_logs(run)
-    images = _plots(run, eval_report, logs)
-
+def _table(head: list[str], rows: list[list[str]]) -> str:
     esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in ["model"] + [h for _, h, _ in COLUMNS])
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in summary_rows(eval_report))
-    figures = "".join(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,{b64}'>" for t, b64 in images.items())
-    models = eval_report["models"]
-    names = list(models)
-    samples = "".join(
-        "<tr>" + f"<td><code>{esc(s['prompt'])}</code></td>"
-        + "".join(f"<td><code>{esc(models[n]['samples'][i]['answer'])}</code></td>" for n in names) + "</tr>"
-        for i, s in enumerate(models["teacher"]["samples"])
-    )
-    training = ""
-    for name in names[1:]:
-        info_path = run / name / "potstill.json"
-        if info_path.is_file():
-            info = json.loads(info_path.read_text())
+    return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+
+
+def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = None) -> Path:
+    """One page for ``runs``; written to ``out`` (default: ``<run>/report.html``, or, for several
+    runs, ``report.html`` in the first run's parent folder)."""
+    runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    loaded = [_load(Path(r)) for r in runs]
+    if out is None:
+        out = loaded[0]["path"] / "report.html" if len(loaded) == 1 else loaded[0]["path"].parent / "report.html"
+    out = Path(out)
+    images = _plots(loaded, out.parent / ("plots" if len(loaded) == 1 else f"{out.stem}-plots"))
+    esc = html.escape
+
+    several = len(loaded) > 1
+    summary = [([r["name"]] if several else []) + row for r in loaded for row in summary_rows(r["eval"])]
+    head = (["run"] if several else []) + ["model"] + [h for _, h, _ in COLUMNS]
+    extra = []
+    for r in loaded:
+        for name, m in r["eval"]["models"].items():
+            ci = m.get("accuracy_ci95")
+            judge = m.get("judge") or {}
+            extra.append(([r["name"]] if several else []) + [
+                name, f"[{ci[0]:.1%}, {ci[1]:.1%}]" if ci else "-",
+                f"{m['rouge_l']:.3f}" if m.get("rouge_l") is not None else "-",
+                f"{m['perplexity_teacher_text']:.3f}" if m.get("perplexity_teacher_text") else "-",
+                f"{judge['win_rate_vs_teacher']:.1%} ({judge['unparseable']} unparseable)" if judge else "-",
+                f"{m['latency_ms']:.1f}" if m.get("latency_ms") is not None else "-",
+                f"{m['size_bytes'] / 2**20:.2f}" if m.get("size_bytes") is not None else "-"])
+    extra_head = (["run"] if several else []) + ["model", "accuracy 95% CI", "ROUGE-L", "perplexity of teacher text",
+                                                 "judge win rate vs teacher", "latency (ms)", "size (MiB)"]
+
+    students = []
+    for r in loaded:
+        for name, info in r["students"].items():
             t = info["train"]
-            training += (f"<li><b>{esc(name)}</b>: {esc(info['objective'])}, kd_ratio {t['kd_ratio']}, T {t['temperature']}, "
-                         f"{info['steps']} steps on {info['examples']} examples, {info['seconds']:.0f}s; "
-                         f"ledger <code>{info['ledger_sha256'][:16]}</code></li>")
-    prov = esc(json.dumps(eval_report["provenance"], indent=2))
+            teachers = "; ".join(f"{d['id']} ({d.get('terms_family', 'unknown')}"
+                                 + (f", {d['terms_url']}" if d.get("terms_url") else "") + ")" for d in info["teachers"])
+            students.append(([r["name"]] if several else []) + [
+                name, info["objective"], t["loss"] if info["objective"] == "kd" else "cross_entropy",
+                t["teacher_signal"] if info["objective"] == "kd" else "teacher text", str(t["temperature"]),
+                str(t["kd_ratio"]), f"{info['steps']:,}", f"{info['examples']:,}", teachers, info["ledger_sha256"][:16]])
+    students_head = (["run"] if several else []) + ["student", "objective", "loss", "signal", "T", "kd_ratio", "steps",
+                                                    "examples", "teachers (terms)", "ledger"]
+
+    first = loaded[0]["eval"]["models"]
+    names = [n for n in first if first[n].get("samples")]
+    samples = [[s["prompt"]] + [first[n]["samples"][i]["answer"] for n in names]
+               for i, s in enumerate(first["teacher"]["samples"])]
+    figures = "".join(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,{b64}'>"
+                      for t, b64 in images.items())
+    prov = "".join(f"<h3>{esc(r['name'])}</h3><pre>{esc(json.dumps(r['eval']['provenance'], indent=2))}</pre>"
+                   for r in loaded)
+    title = ", ".join(r["name"] for r in loaded)
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>potstill report: {esc(run.name)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>potstill report: {esc(title)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }}
 table {{ border-collapse: collapse; margin: 1rem 0; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
 img {{ max-width: 100%; }}
 pre {{ background: #f6f6f6; padding: 1rem; overflow-x: auto; }}
 </style></head><body>
-<h1>potstill report: {esc(run.name)}</h1>
-<p>{eval_report['prompts']['n']} held-out prompts, greedy decoding for every model.</p>
-<h2>Summary</h2><table><tr>{head}</tr>{body}</table>
-<h2>Students</h2><ul>{training}</ul>
+<h1>potstill report: {esc(title)}</h1>
+<p>Held-out prompts: {", ".join(f"{r['name']}: {r['eval']['prompts']['n']:,}" for r in loaded)}; greedy decoding for
+every model. agree: same answer as the teacher; KL/tok: KL(teacher || model) per token of the teacher's answers;
+top-1: same most likely token as the teacher there; tok/s: batched greedy generation.</p>
+<h2>Summary</h2>{_table(head, summary)}
+{_table(extra_head, extra)}
+<h2>Students, teachers and terms</h2>{_table(students_head, students)}
 {figures}
-<h2>Samples</h2><table><tr><th>prompt</th>{''.join(f'<th>{esc(n)}</th>' for n in names)}</tr>{samples}</table>
-<h2>Provenance</h2><pre>{prov}</pre>
+<h2>Samples{f" ({esc(loaded[0]['name'])})" if several else ""}</h2>{_table(["prompt"] + names, samples)}
+<h2>Provenance</h2>{prov}
 </body></html>
 """
-    out = run / "report.html"
     out.write_text(page, encoding="utf-8")
     return out

@@ -120,7 +120,11 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
         return loss * n, torch.tensor(ce * n), torch.tensor(kd * n)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     student = logits[mask][:, :compat.shared_vocab].float()  # (N, V_shared)
-    ce = F.cross_entropy(student, labels[mask], reduction="sum")
+    if kd_ratio == 1.0:  # CE is only logged: no graph, no (N, V) log-softmax kept for backward
+        with torch.no_grad():
+            ce = (student.logsumexp(-1) - student.gather(-1, labels[mask][:, None])[:, 0]).sum()
+    else:
+        ce = F.cross_entropy(student, labels[mask], reduction="sum")
     kd = kd_loss(spec.loss, student, reduction="sum", **{k: v for k, v in kd_args.items() if k != "name"},
                  **targets) if kd_ratio else torch.zeros_like(ce)
     return kd_ratio * kd + (1 - kd_ratio) * ce, ce.detach(), kd.detach()

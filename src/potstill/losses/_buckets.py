@@ -27,8 +27,9 @@ def _wide(x: Tensor) -> Tensor:
 def dense_logprobs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """(N, V), (N, V) logits -> teacher log p_T, student log q_T, both (N, V), at least float32."""
     t = temperature
-    teacher = (_wide(teacher_logits) / t).log_softmax(-1).clamp_min_(LOG_FLOOR)  # in place: no extra (N, V) copy
-    return teacher, (_wide(student_logits) / t).log_softmax(-1).clamp_min(LOG_FLOOR)
+    soft = (lambda x: _wide(x)) if t == 1.0 else (lambda x: _wide(x) / t)  # T = 1: no (N, V) copy
+    teacher = soft(teacher_logits).log_softmax(-1).clamp_min_(LOG_FLOOR)  # in place: no extra (N, V) copy
+    return teacher, soft(student_logits).log_softmax(-1).clamp_min(LOG_FLOOR)
 
 
 def sparse_logprobs(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
