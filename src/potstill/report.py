@@ -72,6 +72,7 @@ def _plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
         if ax.lines:
             ax.legend(fontsize=7)
     axes.flat[-1].axis("off")
+    fig.tight_layout()
     images["Training curves"] = _png(fig, out_dir / "training.png")
     plt.close(fig)
 
@@ -143,8 +144,9 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
                                  + (f", {d['terms_url']}" if d.get("terms_url") else "") + ")" for d in info["teachers"])
             students.append(([r["name"]] if several else []) + [
                 name, info["objective"], t["loss"] if info["objective"] == "kd" else "cross_entropy",
-                t["teacher_signal"] if info["objective"] == "kd" else "teacher text", str(t["temperature"]),
-                str(t["kd_ratio"]), f"{info['steps']:,}", f"{info['examples']:,}", teachers, info["ledger_sha256"][:16]])
+                t["teacher_signal"] if info["objective"] == "kd" else "teacher text",
+                str(t["temperature"]) if info["objective"] == "kd" else "-",
+                str(t["kd_ratio"]) if info["objective"] == "kd" else "-", f"{info['steps']:,}", f"{info['examples']:,}", teachers, info["ledger_sha256"][:16]])
     students_head = (["run"] if several else []) + ["student", "objective", "loss", "signal", "T", "kd_ratio", "steps",
                                                     "examples", "teachers (terms)", "ledger"]
 
