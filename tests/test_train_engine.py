@@ -142,6 +142,11 @@ def test_tampered_checkpoint_is_refused_and_keep_last_prunes(tmp_path, ledger):
     done = run_killed(d, "never")
     assert done.returncode == 2 and "step-6: model.safetensors does not match its manifest" in done.stderr
     assert run_killed(d, "never", "train.resume=false").returncode == 0
+    # checkpoints of other settings are not resumed from: the run starts over
+    assert run_killed(d, "step-7", "train.lr=0.002").returncode == -9
+    again = run_killed(d, "never", "train.lr=0.001")
+    assert again.returncode == 0 and "holds checkpoints of other settings or data; starting over" in again.stdout
+    assert json.loads((d / "student" / "potstill.json").read_text())["resumed_from"] == 0
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, ledger, monkeypatch):

@@ -231,14 +231,16 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
 
     ckpt_root = run / "checkpoints" / name
     start = 0
-    if spec.resume and (found := checkpoint.latest(ckpt_root)) is not None:
-        state = checkpoint.load_checkpoint(found, _unwrap(model), optimizer)
-        if state["signature"] != signature:
-            raise PotstillError(f"{found} was written by a different recipe or ledger; "
-                                f"delete {ckpt_root} or set train.resume=false to start over")
-        start = state["step"]
-    elif accelerator.is_main_process:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
+    found = checkpoint.latest(ckpt_root) if spec.resume else None
+    if found is not None and json.loads((found / "trainer.json").read_text())["signature"] == signature:
+        start = checkpoint.load_checkpoint(found, _unwrap(model), optimizer)["step"]
+        print(f"train {name}: resuming from {found}")
+    else:
+        if found is not None:
+            print(f"train {name}: {ckpt_root} holds checkpoints of other settings or data; starting over")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
 
     log_path = run / "logs" / f"{name}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
