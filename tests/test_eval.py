@@ -75,6 +75,15 @@ def test_unparseable_verdicts_are_counted_not_scored():
     assert empty.win_rate is None and empty.unparseable == 2
 
 
+def test_verifiers_are_found_by_name():
+    from potstill import verifiers
+
+    assert verifiers.load("exact")("add 1 2", " 3 ", {"answer": 3}) is True
+    assert verifiers.load("exact")("add 1 2", "3", {}) is None  # nothing to check against: not a zero
+    skillmix_verify = verifiers.load("skillmix")  # registered as a potstill.verifiers entry point
+    assert skillmix_verify("shuffle abc", "bca", {"answer": "cab"}) is True
+
+
 def test_rouge_l_and_bootstrap():
     assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
     # LCS("a b c d", "a c d e") = 3: precision 3/4, recall 3/4

@@ -30,6 +30,7 @@ def test_overrides_are_typed_from_yaml():
     (["train.objective=dpo"], "train.objective: Input should be 'kd' or 'sft'"),
     (["train.loss=reverse_klx"], "train.loss: Input should be 'forward_kl', 'reverse_kl'"),
     (["epochs"], "override 'epochs' is not key=value"),
+    (["eval.verifier=nope"], "eval.verifier 'nope' is not installed; available: exact, skillmix"),
 ])
 def test_bad_overrides_name_the_key(override, expected):
     with pytest.raises(PotstillError) as err:

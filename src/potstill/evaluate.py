@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from potstill import skillmix
+from potstill import verifiers
 from potstill.card import write_card
 from potstill.errors import PotstillError
 from potstill.judge import judge_pairs
@@ -31,14 +31,6 @@ from potstill.provenance import git_commit, library_versions
 from potstill.recipe import Recipe
 from potstill.teachers.base import Request
 from potstill.teachers.local import LocalTeacher
-
-
-def is_correct(verifier: str, prompt: Prompt, answer: str) -> bool | None:
-    """None when the prompt has no reference to check against."""
-    if verifier == "skillmix":
-        return skillmix.verify(prompt.text, answer)
-    ref = prompt.meta.get("answer")
-    return None if ref is None else answer.strip() == str(ref).strip()
 
 
 def greedy(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, batch_size: int):
@@ -145,6 +137,7 @@ def evaluate(recipe: Recipe) -> dict:
     results: dict[str, dict] = {}
     teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype)
     judge = LocalTeacher(spec.judge.path) if spec.judge is not None else None
+    verify = verifiers.load(spec.verifier)
     teacher_out = None
     with progress("eval", len(models)) as advance:
         for name, path in models.items():
@@ -156,7 +149,7 @@ def evaluate(recipe: Recipe) -> dict:
                 teacher_out = completions
             by_cat: dict[str, list[bool]] = {}
             for p, c in zip(prompts, completions):
-                ok = is_correct(spec.verifier, p, c.text)
+                ok = verify(p.text, c.text, p.meta)
                 if ok is not None:
                     by_cat.setdefault(str(p.meta.get("skill", "all")), []).append(ok)
             checked = [float(ok) for v in by_cat.values() for ok in v]

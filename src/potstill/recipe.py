@@ -119,10 +119,21 @@ class JudgeSpec(Section):
 class EvalSpec(Section):
     prompts: str  # JSONL held-out prompts; "answer" is the reference for exact match
     limit: int | None = Field(None, ge=1)
-    verifier: Literal["exact", "skillmix"] = "exact"  # skillmix: any valid answer of the quickstart task
+    # how an answer is checked: exact (equals "answer"), or a verifier installed under the
+    # potstill.verifiers entry points, e.g. skillmix (any valid answer of the quickstart task)
+    verifier: str = "exact"
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
     judge: JudgeSpec | None = None  # judge win rate of each student against the teacher (prompt: potstill/judge.py)
+
+
+    @model_validator(mode="after")
+    def _verifier_exists(self) -> EvalSpec:
+        from potstill.verifiers import available
+
+        if self.verifier not in available():
+            raise ValueError(f"eval.verifier {self.verifier!r} is not installed; available: {', '.join(sorted(available()))}")
+        return self
 
 
 class Recipe(Section):
