@@ -136,3 +136,36 @@ def test_student_with_another_chat_template_or_no_prompts_is_refused(trained_run
     (tmp_path / "empty.jsonl").write_text("\n")
     assert main(["eval", RECIPE, *tiny_overrides(trained_run), f"eval.prompts={tmp_path / 'empty.jsonl'}"]) == 2
     assert "no prompts in the file" in capsys.readouterr().err
+
+
+def test_lm_eval_adapter_scores_a_local_task(trained_run, tmp_path):
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "skillmix.yaml").write_text(f"""task: potstill_skillmix
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {QUICKSTART / 'prompts' / 'heldout.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "<|user|>{{{{prompt}}}}<|assistant|>"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["<|end|>"]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""")
+    args = ["eval", RECIPE, *tiny_overrides(trained_run), "baseline=null", "eval.lm_eval.tasks=[potstill_skillmix]",
+            f"eval.lm_eval.include_path={tasks}", "eval.lm_eval.limit=40"]
+    assert main(args) == 0
+    models = json.loads((trained_run / "eval.json").read_text())["models"]
+    teacher = models["teacher"]["lm_eval"]["potstill_skillmix"]["exact_match,none"]
+    student = models["student"]["lm_eval"]["potstill_skillmix"]["exact_match,none"]
+    # the harness's exact match on the first 40 held-out prompts (shuffle answers must match the
+    # reference permutation here, so the teacher scores below its verifier accuracy)
+    assert 0.5 < teacher <= 1.0 and 0.0 <= student < teacher

@@ -113,6 +113,25 @@ def latency_ms(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, 
     return statistics.median(times)
 
 
+def lm_eval_scores(path: Path, spec, batch_size: int) -> dict:
+    """Scores of lm-evaluation-harness tasks for the model at ``path``, through its Python API."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise PotstillError("eval.lm_eval needs lm-evaluation-harness: pip install 'potstill[lm_eval]'") from None
+    manager = TaskManager(include_path=spec.include_path) if spec.include_path else TaskManager()
+    unknown = [t for t in spec.tasks if t not in manager.all_tasks]
+    if unknown:
+        raise PotstillError(f"eval.lm_eval.tasks: {', '.join(unknown)} not found (built in, or a YAML under "
+                            f"eval.lm_eval.include_path)")
+    out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(path), "dtype": "float32"},
+                                  tasks=spec.tasks, task_manager=manager, device="cpu", batch_size=batch_size,
+                                  limit=spec.limit, log_samples=False)
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for task, metrics in out["results"].items()}
+
+
 def check_same_format(name: str, path: Path, model: LocalTeacher, teacher: LocalTeacher) -> None:
     mine, theirs = model.describe(), teacher.describe()
     if mine["tokenizer_sha256"] != theirs["tokenizer_sha256"]:
@@ -171,6 +190,8 @@ def evaluate(recipe: Recipe) -> dict:
                 "completion_lengths": [len(c.token_ids) for c in completions],
             }
             row.update(score_teacher_text(teacher, model, prompts, teacher_out, spec.batch_size))
+            if spec.lm_eval is not None:
+                row["lm_eval"] = lm_eval_scores(Path(path), spec.lm_eval, spec.batch_size)
             if judge is not None and name != "teacher":
                 row["judge"] = judged(judge, prompts, completions, teacher_out, spec)
             row["samples"] = [{"prompt": p.text, "answer": c.text} for p, c in zip(prompts[:20], completions[:20])]

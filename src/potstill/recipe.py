@@ -116,6 +116,14 @@ class JudgeSpec(Section):
     max_new_tokens: int = Field(16, ge=1)
 
 
+class LmEvalSpec(Section):
+    """Also score every model with lm-evaluation-harness tasks (needs the lm_eval extra)."""
+
+    tasks: list[str]  # task names, built in or defined by YAML files under include_path
+    include_path: str | None = None  # folder of extra task YAML files
+    limit: int | None = Field(None, ge=1)  # examples per task
+
+
 class EvalSpec(Section):
     prompts: str  # JSONL held-out prompts; "answer" is the reference for exact match
     limit: int | None = Field(None, ge=1)
@@ -125,6 +133,7 @@ class EvalSpec(Section):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
     judge: JudgeSpec | None = None  # judge win rate of each student against the teacher (prompt: potstill/judge.py)
+    lm_eval: LmEvalSpec | None = None
 
 
     @model_validator(mode="after")
@@ -193,7 +202,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _relative_paths(data: dict, base: Path) -> None:
     """Resolve input paths against the recipe's folder (absolute paths are kept)."""
     for where, key in (("teacher", "path"), ("prompts", "path"), ("student", "path"),
-                       ("student", "tokenizer"), ("eval", "prompts"), ("eval.judge", "path")):
+                       ("student", "tokenizer"), ("eval", "prompts"), ("eval.judge", "path"),
+                       ("eval.lm_eval", "include_path")):
         node = data
         for part in where.split("."):
             node = node.get(part) if isinstance(node, dict) else None
