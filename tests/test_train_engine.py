@@ -207,7 +207,9 @@ def test_online_equals_cached_when_the_cache_holds_the_whole_vocabulary(tmp_path
     args = ("generation.top_logprobs=41", "train.temperature=2.0", "train.log_every=1")
     trained(tmp_path, big / "ledger.sqlite", "cached", *args)
     trained(tmp_path, big / "ledger.sqlite", "online", *args, "train.teacher_signal=online")
-    assert_same_training(tmp_path / "cached", tmp_path / "online", rtol=3e-3, atol=3e-3)
+    # the per-step losses and gradient norms carry the check; Adam turns the 1e-3 target rounding
+    # into parameter differences of the order of lr (3e-3) per step, so weights are only bounded loosely
+    assert_same_training(tmp_path / "cached", tmp_path / "online", rtol=3e-3, atol=3e-2)
 
 
 def test_lora_trains_adapters_and_exports_merged_weights(tmp_path, ledger):
