@@ -169,3 +169,11 @@ metric_list:
     # the harness's exact match on the first 40 held-out prompts (shuffle answers must match the
     # reference permutation here, so the teacher scores below its verifier accuracy)
     assert 0.5 < teacher <= 1.0 and 0.0 <= student < teacher
+
+
+def test_padded_student_vocabulary_trains_and_evaluates(tmp_path):
+    """A student with more logit rows than the tokenizer (48 vs 41): KD and eval use the shared rows."""
+    out = tmp_path / "run"
+    assert main(["run", RECIPE, *tiny_overrides(out), "student.config.vocab_size=48", "baseline=null"]) == 0
+    m = json.loads((out / "eval.json").read_text())["models"]["student"]
+    assert m["kl_per_token"] > 0 and m["perplexity_teacher_text"] > 1

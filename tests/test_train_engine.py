@@ -199,6 +199,16 @@ def test_online_and_on_policy_teachers(tmp_path, ledger, extra):
         assert 0 < sum(r["on_policy"] for r in rows) < len(rows)
 
 
+def test_an_sft_baseline_ignores_the_on_policy_signal(tmp_path, ledger):
+    """The baseline inherits train.teacher_signal; an SFT student has no teacher to score samples."""
+    d = run_dir(tmp_path, ledger)
+    recipe = load_recipe(RECIPE, overrides(d, "train.log_every=1", "train.teacher_signal=on_policy", "train.lmbda=1.0",
+                                          "train.objective=sft"))
+    train(recipe, recipe.train)
+    rows = [json.loads(line) for line in (d / "logs" / "student.jsonl").open()]
+    assert len(rows) == 8 and not any(r["on_policy"] for r in rows) and all(r["kd"] is None for r in rows)
+
+
 def test_online_equals_cached_when_the_cache_holds_the_whole_vocabulary(tmp_path, ledger):
     """k = V: the top-k cache is the full distribution, so both signals train the same student, up
     to the float16 rounding of the cached logprobs (about 1e-3 relative)."""

@@ -66,8 +66,10 @@ def score_teacher_text(teacher: LocalTeacher, model: LocalTeacher, prompts: list
             att[i, :len(a) + len(b)] = 1
             mask[i, len(a) - 1:len(a) + len(b) - 1] = True
         targets = ids[:, 1:][mask]  # (N,) the teacher's tokens
-        t = teacher.model(input_ids=ids, attention_mask=att).logits[:, :-1][mask].float().log_softmax(-1)  # (N, V)
-        q = model.model(input_ids=ids, attention_mask=att).logits[:, :-1][mask].float().log_softmax(-1)
+        t = teacher.model(input_ids=ids, attention_mask=att).logits[:, :-1][mask].float()  # (N, V_teacher)
+        q = model.model(input_ids=ids, attention_mask=att).logits[:, :-1][mask].float()  # (N, V_model)
+        shared = min(t.shape[-1], q.shape[-1])  # padded vocabularies: compare on the rows both have
+        t, q = t[:, :shared].log_softmax(-1), q[:, :shared].log_softmax(-1)
         kl_sum += (t.exp() * (t - q)).sum().item()
         nll_sum -= q.gather(-1, targets[:, None]).sum().item()
         top1 += (t.argmax(-1) == q.argmax(-1)).sum().item()

@@ -177,11 +177,11 @@ def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: i
     m = _unwrap(model)
     was_training = m.training
     m.eval()
-    out = m.generate(input_ids=ids, attention_mask=att, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                     max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+    out = m.generate(input_ids=ids.to(m.device), attention_mask=att.to(m.device), do_sample=True, temperature=1.0,
+                     top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
     m.train(was_training)
     samples = []
-    for p, row in zip(prompts, out[:, width:].tolist()):
+    for p, row in zip(prompts, out[:, width:].cpu().tolist()):
         if eos_id in row:
             row = row[:row.index(eos_id) + 1]
         samples.append(TrainExample(p + (row or [eos_id]), len(p), None, None))
@@ -244,9 +244,11 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
 
     log_path = run / "logs" / f"{name}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    kept = [line for line in (log_path.read_text().splitlines() if start and log_path.exists() else [])
-            if json.loads(line)["step"] <= start]
-    log = open(log_path, "w") if accelerator.is_main_process else contextlib.nullcontext()
+    log = contextlib.nullcontext()
+    if accelerator.is_main_process:  # only the main process reads and rewrites the log
+        kept = [line for line in (log_path.read_text().splitlines() if start and log_path.exists() else [])
+                if json.loads(line)["step"] <= start]
+        log = open(log_path, "w")
     began, bad = time.perf_counter(), 0
     model.train()
     with log, progress(f"train {name}", plan.total - start) as advance:
@@ -255,7 +257,8 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
         for step in range(start, plan.total):
             ids = plan.batch(step)
             n_tokens = sum(len(data[i].input_ids) - data[i].n_prompt for i in ids)  # all processes together
-            on_policy = spec.teacher_signal == "on_policy" and random.Random(spec.seed * 7919 + step).random() < spec.lmbda
+            on_policy = (spec.objective == "kd" and spec.teacher_signal == "on_policy"
+                         and random.Random(spec.seed * 7919 + step).random() < spec.lmbda)
             torch.manual_seed(spec.seed * 1_000_003 + step * 1009 + accelerator.process_index)  # dropout, sampling
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, plan.total, spec)
@@ -277,11 +280,16 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
                 sums += torch.stack([loss.detach().float(), ce.float(), kd.float()]).cpu() / n_tokens
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
             sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()  # per-token means of the step
-            if not (torch.isfinite(sums).all() and torch.isfinite(torch.as_tensor(grad_norm))):
+            loss_ok = bool(torch.isfinite(sums).all())
+            if not (loss_ok and torch.isfinite(torch.as_tensor(grad_norm))):
+                if accelerator.scaler is not None:  # fp16: the scaler skips this step itself and lowers its scale
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                bad += 1
+                overflow = loss_ok and accelerator.scaler is not None  # the scaler's business, not a bad step
+                bad = 0 if overflow else bad + 1
                 if accelerator.is_main_process:
-                    log.write(json.dumps({"step": step + 1, "skipped": "non-finite loss or gradient"}) + "\n")
+                    why = "fp16 gradient overflow" if overflow else "non-finite loss or gradient"
+                    log.write(json.dumps({"step": step + 1, "skipped": why}) + "\n")
                 if bad >= MAX_BAD_STEPS:
                     raise PotstillError(f"{bad} non-finite steps in a row (last: step {step + 1}); lower train.lr, "
                                         f"use train.mixed_precision=no, or check the ledger's logprobs")

@@ -111,7 +111,10 @@ class LocalTeacher:
         k = params["top_logprobs"]
         if k:
             logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, T, V), raw logits at T=1
-            top_lp, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (B, T, k)
+            # only ids the tokenizer knows: a model's padding rows (vocab_size > len(tokenizer)) never
+            # enter the cache, so every cached id exists in a student of the same tokenizer
+            real = logprobs[..., :len(tok)]
+            top_lp, top_ids = real.topk(min(k, real.shape[-1]), dim=-1)  # (B, T, k)
         seconds = (time.perf_counter() - start) / len(requests)
         completions = []
         for i, req in enumerate(requests):
