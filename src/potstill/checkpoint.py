@@ -62,7 +62,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
         _fsync(tmp / name)
-    manifest = {name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files}
+    manifest = {name: {"sha256": file_sha256(tmp / name, remember=False), "bytes": (tmp / name).stat().st_size} for name in files}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     _fsync(tmp / "manifest.json")
     crash_point(f"save-{step}-marker")
@@ -99,7 +99,7 @@ def verify(path: Path) -> None:
                             f"delete it to resume from an older one") from None
     for name, entry in manifest.items():
         f = path / name
-        if not f.is_file() or f.stat().st_size != entry["bytes"] or file_sha256(f) != entry["sha256"]:
+        if not f.is_file() or f.stat().st_size != entry["bytes"] or file_sha256(f, remember=False) != entry["sha256"]:
             raise PotstillError(f"checkpoint {path}: {name} does not match its manifest (damaged or modified); "
                                 f"delete {path} to resume from an older checkpoint, or set train.resume=false")
 

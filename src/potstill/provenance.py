@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import importlib.metadata
 import platform
 import subprocess
@@ -11,10 +13,21 @@ from pathlib import Path
 import potstill
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | Path, *, remember: bool = True) -> str:
+    """sha256 of a file. Remembered per (path, size, mtime) within a process: one `potstill run`
+    describes the same teacher in several stages, and a teacher's weights can be many GB.
+    Integrity checks pass remember=False: they must read the bytes every time."""
+    if not remember:
+        return _file_sha256.__wrapped__(str(path), 0, 0)
+    st = os.stat(path)
+    return _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
+        for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
