@@ -29,6 +29,7 @@ class Completion:
     prompt_tokens: int
     seed: int | None
     seconds: float  # wall time of the batch this completion came in, divided by its size
+    completion_tokens: int | None = None  # as the endpoint counted them, when token_ids are unknown
 
 
 class Teacher(Protocol):
