@@ -50,20 +50,33 @@ def compare(teacher_tok, teacher_rows: int, student_tok, student_rows: int) -> C
     return Compat(kind, shared, same_template, notes)
 
 
-def _rows(path: str | Path) -> int:
+def _rows(path: str | Path, tokenizer=None) -> int:
+    """Logit rows of the model at ``path``; a tokenizer-only folder (an HTTP teacher's) has as many
+    rows as tokens."""
     from transformers import AutoConfig
 
+    if tokenizer is not None and not (Path(path) / "config.json").is_file():
+        return len(tokenizer)
     config = AutoConfig.from_pretrained(path)
     return getattr(config.get_text_config(), "vocab_size")
 
 
-def check_tokenizers(teacher_path: str | Path, student_tok, student_rows: int, *, need_logits: bool) -> Compat:
-    """Compare the teacher at ``teacher_path`` with the student; refuse logit KD across tokenizers."""
+def check_tokenizers(teacher_path: str | Path | None, student_tok, student_rows: int, *, need_logits: bool) -> Compat:
+    """Compare the teacher at ``teacher_path`` with the student; refuse logit KD across tokenizers.
+    No path: an HTTP teacher whose tokenizer is unknown, so its text is all a student can learn from."""
     from transformers import AutoTokenizer
+
+    if teacher_path is None:
+        if need_logits:
+            raise PotstillError("logit KD needs the teacher's token ids, and this HTTP teacher has no local tokenizer: "
+                                "set teacher.tokenizer and teacher.token_ids (vLLM, potstill serve), or use "
+                                "sequence-level KD: train.objective=sft")
+        return Compat("different", 0, False, ["the teacher's tokenizer is unknown (HTTP teacher without "
+                                              "teacher.tokenizer): the student learns from its text"])
 
     try:
         teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
-        teacher_rows = _rows(teacher_path)
+        teacher_rows = _rows(teacher_path, teacher_tok)
     except (OSError, ValueError) as e:
         raise PotstillError(f"teacher {teacher_path} could not be read: {str(e).splitlines()[0]}") from None
     compat = compare(teacher_tok, teacher_rows, student_tok, student_rows)

@@ -148,6 +148,9 @@ def evaluate(recipe: Recipe) -> dict:
     run = recipe.run_dir
     spec = recipe.eval
     prompts = load_prompts(spec.prompts, spec.limit)
+    if recipe.teacher.path is None:
+        raise PotstillError("eval runs the teacher locally on the held-out prompts and scores the students against "
+                            "its full distribution: set teacher.path to the teacher's weights")
     models = {"teacher": Path(recipe.teacher.path)}
     for name in ("student", "baseline"):
         if (run / name / "potstill.json").is_file():

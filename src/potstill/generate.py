@@ -1,11 +1,18 @@
 """The generate stage: ask the teacher for every prompt not yet answered, and store each answer
-in the ledger before counting it done. Rerunning sends nothing already done."""
+in the ledger before counting it done. Rerunning sends nothing already done.
+
+Backends: ``local`` (transformers, batched here), ``openai`` (any OpenAI-compatible endpoint,
+through ``potstill.dispatch``), ``openai_batch`` (OpenAI's Batch API, through ``potstill.batch``).
+``shard=(i, n)`` keeps only the requests of shard i of n, in a ledger of its own
+(``ledger-shard-i-of-n.sqlite``) for ``potstill merge`` to combine.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from potstill.ledger import Ledger
+from potstill.errors import PotstillError
+from potstill.ledger import Ledger, requests_for, teacher_key
 from potstill.progress import progress
 from potstill.prompts import load_prompts
 from potstill.recipe import Recipe, save_recipe
@@ -20,25 +27,41 @@ def make_teacher(recipe: Recipe) -> Teacher:
                         terms_url=spec.terms_url, dtype=spec.dtype, device=spec.device)
 
 
-def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
-    """The teacher's description and the request hashes this recipe asks for, computed without
-    loading the teacher's weights: what `train` reads from the ledger."""
+def teacher_tokenizer(recipe: Recipe):
+    spec = recipe.teacher
+    if spec.http:
+        from potstill.teachers.openai_api import load_tokenizer
+
+        return load_tokenizer(spec)
     from transformers import AutoTokenizer
 
-    from potstill.errors import PotstillError
-    from potstill.ledger import request_hash, teacher_key
-    from potstill.teachers.local import describe_local
-
-    spec = recipe.teacher
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.path)
+        return AutoTokenizer.from_pretrained(spec.path)
     except (OSError, ValueError) as e:
         raise PotstillError(f"teacher tokenizer {spec.path} could not be loaded: {str(e).splitlines()[0]}") from None
-    desc = describe_local(Path(spec.path), tokenizer, id=recipe.teacher_id(), revision=spec.revision,
+
+
+def teacher_description(recipe: Recipe, tokenizer) -> dict:
+    """The teacher's provenance, computed without loading weights or calling an endpoint. Its hash
+    is part of every request hash."""
+    spec = recipe.teacher
+    if spec.http:
+        from potstill.teachers.openai_api import describe_openai
+
+        return describe_openai(spec, tokenizer, recipe.teacher_id())
+    from potstill.teachers.local import describe_local
+
+    return describe_local(Path(spec.path), tokenizer, id=recipe.teacher_id(), revision=spec.revision,
                           terms_family=spec.terms_family, dtype=spec.dtype, terms_url=spec.terms_url)
-    key, params = teacher_key(desc), sampling_params(recipe)
+
+
+def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
+    """The teacher's description and the request hashes this recipe asks for: what `train` reads
+    from the ledger."""
+    desc = teacher_description(recipe, teacher_tokenizer(recipe))
     prompts = load_prompts(recipe.prompts.path, recipe.prompts.limit)
-    return desc, [request_hash(key, p.chat, params, i) for p in prompts for i in range(recipe.generation.samples_per_prompt)]
+    planned = requests_for(teacher_key(desc), prompts, sampling_params(recipe), recipe.generation.samples_per_prompt)
+    return desc, [h for h, _, _ in planned]
 
 
 def sampling_params(recipe: Recipe) -> dict:
@@ -47,26 +70,59 @@ def sampling_params(recipe: Recipe) -> dict:
             "top_logprobs": g.top_logprobs, "seed": g.seed}
 
 
-def generate(recipe: Recipe, teacher: Teacher | None = None) -> dict:
-    """Returns counts: planned (requests in the recipe), sent (this run), done, failed (ledger)."""
+def ledger_path(recipe: Recipe, shard: tuple[int, int] | None = None) -> Path:
+    if shard is None:
+        return recipe.run_dir / "ledger.sqlite"
+    return recipe.run_dir / f"ledger-shard-{shard[0]}-of-{shard[1]}.sqlite"
+
+
+def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, int] | None = None) -> dict:
+    """Returns counts: planned (requests in the recipe, or the shard), sent (this run), done,
+    failed (ledger). A run that stops early (budget, a non-retryable error) raises after saving."""
     run = recipe.run_dir
     run.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run / "recipe.yaml")
     prompts = load_prompts(recipe.prompts.path, recipe.prompts.limit)
     params = sampling_params(recipe)
-    with Ledger(run / "ledger.sqlite") as ledger:
-        teacher = teacher or make_teacher(recipe)
-        key = ledger.register_teacher(teacher.describe())
-        todo = ledger.plan(key, prompts, params, recipe.generation.samples_per_prompt)
-        # similar lengths together: less padding per batch
-        todo.sort(key=lambda r: (sum(len(m["content"]) for m in r.messages), r.request_hash))
+    spec = recipe.teacher
+    if recipe.generation.top_logprobs > 20 and spec.http:
+        raise PotstillError(f"generation.top_logprobs={recipe.generation.top_logprobs}: OpenAI-compatible endpoints "
+                            f"return at most 20")
+    with Ledger(ledger_path(recipe, shard)) as ledger:
+        if spec.http:
+            tokenizer = teacher_tokenizer(recipe)
+            desc = teacher_description(recipe, tokenizer)
+        else:
+            teacher = teacher or make_teacher(recipe)
+            desc = teacher.describe()
+        key = ledger.register_teacher(desc)
+        todo = ledger.plan(key, prompts, params, recipe.generation.samples_per_prompt, shard)
+        planned = len(requests_for(key, prompts, params, recipe.generation.samples_per_prompt, shard))
+        stopped = None
         if todo:
             session = ledger.start_session(recipe.sha256())
-            size = recipe.generation.batch_size
-            with progress("generate", len(todo)) as advance:
-                for i in range(0, len(todo), size):
-                    batch = todo[i:i + size]
-                    ledger.record(session, teacher.complete(batch, params))
-                    advance(len(batch))
-        return {"planned": len(prompts) * recipe.generation.samples_per_prompt, "sent": len(todo), **ledger.counts()}
+            if spec.backend == "openai":
+                from potstill.dispatch import dispatch
 
+                stopped = dispatch(spec, params, todo, ledger, session, key, tokenizer).stopped
+            elif spec.backend == "openai_batch":
+                from potstill.batch import run_batches
+
+                stopped = run_batches(spec, params, todo, ledger, session, key, tokenizer)
+            else:
+                local_generate(teacher, todo, params, ledger, session, recipe.generation.batch_size)
+        counts = {"planned": planned, "sent": len(todo), **ledger.counts(), "spend": ledger.spend(key)}
+    if stopped:
+        raise PotstillError(f"generation stopped: {stopped}. Saved: {counts['done']} done, {counts['failed']} failed; "
+                            f"rerun the same command to resume")
+    return counts
+
+
+def local_generate(teacher: Teacher, todo, params: dict, ledger: Ledger, session: int, batch_size: int) -> None:
+    # similar lengths together: less padding per batch
+    todo = sorted(todo, key=lambda r: (sum(len(m["content"]) for m in r.messages), r.request_hash))
+    with progress("generate", len(todo)) as advance:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            ledger.record(session, teacher.complete(batch, params))
+            advance(len(batch))

@@ -76,8 +76,38 @@ CREATE TABLE IF NOT EXISTS completions (
     seconds REAL,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS attempts (      -- one row per HTTP send that got an answer or an error
+    attempt_id INTEGER PRIMARY KEY,
+    request_hash TEXT NOT NULL,
+    session_id INTEGER NOT NULL REFERENCES sessions,
+    endpoint TEXT NOT NULL,
+    sent_at TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    outcome TEXT NOT NULL CHECK (outcome IN ('ok', 'retry', 'failed')),
+    http_status INTEGER,                   -- null for transport errors (timeout, reset)
+    error TEXT,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cost REAL NOT NULL DEFAULT 0           -- USD, from the recipe's prices
+);
+CREATE INDEX IF NOT EXISTS attempts_request ON attempts (request_hash);
+CREATE TABLE IF NOT EXISTS batches (       -- OpenAI Batch API jobs
+    local_id TEXT PRIMARY KEY,             -- sha256 of the input JSONL; also the batch's metadata tag
+    teacher_key TEXT NOT NULL REFERENCES teachers,
+    batch_id TEXT,                         -- null until created
+    input_file_id TEXT,
+    status TEXT NOT NULL,                  -- prepared, then the API's status, then collected
+    error TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_requests (
+    local_id TEXT NOT NULL REFERENCES batches,
+    request_hash TEXT NOT NULL REFERENCES requests,
+    PRIMARY KEY (local_id, request_hash)
+);
 """
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2 added attempts and batches; a version 1 ledger is upgraded in place
 
 
 def _now() -> str:
@@ -94,6 +124,35 @@ def teacher_key(description: dict) -> str:
 
 def request_hash(teacher_key: str, messages: list[dict], params: dict, sample_index: int) -> str:
     return hashlib.sha256(_canonical([teacher_key, messages, params, sample_index]).encode()).hexdigest()
+
+
+def requests_for(teacher_key: str, prompts: list[Prompt], params: dict, samples_per_prompt: int = 1,
+                 shard: tuple[int, int] | None = None) -> list[tuple[str, Prompt, int]]:
+    """(request hash, prompt, sample index) for every request of a prompt set, in order; with
+    ``shard=(i, n)`` only the requests whose hash falls in shard i of n (stable across machines)."""
+    out = []
+    for p in prompts:
+        for i in range(samples_per_prompt):
+            h = request_hash(teacher_key, p.chat, params, i)
+            if shard is None or int(h[:15], 16) % shard[1] == shard[0]:
+                out.append((h, p, i))
+    return out
+
+
+@dataclass
+class Attempt:
+    """One HTTP send: what spend, budgets and re-send counts are computed from."""
+
+    request_hash: str
+    endpoint: str
+    sent_at: str
+    seconds: float
+    outcome: str  # ok, retry, failed
+    http_status: int | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
 
 
 @dataclass
@@ -116,7 +175,9 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            # used from one thread at a time, but not always the one that opened it (the HTTP
+            # dispatcher commits from a worker thread so the event loop keeps sending)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed completion survives power loss, not only a process crash
             self.db.execute("PRAGMA synchronous=FULL")
@@ -127,6 +188,8 @@ class Ledger:
         version = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if version is None:
             self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif version[0] == "1":
+            self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
         elif version[0] != SCHEMA_VERSION:
             raise PotstillError(f"{self.path}: ledger schema {version[0]}, this potstill reads {SCHEMA_VERSION}")
 
@@ -153,35 +216,44 @@ class Ledger:
         )
         return cur.lastrowid
 
-    def plan(self, teacher_key: str, prompts: list[Prompt], params: dict, samples_per_prompt: int = 1) -> list[Request]:
+    def plan(self, teacher_key: str, prompts: list[Prompt], params: dict, samples_per_prompt: int = 1,
+             shard: tuple[int, int] | None = None) -> list[Request]:
         """Record the requests for ``prompts`` (idempotent) and return those not yet done."""
         now = _now()
-        planned = []
+        planned = requests_for(teacher_key, prompts, params, samples_per_prompt, shard)
         with self.db:
             self.db.execute("BEGIN")
-            for p in prompts:
+            for h, p, i in planned:
                 self.db.execute("INSERT OR IGNORE INTO prompts VALUES (?, ?, ?, ?)",
                                 (p.sha256, _canonical(p.chat), _canonical(p.meta), p.source))
-                for i in range(samples_per_prompt):
-                    h = request_hash(teacher_key, p.chat, params, i)
-                    self.db.execute(
-                        "INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?, ?, 'pending', NULL, ?, ?)",
-                        (h, p.sha256, teacher_key, _canonical(params), i, now, now),
-                    )
-                    planned.append((h, p.chat, i))
+                self.db.execute(
+                    "INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?, ?, 'pending', NULL, ?, ?)",
+                    (h, p.sha256, teacher_key, _canonical(params), i, now, now),
+                )
         done = self.done_hashes()
         seed = params.get("seed", 0)
-        return [Request(h, chat, i, seed) for h, chat, i in planned if h not in done]
+        return [Request(h, p.chat, i, seed) for h, p, i in planned if h not in done]
 
-    def record(self, session_id: int, completions: list[Completion]) -> int:
-        """Store completions and mark their requests done, in one transaction. Returns how many
-        were valid; the others (non-finite logprobs) are marked failed with the reason."""
+    def record(self, session_id: int, completions: list[Completion], failures: dict[str, str] | None = None,
+               attempts: list[Attempt] = ()) -> int:
+        """Store completions and mark their requests done, in one transaction, with the requests
+        that failed for good (hash -> reason) and the HTTP attempts behind them. Returns how many
+        completions were valid; the others (non-finite logprobs, ...) are marked failed with the reason."""
         now = _now()
         valid = 0
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
+            for a in attempts:
+                self.db.execute(
+                    "INSERT INTO attempts (request_hash, session_id, endpoint, sent_at, seconds, outcome, http_status,"
+                    " error, prompt_tokens, completion_tokens, cost) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (a.request_hash, session_id, a.endpoint, a.sent_at, a.seconds, a.outcome, a.http_status,
+                     a.error, a.prompt_tokens, a.completion_tokens, a.cost))
+            for h, reason in (failures or {}).items():
+                self.db.execute("UPDATE requests SET status='failed', error=?, updated_at=? WHERE request_hash=?"
+                                " AND status != 'done'", (reason, now, h))
             for c in completions:
-                problem = _problem(c)
+                problem = completion_problem(c)
                 if problem:
                     self.db.execute("UPDATE requests SET status='failed', error=?, updated_at=? WHERE request_hash=?",
                                     (problem, now, c.request_hash))
@@ -195,14 +267,40 @@ class Ledger:
                      None if c.topk_ids is None else np.ascontiguousarray(c.topk_ids, "<i4").tobytes(),
                      None if c.topk_logprobs is None else np.ascontiguousarray(c.topk_logprobs, "<f2").tobytes(),
                      c.finish_reason, c.prompt_tokens,
-                     len(c.token_ids) if c.token_ids is not None else 0, c.seed, c.seconds, now),
+                     (c.completion_tokens or 0) if c.token_ids is None else len(c.token_ids), c.seed, c.seconds, now),
                 )
                 self.db.execute("UPDATE requests SET status='done', error=NULL, updated_at=? WHERE request_hash=?",
                                 (now, c.request_hash))
                 valid += 1
         return valid
 
-    # -- reading ------------------------------------------------------------------------------
+    # -- Batch API jobs -----------------------------------------------------------------------
+
+    def add_batch(self, local_id: str, teacher_key: str, request_hashes: list[str]) -> None:
+        """Persist a batch's requests before anything is uploaded (status 'prepared')."""
+        now = _now()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT OR IGNORE INTO batches VALUES (?, ?, NULL, NULL, 'prepared', NULL, ?, ?)",
+                            (local_id, teacher_key, now, now))
+            self.db.executemany("INSERT OR IGNORE INTO batch_requests VALUES (?, ?)",
+                                ((local_id, h) for h in request_hashes))
+
+    def update_batch(self, local_id: str, **fields) -> None:
+        """Set batch_id, input_file_id, status or error of a batch (committed at once)."""
+        sets = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE batches SET {sets}, updated_at=? WHERE local_id=?", (*fields.values(), _now(), local_id))
+
+    def open_batches(self, teacher_key: str) -> list[dict]:
+        """Batches of this teacher not yet collected, oldest first."""
+        rows = self.db.execute("SELECT local_id, batch_id, input_file_id, status FROM batches WHERE teacher_key=? AND "
+                               "status != 'collected' ORDER BY created_at", (teacher_key,)).fetchall()
+        return [dict(zip(("local_id", "batch_id", "input_file_id", "status"), r)) for r in rows]
+
+    def batch_request_hashes(self, local_id: str) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT request_hash FROM batch_requests WHERE local_id=?", (local_id,))}
+
+        # -- reading ------------------------------------------------------------------------------
 
     def done_hashes(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT request_hash FROM completions")}
@@ -211,6 +309,18 @@ class Ledger:
         out = {"pending": 0, "done": 0, "failed": 0}
         out.update(dict(self.db.execute("SELECT status, count(*) FROM requests GROUP BY status")))
         return out
+
+    def spend(self, teacher_key: str | None = None) -> dict:
+        """Totals over every session's HTTP attempts (of one teacher, or all)."""
+        where = "" if teacher_key is None else \
+            "WHERE request_hash IN (SELECT request_hash FROM requests WHERE teacher_key=?)"
+        row = self.db.execute(f"SELECT count(*), ifnull(sum(prompt_tokens), 0), ifnull(sum(completion_tokens), 0), "
+                              f"ifnull(sum(cost), 0) FROM attempts {where}", () if teacher_key is None else (teacher_key,)
+                              ).fetchone()
+        return dict(zip(("requests", "prompt_tokens", "completion_tokens", "cost"), row))
+
+    def failures(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT request_hash, error FROM requests WHERE status='failed'"))
 
     def teachers(self) -> dict[str, dict]:
         return {k: json.loads(d) for k, d in self.db.execute("SELECT teacher_key, description FROM teachers")}
@@ -260,7 +370,7 @@ class Ledger:
         return (row[0] or 0) / max(row[1] or 0, 1)
 
 
-def _problem(c: Completion) -> str | None:
+def completion_problem(c: Completion) -> str | None:
     if c.topk_logprobs is not None:
         lp = np.asarray(c.topk_logprobs, np.float32)
         if np.isnan(lp).any() or np.isposinf(lp).any() or (lp > 1e-3).any():

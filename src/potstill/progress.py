@@ -22,3 +22,37 @@ def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+class _Counts:
+    """What ``live_counts`` yields: ``advance(n)``, ``status(text)`` (beside the bar), ``note(line)``."""
+
+    def __init__(self, bar=None, task=None, quiet: bool = False):
+        self.bar, self.task, self.quiet = bar, task, quiet
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def status(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, status=text)
+
+    def note(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(line)
+        elif not self.quiet:
+            print(line, file=sys.stderr)
+
+
+@contextmanager
+def live_counts(description: str, total: int) -> Iterator[_Counts]:
+    """A bar with a status text (done / failed / retrying / tokens / spend) and an ETA."""
+    quiet = bool(os.environ.get("POTSTILL_QUIET"))
+    if quiet or not sys.stderr.isatty():
+        yield _Counts(quiet=quiet)
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        yield _Counts(bar, bar.add_task(description, total=total, status=""))

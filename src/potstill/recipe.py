@@ -23,15 +23,78 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PricesSpec(Section):
+    """What the endpoint charges, in USD per million tokens: the cost budget is counted from these."""
+
+    prompt: float = Field(0.0, ge=0.0)
+    completion: float = Field(0.0, ge=0.0)
+
+
+class BudgetSpec(Section):
+    """Stop generating (cleanly, spend recorded) before the ledger's totals for this teacher pass a limit."""
+
+    max_requests: int | None = Field(None, ge=1)  # HTTP sends, retries included
+    max_tokens: int | None = Field(None, ge=1)  # prompt + completion tokens the endpoint reported
+    max_cost: float | None = Field(None, gt=0.0)  # USD, from teacher.prices
+
+
 class TeacherSpec(Section):
-    backend: Literal["local"] = "local"  # local = a Hugging Face model directory run with transformers
-    path: str  # Hugging Face model directory (config.json, model.safetensors, tokenizer)
-    id: str | None = None  # name recorded in provenance and the model card; default: the folder name
+    # local: a Hugging Face model directory run with transformers; openai: any OpenAI-compatible
+    # endpoint (OpenAI, vLLM, llama.cpp, Ollama, `potstill serve`); openai_batch: OpenAI's Batch API;
+    # imported: completions someone already has (a JSONL or Parquet file at teacher.data)
+    backend: Literal["local", "openai", "openai_batch", "imported"] = "local"
+    path: str | None = None  # local: the model directory; otherwise optional local weights (eval, online KD)
+    data: str | None = None  # imported: the file (OpenAI chat JSONL, or JSONL / Parquet of prompt + response)
+    format: Literal["auto", "openai_chat", "jsonl", "parquet"] = "auto"  # imported: how to read teacher.data
+    id: str | None = None  # name recorded in provenance and the model card; default: folder or model name
     revision: str | None = None  # e.g. a git commit or hub revision, recorded as given
     terms_family: str = "unknown"  # licence / terms family of the teacher's outputs, e.g. apache-2.0
     terms_url: str | None = None  # where those terms are written, for the student's model card
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    # -- HTTP backends ------------------------------------------------------------------------
+    model: str | None = None  # the model name the endpoint serves, e.g. gpt-4o-mini
+    endpoints: list[str] = []  # base URLs, e.g. [https://api.openai.com/v1]; several = a fleet (least-loaded)
+    api: Literal["chat", "completions"] = "chat"  # chat: /chat/completions; completions: chat template applied here
+    api_key_env: str | None = None  # NAME of the environment variable holding the key; keys never go in recipes
+    tokenizer: str | None = None  # the teacher's tokenizer folder: token ids, logit KD; default: path
+    token_ids: bool = False  # ask for ids (vLLM / potstill serve `return_tokens_as_token_ids`); needed for logit KD
+    concurrency: int = Field(16, ge=1, le=4096)  # requests in flight per endpoint
+    requests_per_minute: float | None = Field(None, gt=0.0)  # over all endpoints
+    tokens_per_minute: float | None = Field(None, gt=0.0)  # prompt estimate + max tokens, as providers count
+    timeout: float = Field(120.0, gt=0.0)  # seconds per attempt
+    max_attempts: int = Field(6, ge=1, le=100)  # per request, first send included
+    max_retry_wait: float = Field(120.0, ge=0.0)  # a Retry-After longer than this stops the run (rerun later)
+    prices: PricesSpec = PricesSpec()
+    budget: BudgetSpec = BudgetSpec()
+    batch_poll_seconds: float = Field(30.0, gt=0.0)  # openai_batch: seconds between status polls
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> TeacherSpec:
+        if self.backend == "local" and not self.path:
+            raise ValueError("teacher.path is required for backend local (a Hugging Face model folder)")
+        if self.backend == "imported" and not self.data:
+            raise ValueError("teacher.data is required for backend imported (the file of completions)")
+        if self.backend in ("openai", "openai_batch"):
+            if not self.model:
+                raise ValueError(f"teacher.model is required for backend {self.backend} (the name the endpoint serves)")
+            if not self.endpoints:
+                raise ValueError(f"teacher.endpoints is required for backend {self.backend}, e.g. [https://api.openai.com/v1]")
+            if self.backend == "openai_batch" and len(self.endpoints) != 1:
+                raise ValueError("teacher.endpoints: the Batch API takes exactly one endpoint")
+            if self.token_ids and not self.tokenizer_dir:
+                raise ValueError("teacher.token_ids needs teacher.tokenizer (or teacher.path): the folder of the "
+                                 "tokenizer the endpoint uses")
+        return self
+
+    @property
+    def tokenizer_dir(self) -> str | None:
+        """Where the teacher's tokenizer lives locally, if anywhere."""
+        return self.tokenizer or self.path
+
+    @property
+    def http(self) -> bool:
+        return self.backend in ("openai", "openai_batch")
 
 
 class PromptsSpec(Section):
@@ -164,7 +227,10 @@ class Recipe(Section):
         return Path(self.output_dir)
 
     def teacher_id(self) -> str:
-        return self.teacher.id or Path(self.teacher.path).name
+        if self.teacher.id:
+            return self.teacher.id
+        t = self.teacher
+        return {"local": lambda: Path(t.path).name, "imported": lambda: Path(t.data).stem}.get(t.backend, lambda: t.model)()
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -201,7 +267,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _relative_paths(data: dict, base: Path) -> None:
     """Resolve input paths against the recipe's folder (absolute paths are kept)."""
-    for where, key in (("teacher", "path"), ("prompts", "path"), ("student", "path"),
+    for where, key in (("teacher", "path"), ("teacher", "tokenizer"), ("teacher", "data"), ("prompts", "path"), ("student", "path"),
                        ("student", "tokenizer"), ("eval", "prompts"), ("eval.judge", "path"),
                        ("eval.lm_eval", "include_path")):
         node = data

@@ -65,7 +65,9 @@ def load_student(recipe: Recipe, tokenizer):
 def load_student_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
-    path = recipe.student.tokenizer or recipe.student.path or recipe.teacher.path
+    path = recipe.student.tokenizer or recipe.student.path or recipe.teacher.tokenizer_dir
+    if path is None:
+        raise PotstillError("the student needs a tokenizer: set student.tokenizer (the HTTP teacher has none here)")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -212,11 +214,14 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     torch.manual_seed(spec.seed)
     tokenizer = load_student_tokenizer(recipe)
     model = load_student(recipe, tokenizer)
-    compat = check_tokenizers(recipe.teacher.path, tokenizer, model.config.vocab_size,
+    compat = check_tokenizers(recipe.teacher.tokenizer_dir, tokenizer, model.config.vocab_size,
                               need_logits=spec.objective == "kd")
     data = build_examples(examples, tokenizer, same_tokenizer=compat.same_ids)
     teacher = None
     if spec.objective == "kd" and spec.teacher_signal != "cached":
+        if recipe.teacher.path is None:
+            raise PotstillError(f"train.teacher_signal={spec.teacher_signal} runs the teacher locally: set teacher.path "
+                                f"to its weights, or use train.teacher_signal=cached")
         teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype)
         teacher.to(accelerator.device).requires_grad_(False)
     if spec.lora is not None:

@@ -30,6 +30,7 @@ class Completion:
     seed: int | None
     seconds: float  # wall time of the batch this completion came in, divided by its size
     completion_tokens: int | None = None  # as the endpoint counted them, when token_ids are unknown
+    token_logprobs: np.ndarray | None = None  # (T,) float32: each generated id's log-probability at temperature 1
 
 
 class Teacher(Protocol):

@@ -69,6 +69,69 @@ def describe_local(path: Path, tokenizer, *, id: str | None, revision: str | Non
     }
 
 
+@torch.no_grad()
+def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: int, hashes: list[str],
+                 token_logprobs: bool = False) -> list[Completion]:
+    """Generate for prompts given as token ids, left-padded into one batch, after ``torch.manual_seed(seed)``.
+
+    Logprobs are the model's own distribution (temperature 1, before sampling filters), whatever the
+    sampling temperature. ``token_logprobs`` also returns each generated id's logprob in that
+    distribution. LocalTeacher and ``potstill serve`` both generate here, so that a teacher served
+    over HTTP gives the same ids and logprobs as the local backend.
+    """
+    tok = tokenizer
+    start = time.perf_counter()
+    width = max(map(len, rows))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        attention[i, width - len(ids):] = 1
+    torch.manual_seed(seed)
+    greedy = params["temperature"] == 0
+    out = model.generate(
+        input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+        max_new_tokens=params["max_new_tokens"], do_sample=not greedy,
+        temperature=None if greedy else params["temperature"], top_p=None if greedy else params["top_p"],
+        top_k=None, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    generated = out.sequences[:, width:].cpu()  # (B, T)
+    k = params["top_logprobs"]
+    if k or token_logprobs:
+        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, T, V), raw logits at T=1
+    if k:
+        # only ids the tokenizer knows: a model's padding rows (vocab_size > len(tokenizer)) never
+        # enter the cache, so every cached id exists in a student of the same tokenizer
+        real = logprobs[..., :len(tok)]
+        top_lp, top_ids = real.topk(min(k, real.shape[-1]), dim=-1)  # (B, T, k)
+    if token_logprobs:
+        chosen = logprobs.gather(-1, generated.to(logprobs.device)[..., None])[..., 0].cpu()  # (B, T)
+    seconds = (time.perf_counter() - start) / len(rows)
+    completions = []
+    for i, (h, prompt) in enumerate(zip(hashes, rows)):
+        ids = generated[i].tolist()
+        finish = "length"
+        if tok.eos_token_id in ids:
+            ids = ids[: ids.index(tok.eos_token_id) + 1]
+            finish = "stop"
+        n = len(ids)
+        completions.append(Completion(
+            request_hash=h,
+            text=tok.decode(ids, skip_special_tokens=True),
+            token_ids=ids,
+            topk_ids=top_ids[i, :n].cpu().numpy().astype(np.int32) if k else None,
+            topk_logprobs=top_lp[i, :n].cpu().numpy() if k else None,
+            finish_reason=finish,
+            prompt_tokens=len(prompt),
+            seed=seed,
+            seconds=seconds,
+            token_logprobs=chosen[i, :n].numpy() if token_logprobs else None,
+        ))
+    return completions
+
+
 class LocalTeacher:
     def __init__(self, path: str | Path, *, id: str | None = None, revision: str | None = None,
                  terms_family: str = "unknown", terms_url: str | None = None, dtype: str = "float32",
@@ -82,57 +145,10 @@ class LocalTeacher:
     def describe(self) -> dict:
         return dict(self.info)
 
-    @torch.no_grad()
     def complete(self, requests: list[Request], params: dict) -> list[Completion]:
-        """Generate for a batch of requests (left-padded). Logprobs are the model's own
-        distribution (temperature 1, before sampling filters), whatever the sampling temperature."""
-        tok = self.tokenizer
-        start = time.perf_counter()
-        rows = [prompt_ids(tok, r.messages) for r in requests]
-        width = max(map(len, rows))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, ids in enumerate(rows):
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            attention[i, width - len(ids):] = 1
+        """Generate for a batch of requests (left-padded); see :func:`generate_ids`."""
+        rows = [prompt_ids(self.tokenizer, r.messages) for r in requests]
         # One seed per batch, derived from its first request: the same batch samples the same text.
         seed = int(hashlib.sha256((requests[0].request_hash + str(params.get("seed", 0))).encode()).hexdigest()[:8], 16)
-        torch.manual_seed(seed)
-        greedy = params["temperature"] == 0
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-            max_new_tokens=params["max_new_tokens"], do_sample=not greedy,
-            temperature=None if greedy else params["temperature"], top_p=None if greedy else params["top_p"],
-            top_k=None, pad_token_id=pad, eos_token_id=tok.eos_token_id,
-            output_logits=True, return_dict_in_generate=True,
-        )
-        generated = out.sequences[:, width:].cpu()  # (B, T)
-        k = params["top_logprobs"]
-        if k:
-            logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, T, V), raw logits at T=1
-            # only ids the tokenizer knows: a model's padding rows (vocab_size > len(tokenizer)) never
-            # enter the cache, so every cached id exists in a student of the same tokenizer
-            real = logprobs[..., :len(tok)]
-            top_lp, top_ids = real.topk(min(k, real.shape[-1]), dim=-1)  # (B, T, k)
-        seconds = (time.perf_counter() - start) / len(requests)
-        completions = []
-        for i, req in enumerate(requests):
-            ids = generated[i].tolist()
-            finish = "length"
-            if tok.eos_token_id in ids:
-                ids = ids[: ids.index(tok.eos_token_id) + 1]
-                finish = "stop"
-            n = len(ids)
-            completions.append(Completion(
-                request_hash=req.request_hash,
-                text=tok.decode(ids, skip_special_tokens=True),
-                token_ids=ids,
-                topk_ids=top_ids[i, :n].cpu().numpy().astype(np.int32) if k else None,
-                topk_logprobs=top_lp[i, :n].cpu().numpy() if k else None,
-                finish_reason=finish,
-                prompt_tokens=len(rows[i]),
-                seed=seed,
-                seconds=seconds,
-            ))
-        return completions
+        return generate_ids(self.model, self.tokenizer, rows, params, seed, [r.request_hash for r in requests])
+

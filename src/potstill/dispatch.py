@@ -1,0 +1,374 @@
+"""Send requests to HTTP teachers: a bounded in-flight window, rate limits, one retry layer,
+budgets, and every answer committed to the ledger before its window slot frees.
+
+The rules, and why:
+
+- **Exactly one retry layer.** The official client's own retries are off; retrying here as well
+  would multiply attempts (3 x 3 = 9) and bills.
+- **Retried:** 408, 409, 429, 5xx, timeouts, connection resets, and 2xx bodies that cannot be
+  stored (truncated, no logprobs, NaN: at most ``MALFORMED_RETRIES`` times). Waits honour
+  ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date); otherwise exponential backoff
+  with jitter. A 429 with a wait pauses that endpoint for every sender. A wait longer than
+  ``teacher.max_retry_wait`` stops the run: rerun later.
+- **Not retried, and the run stops** once the requests in flight settle: 400, 401, 403, 404,
+  422 and ``insufficient_quota``. Nothing new is sent after the first of them.
+- **Idempotency.** A slot of the window is held from the send until the ledger commit of its
+  answer, so a crash re-sends at most the window; done requests were filtered out before.
+- **Budgets** count the ledger's totals over all sessions and reserve the worst case (prompt
+  estimate + max tokens) for each send, so a run stops before a limit, not after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from potstill.errors import PotstillError
+from potstill.ledger import Attempt, Ledger, completion_problem
+from potstill.progress import live_counts
+from potstill.teachers.base import Request
+from potstill.teachers.openai_api import (Malformed, body_sha256, endpoint_path, make_client, parse_response,
+                                          request_body, split_extras)
+
+MALFORMED_RETRIES = 2
+BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds: 0.5 * 2^n, capped, + up to 25 % jitter
+FATAL_STATUS = {400, 401, 403, 404, 422}
+
+
+@dataclass
+class Outcome:
+    """What a run did: counts, and why it stopped early (None if it did not)."""
+
+    sent: int = 0  # HTTP sends, retries included
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    stopped: str | None = None
+    waits: list[tuple[float, float]] = field(default_factory=list)  # (asked by the server, waited) seconds
+
+
+class TokenBucket:
+    """``rate`` units per second, bursts up to ``capacity``; a unit bigger than the bucket waits for
+    a full bucket and leaves it in debt."""
+
+    def __init__(self, per_minute: float | None, burst_seconds: float = 1.0):
+        self.rate = None if per_minute is None else per_minute / 60.0
+        self.capacity = None if per_minute is None else max(1.0, self.rate * burst_seconds)
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    async def take(self, units: float) -> None:
+        if self.rate is None:
+            return
+        while True:
+            now = time.monotonic()
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            self.stamp = now
+            need = min(units, self.capacity)
+            if self.level >= need:
+                self.level -= units
+                return
+            await asyncio.sleep((need - self.level) / self.rate)
+
+
+def retry_after(headers) -> float | None:
+    """Seconds the server asks us to wait: ``retry-after-ms``, else ``Retry-After`` (seconds or
+    an HTTP date); None if absent or unreadable."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(float(ms) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value.strip() else None
+        if when is None:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
+
+
+def classify(exc: BaseException) -> tuple[str, int | None, str, float | None]:
+    """(kind, HTTP status, reason, server-requested wait); kind is retry, fatal or malformed.
+    Reasons never include request headers, so the API key cannot leak through them."""
+    import openai
+
+    if isinstance(exc, Malformed):
+        return "malformed", None, f"malformed response: {exc}", None
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        code = getattr(exc, "code", None) or ""
+        message = _error_message(exc)
+        reason = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
+        if code == "insufficient_quota":
+            return "fatal", status, reason, None
+        if status in FATAL_STATUS:
+            return "fatal", status, reason, None
+        if status in (408, 409, 429) or status >= 500:
+            return "retry", status, reason, retry_after(exc.response.headers)
+        return "fatal", status, reason, None
+    if isinstance(exc, openai.APITimeoutError):
+        return "retry", None, "timeout", None
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return "retry", None, f"connection error: {type(cause).__name__}", None
+    if isinstance(exc, (ValueError, UnicodeDecodeError)):  # e.g. a body that is not JSON
+        return "malformed", None, f"malformed response: {type(exc).__name__}: {str(exc)[:200]}", None
+    raise exc
+
+
+def _error_message(exc) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        msg = body.get("message") or (body.get("error") or {}).get("message") if isinstance(body.get("error"), dict) \
+            else body.get("message")
+        return str(msg or "")[:300]
+    return ""
+
+
+class Endpoint:
+    def __init__(self, url: str, client):
+        self.url = url.rstrip("/")
+        self.client = client
+        self.in_flight = 0
+        self.paused_until = 0.0
+
+
+class Dispatcher:
+    """One generate run against HTTP endpoints; ``run`` drives it to the end or a clean stop."""
+
+    def __init__(self, spec, params: dict, ledger: Ledger, session: int, teacher_key: str, tokenizer=None,
+                 clients: list | None = None):
+        from potstill.teachers.openai_api import api_key
+
+        self.spec, self.params, self.ledger, self.session = spec, params, ledger, session
+        self.teacher_key, self.tokenizer = teacher_key, tokenizer
+        key = api_key(spec) if clients is None else None
+        self.endpoints = [Endpoint(u, clients[i] if clients else make_client(u, key, spec.timeout))
+                          for i, u in enumerate(spec.endpoints)]
+        self.window = spec.concurrency * len(self.endpoints)
+        self.rpm, self.tpm = TokenBucket(spec.requests_per_minute), TokenBucket(spec.tokens_per_minute)
+        self.outcome = Outcome()
+        self.spent = ledger.spend(teacher_key)
+        self.reserved = {"tokens": 0.0, "cost": 0.0}
+        self.retrying = 0
+        self.pending_writes: list = []
+        self.receipts: dict[str, int] = {}  # body sha256 -> sends, this run (a test's view of the wire)
+        self.closing = False
+
+    # -- budgets --------------------------------------------------------------------------------
+
+    def _estimate(self, request: Request) -> tuple[int, int]:
+        """(prompt tokens, completion tokens) at most: what a send may cost before it is answered."""
+        if self.tokenizer is not None:
+            from potstill.teachers.local import prompt_ids
+
+            prompt = len(prompt_ids(self.tokenizer, request.messages))
+        else:
+            prompt = sum(len(m["content"]) for m in request.messages) // 2 + 8  # generous: ~4 chars per token
+        return prompt, self.params["max_new_tokens"]
+
+    def _cost(self, prompt: float, completion: float) -> float:
+        p = self.spec.prices
+        return (prompt * p.prompt + completion * p.completion) / 1e6
+
+    def _over_budget(self, request: Request) -> str | None:
+        b = self.spec.budget
+        prompt, completion = self._estimate(request)
+        if b.max_requests is not None and self.spent["requests"] + 1 > b.max_requests:
+            return f"budget reached: teacher.budget.max_requests={b.max_requests} sends"
+        tokens = self.spent["prompt_tokens"] + self.spent["completion_tokens"] + self.reserved["tokens"]
+        if b.max_tokens is not None and tokens + prompt + completion > b.max_tokens:
+            return f"budget reached: teacher.budget.max_tokens={b.max_tokens} (spent {tokens:.0f} incl. in flight)"
+        cost = self.spent["cost"] + self.reserved["cost"]
+        if b.max_cost is not None and cost + self._cost(prompt, completion) > b.max_cost:
+            return f"budget reached: teacher.budget.max_cost=${b.max_cost:g} (spent ${cost:.4f} incl. in flight)"
+        return None
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        if self.outcome.stopped is None:
+            self.outcome.stopped = reason
+
+    async def run(self, todo: list[Request]) -> Outcome:
+        slots = asyncio.Semaphore(self.window)
+        self.commit_wanted = asyncio.Event()
+        writer = asyncio.create_task(self._writer())
+        tasks = set()
+        with live_counts("generate", len(todo)) as self.bar:
+            for request in todo:
+                await slots.acquire()
+                if self.outcome.stopped:
+                    slots.release()
+                    break
+                task = asyncio.create_task(self._one(request, slots))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+            self.closing = True
+            self.commit_wanted.set()
+            await writer
+        for e in self.endpoints:
+            await e.client.close()
+        return self.outcome
+
+    def _pick(self) -> Endpoint:
+        now = time.monotonic()
+        ready = [e for e in self.endpoints if e.paused_until <= now] or self.endpoints
+        return min(ready, key=lambda e: (e.in_flight, e.paused_until))
+
+    async def _one(self, request: Request, slots: asyncio.Semaphore) -> None:
+        """Send ``request`` until it is answered, fails for good, or the run stops. The slot is
+        released by the writer after the commit."""
+        body, extra = split_extras(request_body(request, self.params, self.spec, self.tokenizer))
+        sha = body_sha256({**body, **extra})
+        prompt_est, completion_est = self._estimate(request)
+        attempts: list[Attempt] = []
+        malformed = 0
+        for attempt in range(self.spec.max_attempts):
+            if self.outcome.stopped:
+                break
+            if (reason := self._over_budget(request)):
+                self.stop(reason)
+                break
+            endpoint = self._pick()
+            wait = endpoint.paused_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self.rpm.take(1)
+            await self.tpm.take(prompt_est + completion_est)
+            if self.outcome.stopped:
+                break
+            self.spent["requests"] += 1
+            reserve = (prompt_est + completion_est, self._cost(prompt_est, completion_est))
+            self.reserved["tokens"] += reserve[0]
+            self.reserved["cost"] += reserve[1]
+            endpoint.in_flight += 1
+            self.outcome.sent += 1
+            self.receipts[sha] = self.receipts.get(sha, 0) + 1
+            sent_at, start = datetime.now(timezone.utc).isoformat(timespec="milliseconds"), time.perf_counter()
+            try:
+                response = await endpoint.client.post(endpoint_path(self.spec), body=body, cast_to=_raw(),
+                                                      options={"extra_json": extra} if extra else {})
+                data = response.json()
+                completion = parse_response(request, data, self.params, self.spec, time.perf_counter() - start)
+                if (problem := completion_problem(completion)):
+                    raise Malformed(problem)
+                kind = "ok"
+            except Exception as exc:  # classified below; anything unknown re-raises there
+                kind, status, reason, asked = classify(exc)
+            finally:
+                endpoint.in_flight -= 1
+                self.reserved["tokens"] -= reserve[0]
+                self.reserved["cost"] -= reserve[1]
+            seconds = time.perf_counter() - start
+            if kind == "ok":
+                used = (completion.prompt_tokens, completion.completion_tokens or len(completion.token_ids or ()))
+                cost = self._cost(*used)
+                self._account(used, cost)
+                attempts.append(Attempt(request.request_hash, endpoint.url, sent_at, seconds, "ok", 200, None,
+                                        used[0], used[1], cost))
+                self._commit(completion=completion, attempts=attempts, slots=slots)
+                return
+            if kind == "fatal":
+                attempts.append(Attempt(request.request_hash, endpoint.url, sent_at, seconds, "failed", status, reason))
+                self.stop(f"{endpoint.url}: {reason} (not retried)")
+                self._commit(failure=(request.request_hash, reason), attempts=attempts, slots=slots)
+                return
+            attempts.append(Attempt(request.request_hash, endpoint.url, sent_at, seconds, "retry", status, reason))
+            malformed += kind == "malformed"
+            if malformed > MALFORMED_RETRIES or attempt + 1 >= self.spec.max_attempts:
+                self._commit(failure=(request.request_hash, f"gave up after {len(attempts)} attempts: {reason}"),
+                             attempts=attempts, slots=slots)
+                return
+            if asked is not None and asked > self.spec.max_retry_wait:
+                self.stop(f"{endpoint.url} asks to wait {asked:.0f} s (Retry-After), more than teacher.max_retry_wait="
+                          f"{self.spec.max_retry_wait:g} s: rerun later to resume")
+                break
+            delay = (asked if asked is not None else min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt)) \
+                * (1 + random.uniform(0, 0.25))
+            if asked is not None and status == 429:
+                endpoint.paused_until = max(endpoint.paused_until, time.monotonic() + delay)
+            if delay > 10:
+                self.bar.note(f"{endpoint.url}: {reason}; waiting {delay:.0f} s")
+            self.outcome.retried += 1
+            self.retrying += 1
+            self._refresh()
+            await asyncio.sleep(delay)
+            self.retrying -= 1
+            if asked is not None:
+                self.outcome.waits.append((asked, delay))
+        # stopped before an answer: the request stays pending, for the next run to send
+        self._commit(attempts=attempts, slots=slots)
+
+    def _account(self, used: tuple[int, int], cost: float) -> None:
+        self.spent["prompt_tokens"] += used[0]
+        self.spent["completion_tokens"] += used[1]
+        self.spent["cost"] += cost
+
+    # -- the ledger writer: group commit, slots freed after their rows are durable ----------------
+
+    def _commit(self, *, slots, attempts, completion=None, failure=None) -> None:
+        self.pending_writes.append((completion, failure, attempts, slots))
+        self.commit_wanted.set()
+
+    async def _writer(self) -> None:
+        while True:
+            await self.commit_wanted.wait()
+            self.commit_wanted.clear()
+            batch, self.pending_writes = self.pending_writes, []
+            if batch:
+                completions = [c for c, _, _, _ in batch if c is not None]
+                failures = dict(f for _, f, _, _ in batch if f is not None)
+                attempts = [a for _, _, a, _ in batch for a in a]
+                await asyncio.to_thread(self.ledger.record, self.session, completions, failures, attempts)
+                for c, f, _, slots in batch:
+                    if c is not None:
+                        self.outcome.done += 1
+                    elif f is not None:
+                        self.outcome.failed += 1
+                    slots.release()
+                self.bar.advance(sum(c is not None or f is not None for c, f, _, _ in batch))
+                self._refresh()
+            if self.closing and not self.pending_writes:
+                return
+
+    def _refresh(self) -> None:
+        s = self.spent
+        self.bar.status(f"done {self.outcome.done}  failed {self.outcome.failed}  retrying {self.retrying}  "
+                        f"tokens {s['prompt_tokens'] + s['completion_tokens']:,}  ${s['cost']:.4f}")
+
+
+def _raw():
+    import httpx
+
+    return httpx.Response
+
+
+def dispatch(spec, params: dict, todo: list[Request], ledger: Ledger, session: int, teacher_key: str,
+             tokenizer=None) -> Outcome:
+    """Run ``todo`` against the recipe's endpoints; returns what happened (see ``Outcome``)."""
+    if not todo:
+        return Outcome()
+    dispatcher = Dispatcher(spec, params, ledger, session, teacher_key, tokenizer)
+    try:
+        return asyncio.run(dispatcher.run(todo))
+    except RuntimeError as e:
+        if "event loop" in str(e):
+            raise PotstillError("generate with an HTTP teacher cannot run inside a running event loop "
+                                "(e.g. a notebook cell): call it from a script") from None
+        raise

@@ -1,0 +1,200 @@
+"""Any OpenAI-compatible endpoint as the teacher: OpenAI, vLLM, llama.cpp, Ollama, `potstill serve`.
+
+This file knows the wire format only: the request body for a potstill ``Request`` (the same body
+goes online and into a Batch API line), and the parse of a response body into a ``Completion``,
+or a ``Malformed`` error naming what was wrong. Sending, retries, limits and budgets live in
+``potstill.dispatch``; the Batch API in ``potstill.batch``.
+
+Token ids: OpenAI returns logprobs keyed by token *strings*, which cannot be mapped back to ids
+reliably, so such completions keep their text (sequence-level KD) and no top-k. vLLM and
+``potstill serve`` return ids when asked (``return_tokens_as_token_ids``: tokens read
+``token_id:123``); with ``teacher.token_ids: true`` potstill asks for them and stores the top-k
+like the local backend does, so logit KD works over HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+
+from potstill.errors import PotstillError
+from potstill.provenance import text_sha256
+from potstill.teachers.base import Completion, Request
+
+
+class Malformed(Exception):
+    """A 2xx response that cannot be stored as a valid completion (retried a little, then failed)."""
+
+
+def load_tokenizer(spec):
+    """The teacher's tokenizer, when the recipe says where it is."""
+    if not spec.tokenizer_dir:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec.tokenizer_dir)
+    except (OSError, ValueError) as e:
+        raise PotstillError(f"teacher tokenizer {spec.tokenizer_dir} could not be loaded: {str(e).splitlines()[0]}") from None
+
+
+def describe_openai(spec, tokenizer, teacher_id: str) -> dict:
+    """Provenance of an HTTP teacher; its hash is part of every request's idempotency key, so it
+    holds what identifies the answers (endpoint, model, api, token ids) and nothing volatile."""
+    from potstill.teachers.local import tokenizer_sha256
+
+    return {
+        "id": teacher_id,
+        "backend": "openai",
+        "endpoint": " ".join(sorted(u.rstrip("/") for u in spec.endpoints)),
+        "model": spec.model,
+        "api": spec.api,
+        "revision": spec.revision,
+        "token_ids": spec.token_ids,
+        "tokenizer_sha256": None if tokenizer is None else tokenizer_sha256(tokenizer),
+        "chat_template_sha256": None if tokenizer is None else text_sha256(tokenizer.chat_template),
+        "terms_family": spec.terms_family,
+        "terms_url": spec.terms_url,
+    }
+
+
+def api_key(spec) -> str:
+    """The key from the environment variable the recipe names; local servers need none."""
+    if spec.api_key_env is None:
+        return "none"
+    key = os.environ.get(spec.api_key_env)
+    if not key:
+        raise PotstillError(f"teacher.api_key_env names {spec.api_key_env}, which is not set: export it first")
+    return key
+
+
+def request_seed(request: Request) -> int:
+    """Each sample of a prompt gets its own seed, so a seeded endpoint draws different samples and
+    every request has a distinct body."""
+    return request.seed + request.sample_index
+
+
+def request_body(request: Request, params: dict, spec, tokenizer) -> dict:
+    """The JSON body for ``request``, vendor extras included (``split_extras`` separates them)."""
+    body = {"model": spec.model, "temperature": params["temperature"], "top_p": params["top_p"],
+            "seed": request_seed(request), "n": 1}
+    k = params["top_logprobs"]
+    if spec.api == "chat":
+        body["messages"] = request.messages
+        body["max_completion_tokens"] = params["max_new_tokens"]
+        if k:
+            body["logprobs"] = True
+            body["top_logprobs"] = k
+    else:
+        from potstill.teachers.local import prompt_ids
+
+        # token ids when we have the tokenizer: the endpoint sees exactly what the local backend would
+        body["prompt"] = prompt_ids(tokenizer, request.messages) if tokenizer is not None \
+            else "\n".join(m["content"] for m in request.messages)
+        body["max_tokens"] = params["max_new_tokens"]
+        if k:
+            body["logprobs"] = k
+    if spec.token_ids:
+        body["return_tokens_as_token_ids"] = True
+    return body
+
+
+EXTRAS = ("return_tokens_as_token_ids",)  # vLLM fields the openai client sends through extra_body
+
+
+def split_extras(body: dict) -> tuple[dict, dict]:
+    return ({k: v for k, v in body.items() if k not in EXTRAS}, {k: v for k, v in body.items() if k in EXTRAS})
+
+
+def body_sha256(body: dict) -> str:
+    """What a server sees: lets a test count how often one request reached it."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _token_id(token: str) -> int:
+    if not token.startswith("token_id:"):
+        raise Malformed(f"token {token[:20]!r} is not token_id:N; does the endpoint support return_tokens_as_token_ids?")
+    try:
+        return int(token[9:])
+    except ValueError:
+        raise Malformed(f"token {token[:20]!r} is not token_id:N") from None
+
+
+def _topk_rows(rows: list[list[tuple[str, float]]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(T, k) ids and logprobs, descending; every row must have k entries and finite logprobs."""
+    ids = np.zeros((len(rows), k), np.int32)
+    lps = np.zeros((len(rows), k), np.float32)
+    for t, row in enumerate(rows):
+        if len(row) < k:
+            raise Malformed(f"position {t} has {len(row)} top logprobs, asked for {k}")
+        row = sorted(row[:k], key=lambda e: -e[1])
+        for j, (tok, lp) in enumerate(row):
+            if not isinstance(lp, (int, float)) or math.isnan(lp) or lp > 1e-3:
+                raise Malformed(f"position {t}: logprob {lp!r} is not a finite log-probability")
+            ids[t, j], lps[t, j] = _token_id(tok), max(lp, -1e4)
+    return ids, lps
+
+
+def parse_response(request: Request, data: dict, params: dict, spec, seconds: float) -> Completion:
+    """A chat or completions response body -> ``Completion``; raise ``Malformed`` with the reason."""
+    try:
+        choice = data["choices"][0]
+        usage = data.get("usage") or {}
+        finish = choice.get("finish_reason")
+        text = choice["message"].get("content") if spec.api == "chat" else choice["text"]
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise Malformed(f"response has no {e} where a completion was expected") from None
+    if finish not in ("stop", "length"):
+        raise Malformed(f"finish_reason {finish!r} (not stop or length)")
+    if not isinstance(text, str):
+        raise Malformed("response text is missing")
+    k = params["top_logprobs"]
+    token_ids = topk_ids = topk_lps = None
+    if k:
+        lp = choice.get("logprobs")
+        if not lp:
+            raise Malformed("asked for logprobs, the response has none")
+        if spec.api == "chat":
+            content = lp.get("content") or []
+            chosen = [e.get("token") for e in content]
+            rows = [[(c.get("token"), c.get("logprob")) for c in (e.get("top_logprobs") or [])] for e in content]
+        else:
+            chosen = lp.get("tokens") or []
+            rows = [list((d or {}).items()) for d in (lp.get("top_logprobs") or [])]
+        if spec.token_ids:
+            if len(rows) != len(chosen) or not chosen:
+                raise Malformed(f"{len(chosen)} tokens but {len(rows)} top-logprob rows")
+            token_ids = [_token_id(t) for t in chosen]
+            topk_ids, topk_lps = _topk_rows(rows, k)
+        else:
+            # token strings only: check the values, keep the text (ids are not recoverable)
+            _check_finite(rows)
+    return Completion(request_hash=request.request_hash, text=text, token_ids=token_ids, topk_ids=topk_ids,
+                      topk_logprobs=topk_lps, finish_reason=finish, prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                      seed=request_seed(request), seconds=seconds,
+                      completion_tokens=int(usage.get("completion_tokens") or 0))
+
+
+def _check_finite(rows) -> None:
+    for t, row in enumerate(rows):
+        for _, lp in row:
+            if not isinstance(lp, (int, float)) or math.isnan(lp) or lp > 1e-3:
+                raise Malformed(f"position {t}: logprob {lp!r} is not a finite log-probability")
+
+
+def make_client(base_url: str, key: str, timeout: float):
+    """The official async client with its own retries off: potstill's dispatcher is the one retry layer."""
+    try:
+        import openai
+    except ImportError:
+        raise PotstillError("HTTP teachers need the openai client: pip install 'potstill[http]'") from None
+    return openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
+
+
+def endpoint_path(spec) -> str:
+    return "/chat/completions" if spec.api == "chat" else "/completions"
+
