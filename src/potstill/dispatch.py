@@ -92,8 +92,9 @@ def retry_after(headers) -> float | None:
     try:
         return max(float(value), 0.0)
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value.strip() else None
-        if when is None:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)

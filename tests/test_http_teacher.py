@@ -1,0 +1,290 @@
+"""HTTP teachers against a loopback endpoint with injected faults: the official openai client,
+one retry layer, Retry-After, budgets, clean stops, the in-flight window, and SIGKILL + resume."""
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import QUICKSTART, ROOT
+from mock_endpoint import Faults, MockEndpoint
+from potstill.dispatch import dispatch, retry_after
+from potstill.errors import PotstillError
+from potstill.generate import generate, recipe_requests, sampling_params
+from potstill.ledger import Ledger
+from potstill.prompts import load_prompts
+from potstill.recipe import load_recipe
+from potstill.teachers.openai_api import body_sha256, request_body
+
+CANARY = "sk-canary-0123456789abcdef"
+
+
+@pytest.fixture
+def mock():
+    endpoints = []
+
+    def start(latency=0.0, **faults):
+        m = MockEndpoint(latency, Faults(**faults)).start_in_thread()
+        endpoints.append(m)
+        return m
+
+    yield start
+    for m in endpoints:
+        m.stop_thread()
+
+
+def http_recipe(out: Path, endpoints, n: int = 40, *extra: str):
+    urls = ",".join(m.url for m in endpoints)
+    return load_recipe(QUICKSTART / "recipe.yaml", [
+        f"output_dir={out}", f"prompts.limit={n}", "teacher.backend=openai", "teacher.model=mock",
+        f"teacher.endpoints=[{urls}]", "teacher.concurrency=8", "generation.top_logprobs=5", *extra])
+
+
+def shas(recipe) -> dict[str, str]:
+    """body sha256 (what the mock logs) -> request hash, for every request of the recipe."""
+    from potstill.ledger import requests_for, teacher_key
+    from potstill.teachers.base import Request
+    from potstill.teachers.openai_api import split_extras
+
+    desc, _ = recipe_requests(recipe)
+    params = sampling_params(recipe)
+    out = {}
+    for h, p, i in requests_for(teacher_key(desc), load_prompts(recipe.prompts.path, recipe.prompts.limit), params,
+                                recipe.generation.samples_per_prompt):
+        body, extra = split_extras(request_body(Request(h, p.chat, i, params["seed"]), params, recipe.teacher, None))
+        out[body_sha256({**body, **extra})] = h
+    return out
+
+
+def test_clean_run_stores_every_answer_once(mock, tmp_path):
+    m = mock(latency=0.02)
+    recipe = http_recipe(tmp_path, [m], 40, "generation.samples_per_prompt=2")
+    counts = generate(recipe)
+    assert counts["done"] == 80 and counts["failed"] == 0
+    assert len(m.log) == 80 and len({sha for _, sha, _ in m.log}) == 80  # two samples, two distinct bodies
+    assert set(shas(recipe)) == {sha for _, sha, _ in m.log}
+    assert counts["spend"]["requests"] == 80
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        (desc,) = ledger.teachers().values()
+        assert desc["backend"] == "openai" and desc["model"] == "mock" and desc["endpoint"] == m.url
+        ex = next(ledger.examples())
+        assert ex.text and ex.token_ids is None and ex.topk_ids is None  # token strings: text only
+    again = generate(recipe)
+    assert again["sent"] == 0 and len(m.log) == 80  # done keys are never re-sent
+
+
+def test_token_ids_give_topk_rows(mock, tmp_path):
+    m = mock()
+    recipe = http_recipe(tmp_path, [m], 8, "teacher.token_ids=true")
+    generate(recipe)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        for ex in ledger.examples():
+            assert ex.topk_ids.shape == (len(ex.token_ids), 5)
+            assert [chr(i) for i in ex.token_ids] == list(ex.text)
+            assert (ex.topk_ids[:, 0] == ex.token_ids).all()
+            assert (ex.topk_logprobs[:, :-1] >= ex.topk_logprobs[:, 1:]).all()
+
+
+def test_rate_limits_are_waited_out(mock, tmp_path):
+    m = mock(rate_limit=0.3, retry_after="ms:200")
+    recipe = http_recipe(tmp_path, [m], 60)
+    counts = generate(recipe)
+    assert counts["done"] == 60
+    attempts = {}
+    for _, sha, _ in m.log:
+        attempts[sha] = attempts.get(sha, 0) + 1
+    assert max(attempts.values()) <= 6
+    # every retry of a body came no sooner than Retry-After after the 429 that asked for it
+    last_429 = {}
+    for t, sha, what in m.log:
+        if sha in last_429:
+            assert t - last_429.pop(sha) >= 0.2 - 0.005
+        if what == "rate_limit":
+            last_429[sha] = t
+
+
+def test_transient_faults_cost_few_extra_attempts(mock, tmp_path):
+    m = mock(server_error=0.04, reset=0.03, truncated=0.03)
+    recipe = http_recipe(tmp_path, [m], 100)
+    counts = generate(recipe)
+    assert counts["done"] == 100 and counts["failed"] == 0
+    assert len(m.log) <= 1.15 * 100
+
+
+def test_malformed_bodies_are_never_stored(mock, tmp_path):
+    m = mock(nan=0.5, invalid_json=0.2)
+    recipe = http_recipe(tmp_path, [m], 30, "teacher.token_ids=true")
+    counts = generate(recipe)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        failures = ledger.failures()
+        import numpy as np
+
+        for ex in ledger.examples():
+            assert np.isfinite(ex.topk_logprobs).all()
+    assert counts["done"] + counts["failed"] == 30 and counts["failed"] == len(failures) > 0
+    assert all("malformed" in reason for reason in failures.values())
+    attempts = {}
+    for _, sha, _ in m.log:
+        attempts[sha] = attempts.get(sha, 0) + 1
+    assert max(attempts.values()) <= 3  # a malformed body is retried at most twice
+
+
+def test_fatal_error_stops_cleanly_and_never_leaks_the_key(mock, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("CANARY_KEY", CANARY)
+    m = mock(fatal={"401": 0.05})
+    recipe = http_recipe(tmp_path, [m], 200, "teacher.api_key_env=CANARY_KEY")
+    with pytest.raises(PotstillError, match="HTTP 401") as err:
+        generate(recipe)
+    assert CANARY not in str(err.value)
+    first = next(i for i, (_, _, what) in enumerate(m.log) if what == "401")
+    assert len(m.log) - first - 1 <= 8  # at most the window was in flight after the first 401
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.counts()["pending"] > 0  # the rest waits for a rerun
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), path
+    out, errs = capfd.readouterr()
+    assert CANARY not in out + errs
+
+
+def test_unset_key_variable_is_one_clear_error(mock, tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    recipe = http_recipe(tmp_path, [mock()], 4, "teacher.api_key_env=NO_SUCH_KEY")
+    with pytest.raises(PotstillError, match="NO_SUCH_KEY, which is not set"):
+        generate(recipe)
+
+
+def test_long_retry_after_stops_instead_of_hammering(mock, tmp_path):
+    m = mock(rate_limit=1.0, retry_after="3600")
+    recipe = http_recipe(tmp_path, [m], 20)
+    with pytest.raises(PotstillError, match="asks to wait 3600 s"):
+        generate(recipe)
+    attempts = {}
+    for _, sha, _ in m.log:
+        attempts[sha] = attempts.get(sha, 0) + 1
+    assert max(attempts.values()) == 1  # no immediate retries
+    assert len(m.log) <= 8
+
+
+def test_budget_stops_before_the_limit_and_holds_across_runs(mock, tmp_path):
+    m = mock()
+    recipe = http_recipe(tmp_path, [m], 50, "teacher.budget.max_requests=20")
+    with pytest.raises(PotstillError, match="max_requests=20"):
+        generate(recipe)
+    assert len(m.log) == 20
+    with pytest.raises(PotstillError, match="max_requests=20"):
+        generate(recipe)  # the budget counts the ledger's sends, not this run's
+    assert len(m.log) == 20
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.counts()["done"] == 20 and ledger.spend()["requests"] == 20
+
+
+def test_cost_budget_uses_prices(mock, tmp_path):
+    m = mock()
+    # each answer costs about (prompt + completion) tokens x $1,000 / 1M = ~$0.02
+    recipe = http_recipe(tmp_path, [m], 50, "teacher.prices.prompt=1000", "teacher.prices.completion=1000",
+                         "teacher.budget.max_cost=0.5")
+    with pytest.raises(PotstillError, match="max_cost"):
+        generate(recipe)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        spend = ledger.spend()
+    assert 0 < spend["cost"] <= 0.5
+    assert spend["cost"] == pytest.approx((spend["prompt_tokens"] + spend["completion_tokens"]) * 1000 / 1e6)
+
+
+def test_fleet_dispatch_prefers_the_least_loaded(mock, tmp_path):
+    fast, slow = mock(latency=0.01), mock(latency=0.3)
+    recipe = http_recipe(tmp_path, [fast, slow], 120, "teacher.concurrency=4")
+    assert generate(recipe)["done"] == 120
+    assert len(slow.log) > 0 and len(fast.log) > 3 * len(slow.log)
+    assert fast.max_in_flight <= 8 and slow.max_in_flight <= 8
+
+
+def test_window_bounds_what_is_in_flight(mock, tmp_path):
+    m = mock(latency=0.05)
+    generate(http_recipe(tmp_path, [m], 64, "teacher.concurrency=6"))
+    assert m.max_in_flight == 6
+
+
+def test_shards_partition_the_requests(mock, tmp_path):
+    m = mock()
+    recipe = http_recipe(tmp_path, [m], 60)
+    seen = []
+    for i in range(3):
+        generate(recipe, shard=(i, 3))
+        with Ledger(tmp_path / f"ledger-shard-{i}-of-3.sqlite") as ledger:
+            seen += [ex.request_hash for ex in ledger.examples()]
+    assert sorted(seen) == sorted(recipe_requests(recipe)[1]) and len(m.log) == 60
+
+
+@pytest.mark.parametrize("value,expected", [("2", 2.0), ("0.5", 0.5), ("garbage", None), ("", None)])
+def test_retry_after_parsing(value, expected):
+    assert retry_after({"retry-after": value}) == expected
+
+
+def test_retry_after_ms_wins_and_dates_parse():
+    import email.utils
+
+    assert retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < retry_after({"retry-after": date}) <= 30
+
+
+def test_sigkill_and_resume_lose_nothing_and_resend_only_the_window(mock, tmp_path):
+    """Kill the generate process at random moments; each rerun sends only what was not done."""
+    m = mock(latency=0.03)
+    window = 8
+    n = 400
+    recipe = http_recipe(tmp_path, [m], n)
+    by_sha = shas(recipe)
+    args = [sys.executable, "-m", "potstill.cli", "generate", str(QUICKSTART / "recipe.yaml"),
+            f"output_dir={tmp_path}", f"prompts.limit={n}", "teacher.backend=openai", "teacher.model=mock",
+            f"teacher.endpoints=[{m.url}]", f"teacher.concurrency={window}", "generation.top_logprobs=5"]
+    env = {**os.environ, "POTSTILL_QUIET": "1", "PYTHONPATH": str(ROOT / "src")}
+    rng = random.Random(0)
+    ledger_path = tmp_path / "ledger.sqlite"
+
+    def done() -> set[str]:
+        if not ledger_path.exists():
+            return set()
+        with sqlite3.connect(ledger_path) as db:
+            return {r[0] for r in db.execute("SELECT request_hash FROM completions")}
+
+    kills = 0
+    while kills < 3:
+        before = len(m.log)
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while len(m.log) == before and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.05, 0.6))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        done_at_kill = done()
+        sent_before = {sha for _, sha, _ in m.log}
+        mark = len(m.log)
+        # the rerun: nothing done is sent again; what is re-sent was in flight (at most the window)
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while len(m.log) - mark < 3 * window and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        resent = [sha for _, sha, _ in m.log[mark:] if sha in sent_before]
+        assert not any(by_sha[sha] in done_at_kill for sha in resent)
+        assert len(set(resent)) <= window
+    final = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert done() == set(by_sha.values())
+    with sqlite3.connect(ledger_path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # a key is sent again only if it was not done when the process died
+    assert len(m.log) - n <= window * 2 * kills
