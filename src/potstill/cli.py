@@ -4,6 +4,8 @@ Examples:
   potstill quickstart --out runs/quickstart
   potstill run examples/quickstart/recipe.yaml train.temperature=2.0 output_dir=runs/t2
   potstill generate my_recipe.yaml generation.batch_size=32
+  potstill generate my_recipe.yaml --shard 3/8          (then: potstill merge RUN/ledger.sqlite RUN/ledger-shard-*)
+  potstill serve examples/quickstart/teacher --port 8000
   potstill train my_recipe.yaml train.objective=sft
   potstill eval my_recipe.yaml
   potstill report runs/quickstart
@@ -72,12 +74,50 @@ def print_summary(eval_report: dict) -> None:
                   "answers; top-1: same argmax as the teacher there; tok/s: batched greedy generation")
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise PotstillError(f"--shard {text!r}: give i/n, e.g. 0/8 (shards are numbered from 0)") from None
+    if not 0 <= i < n:
+        raise PotstillError(f"--shard {text}: i must be in 0..{n - 1}")
+    return i, n
+
+
 def cmd_generate(args) -> None:
     from potstill.generate import generate
 
-    counts = generate(_recipe(args))
+    counts = generate(_recipe(args), shard=parse_shard(args.shard))
+    spend = counts["spend"]
+    paid = f"; {spend['requests']} HTTP sends, ${spend['cost']:.4f}" if spend["requests"] else ""
     print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']} "
-          f"(of {counts['planned']} planned)")
+          f"(of {counts['planned']} planned){paid}")
+
+
+def cmd_serve(args) -> None:
+    from potstill.serve import serve
+
+    serve(args.model_dir, host=args.host, port=args.port, model_name=args.model_name, dtype=args.dtype,
+          device=args.device, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+
+
+def cmd_merge(args) -> None:
+    from potstill.merge import merge_ledgers
+
+    counts = merge_ledgers(Path(args.out), [Path(p) for p in args.inputs])
+    print("merge: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def cmd_import(args) -> None:
+    from potstill.importers import import_file
+    from potstill.ledger import Ledger
+
+    with Ledger(args.ledger) as ledger:
+        counts = import_file(ledger, args.file, format=args.format, teacher_id=args.teacher_id,
+                             terms_family=args.terms_family, terms_url=args.terms_url)
+    print("import: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 def cmd_train(args) -> None:
@@ -163,19 +203,46 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
         p.set_defaults(func=func)
+        return p
 
     q = verbs.add_parser("quickstart", help="the whole pipeline on the bundled teacher (about 5 minutes on 2 CPU cores)")
     q.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of examples/quickstart/recipe.yaml")
     q.set_defaults(func=cmd_quickstart)
     with_recipe("run", cmd_run, "run every stage, resuming whatever is already done")
-    with_recipe("generate", cmd_generate, "ask the teacher for every prompt not yet in the ledger")
+    g = with_recipe("generate", cmd_generate, "ask the teacher for every prompt not yet in the ledger")
+    g.add_argument("--shard", default=None, metavar="i/n", help="only shard i of n (from 0) of the requests, into "
+                   "RUN/ledger-shard-i-of-n.sqlite, e.g. --shard $SLURM_ARRAY_TASK_ID/8")
     with_recipe("train", cmd_train, "train the student (and the baseline, if the recipe has one) on the ledger")
     with_recipe("eval", cmd_eval, "evaluate teacher, student and baseline on the held-out prompts")
     d = verbs.add_parser("doctor", help="can STUDENT learn from TEACHER's logits? (tokenizers, vocabulary, chat template)")
     d.add_argument("teacher", help="teacher model folder")
     d.add_argument("student", help="student model folder (or any folder with a tokenizer and config.json)")
     d.set_defaults(func=cmd_doctor)
+    s = verbs.add_parser("serve", help="serve a local model folder over an OpenAI-compatible HTTP API",
+                         description="An OpenAI-compatible server (/v1/models, /v1/chat/completions, /v1/completions: "
+                                     "logprobs, echo scoring, streaming, batching) for a Hugging Face model folder.")
+    s.add_argument("model_dir", help="Hugging Face model folder (safetensors)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-name", default=None, help="the model id clients ask for (default: the folder name)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--max-batch-size", type=int, default=32, help="rows per batched generate call")
+    s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather requests into a batch")
+    s.set_defaults(func=cmd_serve)
+    m = verbs.add_parser("merge", help="combine ledgers (e.g. --shard outputs) into one, without duplicates")
+    m.add_argument("out", help="the ledger to write (created, or merged into)")
+    m.add_argument("inputs", nargs="+", help="ledgers to merge")
+    m.set_defaults(func=cmd_merge)
+    i = verbs.add_parser("import", help="bring existing completions (OpenAI chat JSONL, JSONL, Parquet) into a ledger")
+    i.add_argument("file", help="JSONL or Parquet file of completions")
+    i.add_argument("ledger", help="the ledger to add them to, e.g. runs/x/ledger.sqlite")
+    i.add_argument("--format", default="auto", choices=["auto", "openai_chat", "jsonl", "parquet"])
+    i.add_argument("--teacher-id", default=None, help="who wrote the completions (default: the file name)")
+    i.add_argument("--terms-family", default="unknown", help="licence / terms of those outputs, for the model card")
+    i.add_argument("--terms-url", default=None)
+    i.set_defaults(func=cmd_import)
     r = verbs.add_parser("report", help="write one report.html for one run, or several side by side")
     r.add_argument("runs", nargs="+", help="run directories")
     r.add_argument("--out", default=None, help="output file (default: RUN/report.html; for several runs, "
