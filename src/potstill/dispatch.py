@@ -185,9 +185,8 @@ class Dispatcher:
         p = self.spec.prices
         return (prompt * p.prompt + completion * p.completion) / 1e6
 
-    def _over_budget(self, request: Request) -> str | None:
+    def _over_budget(self, prompt: int, completion: int) -> str | None:
         b = self.spec.budget
-        prompt, completion = self._estimate(request)
         if b.max_requests is not None and self.spent["requests"] + 1 > b.max_requests:
             return f"budget reached: teacher.budget.max_requests={b.max_requests} sends"
         tokens = self.spent["prompt_tokens"] + self.spent["completion_tokens"] + self.reserved["tokens"]
@@ -243,7 +242,7 @@ class Dispatcher:
         for attempt in range(self.spec.max_attempts):
             if self.outcome.stopped:
                 break
-            if (reason := self._over_budget(request)):
+            if (reason := self._over_budget(prompt_est, completion_est)):
                 self.stop(reason)
                 break
             endpoint = self._pick()

@@ -126,17 +126,21 @@ def _token_id(token: str) -> int:
 
 def _topk_rows(rows: list[list[tuple[str, float]]], k: int) -> tuple[np.ndarray, np.ndarray]:
     """(T, k) ids and logprobs, descending; every row must have k entries and finite logprobs."""
-    ids = np.zeros((len(rows), k), np.int32)
-    lps = np.zeros((len(rows), k), np.float32)
-    for t, row in enumerate(rows):
-        if len(row) < k:
-            raise Malformed(f"position {t} has {len(row)} top logprobs, asked for {k}")
-        row = sorted(row[:k], key=lambda e: -e[1])
-        for j, (tok, lp) in enumerate(row):
-            if not isinstance(lp, (int, float)) or math.isnan(lp) or lp > 1e-3:
-                raise Malformed(f"position {t}: logprob {lp!r} is not a finite log-probability")
-            ids[t, j], lps[t, j] = _token_id(tok), max(lp, -1e4)
-    return ids, lps
+    if any(len(row) < k for row in rows):
+        t = next(t for t, row in enumerate(rows) if len(row) < k)
+        raise Malformed(f"position {t} has {len(rows[t])} top logprobs, asked for {k}")
+    try:
+        lps = np.array([[lp for _, lp in row[:k]] for row in rows], np.float32)  # (T, k)
+    except (TypeError, ValueError):
+        raise Malformed("a top logprob is not a number") from None
+    bad = np.isnan(lps) | (lps > 1e-3)
+    if bad.any():
+        t, j = map(int, np.argwhere(bad)[0])
+        raise Malformed(f"position {t}: logprob {lps[t, j]!r} is not a finite log-probability")
+    ids = np.array([[_token_id(tok) for tok, _ in row[:k]] for row in rows], np.int32)
+    order = np.argsort(-lps, axis=1, kind="stable")  # descending, as the ledger stores them
+    # -inf (or OpenAI's -9999 sentinel) becomes -1e4: finite, and zero mass after exp
+    return np.take_along_axis(ids, order, 1), np.maximum(np.take_along_axis(lps, order, 1), -1e4)
 
 
 def parse_response(request: Request, data: dict, params: dict, spec, seconds: float) -> Completion:
