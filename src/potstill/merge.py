@@ -1,0 +1,166 @@
+"""Combine ledgers (e.g. the shards of `potstill generate --shard i/n`) into one, without duplicates.
+
+Each input is attached read-only and copied with INSERT ... SELECT in one transaction, so a merge
+is fast and a crash leaves ``out`` as it was before that input. What is kept:
+
+- teachers, prompts: unioned by key;
+- requests: unioned by request hash; a request is ``done`` exactly when ``out`` holds its
+  completion, and a ``failed`` one wins over ``pending`` (its error says why);
+- completions: the first one stored for a hash is kept; an input holding the same completion is a
+  duplicate, one holding a different completion a conflict (counted, not stored);
+- sessions: copied with new ids (the completions and attempts that name them are remapped); a
+  session already in ``out`` (same start time, recipe and versions) is not copied again;
+- attempts: copied unless ``out`` has one with the same request, endpoint and send time;
+- batches, batch_requests: unioned by key.
+
+So merging the same input twice adds nothing.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from potstill.errors import PotstillError
+from potstill.ledger import SCHEMA_VERSION, Ledger
+
+TABLES = ("meta", "teachers", "prompts", "sessions", "requests", "completions", "attempts", "batches",
+          "batch_requests")
+COMPLETION_COLUMNS = ("text", "token_ids", "top_k", "topk_ids", "topk_logprobs", "finish_reason", "prompt_tokens",
+                      "completion_tokens", "seed", "seconds", "created_at")
+ATTEMPT_COLUMNS = ("request_hash", "endpoint", "sent_at", "seconds", "outcome", "http_status", "error",
+                   "prompt_tokens", "completion_tokens", "cost")
+SAME_SESSION = "m.started_at = s.started_at AND m.recipe_sha256 IS s.recipe_sha256 AND m.versions = s.versions"
+SAME_CONTENT = " AND ".join(f"m.{c} IS s.{c}" for c in ("text", "token_ids", "top_k", "topk_ids", "topk_logprobs",
+                                                          "finish_reason"))
+
+
+def merge_ledgers(out: str | Path, inputs: list[str | Path]) -> dict:
+    """Merge ``inputs`` into ``out`` (created if missing). Returns counts: inputs, requests and
+    completions added, duplicates (completions ``out`` already held), conflicts (a different
+    completion for a hash ``out`` already held: the first is kept), sessions, attempts, batches added."""
+    out, inputs = Path(out), [Path(p) for p in inputs]
+    if not inputs:
+        raise PotstillError("merge: no input ledgers given")
+    for p in inputs:
+        if out.exists() and p.exists() and p.resolve() == out.resolve():
+            raise PotstillError(f"{p}: is the output ledger; merge it into a new file instead")
+    if out.exists() and out.stat().st_size:
+        _check(out)  # never let Ledger() add its tables to some other SQLite file
+    Ledger(out).close()  # creates out, or upgrades a version 1 ledger in place
+    db = sqlite3.connect(out.resolve().as_uri(), uri=True, timeout=30, isolation_level=None)
+    try:
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA synchronous=FULL")
+        for p in inputs:  # refuse a bad input before anything is merged
+            _attach(db, p)
+            db.execute("DETACH src")
+        counts = {"inputs": len(inputs), "requests": 0, "completions": 0, "duplicates": 0, "conflicts": 0,
+                  "sessions": 0, "attempts": 0, "batches": 0}
+        for p in inputs:
+            _attach(db, p)
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for k, v in _merge_one(db).items():
+                    counts[k] += v
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise PotstillError(f"{p}: could not be merged ({e}); {out} is as it was before this input") from None
+            finally:
+                db.execute("DETACH src")
+        check = db.execute("PRAGMA integrity_check").fetchone()[0]
+        if check != "ok":
+            raise PotstillError(f"{out}: integrity check failed after the merge ({check})")
+    finally:
+        db.close()
+    return counts
+
+
+def _check(path: Path) -> None:
+    """Refuse, in one line, a file that is not a potstill ledger of this schema version."""
+    try:
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() \
+                if "meta" in names else None
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise PotstillError(f"{path}: not a potstill ledger ({e})") from None
+    if version is None or not set(TABLES) <= names:
+        missing = ", ".join(sorted(set(TABLES) - names)) or "schema_version"
+        raise PotstillError(f"{path}: not a potstill ledger (no {missing})")
+    if version[0] != SCHEMA_VERSION:
+        raise PotstillError(f"{path}: ledger schema {version[0]}, merge needs {SCHEMA_VERSION}; open it once with "
+                            f"this potstill (e.g. potstill status) to upgrade it")
+
+
+def _attach(db: sqlite3.Connection, path: Path) -> None:
+    if not path.is_file():
+        raise PotstillError(f"input ledger {path} not found")
+    _check(path)
+    db.execute("ATTACH DATABASE ? AS src", (path.resolve().as_uri() + "?mode=ro",))
+
+
+def _merge_one(db: sqlite3.Connection) -> dict:
+    """Copy the attached ``src`` into main; the caller holds the transaction."""
+    n = {}
+    db.execute("INSERT OR IGNORE INTO main.teachers (teacher_key, description) "
+               "SELECT teacher_key, description FROM src.teachers")
+    db.execute("INSERT OR IGNORE INTO main.prompts (prompt_sha256, messages, meta, source) "
+               "SELECT prompt_sha256, messages, meta, source FROM src.prompts")
+    # 'done' is set below from the completions main ends up holding, never copied on its own
+    n["requests"] = db.execute(
+        "INSERT OR IGNORE INTO main.requests (request_hash, prompt_sha256, teacher_key, params, sample_index, status,"
+        " error, created_at, updated_at) SELECT request_hash, prompt_sha256, teacher_key, params, sample_index,"
+        " CASE status WHEN 'done' THEN 'pending' ELSE status END, error, created_at, updated_at"
+        " FROM src.requests ORDER BY rowid").rowcount
+    db.execute("UPDATE main.requests AS m SET status = 'failed', error = s.error, updated_at = s.updated_at "
+               "FROM src.requests AS s WHERE m.request_hash = s.request_hash AND m.status = 'pending' "
+               "AND s.status = 'failed'")
+
+    # sessions: new ids in main, mapped from the input's
+    db.execute(f"INSERT INTO main.sessions (started_at, recipe_sha256, versions) "
+               f"SELECT DISTINCT started_at, recipe_sha256, versions FROM src.sessions s "
+               f"WHERE NOT EXISTS (SELECT 1 FROM main.sessions m WHERE {SAME_SESSION}) ORDER BY session_id")
+    n["sessions"] = db.execute("SELECT changes()").fetchone()[0]
+    db.execute("CREATE TEMP TABLE session_map (old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
+    db.execute(f"INSERT INTO temp.session_map SELECT s.session_id, "
+               f"(SELECT min(m.session_id) FROM main.sessions m WHERE {SAME_SESSION}) FROM src.sessions s")
+
+    # completions: count what main already holds before copying the rest
+    n["duplicates"], n["conflicts"] = db.execute(
+        f"SELECT count(*), ifnull(sum(NOT ({SAME_CONTENT})), 0) "
+        f"FROM src.completions s JOIN main.completions m USING (request_hash)").fetchone()
+    db.execute("CREATE TEMP TABLE new_completions (request_hash TEXT PRIMARY KEY)")
+    db.execute("INSERT INTO temp.new_completions SELECT request_hash FROM src.completions s "
+               "WHERE NOT EXISTS (SELECT 1 FROM main.completions m WHERE m.request_hash = s.request_hash)")
+    cols = ", ".join(COMPLETION_COLUMNS)
+    n["completions"] = db.execute(
+        f"INSERT INTO main.completions (request_hash, session_id, {cols}) "
+        f"SELECT c.request_hash, sm.new, {', '.join('c.' + c for c in COMPLETION_COLUMNS)} "
+        f"FROM src.completions c JOIN temp.new_completions USING (request_hash) "
+        f"JOIN temp.session_map sm ON sm.old = c.session_id ORDER BY c.request_hash").rowcount
+    db.execute("UPDATE main.requests AS m SET status = 'done', error = NULL, updated_at = s.updated_at "
+               "FROM src.requests AS s WHERE m.request_hash = s.request_hash AND m.status != 'done' "
+               "AND m.request_hash IN (SELECT request_hash FROM temp.new_completions)")
+
+    cols = ", ".join(ATTEMPT_COLUMNS)
+    n["attempts"] = db.execute(
+        f"INSERT INTO main.attempts (session_id, {cols}) "
+        f"SELECT sm.new, {', '.join('a.' + c for c in ATTEMPT_COLUMNS)} "
+        f"FROM src.attempts a JOIN temp.session_map sm ON sm.old = a.session_id "
+        f"WHERE NOT EXISTS (SELECT 1 FROM main.attempts b WHERE b.request_hash = a.request_hash "
+        f"AND b.endpoint = a.endpoint AND b.sent_at = a.sent_at) ORDER BY a.attempt_id").rowcount
+    n["batches"] = db.execute(
+        "INSERT OR IGNORE INTO main.batches (local_id, teacher_key, batch_id, input_file_id, status, error, created_at,"
+        " updated_at) SELECT local_id, teacher_key, batch_id, input_file_id, status, error, created_at, updated_at"
+        " FROM src.batches").rowcount
+    db.execute("INSERT OR IGNORE INTO main.batch_requests (local_id, request_hash) "
+               "SELECT local_id, request_hash FROM src.batch_requests")
+    db.execute("DROP TABLE temp.session_map")
+    db.execute("DROP TABLE temp.new_completions")
+    return n
