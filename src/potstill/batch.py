@@ -48,7 +48,7 @@ from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Completion, Request
-from potstill.teachers.openai_api import Malformed, api_key, parse_response, request_body
+from potstill.teachers.openai_api import Malformed, api_key, estimate_tokens, parse_response, request_body
 
 MAX_LINES = 50_000  # requests per batch input file (API limit)
 MAX_BYTES = 200_000_000  # bytes per batch input file (API limit: 200 MB)
@@ -66,6 +66,7 @@ class Job:
     batch_id: str | None
     input_file_id: str | None
     status: str
+    created_at: str
     hashes: set[str]
 
 
@@ -118,7 +119,7 @@ def run_batches(spec, params: dict, todo: list[Request], ledger: Ledger, session
                 local_id = hashlib.sha256(f"{session}\n".encode() + payload).hexdigest()
                 hashes = [h for h, _ in chunk]
                 ledger.add_batch(local_id, teacher_key, hashes)
-                job = Job(local_id, None, None, "prepared", set(hashes))
+                job = Job(local_id, None, None, "prepared", datetime.now(timezone.utc).isoformat(), set(hashes))
                 jobs.append(job)
                 submit(run, job, payload)
             stopped = poll(run, [j for j in jobs if j.batch_id is not None])
@@ -169,17 +170,6 @@ def chunks(lines: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
 
 
 # -- budgets ----------------------------------------------------------------------------------------
-
-
-def estimate_tokens(request: Request, params: dict, tokenizer) -> tuple[int, int]:
-    """(prompt, completion) tokens at most: what a line may cost before it is answered."""
-    if tokenizer is not None:
-        from potstill.teachers.local import prompt_ids
-
-        prompt = len(prompt_ids(tokenizer, request.messages))
-    else:
-        prompt = sum(len(m["content"]) for m in request.messages) // 2 + 8  # generous: ~4 chars per token
-    return prompt, params["max_new_tokens"]
 
 
 def batch_cost(prices, prompt_tokens: int, completion_tokens: int) -> float:
@@ -239,7 +229,7 @@ def submit(run: Run, job: Job, payload: bytes | None = None) -> None:
         resumed = False
     for attempt in range(CREATE_ATTEMPTS):
         if resumed or attempt:
-            if (found := find_batch(run.client, job.local_id)) is not None:
+            if (found := find_batch(run.client, job.local_id, job.created_at)) is not None:
                 run.bar.note(f"batch {found.id} ({found.status}) found by its tag: adopted, not created again")
                 record_created(run, job, found.id, found.status)
                 return
@@ -262,11 +252,15 @@ def record_created(run: Run, job: Job, batch_id: str, status: str) -> None:
     job.batch_id, job.status = batch_id, status
 
 
-def find_batch(client, local_id: str):
-    """The API's batch tagged with ``local_id``, if any (the list is newest first, paged)."""
+def find_batch(client, local_id: str, prepared_at: str):
+    """The API's batch tagged with ``local_id``, if any. The list is newest first and paged; a
+    batch created before ours was prepared cannot be it, so paging stops there."""
+    since = datetime.fromisoformat(prepared_at).timestamp() - 300  # 5 min of clock skew
     for batch in client.batches.list(limit=100):
         if (batch.metadata or {}).get("potstill_local_id") == local_id:
             return batch
+        if batch.created_at < since:
+            return None
     return None
 
 
@@ -355,8 +349,7 @@ def collect(run: Run, job: Job, batch) -> None:
             completions.append(completion)
         else:
             failures[h] = reason
-    run.ledger.record(run.session, completions, failures, attempts)
-    run.ledger.update_batch(job.local_id, status="collected")
+    run.ledger.record(run.session, completions, failures, attempts, collected_batch=job.local_id)
     unanswered = len(job.hashes & run.requests.keys() - seen)
     run.done += len(completions)
     run.failed += len(failures)

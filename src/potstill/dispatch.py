@@ -31,8 +31,8 @@ from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Request
-from potstill.teachers.openai_api import (Malformed, body_sha256, endpoint_path, make_client, parse_response,
-                                          request_body, split_extras)
+from potstill.teachers.openai_api import (Malformed, body_sha256, endpoint_path, estimate_tokens, make_client,
+                                          parse_response, request_body, split_extras)
 
 MALFORMED_RETRIES = 2
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds: 0.5 * 2^n, capped, + up to 25 % jitter
@@ -171,16 +171,6 @@ class Dispatcher:
 
     # -- budgets --------------------------------------------------------------------------------
 
-    def _estimate(self, request: Request) -> tuple[int, int]:
-        """(prompt tokens, completion tokens) at most: what a send may cost before it is answered."""
-        if self.tokenizer is not None:
-            from potstill.teachers.local import prompt_ids
-
-            prompt = len(prompt_ids(self.tokenizer, request.messages))
-        else:
-            prompt = sum(len(m["content"]) for m in request.messages) // 2 + 8  # generous: ~4 chars per token
-        return prompt, self.params["max_new_tokens"]
-
     def _cost(self, prompt: float, completion: float) -> float:
         p = self.spec.prices
         return (prompt * p.prompt + completion * p.completion) / 1e6
@@ -236,7 +226,7 @@ class Dispatcher:
         released by the writer after the commit."""
         body, extra = split_extras(request_body(request, self.params, self.spec, self.tokenizer))
         sha = body_sha256({**body, **extra})
-        prompt_est, completion_est = self._estimate(request)
+        prompt_est, completion_est = estimate_tokens(request, self.params, self.tokenizer)
         attempts: list[Attempt] = []
         malformed = 0
         for attempt in range(self.spec.max_attempts):

@@ -92,7 +92,7 @@ CREATE TABLE IF NOT EXISTS attempts (      -- one row per HTTP send that got an 
 );
 CREATE INDEX IF NOT EXISTS attempts_request ON attempts (request_hash);
 CREATE TABLE IF NOT EXISTS batches (       -- OpenAI Batch API jobs
-    local_id TEXT PRIMARY KEY,             -- sha256 of the input JSONL; also the batch's metadata tag
+    local_id TEXT PRIMARY KEY,             -- sha256 of the session id and the input JSONL; the batch's metadata tag
     teacher_key TEXT NOT NULL REFERENCES teachers,
     batch_id TEXT,                         -- null until created
     input_file_id TEXT,
@@ -235,10 +235,12 @@ class Ledger:
         return [Request(h, p.chat, i, seed) for h, p, i in planned if h not in done]
 
     def record(self, session_id: int, completions: list[Completion], failures: dict[str, str] | None = None,
-               attempts: list[Attempt] = ()) -> int:
+               attempts: list[Attempt] = (), collected_batch: str | None = None) -> int:
         """Store completions and mark their requests done, in one transaction, with the requests
         that failed for good (hash -> reason) and the HTTP attempts behind them. Returns how many
-        completions were valid; the others (non-finite logprobs, ...) are marked failed with the reason."""
+        completions were valid; the others (non-finite logprobs, ...) are marked failed with the reason.
+        ``collected_batch``: the Batch API job these came from, marked collected in the same
+        transaction, so a crash cannot collect (and count) it twice."""
         now = _now()
         valid = 0
         with self.db:
@@ -272,6 +274,9 @@ class Ledger:
                 self.db.execute("UPDATE requests SET status='done', error=NULL, updated_at=? WHERE request_hash=?",
                                 (now, c.request_hash))
                 valid += 1
+            if collected_batch is not None:
+                self.db.execute("UPDATE batches SET status='collected', updated_at=? WHERE local_id=?",
+                                (now, collected_batch))
         return valid
 
     # -- Batch API jobs -----------------------------------------------------------------------
@@ -293,9 +298,9 @@ class Ledger:
 
     def open_batches(self, teacher_key: str) -> list[dict]:
         """Batches of this teacher not yet collected, oldest first."""
-        rows = self.db.execute("SELECT local_id, batch_id, input_file_id, status FROM batches WHERE teacher_key=? AND "
-                               "status != 'collected' ORDER BY created_at", (teacher_key,)).fetchall()
-        return [dict(zip(("local_id", "batch_id", "input_file_id", "status"), r)) for r in rows]
+        rows = self.db.execute("SELECT local_id, batch_id, input_file_id, status, created_at FROM batches WHERE "
+                               "teacher_key=? AND status != 'collected' ORDER BY created_at", (teacher_key,)).fetchall()
+        return [dict(zip(("local_id", "batch_id", "input_file_id", "status", "created_at"), r)) for r in rows]
 
     def batch_request_hashes(self, local_id: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT request_hash FROM batch_requests WHERE local_id=?", (local_id,))}

@@ -103,6 +103,17 @@ def request_body(request: Request, params: dict, spec, tokenizer) -> dict:
     return body
 
 
+def estimate_tokens(request: Request, params: dict, tokenizer) -> tuple[int, int]:
+    """(prompt, completion) tokens at most: what a request may cost before it is answered."""
+    if tokenizer is not None:
+        from potstill.teachers.local import prompt_ids
+
+        prompt = len(prompt_ids(tokenizer, request.messages))
+    else:
+        prompt = sum(len(m["content"]) for m in request.messages) // 2 + 8  # generous: ~4 chars per token
+    return prompt, params["max_new_tokens"]
+
+
 EXTRAS = ("return_tokens_as_token_ids",)  # vLLM fields the openai client sends through extra_body
 
 
