@@ -278,7 +278,7 @@ def fake_completion(h: str, text: str | None = None) -> Completion:
                       topk_lps.astype(np.float32), "stop", 4, 0, 0.01)
 
 
-def fill(path, shard=None, fail=(), text=None) -> list[str]:
+def fill(path, shard=None, fail=(), text=None, batch=None) -> list[str]:
     """A ledger holding the (shard's) requests of PROMPTS, each done with a fake completion, except
     ``fail`` (marked failed); one attempt per request and one batch. Returns the done hashes."""
     with Ledger(path) as ledger:
@@ -290,7 +290,7 @@ def fill(path, shard=None, fail=(), text=None) -> list[str]:
                     for i, h in enumerate(todo)]
         ledger.record(session, [fake_completion(h, text) for h in done], {h: "HTTP 500" for h in todo if h in fail},
                       attempts)
-        ledger.add_batch(f"batch-{path.stem}", key, todo)
+        ledger.add_batch(f"batch-{batch or path.stem}", key, todo)
     return done
 
 
@@ -340,15 +340,19 @@ def test_merge_keeps_the_first_completion_and_a_done_request_wins(tmp_path):
     every = [h for h, _, _ in requests_for(teacher_key(TEACHER), PROMPTS, PARAMS, SAMPLES)]
     fill(tmp_path / "failed.sqlite", fail=set(every[:4]))
     fill(tmp_path / "a.sqlite")
-    fill(tmp_path / "b.sqlite", text="a different answer")
+    fill(tmp_path / "b.sqlite", text="a different answer", batch="a")
 
     counts = merge_ledgers(tmp_path / "out.sqlite", [tmp_path / "failed.sqlite", tmp_path / "a.sqlite"])
     assert counts["completions"] == len(every) and counts["duplicates"] == len(every) - 4
+    with Ledger(tmp_path / "b.sqlite") as b:
+        b.update_batch("batch-a", status="collected")  # the same job, collected in b's copy
     counts = merge_ledgers(tmp_path / "out.sqlite", [tmp_path / "b.sqlite"])
     assert counts["conflicts"] == counts["duplicates"] == len(every) and counts["completions"] == 0
     with Ledger(tmp_path / "out.sqlite") as out, Ledger(tmp_path / "a.sqlite") as a:
         assert out.counts() == {"pending": 0, "done": len(every), "failed": 0}
         assert out.content_sha256() == a.content_sha256()  # the first completions kept
+        assert dict(out.db.execute("SELECT local_id, status FROM batches")) == {
+            "batch-failed": "prepared", "batch-a": "collected"}
 
 
 def test_merge_refuses_what_is_not_a_ledger_of_this_schema(tmp_path):

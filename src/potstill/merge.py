@@ -11,7 +11,7 @@ is fast and a crash leaves ``out`` as it was before that input. What is kept:
 - sessions: copied with new ids (the completions and attempts that name them are remapped); a
   session already in ``out`` (same start time, recipe and versions) is not copied again;
 - attempts: copied unless ``out`` has one with the same request, endpoint and send time;
-- batches, batch_requests: unioned by key.
+- batches, batch_requests: unioned by key; a batch collected in any input is collected in ``out``.
 
 So merging the same input twice adds nothing.
 """
@@ -159,6 +159,9 @@ def _merge_one(db: sqlite3.Connection) -> dict:
         "INSERT OR IGNORE INTO main.batches (local_id, teacher_key, batch_id, input_file_id, status, error, created_at,"
         " updated_at) SELECT local_id, teacher_key, batch_id, input_file_id, status, error, created_at, updated_at"
         " FROM src.batches").rowcount
+    db.execute("UPDATE main.batches AS m SET status = 'collected', error = s.error, updated_at = s.updated_at "
+               "FROM src.batches AS s WHERE m.local_id = s.local_id AND s.status = 'collected' "
+               "AND m.status != 'collected'")  # as a done request wins: its answers are in the ledger
     db.execute("INSERT OR IGNORE INTO main.batch_requests (local_id, request_hash) "
                "SELECT local_id, request_hash FROM src.batch_requests")
     db.execute("DROP TABLE temp.session_map")
