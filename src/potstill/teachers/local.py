@@ -138,7 +138,6 @@ class LocalTeacher:
                  device: str = "cpu"):
         self.path = Path(path)
         self.model, self.tokenizer = load_model_dir(self.path, "teacher", dtype, device)
-        self.device = device
         self.info = describe_local(self.path, self.tokenizer, id=id, revision=revision, terms_family=terms_family,
                                    dtype=dtype, terms_url=terms_url)
 

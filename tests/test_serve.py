@@ -1,0 +1,198 @@
+"""`potstill serve`: the bundled teacher over HTTP, read by the official openai client, answers as
+LocalTeacher does (ids, top-k, logprobs), scores text as a plain forward pass does, and batches."""
+
+import asyncio
+import json
+import threading
+import time
+from itertools import accumulate
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from potstill.errors import PotstillError
+from potstill.serve import bind, build_app
+from potstill.teachers.base import Request
+from potstill.teachers.local import LocalTeacher
+
+from conftest import QUICKSTART, TEACHER
+
+PROMPTS = [json.loads(line)["prompt"] for line in (QUICKSTART / "prompts" / "heldout.jsonl").open()][:16]
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12, "top_logprobs": 5}
+IDS = {"return_tokens_as_token_ids": True}
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real uvicorn server on a free loopback port, in a thread; yields (app, base url)."""
+    app = build_app(TEACHER, model_name="teacher", batch_wait_ms=20)
+    sock = bind("127.0.0.1", 0)
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield app, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    uv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1], api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return LocalTeacher(TEACHER)
+
+
+@pytest.fixture(scope="module")
+def local(teacher):
+    """LocalTeacher's greedy completions of PROMPTS, in one batch as `potstill generate` sends them."""
+    requests = [Request(str(i), [{"role": "user", "content": p}], 0, 0) for i, p in enumerate(PROMPTS)]
+    return teacher.complete(requests, GREEDY)
+
+
+def chat(client, prompt, **kw):
+    return client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": prompt}], **kw)
+
+
+def ids_of(entries):
+    return [int(e.token.removeprefix("token_id:")) for e in entries]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["teacher"]
+    assert httpx.get(server[1].removesuffix("/v1") + "/health").json()["status"] == "ok"
+
+
+def test_chat_greedy_is_what_local_teacher_gives(client, teacher):
+    """One request alone is one batch of one row, the same generate call as LocalTeacher's: equal to the bit."""
+    eos = teacher.tokenizer.eos_token_id
+    for i, prompt in enumerate(PROMPTS[:8]):
+        [ref] = teacher.complete([Request(str(i), [{"role": "user", "content": prompt}], 0, 0)], GREEDY)
+        out = chat(client, prompt, temperature=0, max_tokens=12, logprobs=True, top_logprobs=5, extra_body=IDS)
+        choice = out.choices[0]
+        entries = choice.logprobs.content
+        assert choice.message.content == ref.text and choice.finish_reason == ref.finish_reason
+        assert ids_of(entries) == ref.token_ids  # EOS included when the model stopped on it
+        assert ref.finish_reason != "stop" or (ids_of(entries)[-1] == eos and choice.message.content == ref.text)
+        for t, e in enumerate(entries):
+            assert ids_of(e.top_logprobs) == ref.topk_ids[t].tolist()
+            assert [x.logprob for x in e.top_logprobs] == ref.topk_logprobs[t].tolist()
+            assert e.logprob == ref.topk_logprobs[t, 0]  # greedy: the top-1
+        assert out.usage.completion_tokens == len(ref.token_ids) and out.usage.prompt_tokens == ref.prompt_tokens
+
+
+def test_completions_take_raw_text_and_give_legacy_logprobs(client, local):
+    templated = f"<|user|>{PROMPTS[0]}<|assistant|>"  # the chat template written out: no template here
+    out = client.completions.create(model="teacher", prompt=templated, max_tokens=12, temperature=0, logprobs=3)
+    choice = out.choices[0]
+    assert choice.text == local[0].text
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and lp.text_offset == [0, *accumulate(map(len, lp.tokens[:-1]))]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == out.usage.completion_tokens == len(local[0].token_ids)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 3 and chosen == pytest.approx(max(top.values()), abs=1e-5)
+
+
+def test_echo_with_max_tokens_0_scores_the_text_as_a_forward_pass_does(client):
+    model = AutoModelForCausalLM.from_pretrained(TEACHER)
+    tok = AutoTokenizer.from_pretrained(TEACHER)
+    texts = [f"<|user|>{p}<|assistant|>" for p in PROMPTS[:3]]
+    out = client.completions.create(model="teacher", prompt=texts, max_tokens=0, echo=True, logprobs=2,
+                                    extra_body={"prompt_logprobs": 2, **IDS})
+    assert out.usage.completion_tokens == 0 and len(out.choices) == 3
+    for text, choice in zip(texts, out.choices):
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)  # (L - 1, V)
+        want = ref.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        lp = choice.logprobs
+        assert [int(t.removeprefix("token_id:")) for t in lp.tokens] == ids
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
+        assert choice.finish_reason == "length"
+        vllm = choice.model_extra["prompt_logprobs"]
+        assert vllm[0] is None and len(vllm) == len(ids)
+        for t, row in enumerate(vllm[1:]):
+            assert row[str(ids[t + 1])]["logprob"] == pytest.approx(want[t], abs=1e-5)
+            assert {int(i) for i in row} >= set(ref[t].topk(2).indices.tolist())
+    plain = client.completions.create(model="teacher", prompt=texts[0], max_tokens=0, echo=True, logprobs=0)
+    assert plain.choices[0].text == texts[0]
+
+
+def test_stream_concatenates_to_the_answer(client):
+    whole = chat(client, PROMPTS[1], temperature=0, max_tokens=12, logprobs=True)
+    chunks = list(chat(client, PROMPTS[1], temperature=0, max_tokens=12, logprobs=True, stream=True,
+                       stream_options={"include_usage": True}))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert content == whole.choices[0].message.content
+    assert [e.logprob for e in entries] == [e.logprob for e in whole.choices[0].logprobs.content]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    legacy = "".join(c.choices[0].text for c in client.completions.create(
+        model="teacher", prompt=f"<|user|>{PROMPTS[1]}<|assistant|>", max_tokens=12, temperature=0, stream=True))
+    assert legacy == whole.choices[0].message.content
+
+
+def test_n_seed_and_stop(client, local):
+    greedy = chat(client, PROMPTS[0], temperature=0, max_tokens=12, n=2)
+    assert [c.message.content for c in greedy.choices] == [local[0].text] * 2 and [c.index for c in greedy.choices] == [0, 1]
+    sampled = [[c.message.content for c in chat(client, PROMPTS[2], temperature=1.5, max_tokens=12, n=4, seed=s).choices]
+               for s in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2] and len(set(sampled[0])) > 1
+    text = local[0].text
+    stop = text[len(text) // 2]
+    cut = chat(client, PROMPTS[0], temperature=0, max_tokens=12, stop=[stop, "never"], logprobs=True, extra_body=IDS)
+    choice = cut.choices[0]
+    assert choice.message.content == text[:text.index(stop)] and choice.finish_reason == "stop"
+    assert ids_of(choice.logprobs.content) == local[0].token_ids[:text.index(stop) + 1]  # through the stop's token
+    assert cut.usage.completion_tokens == text.index(stop) + 1
+
+
+def test_bad_requests_are_openai_errors_without_tracebacks(server, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, PROMPTS[0], logprobs=True, top_logprobs=21)
+    assert "top_logprobs" in e.value.body["message"] and e.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="context"):
+        chat(client, PROMPTS[0], max_tokens=1000)
+    for bad in ({"n": 0}, {"extra_body": {"tools": [{"type": "function", "function": {"name": "f"}}]}}):
+        with pytest.raises(openai.BadRequestError):
+            chat(client, PROMPTS[0], **bad)
+    r = httpx.post(server[1] + "/chat/completions", content=b"{not json")
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in r.text
+    with pytest.raises(PotstillError, match="pick another --port"):
+        bind("127.0.0.1", int(server[1].split(":")[-1].removesuffix("/v1")))
+
+
+def test_concurrent_requests_are_batched_and_answer_as_alone(server, client, local):
+    app, url = server
+
+    async def ask_all():
+        async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0) as aclient:
+            return await asyncio.gather(*(aclient.chat.completions.create(
+                model="teacher", messages=[{"role": "user", "content": p}], temperature=0, max_tokens=12,
+                logprobs=True, top_logprobs=5, extra_body=IDS) for p in PROMPTS))
+
+    before = app.state.batcher.batches
+    answers = asyncio.run(ask_all())
+    assert app.state.batcher.batches - before < len(PROMPTS)
+    for out, ref in zip(answers, local):
+        entries = out.choices[0].logprobs.content
+        assert out.choices[0].message.content == ref.text and ids_of(entries) == ref.token_ids
+        assert [ids_of(e.top_logprobs) for e in entries] == ref.topk_ids.tolist()
+        # batches of other sizes and paddings than LocalTeacher's: equal up to float32 rounding
+        got = [x.logprob for e in entries for x in e.top_logprobs]
+        assert got == pytest.approx(ref.topk_logprobs.ravel().tolist(), rel=1e-5, abs=1e-5)
