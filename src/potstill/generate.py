@@ -58,6 +58,12 @@ def teacher_description(recipe: Recipe, tokenizer) -> dict:
 def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
     """The teacher's description and the request hashes this recipe asks for: what `train` reads
     from the ledger."""
+    spec = recipe.teacher
+    if spec.backend == "imported":
+        from potstill.importers import imported_requests
+
+        return imported_requests(spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
+                                 terms_family=spec.terms_family, terms_url=spec.terms_url)
     desc = teacher_description(recipe, teacher_tokenizer(recipe))
     prompts = load_prompts(recipe.prompts.path, recipe.prompts.limit)
     planned = requests_for(teacher_key(desc), prompts, sampling_params(recipe), recipe.generation.samples_per_prompt)
@@ -82,9 +88,11 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
     run = recipe.run_dir
     run.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run / "recipe.yaml")
+    spec = recipe.teacher
+    if spec.backend == "imported":
+        return import_stage(recipe)
     prompts = load_prompts(recipe.prompts.path, recipe.prompts.limit)
     params = sampling_params(recipe)
-    spec = recipe.teacher
     if recipe.generation.top_logprobs > 20 and spec.http:
         raise PotstillError(f"generation.top_logprobs={recipe.generation.top_logprobs}: OpenAI-compatible endpoints "
                             f"return at most 20")
@@ -116,6 +124,17 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
         raise PotstillError(f"generation stopped: {stopped}. Saved: {counts['done']} done, {counts['failed']} failed; "
                             f"rerun the same command to resume")
     return counts
+
+
+def import_stage(recipe: Recipe) -> dict:
+    """The generate stage of an ``imported`` teacher: its file goes into the ledger (idempotent)."""
+    from potstill.importers import import_file
+
+    spec = recipe.teacher
+    with Ledger(ledger_path(recipe)) as ledger:
+        counts = import_file(ledger, spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
+                             terms_family=spec.terms_family, terms_url=spec.terms_url)
+        return {"planned": counts["read"], "sent": 0, **ledger.counts(), "spend": ledger.spend(), "imported": counts}
 
 
 def local_generate(teacher: Teacher, todo, params: dict, ledger: Ledger, session: int, batch_size: int) -> None:

@@ -212,12 +212,18 @@ class Recipe(Section):
     name: str = "run"
     output_dir: str = "runs/run"  # relative to the current directory
     teacher: TeacherSpec
-    prompts: PromptsSpec
+    prompts: PromptsSpec | None = None  # required, except for an imported teacher (its file holds the prompts)
     generation: GenerationSpec = GenerationSpec()
     student: StudentSpec
     train: TrainSpec = TrainSpec()
     baseline: BaselineSpec | None = None
     eval: EvalSpec
+
+    @model_validator(mode="after")
+    def _prompts_given(self) -> Recipe:
+        if self.prompts is None and self.teacher.backend != "imported":
+            raise ValueError("prompts is required (prompts.path: a JSONL file of prompts)")
+        return self
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()

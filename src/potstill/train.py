@@ -200,7 +200,8 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     with Ledger(ledger_path) as ledger:
         examples = list(ledger.examples(hashes))
         ledger_sha = ledger.content_sha256(hashes)
-    if len(examples) < len(hashes):
+    # an imported file may hold rows that could not be stored (refusals, tool calls): train on the rest
+    if len(examples) < len(hashes) and recipe.teacher.backend != "imported":
         raise PotstillError(f"{len(hashes) - len(examples)} of the recipe's {len(hashes)} requests have no completion "
                             f"in {ledger_path}: run `potstill generate` first")
     if spec.objective == "kd" and spec.teacher_signal == "cached" and any(ex.topk_ids is None for ex in examples):
