@@ -108,6 +108,9 @@ def cmd_merge(args) -> None:
 
     counts = merge_ledgers(Path(args.out), [Path(p) for p in args.inputs])
     print("merge: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if counts.get("conflicts"):
+        print(f"merge: warning: {counts['conflicts']} requests had different completions in two inputs; the first "
+              f"input's was kept", file=sys.stderr)
 
 
 def cmd_import(args) -> None:
@@ -117,7 +120,9 @@ def cmd_import(args) -> None:
     with Ledger(args.ledger) as ledger:
         counts = import_file(ledger, args.file, format=args.format, teacher_id=args.teacher_id,
                              terms_family=args.terms_family, terms_url=args.terms_url)
-    print("import: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print("import: " + ", ".join(f"{k} {counts[k]}" for k in ("read", "new", "already", "skipped")))
+    for reason, info in counts.get("skipped_reasons", {}).items():
+        print(f"  skipped: {reason}: {info}")
 
 
 def cmd_train(args) -> None:

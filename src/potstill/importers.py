@@ -45,7 +45,7 @@ import numpy as np
 from potstill.errors import PotstillError
 from potstill.ledger import Ledger, completion_problem, request_hash, teacher_key
 from potstill.prompts import ROLES, Prompt
-from potstill.prompts import _parse as parse_prompt
+from potstill.prompts import parse_prompt
 from potstill.provenance import file_sha256
 from potstill.teachers.base import Completion
 
@@ -270,7 +270,7 @@ def _parquet_objects(path: Path) -> Iterator[tuple[str, dict]]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise PotstillError("reading Parquet needs pyarrow: pip install pyarrow") from None
+        raise PotstillError("reading Parquet needs pyarrow: pip install 'potstill[parquet]'") from None
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:

@@ -230,7 +230,7 @@ class Ledger:
                     "INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?, ?, 'pending', NULL, ?, ?)",
                     (h, p.sha256, teacher_key, _canonical(params), i, now, now),
                 )
-        done = self.done_hashes()
+        done = {r[0] for r in self.db.execute(f"SELECT c.request_hash FROM {self._select([h for h, _, _ in planned])}")}
         seed = params.get("seed", 0)
         return [Request(h, p.chat, i, seed) for h, p, i in planned if h not in done]
 

@@ -38,7 +38,7 @@ class Prompt:
         return hashlib.sha256(json.dumps(self.messages).encode()).hexdigest()
 
 
-def _parse(obj: object, where: str) -> Prompt:
+def parse_prompt(obj: object, where: str) -> Prompt:
     if not isinstance(obj, dict):
         raise PotstillError(f"{where}: each line must be a JSON object with \"prompt\" or \"messages\"")
     if "messages" in obj:
@@ -76,7 +76,7 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
                 raise PotstillError(f"{where}: not UTF-8") from None
             except json.JSONDecodeError as e:
                 raise PotstillError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            prompt = _parse(obj, where)
+            prompt = parse_prompt(obj, where)
             if prompt.messages not in seen:
                 seen.add(prompt.messages)
                 prompts.append(prompt)

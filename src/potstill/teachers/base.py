@@ -22,13 +22,13 @@ class Request:
 class Completion:
     request_hash: str
     text: str
-    token_ids: list[int] | None  # generated ids, ending with EOS when finish_reason == "stop"
+    token_ids: list[int] | np.ndarray | None  # generated ids, ending with EOS when finish_reason == "stop"
     topk_ids: np.ndarray | None  # (T, k) int32: the teacher's k most likely ids at each generated position
     topk_logprobs: np.ndarray | None  # (T, k) float32 log-probabilities at temperature 1, descending
     finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
-    prompt_tokens: int
+    prompt_tokens: int | None  # None: not known (an imported completion)
     seed: int | None
-    seconds: float  # wall time of the batch this completion came in, divided by its size
+    seconds: float | None  # wall time of the batch this completion came in, divided by its size
     completion_tokens: int | None = None  # as the endpoint counted them, when token_ids are unknown
     token_logprobs: np.ndarray | None = None  # (T,) float32: each generated id's log-probability at temperature 1
 
