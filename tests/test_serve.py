@@ -196,3 +196,40 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, client, loc
         # batches of other sizes and paddings than LocalTeacher's: equal up to float32 rounding
         got = [x.logprob for e in entries for x in e.top_logprobs]
         assert got == pytest.approx(ref.topk_logprobs.ravel().tolist(), rel=1e-5, abs=1e-5)
+
+
+def test_served_teacher_distills_like_the_local_one(server, tmp_path):
+    """The bundled teacher behind `potstill serve` as an HTTP teacher: the ledger holds the same
+    ids and top-k as the local backend's, and the KD students trained from either match."""
+    import numpy as np
+
+    from conftest import tiny_overrides
+    from potstill.generate import generate
+    from potstill.ledger import Ledger
+    from potstill.recipe import load_recipe
+    from potstill.train import train
+
+    common = ["generation.temperature=0", "generation.top_logprobs=20"]
+    local = load_recipe(QUICKSTART / "recipe.yaml", [*tiny_overrides(tmp_path / "local", 48), *common])
+    http = load_recipe(QUICKSTART / "recipe.yaml", [
+        *tiny_overrides(tmp_path / "http", 48), *common, "teacher.backend=openai", "teacher.model=teacher",
+        f"teacher.endpoints=[{server[1]}]", "teacher.token_ids=true", "teacher.concurrency=16"])
+    for recipe in (local, http):
+        assert generate(recipe)["done"] == 48
+    with Ledger(tmp_path / "local" / "ledger.sqlite") as a, Ledger(tmp_path / "http" / "ledger.sqlite") as b:
+        pairs = list(zip(a.examples(), b.examples()))
+        assert [d["backend"] for d in b.teachers().values()] == ["openai"]
+    assert len(pairs) == 48
+    for x, y in pairs:
+        assert x.messages == y.messages and x.text == y.text and x.finish_reason == y.finish_reason
+        assert (x.token_ids == y.token_ids).all() and (x.topk_ids == y.topk_ids).all()
+        assert np.abs(x.topk_logprobs - y.topk_logprobs).max() < 2e-2  # float16 steps near -10; batches differ in padding
+    students = [train(recipe, recipe.train) for recipe in (local, http)]
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(s / "model.safetensors")) for s in students)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
+    logs = [[json.loads(line) for line in (s.parent / "logs" / "student.jsonl").read_text().splitlines()]
+            for s in students]
+    steps = [[r["loss"] for r in log if "loss" in r] for log in logs]
+    assert steps[0] and np.allclose(steps[0], steps[1], rtol=1e-3)

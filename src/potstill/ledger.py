@@ -340,11 +340,12 @@ class Ledger:
         return "selected JOIN completions c USING (request_hash)"
 
     def examples(self, request_hashes: list[str] | None = None) -> Iterator[Example]:
-        """Done completions (all, or those of ``request_hashes``) in a stable order (by request hash)."""
+        """Done completions (all, or those of ``request_hashes``) in a stable order: by prompt, then
+        sample index, so the same prompts answered by another backend train in the same order."""
         sql = f"""SELECT c.request_hash, p.messages, p.meta, r.teacher_key, c.text, c.token_ids, c.top_k,
                          c.topk_ids, c.topk_logprobs, c.finish_reason
                   FROM {self._select(request_hashes)} JOIN requests r USING (request_hash)
-                  JOIN prompts p USING (prompt_sha256) ORDER BY c.request_hash"""
+                  JOIN prompts p USING (prompt_sha256) ORDER BY r.prompt_sha256, r.sample_index, c.request_hash"""
         for h, msgs, meta, tkey, text, ids, k, tids, tlp, finish in self.db.execute(sql).fetchall():
             token_ids = None if ids is None else np.frombuffer(ids, "<i4")
             yield Example(
