@@ -90,7 +90,7 @@ class MockEndpoint:
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(text),
                           "total_tokens": len(prompt) + len(text)}}
 
-    async def _answer(self, body: dict, raw: bytes) -> tuple[int, dict, bytes, str]:
+    async def _answer(self, body: dict, key: str = "") -> tuple[int, dict, bytes, str]:
         """(status, extra headers, body bytes, what) for one request; ``what`` goes to the log."""
         sha = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
         attempt = self.attempts.get(sha, 0)
@@ -110,7 +110,8 @@ class MockEndpoint:
         if what == "400":
             return 400, {}, _error("bad request", None), what
         if what == "401":
-            return 401, {}, _error("Incorrect API key provided", "invalid_api_key"), what
+            # as OpenAI does: the message echoes the key, masked
+            return 401, {}, _error(f"Incorrect API key provided: {key[:8]}****{key[-4:]}", "invalid_api_key"), what
         if what == "insufficient_quota":
             return 429, {}, _error("You exceeded your current quota", "insufficient_quota"), what
         payload = json.dumps(self.completion(body, nan=what == "nan")).encode()
@@ -139,7 +140,8 @@ class MockEndpoint:
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 try:
-                    status, extra, payload, what = await self._answer(json.loads(raw), raw)
+                    key = headers.get("authorization", "").removeprefix("Bearer ")
+                    status, extra, payload, what = await self._answer(json.loads(raw), key)
                 finally:
                     self.in_flight -= 1
                 if what == "reset":

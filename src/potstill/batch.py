@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -392,7 +391,5 @@ def api_reason(exc, key: str) -> tuple[str, str]:
     on one line without the API key, nor anything shaped like an OpenAI key (sk-...), even masked."""
     from potstill.dispatch import classify
 
-    kind, _, reason, _ = classify(exc)
-    if key and key != "none":
-        reason = reason.replace(key, "***")
-    return kind, re.sub(r"\bsk-[\w*\-]{6,}", "sk-***", " ".join(reason.split()))
+    kind, _, reason, _ = classify(exc, key)
+    return kind, reason

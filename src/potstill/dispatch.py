@@ -32,7 +32,7 @@ from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Request
 from potstill.teachers.openai_api import (Malformed, body_sha256, endpoint_path, estimate_tokens, make_client,
-                                          parse_response, request_body, split_extras)
+                                          parse_response, redact, request_body, split_extras)
 
 MALFORMED_RETRIES = 2
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds: 0.5 * 2^n, capped, + up to 25 % jitter
@@ -101,9 +101,14 @@ def retry_after(headers) -> float | None:
         return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
-def classify(exc: BaseException) -> tuple[str, int | None, str, float | None]:
+def classify(exc: BaseException, key: str | None = None) -> tuple[str, int | None, str, float | None]:
     """(kind, HTTP status, reason, server-requested wait); kind is retry, fatal or malformed.
-    Reasons never include request headers, so the API key cannot leak through them."""
+    The reason is redacted (``key`` and anything shaped like an OpenAI key) before it goes anywhere."""
+    kind, status, reason, wait = _classify(exc)
+    return kind, status, redact(reason, key), wait
+
+
+def _classify(exc: BaseException) -> tuple[str, int | None, str, float | None]:
     import openai
 
     if isinstance(exc, Malformed):
@@ -131,11 +136,10 @@ def classify(exc: BaseException) -> tuple[str, int | None, str, float | None]:
 
 
 def _error_message(exc) -> str:
-    body = getattr(exc, "body", None)
+    body = getattr(exc, "body", None)  # the SDK hands over the "error" object when there is one
     if isinstance(body, dict):
-        msg = body.get("message") or (body.get("error") or {}).get("message") if isinstance(body.get("error"), dict) \
-            else body.get("message")
-        return str(msg or "")[:300]
+        inner = body["error"] if isinstance(body.get("error"), dict) else body
+        return " ".join(str(inner.get("message") or "").split())[:300]
     return ""
 
 
@@ -156,7 +160,7 @@ class Dispatcher:
 
         self.spec, self.params, self.ledger, self.session = spec, params, ledger, session
         self.teacher_key, self.tokenizer = teacher_key, tokenizer
-        key = api_key(spec) if clients is None else None
+        self.key = key = api_key(spec) if clients is None else None
         self.endpoints = [Endpoint(u, clients[i] if clients else make_client(u, key, spec.timeout))
                           for i, u in enumerate(spec.endpoints)]
         self.window = spec.concurrency * len(self.endpoints)
@@ -260,7 +264,7 @@ class Dispatcher:
                     raise Malformed(problem)
                 kind = "ok"
             except Exception as exc:  # classified below; anything unknown re-raises there
-                kind, status, reason, asked = classify(exc)
+                kind, status, reason, asked = classify(exc, self.key)
             finally:
                 endpoint.in_flight -= 1
                 self.reserved["tokens"] -= reserve[0]

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 
 import numpy as np
 
@@ -70,6 +71,14 @@ def api_key(spec) -> str:
     if not key:
         raise PotstillError(f"teacher.api_key_env names {spec.api_key_env}, which is not set: export it first")
     return key
+
+
+def redact(text: str, key: str | None = None) -> str:
+    """``text`` on one line without the API key, nor anything shaped like an OpenAI key (sk-...),
+    even masked: error bodies such as 401s echo part of the key."""
+    if key and key != "none":
+        text = text.replace(key, "***")
+    return re.sub(r"\bsk-[\w*\-]{6,}", "sk-***", " ".join(text.split()))
 
 
 def request_seed(request: Request) -> int:
