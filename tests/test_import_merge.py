@@ -376,3 +376,30 @@ def test_merge_refuses_what_is_not_a_ledger_of_this_schema(tmp_path):
         merge_ledgers(tmp_path / "other.sqlite", [tmp_path / "good.sqlite"])
     with pytest.raises(PotstillError, match=r"is the output ledger"):
         merge_ledgers(out, [out])
+
+
+def test_a_recipe_with_an_imported_teacher_trains_a_student(tmp_path):
+    """teacher.backend=imported: `generate` imports the file, `train` reads exactly its rows, and the
+    student's card names the imported teacher."""
+    from conftest import QUICKSTART, TEACHER, tiny_overrides
+    from potstill.generate import generate, recipe_requests
+    from potstill.recipe import load_recipe
+    from potstill.train import train
+
+    rows = [json.loads(line) for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:40]
+    data = write_jsonl(tmp_path / "answers.jsonl", [{"prompt": r["prompt"], "response": r["answer"], "skill": r["skill"]}
+                                                    for r in rows] + ['{"prompt": "x", "response": "y", "finish_reason": "tool_calls"}'])
+    recipe = load_recipe(QUICKSTART / "recipe.yaml", [
+        *tiny_overrides(tmp_path / "run"), "prompts=null", "teacher.backend=imported", f"teacher.data={data}",
+        "teacher.id=someone-else", "teacher.terms_family=cc-by-4.0", f"student.tokenizer={TEACHER}",
+        "train.objective=sft", "baseline=null"])
+    counts = generate(recipe)
+    assert counts["imported"]["new"] == 40 and counts["imported"]["skipped"] == 1
+    assert generate(recipe)["imported"]["new"] == 0
+    desc, hashes = recipe_requests(recipe)
+    assert desc["backend"] == "imported" and len(hashes) == 41
+    student = train(recipe, recipe.train)
+    card = (student / "README.md").read_text()
+    assert "someone-else" in card and "cc-by-4.0" in card
+    info = json.loads((student / "potstill.json").read_text())
+    assert info["examples"] == 40  # the skipped tool-call row is not trained on
