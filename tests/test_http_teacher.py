@@ -288,3 +288,31 @@ def test_sigkill_and_resume_lose_nothing_and_resend_only_the_window(mock, tmp_pa
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     # a key is sent again only if it was not done when the process died
     assert len(m.log) - n <= window * 2 * kills
+
+
+def test_eval_without_teacher_weights_asks_the_endpoint_once(mock, tmp_path):
+    """An API teacher (no teacher.path): eval gets its held-out answers over HTTP into
+    eval-ledger.sqlite, leaves out what needs its weights, and a rerun pays for nothing."""
+    from conftest import TEACHER, tiny_overrides
+    from potstill.evaluate import evaluate
+    from potstill.report import write_report
+    from potstill.train import train
+
+    m = mock()
+    recipe = load_recipe(QUICKSTART / "recipe.yaml", [
+        *tiny_overrides(tmp_path, 24, 16), "teacher.backend=openai", "teacher.model=mock", "teacher.path=null",
+        f"teacher.endpoints=[{m.url}]", "generation.top_logprobs=0", "train.objective=sft",
+        f"student.tokenizer={TEACHER}", "baseline=null"])
+    generate(recipe)
+    train(recipe, recipe.train)
+    sent = len(m.log)
+    report = evaluate(recipe)
+    assert len(m.log) - sent == 16
+    teacher, student = report["models"]["teacher"], report["models"]["student"]
+    # the mock answers each prompt reversed (never right on this task)
+    assert all(s["answer"] and s["prompt"][::-1].startswith(s["answer"]) for s in teacher["samples"])  # up to max tokens
+    assert teacher["accuracy"] == 0.0 and teacher["agreement"] == 1.0 and teacher["parameters"] is None
+    assert "kl_per_token" not in student and 0.0 <= student["agreement"] <= 1.0 and student["parameters"] > 0
+    evaluate(recipe)
+    assert len(m.log) - sent == 16  # answered once, kept in the eval ledger
+    assert write_report(tmp_path).is_file()

@@ -29,6 +29,7 @@ from potstill.progress import progress
 from potstill.prompts import Prompt, load_prompts
 from potstill.provenance import git_commit, library_versions
 from potstill.recipe import Recipe
+from potstill.ledger import requests_for
 from potstill.teachers.base import Request
 from potstill.teachers.local import LocalTeacher
 
@@ -144,31 +145,67 @@ def check_same_format(name: str, path: Path, model: LocalTeacher, teacher: Local
                             f"on prompts formatted differently from its training")
 
 
+def http_teacher_answers(recipe: Recipe, prompts: list[Prompt]) -> list:
+    """The HTTP teacher's greedy answers to the held-out prompts, through the same dispatcher and
+    into a ledger of their own (``eval-ledger.sqlite``): a rerun pays for none of them again."""
+    from potstill.dispatch import dispatch
+    from potstill.generate import teacher_description, teacher_tokenizer
+    from potstill.ledger import Ledger
+
+    spec = recipe.teacher
+    if spec.backend == "openai_batch":
+        spec = spec.model_copy(update={"backend": "openai"})  # a few hundred prompts: online is fine
+    params = {"max_new_tokens": recipe.eval.max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0,
+              "seed": 0}
+    tokenizer = teacher_tokenizer(recipe)
+    with Ledger(recipe.run_dir / "eval-ledger.sqlite") as ledger:
+        key = ledger.register_teacher(teacher_description(recipe, tokenizer))
+        todo = ledger.plan(key, prompts, params)
+        if todo:
+            stopped = dispatch(spec, params, todo, ledger, ledger.start_session(recipe.sha256()), key, tokenizer).stopped
+            if stopped:
+                raise PotstillError(f"the teacher's held-out answers stopped: {stopped}; rerun eval to resume")
+        hashes = [h for h, _, _ in requests_for(key, prompts, params)]
+        answers = {ex.request_hash: ex for ex in ledger.examples(hashes)}
+    missing = [h for h in hashes if h not in answers]
+    if missing:
+        raise PotstillError(f"the teacher failed {len(missing)} of {len(hashes)} held-out prompts (reasons in "
+                            f"{recipe.run_dir / 'eval-ledger.sqlite'}); rerun eval to retry them")
+    return [answers[h] for h in hashes]
+
+
 def evaluate(recipe: Recipe) -> dict:
+    """With the teacher's weights (``teacher.path``) every model is scored the same way. Without
+    them (an API teacher), the teacher's answers come over HTTP, and what needs its distribution
+    (KL, top-1, perplexity of its text) or its weights (size, speed) is left out; an imported
+    teacher without weights has no row at all."""
     run = recipe.run_dir
     spec = recipe.eval
     prompts = load_prompts(spec.prompts, spec.limit)
-    if recipe.teacher.path is None:
-        raise PotstillError("eval runs the teacher locally on the held-out prompts and scores the students against "
-                            "its full distribution: set teacher.path to the teacher's weights")
-    models = {"teacher": Path(recipe.teacher.path)}
+    models: dict[str, Path | None] = {}
+    if recipe.teacher.path is not None or recipe.teacher.http:
+        models["teacher"] = None if recipe.teacher.path is None else Path(recipe.teacher.path)
     for name in ("student", "baseline"):
         if (run / name / "potstill.json").is_file():
             models[name] = run / name
-    if len(models) == 1:
+    if not {"student", "baseline"} & models.keys():
         raise PotstillError(f"no trained student in {run}: run `potstill train` first")
 
     results: dict[str, dict] = {}
-    teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype)
+    teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype) if models.get("teacher") else None
     judge = LocalTeacher(spec.judge.path) if spec.judge is not None else None
     verify = verifiers.load(spec.verifier)
     teacher_out = None
     with progress("eval", len(models)) as advance:
         for name, path in models.items():
-            model = teacher if name == "teacher" else LocalTeacher(path)
-            if name != "teacher":
-                check_same_format(name, path, model, teacher)
-            completions, tokens_per_s = greedy(model, prompts, spec.max_new_tokens, spec.batch_size)
+            if name == "teacher" and teacher is None:
+                completions, model = http_teacher_answers(recipe, prompts), None
+                tokens_per_s = None
+            else:
+                model = teacher if name == "teacher" else LocalTeacher(path)
+                if name != "teacher" and teacher is not None:
+                    check_same_format(name, path, model, teacher)
+                completions, tokens_per_s = greedy(model, prompts, spec.max_new_tokens, spec.batch_size)
             if name == "teacher":
                 teacher_out = completions
             by_cat: dict[str, list[bool]] = {}
@@ -177,7 +214,7 @@ def evaluate(recipe: Recipe) -> dict:
                 if ok is not None:
                     by_cat.setdefault(str(p.meta.get("skill", "all")), []).append(ok)
             checked = [float(ok) for v in by_cat.values() for ok in v]
-            agree = [float(c.text == t.text) for c, t in zip(completions, teacher_out)]
+            agree = None if teacher_out is None else [float(c.text == t.text) for c, t in zip(completions, teacher_out)]
             refs = [(c.text, str(p.meta["answer"])) for p, c in zip(prompts, completions) if "answer" in p.meta]
             rouge = [rouge_l(a, r) for a, r in refs]
             row = {
@@ -185,19 +222,20 @@ def evaluate(recipe: Recipe) -> dict:
                 "accuracy_ci95": bootstrap_ci(checked),
                 "accuracy_by_category": {k: sum(v) / len(v) for k, v in sorted(by_cat.items())},
                 "rouge_l": sum(rouge) / len(rouge) if rouge else None,
-                "agreement": sum(agree) / len(agree),
-                "agreement_ci95": bootstrap_ci(agree),
-                "parameters": sum(p.numel() for p in model.model.parameters()),
-                "size_bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors")),
+                "agreement": None if agree is None else sum(agree) / len(agree),
+                "agreement_ci95": None if agree is None else bootstrap_ci(agree),
+                "parameters": None if model is None else sum(p.numel() for p in model.model.parameters()),
+                "size_bytes": None if model is None else sum(f.stat().st_size for f in Path(path).glob("*.safetensors")),
                 "tokens_per_second": tokens_per_s,
-                "latency_ms": latency_ms(model, prompts, spec.max_new_tokens),
-                "weights_sha256": model.describe()["weights_sha256"],
-                "completion_lengths": [len(c.token_ids) for c in completions],
+                "latency_ms": None if model is None else latency_ms(model, prompts, spec.max_new_tokens),
+                "weights_sha256": None if model is None else model.describe()["weights_sha256"],
+                "completion_lengths": [len(c.token_ids) for c in completions if c.token_ids is not None],
             }
-            row.update(score_teacher_text(teacher, model, prompts, teacher_out, spec.batch_size))
-            if spec.lm_eval is not None:
+            if model is not None and teacher is not None:
+                row.update(score_teacher_text(teacher, model, prompts, teacher_out, spec.batch_size))
+            if spec.lm_eval is not None and path is not None:
                 row["lm_eval"] = lm_eval_scores(Path(path), spec.lm_eval, spec.batch_size)
-            if judge is not None and name != "teacher":
+            if judge is not None and name != "teacher" and teacher_out is not None:
                 row["judge"] = judged(judge, prompts, completions, teacher_out, spec)
             row["samples"] = [{"prompt": p.text, "answer": c.text} for p, c in zip(prompts[:20], completions[:20])]
             results[name] = row
@@ -214,9 +252,9 @@ def evaluate(recipe: Recipe) -> dict:
                        "judge": None if judge is None else judge.describe()},
     }
     (run / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    for name in models:
+    for name, path in models.items():
         if name != "teacher":
-            write_card(models[name], report)  # the card now states the measured results
+            write_card(path, report)  # the card now states the measured results
     return report
 
 

@@ -153,7 +153,7 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
     first = loaded[0]["eval"]["models"]
     names = [n for n in first if first[n].get("samples")]
     samples = [[s["prompt"]] + [first[n]["samples"][i]["answer"] for n in names]
-               for i, s in enumerate(first["teacher"]["samples"])]
+               for i, s in enumerate(first[names[0]]["samples"])] if names else []
     figures = "".join(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,{b64}'>"
                       for t, b64 in images.items())
     prov = "".join(f"<h3>{esc(r['name'])}</h3><pre>{esc(json.dumps(r['eval']['provenance'], indent=2))}</pre>"

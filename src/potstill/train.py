@@ -111,17 +111,20 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
     elif kd_ratio:
         targets = {"topk_ids": batch["topk_ids"][:, 1:][mask], "topk_logprobs": batch["topk_logprobs"][:, 1:][mask]}
     kd_args = dict(name=spec.loss, temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha)
+    # the logit rows teacher and student share; another tokenizer shares none, and then there is
+    # no KD (refused before training) and CE runs over the student's whole vocabulary
+    vocab = compat.shared_vocab if compat.same_ids else None
 
     if spec.chunk_size:  # never builds the (N, V) logits
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][:, :-1][mask]  # (N, H)
-        head = _unwrap(model).get_output_embeddings().weight[:compat.shared_vocab]
+        head = _unwrap(model).get_output_embeddings().weight[:vocab]
         loss, ce, kd = chunked_kd_loss(hidden, head, labels[mask], kd_ratio=kd_ratio, chunk_size=spec.chunk_size,
                                        **kd_args, **targets)
         return loss * n, torch.tensor(ce * n), torch.tensor(kd * n)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    student = logits[mask][:, :compat.shared_vocab].float()  # (N, V_shared)
+    student = logits[mask][:, :vocab].float()  # (N, V_shared)
     if kd_ratio == 1.0:  # CE is only logged: no graph, no (N, V) log-softmax kept for backward
         with torch.no_grad():
             ce = (student.logsumexp(-1) - student.gather(-1, labels[mask][:, None])[:, 0]).sum()
