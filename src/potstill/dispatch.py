@@ -37,6 +37,7 @@ from potstill.teachers.openai_api import (Malformed, body_sha256, endpoint_path,
 MALFORMED_RETRIES = 2
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds: 0.5 * 2^n, capped, + up to 25 % jitter
 FATAL_STATUS = {400, 401, 403, 404, 422}
+CONNECTIONS_PER_CLIENT = 8
 
 
 @dataclass
@@ -144,9 +145,10 @@ def _error_message(exc) -> str:
 
 
 class Endpoint:
-    def __init__(self, url: str, client):
+    def __init__(self, url: str, clients: list):
         self.url = url.rstrip("/")
-        self.client = client
+        self.clients = clients
+        self.sends = 0
         self.in_flight = 0
         self.paused_until = 0.0
 
@@ -154,15 +156,17 @@ class Endpoint:
 class Dispatcher:
     """One generate run against HTTP endpoints; ``run`` drives it to the end or a clean stop."""
 
-    def __init__(self, spec, params: dict, ledger: Ledger, session: int, teacher_key: str, tokenizer=None,
-                 clients: list | None = None):
+    def __init__(self, spec, params: dict, ledger: Ledger, session: int, teacher_key: str, tokenizer=None):
         from potstill.teachers.openai_api import api_key
 
         self.spec, self.params, self.ledger, self.session = spec, params, ledger, session
         self.teacher_key, self.tokenizer = teacher_key, tokenizer
-        self.key = key = api_key(spec) if clients is None else None
-        self.endpoints = [Endpoint(u, clients[i] if clients else make_client(u, key, spec.timeout))
-                          for i, u in enumerate(spec.endpoints)]
+        self.key = api_key(spec)
+        # httpx scans every pooled connection on each request (O(pool) CPU per send): a client per
+        # CONNECTIONS_PER_CLIENT slots keeps that scan short at high concurrency
+        per_endpoint = -(-spec.concurrency // CONNECTIONS_PER_CLIENT)
+        self.endpoints = [Endpoint(u, [make_client(u, self.key, spec.timeout) for _ in range(per_endpoint)])
+                          for u in spec.endpoints]
         self.window = spec.concurrency * len(self.endpoints)
         self.rpm, self.tpm = TokenBucket(spec.requests_per_minute), TokenBucket(spec.tokens_per_minute)
         self.outcome = Outcome()
@@ -217,7 +221,8 @@ class Dispatcher:
             self.commit_wanted.set()
             await writer
         for e in self.endpoints:
-            await e.client.close()
+            for client in e.clients:
+                await client.close()
         return self.outcome
 
     def _pick(self) -> Endpoint:
@@ -256,7 +261,9 @@ class Dispatcher:
             self.receipts[sha] = self.receipts.get(sha, 0) + 1
             sent_at, start = datetime.now(timezone.utc).isoformat(timespec="milliseconds"), time.perf_counter()
             try:
-                response = await endpoint.client.post(endpoint_path(self.spec), body=body, cast_to=_raw(),
+                client = endpoint.clients[endpoint.sends % len(endpoint.clients)]
+                endpoint.sends += 1
+                response = await client.post(endpoint_path(self.spec), body=body, cast_to=_raw(),
                                                       options={"extra_json": extra} if extra else {})
                 data = response.json()
                 completion = parse_response(request, data, self.params, self.spec, time.perf_counter() - start)
