@@ -105,8 +105,9 @@ def faults() -> None:
 
 
 def kills() -> None:
+    # latency 0.2 s: the uninterrupted run takes ~13 s of sending, room for 20 kills
     n, window, n_kills = 2000, 32, 20
-    mock = MockEndpoint(0.05).start_in_thread()
+    mock = MockEndpoint(0.2).start_in_thread()
     rng = random.Random(0)
     out = tempfile.mkdtemp()
     ledger = Path(out) / "ledger.sqlite"
@@ -142,7 +143,7 @@ def kills() -> None:
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while len(mock.log) == before and proc.poll() is None:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 1.0))
+        time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is not None:
             break
         proc.send_signal(signal.SIGKILL)
