@@ -84,6 +84,11 @@ def faults() -> None:
                 except Exception as e:  # report, do not hide
                     counts = {"error": str(e)}
                 seconds = time.perf_counter() - start
+                first_run_sends = len(mock.log)
+                # a rerun sends only what the first run gave up on
+                counts["done_after_rerun"] = generate(recipe)["done"]
+                counts["rerun_sends"] = len(mock.log) - first_run_sends
+                del mock.log[first_run_sends:]
         finally:
             mock.stop_thread()
         per_body = Counter(sha for _, sha, _ in mock.log)
@@ -94,7 +99,8 @@ def faults() -> None:
             if what == "rate_limit":
                 last[sha] = t
         print(json.dumps({"bench": "faults", "case": name, "prompts": n, "done": counts.get("done"),
-                          "failed": counts.get("failed"), "sends": len(mock.log),
+                          "failed": counts.get("failed"), "done_after_rerun": counts.get("done_after_rerun"),
+                          "rerun_sends": counts.get("rerun_sends"), "sends": len(mock.log),
                           "attempts_per_prompt": round(len(mock.log) / n, 3),
                           "max_attempts": max(per_body.values()),
                           "attempt_histogram": dict(sorted(Counter(per_body.values()).items())),
