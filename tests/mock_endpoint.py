@@ -70,6 +70,9 @@ class MockEndpoint:
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
         text = prompt[::-1][:limit]
         finish = "stop" if len(prompt) <= limit else "length"
+        for stop in body.get("stop") or []:
+            if stop in text:
+                text, finish = text[:text.index(stop)], "stop"
         ids = body.get("return_tokens_as_token_ids")
         k = body.get("top_logprobs") or 0
 

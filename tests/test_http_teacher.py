@@ -316,3 +316,17 @@ def test_eval_without_teacher_weights_asks_the_endpoint_once(mock, tmp_path):
     evaluate(recipe)
     assert len(m.log) - sent == 16  # answered once, kept in the eval ledger
     assert write_report(tmp_path).is_file()
+
+
+def test_stop_strings_reach_the_endpoint_and_only_when_set(mock, tmp_path):
+    m = mock()
+    plain = http_recipe(tmp_path / "a", [m], 6)
+    stopped = http_recipe(tmp_path / "b", [m], 6, "generation.stop=[' ']")
+    assert "stop" not in sampling_params(plain)  # old ledgers keep their request hashes
+    assert recipe_requests(plain)[1] != recipe_requests(stopped)[1]
+    generate(stopped)
+    with Ledger(tmp_path / "b" / "ledger.sqlite") as ledger:
+        assert all(" " not in ex.text and ex.finish_reason == "stop" for ex in ledger.examples())
+    local = load_recipe(QUICKSTART / "recipe.yaml", [f"output_dir={tmp_path / 'c'}", "generation.stop=[x]"])
+    with pytest.raises(PotstillError, match="generation.stop is sent to HTTP teachers"):
+        generate(local)

@@ -72,8 +72,11 @@ def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
 
 def sampling_params(recipe: Recipe) -> dict:
     g = recipe.generation
-    return {"max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
-            "top_logprobs": g.top_logprobs, "seed": g.seed}
+    params = {"max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+              "top_logprobs": g.top_logprobs, "seed": g.seed}
+    if g.stop:  # only when set: the params are part of every request hash
+        params["stop"] = list(g.stop)
+    return params
 
 
 def ledger_path(recipe: Recipe, shard: tuple[int, int] | None = None) -> Path:
@@ -93,6 +96,9 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
         return import_stage(recipe)
     prompts = load_prompts(recipe.prompts.path, recipe.prompts.limit)
     params = sampling_params(recipe)
+    if recipe.generation.stop and not spec.http:
+        raise PotstillError("generation.stop is sent to HTTP teachers; the local backend stops at the end-of-sequence "
+                            "token (and max_new_tokens)")
     if recipe.generation.top_logprobs > 20 and spec.http:
         raise PotstillError(f"generation.top_logprobs={recipe.generation.top_logprobs}: OpenAI-compatible endpoints "
                             f"return at most 20")

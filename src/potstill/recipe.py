@@ -107,7 +107,8 @@ class GenerationSpec(Section):
     temperature: float = Field(1.0, ge=0.0, le=10.0)  # 0 = greedy decoding
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_logprobs: int = Field(20, ge=0, le=1000)  # teacher top-k logprobs kept per generated token
-    samples_per_prompt: int = Field(1, ge=1, le=1000)
+    samples_per_prompt: int = Field(1, ge=1, le=1000)  # each sample is its own request (own key and seed), not `n`
+    stop: list[str] = Field([], max_length=4)  # HTTP teachers: stop strings sent to the endpoint (local: EOS only)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
 

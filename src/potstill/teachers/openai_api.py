@@ -107,6 +107,8 @@ def request_body(request: Request, params: dict, spec, tokenizer) -> dict:
         body["max_tokens"] = params["max_new_tokens"]
         if k:
             body["logprobs"] = k
+    if params.get("stop"):
+        body["stop"] = params["stop"]
     if spec.token_ids:
         body["return_tokens_as_token_ids"] = True
     return body
