@@ -30,7 +30,8 @@ def card_text(info: dict, eval_report: dict | None = None, name: str = "student"
     for t in info["teachers"]:
         teachers.append({
             "id": t["id"], "revision": t.get("revision"),
-            "access": "local weights" if t.get("backend") == "local" else t.get("backend", "unknown"),
+            "access": {"local": "local weights", "openai": f"API: {t.get('model')} at {t.get('endpoint')}",
+                       "imported": f"imported completions: {t.get('source')}"}.get(t.get("backend"), "unknown"),
             "terms_family": t.get("terms_family", "unknown"), "terms_url": t.get("terms_url"),
             "weights_sha256": t.get("weights_sha256"),
             "share_of_examples": t.get("share_of_examples", 1.0), "share_of_tokens": t.get("share_of_tokens", 1.0),
