@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ["POTSTILL_QUIET"] = "1"
 
-from mock_endpoint import Faults, MockEndpoint  # noqa: E402
+from mock_endpoint import Faults, MockEndpoint, body_sha256  # noqa: E402
 
 from potstill.generate import generate  # noqa: E402
 from potstill.recipe import load_recipe  # noqa: E402
@@ -133,7 +133,7 @@ def kills() -> None:
     from potstill.ledger import requests_for, teacher_key
     from potstill.prompts import load_prompts
     from potstill.teachers.base import Request
-    from potstill.teachers.openai_api import body_sha256, request_body, split_extras
+    from potstill.teachers.openai_api import request_body, split_extras
 
     desc, _ = recipe_requests(recipe)
     params = sampling_params(recipe)

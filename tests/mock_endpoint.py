@@ -21,6 +21,11 @@ import time
 from dataclasses import dataclass, field
 
 
+def body_sha256(body: dict) -> str:
+    """How the mock names a request in its log: the sha256 of its canonical JSON body."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 @dataclass
 class Faults:
     """Probabilities of each fault per attempt; ``retry_after`` as sent with a 429."""
@@ -95,7 +100,7 @@ class MockEndpoint:
 
     async def _answer(self, body: dict, key: str = "") -> tuple[int, dict, bytes, str]:
         """(status, extra headers, body bytes, what) for one request; ``what`` goes to the log."""
-        sha = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        sha = body_sha256(body)
         attempt = self.attempts.get(sha, 0)
         self.attempts[sha] = attempt + 1
         what = self._draw(sha, attempt)

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from conftest import QUICKSTART, ROOT
-from mock_endpoint import Faults, MockEndpoint
+from mock_endpoint import Faults, MockEndpoint, body_sha256
 from potstill.dispatch import dispatch, retry_after
 from potstill.errors import PotstillError
 from potstill.generate import generate, recipe_requests, sampling_params
 from potstill.ledger import Ledger
 from potstill.prompts import load_prompts
 from potstill.recipe import load_recipe
-from potstill.teachers.openai_api import body_sha256, request_body
+from potstill.teachers.openai_api import request_body
 
 CANARY = "sk-canary-0123456789abcdef"
 
@@ -330,3 +330,82 @@ def test_stop_strings_reach_the_endpoint_and_only_when_set(mock, tmp_path):
     local = load_recipe(QUICKSTART / "recipe.yaml", [f"output_dir={tmp_path / 'c'}", "generation.stop=[x]"])
     with pytest.raises(PotstillError, match="generation.stop is sent to HTTP teachers"):
         generate(local)
+
+
+def test_a_refused_request_fails_alone_and_a_refused_run_stops(mock, tmp_path):
+    m = mock(fatal={"400": 0.05})
+    counts = generate(http_recipe(tmp_path / "a", [m], 100))
+    assert counts["failed"] == sum(what == "400" for _, _, what in m.log) > 0  # each 400'd request fails, once
+    assert counts["done"] + counts["failed"] == 100
+    bad = mock(fatal={"400": 1.0})
+    with pytest.raises(PotstillError, match="5 requests in a row refused"):
+        generate(http_recipe(tmp_path / "b", [bad], 100))
+    assert len(bad.log) <= 5 + 8  # then only what was in flight
+
+
+def test_an_unreachable_endpoint_stops_the_run(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = load_recipe(QUICKSTART / "recipe.yaml", [
+        f"output_dir={tmp_path}", "prompts.limit=200", "teacher.backend=openai", "teacher.model=mock",
+        f"teacher.endpoints=[http://127.0.0.1:{port}/v1]", "teacher.concurrency=8"])
+    with pytest.raises(PotstillError, match="unreachable"):
+        generate(recipe)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.counts()["pending"] >= 190 and ledger.spend()["requests"] < 40
+
+
+def test_a_failing_ledger_stops_the_run_instead_of_hanging(mock, tmp_path, monkeypatch):
+    from potstill.ledger import Ledger as L
+
+    record, calls = L.record, []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("database is locked")
+        return record(self, *args, **kwargs)
+
+    monkeypatch.setattr(L, "record", flaky)
+    with pytest.raises(PotstillError, match="could not record answers.*database is locked"):
+        generate(http_recipe(tmp_path, [mock(latency=0.01)], 60))
+
+
+def test_an_unexpected_body_shape_is_malformed_not_a_hang(mock, tmp_path, monkeypatch):
+    m = mock()
+    monkeypatch.setattr(MockEndpoint, "completion", staticmethod(
+        lambda body, nan=False: {"choices": [{"message": {"content": "x"}, "finish_reason": "stop",
+                                              "logprobs": {"content": [{"token": None, "top_logprobs": 3}]}}],
+                                 "usage": [1]}))
+    counts = generate(http_recipe(tmp_path, [m], 6, "teacher.token_ids=true"))
+    assert counts["failed"] == 6
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert all("unexpected response shape" in r for r in ledger.failures().values())
+
+
+def test_rate_limited_senders_do_not_overrun_the_budget(mock, tmp_path):
+    m = mock(latency=0.5)
+    recipe = http_recipe(tmp_path, [m], 20, "teacher.budget.max_requests=3", "teacher.requests_per_minute=600")
+    with pytest.raises(PotstillError, match="max_requests=3"):
+        generate(recipe)
+    assert len(m.log) == 3
+
+
+def test_legacy_completions_keep_the_k_likeliest():
+    from potstill.teachers.base import Request
+    from potstill.teachers.openai_api import parse_response
+
+    recipe = load_recipe(QUICKSTART / "recipe.yaml", ["teacher.backend=openai", "teacher.model=m",
+                                                      "teacher.endpoints=[http://x/v1]", "teacher.api=completions",
+                                                      "teacher.token_ids=true"])
+    # vLLM's legacy shape: the sampled token (id 7, unlikely) comes first, then the top 2
+    data = {"choices": [{"text": "a", "finish_reason": "length", "logprobs": {
+        "tokens": ["token_id:7"], "token_logprobs": [-3.0],
+        "top_logprobs": [{"token_id:7": -3.0, "token_id:1": -0.2, "token_id:2": -1.9}]}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+    c = parse_response(Request("h", [{"role": "user", "content": "q"}], 0, 0), data,
+                       {"top_logprobs": 2, "max_new_tokens": 1}, recipe.teacher, 0.0)
+    assert c.token_ids == [7] and c.topk_ids.tolist() == [[1, 2]]

@@ -392,4 +392,4 @@ def api_reason(exc, key: str) -> tuple[str, str]:
     from potstill.dispatch import classify
 
     kind, _, reason, _ = classify(exc, key)
-    return kind, reason
+    return {"unreachable": "retry", "malformed": "retry", "bad_request": "fatal"}.get(kind, kind), reason

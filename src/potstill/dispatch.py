@@ -24,32 +24,22 @@ import asyncio
 import email.utils
 import random
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Request
-from potstill.teachers.openai_api import (Malformed, body_sha256, endpoint_path, estimate_tokens, make_client,
-                                          parse_response, redact, request_body, split_extras)
+from potstill.teachers.openai_api import (Malformed, endpoint_path, estimate_tokens, make_client, parse_response,
+                                          redact, request_body, split_extras)
 
 MALFORMED_RETRIES = 2
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds: 0.5 * 2^n, capped, + up to 25 % jitter
-FATAL_STATUS = {400, 401, 403, 404, 422}
+BAD_REQUEST_STATUS = {400, 422}  # this request is wrong: it fails, the run goes on
+FATAL_STATUS = {401, 403, 404}  # every request would fail: the run stops
+MAX_BAD_REQUESTS = 5  # in a row, with no answer between: the parameters are wrong, not one prompt
+MAX_UNREACHABLE = 20  # connection errors in a row with no answer between: the endpoint is down
 CONNECTIONS_PER_CLIENT = 8
-
-
-@dataclass
-class Outcome:
-    """What a run did: counts, and why it stopped early (None if it did not)."""
-
-    sent: int = 0  # HTTP sends, retries included
-    done: int = 0
-    failed: int = 0
-    retried: int = 0
-    stopped: str | None = None
-    waits: list[tuple[float, float]] = field(default_factory=list)  # (asked by the server, waited) seconds
 
 
 class TokenBucket:
@@ -103,7 +93,9 @@ def retry_after(headers) -> float | None:
 
 
 def classify(exc: BaseException, key: str | None = None) -> tuple[str, int | None, str, float | None]:
-    """(kind, HTTP status, reason, server-requested wait); kind is retry, fatal or malformed.
+    """(kind, HTTP status, reason, server-requested wait). kind: retry, unreachable (a connection
+    error: retried), malformed (a 2xx body we cannot store: retried a little), bad_request (400,
+    422: this request fails) or fatal (the run stops).
     The reason is redacted (``key`` and anything shaped like an OpenAI key) before it goes anywhere."""
     kind, status, reason, wait = _classify(exc)
     return kind, status, redact(reason, key), wait
@@ -119,10 +111,10 @@ def _classify(exc: BaseException) -> tuple[str, int | None, str, float | None]:
         code = getattr(exc, "code", None) or ""
         message = _error_message(exc)
         reason = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
-        if code == "insufficient_quota":
+        if code == "insufficient_quota" or status in FATAL_STATUS:
             return "fatal", status, reason, None
-        if status in FATAL_STATUS:
-            return "fatal", status, reason, None
+        if status in BAD_REQUEST_STATUS:
+            return "bad_request", status, reason, None
         if status in (408, 409, 429) or status >= 500:
             return "retry", status, reason, retry_after(exc.response.headers)
         return "fatal", status, reason, None
@@ -130,8 +122,8 @@ def _classify(exc: BaseException) -> tuple[str, int | None, str, float | None]:
         return "retry", None, "timeout", None
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc
-        return "retry", None, f"connection error: {type(cause).__name__}", None
-    if isinstance(exc, (ValueError, UnicodeDecodeError)):  # e.g. a body that is not JSON
+        return "unreachable", None, f"connection error: {type(cause).__name__}", None
+    if isinstance(exc, ValueError):  # a body that is not JSON (UnicodeDecodeError is one too)
         return "malformed", None, f"malformed response: {type(exc).__name__}: {str(exc)[:200]}", None
     raise exc
 
@@ -154,13 +146,14 @@ class Endpoint:
 
 
 class Dispatcher:
-    """One generate run against HTTP endpoints; ``run`` drives it to the end or a clean stop."""
+    """One generate run against HTTP endpoints; ``run`` drives it to the end or a clean stop, and
+    ``stopped`` says why it stopped early (None if it did not)."""
 
     def __init__(self, spec, params: dict, ledger: Ledger, session: int, teacher_key: str, tokenizer=None):
         from potstill.teachers.openai_api import api_key
 
         self.spec, self.params, self.ledger, self.session = spec, params, ledger, session
-        self.teacher_key, self.tokenizer = teacher_key, tokenizer
+        self.tokenizer = tokenizer
         self.key = api_key(spec)
         # httpx scans every pooled connection on each request (O(pool) CPU per send): a client per
         # CONNECTIONS_PER_CLIENT slots keeps that scan short at high concurrency
@@ -169,13 +162,14 @@ class Dispatcher:
                           for u in spec.endpoints]
         self.window = spec.concurrency * len(self.endpoints)
         self.rpm, self.tpm = TokenBucket(spec.requests_per_minute), TokenBucket(spec.tokens_per_minute)
-        self.outcome = Outcome()
+        self.stopped: str | None = None
         self.spent = ledger.spend(teacher_key)
         self.reserved = {"tokens": 0.0, "cost": 0.0}
-        self.retrying = 0
+        self.counts = {"done": 0, "failed": 0, "retrying": 0}
+        self.in_a_row = {"bad_request": 0, "unreachable": 0}  # reset by any answer
         self.pending_writes: list = []
-        self.receipts: dict[str, int] = {}  # body sha256 -> sends, this run (a test's view of the wire)
         self.closing = False
+        self.write_error: BaseException | None = None
 
     # -- budgets --------------------------------------------------------------------------------
 
@@ -198,18 +192,22 @@ class Dispatcher:
     # -- the run --------------------------------------------------------------------------------
 
     def stop(self, reason: str) -> None:
-        if self.outcome.stopped is None:
-            self.outcome.stopped = reason
+        if self.stopped is None:
+            self.stopped = reason
 
-    async def run(self, todo: list[Request]) -> Outcome:
+    async def run(self, todo: list[Request]) -> str | None:
         slots = asyncio.Semaphore(self.window)
         self.commit_wanted = asyncio.Event()
         writer = asyncio.create_task(self._writer())
         tasks = set()
         with live_counts("generate", len(todo)) as self.bar:
             for request in todo:
-                await slots.acquire()
-                if self.outcome.stopped:
+                acquire = asyncio.ensure_future(slots.acquire())
+                await asyncio.wait({acquire, writer}, return_when=asyncio.FIRST_COMPLETED)
+                if not acquire.done():  # the writer died: no slot will ever free
+                    acquire.cancel()
+                    break
+                if self.stopped:
                     slots.release()
                     break
                 task = asyncio.create_task(self._one(request, slots))
@@ -223,7 +221,10 @@ class Dispatcher:
         for e in self.endpoints:
             for client in e.clients:
                 await client.close()
-        return self.outcome
+        if self.write_error is not None:
+            raise PotstillError(f"{self.ledger.path}: could not record answers ({type(self.write_error).__name__}: "
+                                f"{self.write_error}); answers received since the last commit will be asked again")
+        return self.stopped
 
     def _pick(self) -> Endpoint:
         now = time.monotonic()
@@ -231,95 +232,108 @@ class Dispatcher:
         return min(ready, key=lambda e: (e.in_flight, e.paused_until))
 
     async def _one(self, request: Request, slots: asyncio.Semaphore) -> None:
-        """Send ``request`` until it is answered, fails for good, or the run stops. The slot is
-        released by the writer after the commit."""
-        body, extra = split_extras(request_body(request, self.params, self.spec, self.tokenizer))
-        sha = body_sha256({**body, **extra})
-        prompt_est, completion_est = estimate_tokens(request, self.params, self.tokenizer)
+        """Settle ``request`` and hand the outcome to the writer, which frees the slot after the
+        commit; whatever happens, the slot is handed over."""
         attempts: list[Attempt] = []
+        completion = failure = None
+        try:
+            completion, failure = await self._settle(request, attempts)
+        except Exception as exc:  # a bug, or an answer of a shape nobody expected: stop, keep what we have
+            self.stop(f"unexpected {type(exc).__name__} on request {request.request_hash[:12]}: "
+                      f"{redact(str(exc), self.key)[:200]}")
+        self._commit(completion=completion, failure=failure, attempts=attempts, slots=slots)
+
+    async def _settle(self, request: Request, attempts: list[Attempt]):
+        """(completion, None) when answered, (None, (hash, reason)) when it failed for good,
+        (None, None) when the run stopped first (the request stays pending)."""
+        body, extra = split_extras(request_body(request, self.params, self.spec, self.tokenizer))
+        prompt_est, completion_est = estimate_tokens(request, self.params, self.tokenizer)
+        h = request.request_hash
         malformed = 0
         for attempt in range(self.spec.max_attempts):
-            if self.outcome.stopped:
-                break
-            if (reason := self._over_budget(prompt_est, completion_est)):
-                self.stop(reason)
-                break
-            endpoint = self._pick()
-            wait = endpoint.paused_until - time.monotonic()
-            if wait > 0:
+            # wait first (a paused endpoint, the rate limits); then decide and reserve with no
+            # await in between, so every sender sees the others' reservations
+            while (wait := self._pick().paused_until - time.monotonic()) > 0 and not self.stopped:
                 await asyncio.sleep(wait)
             await self.rpm.take(1)
             await self.tpm.take(prompt_est + completion_est)
-            if self.outcome.stopped:
-                break
-            self.spent["requests"] += 1
+            if self.stopped:
+                return None, None
+            if (reason := self._over_budget(prompt_est, completion_est)):
+                self.stop(reason)
+                return None, None
+            endpoint = self._pick()
             reserve = (prompt_est + completion_est, self._cost(prompt_est, completion_est))
+            self.spent["requests"] += 1
             self.reserved["tokens"] += reserve[0]
             self.reserved["cost"] += reserve[1]
             endpoint.in_flight += 1
-            self.outcome.sent += 1
-            self.receipts[sha] = self.receipts.get(sha, 0) + 1
+            client = endpoint.clients[endpoint.sends % len(endpoint.clients)]
+            endpoint.sends += 1
             sent_at, start = datetime.now(timezone.utc).isoformat(timespec="milliseconds"), time.perf_counter()
+            used, status, asked = (0, 0), None, None
             try:
-                client = endpoint.clients[endpoint.sends % len(endpoint.clients)]
-                endpoint.sends += 1
                 response = await client.post(endpoint_path(self.spec), body=body, cast_to=_raw(),
-                                                      options={"extra_json": extra} if extra else {})
+                                             options={"extra_json": extra} if extra else {})
+                status = response.status_code
                 data = response.json()
+                used = _usage(data, prompt_est, completion_est)  # billed even if we cannot store it
                 completion = parse_response(request, data, self.params, self.spec, time.perf_counter() - start)
                 if (problem := completion_problem(completion)):
                     raise Malformed(problem)
-                kind = "ok"
-            except Exception as exc:  # classified below; anything unknown re-raises there
+                kind, reason = "ok", None
+            except Exception as exc:  # classified; anything unknown re-raises there
                 kind, status, reason, asked = classify(exc, self.key)
+                status = status or (200 if kind == "malformed" else None)
             finally:
                 endpoint.in_flight -= 1
                 self.reserved["tokens"] -= reserve[0]
                 self.reserved["cost"] -= reserve[1]
-            seconds = time.perf_counter() - start
+            cost = self._cost(*used)
+            self.spent["prompt_tokens"] += used[0]
+            self.spent["completion_tokens"] += used[1]
+            self.spent["cost"] += cost
+            outcome = {"ok": "ok", "bad_request": "failed", "fatal": "failed"}.get(kind, "retry")
+            attempts.append(Attempt(h, endpoint.url, sent_at, time.perf_counter() - start, outcome, status, reason,
+                                    used[0], used[1], cost))
+            if kind in ("ok", "malformed", "retry"):  # the endpoint answered
+                self.in_a_row["unreachable"] = 0
+            if kind != "bad_request":
+                self.in_a_row["bad_request"] = 0
             if kind == "ok":
-                used = (completion.prompt_tokens, completion.completion_tokens or len(completion.token_ids or ()))
-                cost = self._cost(*used)
-                self._account(used, cost)
-                attempts.append(Attempt(request.request_hash, endpoint.url, sent_at, seconds, "ok", 200, None,
-                                        used[0], used[1], cost))
-                self._commit(completion=completion, attempts=attempts, slots=slots)
-                return
+                return completion, None
             if kind == "fatal":
-                attempts.append(Attempt(request.request_hash, endpoint.url, sent_at, seconds, "failed", status, reason))
                 self.stop(f"{endpoint.url}: {reason} (not retried)")
-                self._commit(failure=(request.request_hash, reason), attempts=attempts, slots=slots)
-                return
-            attempts.append(Attempt(request.request_hash, endpoint.url, sent_at, seconds, "retry", status, reason))
+                return None, (h, reason)
+            if kind == "bad_request":
+                self.in_a_row["bad_request"] += 1
+                if self.in_a_row["bad_request"] >= MAX_BAD_REQUESTS:
+                    self.stop(f"{endpoint.url}: {MAX_BAD_REQUESTS} requests in a row refused, the last with {reason}: "
+                              f"check the teacher and generation settings")
+                return None, (h, f"{reason} (not retried)")
+            if kind == "unreachable":
+                self.in_a_row["unreachable"] += 1
+                if self.in_a_row["unreachable"] >= MAX_UNREACHABLE:
+                    self.stop(f"{endpoint.url}: unreachable ({reason}, {MAX_UNREACHABLE} times in a row)")
+                    return None, None
             malformed += kind == "malformed"
             if malformed > MALFORMED_RETRIES or attempt + 1 >= self.spec.max_attempts:
-                self._commit(failure=(request.request_hash, f"gave up after {len(attempts)} attempts: {reason}"),
-                             attempts=attempts, slots=slots)
-                return
+                return None, (h, f"gave up after {len(attempts)} attempts: {reason}")
             if asked is not None and asked > self.spec.max_retry_wait:
                 self.stop(f"{endpoint.url} asks to wait {asked:.0f} s (Retry-After), more than teacher.max_retry_wait="
                           f"{self.spec.max_retry_wait:g} s: rerun later to resume")
-                break
+                return None, None
             delay = (asked if asked is not None else min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt)) \
                 * (1 + random.uniform(0, 0.25))
             if asked is not None and status == 429:
                 endpoint.paused_until = max(endpoint.paused_until, time.monotonic() + delay)
             if delay > 10:
                 self.bar.note(f"{endpoint.url}: {reason}; waiting {delay:.0f} s")
-            self.outcome.retried += 1
-            self.retrying += 1
+            self.counts["retrying"] += 1
             self._refresh()
             await asyncio.sleep(delay)
-            self.retrying -= 1
-            if asked is not None:
-                self.outcome.waits.append((asked, delay))
-        # stopped before an answer: the request stays pending, for the next run to send
-        self._commit(attempts=attempts, slots=slots)
-
-    def _account(self, used: tuple[int, int], cost: float) -> None:
-        self.spent["prompt_tokens"] += used[0]
-        self.spent["completion_tokens"] += used[1]
-        self.spent["cost"] += cost
+            self.counts["retrying"] -= 1
+        return None, None  # not reached: the last attempt returns above
 
     # -- the ledger writer: group commit, slots freed after their rows are durable ----------------
 
@@ -336,12 +350,17 @@ class Dispatcher:
                 completions = [c for c, _, _, _ in batch if c is not None]
                 failures = dict(f for _, f, _, _ in batch if f is not None)
                 attempts = [a for _, _, a, _ in batch for a in a]
-                await asyncio.to_thread(self.ledger.record, self.session, completions, failures, attempts)
-                for c, f, _, slots in batch:
-                    if c is not None:
-                        self.outcome.done += 1
-                    elif f is not None:
-                        self.outcome.failed += 1
+                try:
+                    await asyncio.to_thread(self.ledger.record, self.session, completions, failures, attempts)
+                except Exception as exc:  # a locked or full disk: stop sending, report, never hang
+                    self.write_error = exc
+                    self.stop("the ledger could not be written")
+                    for *_, slots in batch + self.pending_writes:
+                        slots.release()
+                    return
+                self.counts["done"] += len(completions)
+                self.counts["failed"] += len(failures)
+                for *_, slots in batch:
                     slots.release()
                 self.bar.advance(sum(c is not None or f is not None for c, f, _, _ in batch))
                 self._refresh()
@@ -349,9 +368,18 @@ class Dispatcher:
                 return
 
     def _refresh(self) -> None:
-        s = self.spent
-        self.bar.status(f"done {self.outcome.done}  failed {self.outcome.failed}  retrying {self.retrying}  "
+        s, c = self.spent, self.counts
+        self.bar.status(f"done {c['done']}  failed {c['failed']}  retrying {c['retrying']}  "
                         f"tokens {s['prompt_tokens'] + s['completion_tokens']:,}  ${s['cost']:.4f}")
+
+
+def _usage(data, prompt_est: int, completion_est: int) -> tuple[int, int]:
+    """(prompt, completion) tokens the endpoint says it billed; the estimate when it does not say."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+        return prompt_est, completion_est
+    completion = usage.get("completion_tokens")
+    return usage["prompt_tokens"], completion if isinstance(completion, int) else completion_est
 
 
 def _raw():
@@ -361,10 +389,10 @@ def _raw():
 
 
 def dispatch(spec, params: dict, todo: list[Request], ledger: Ledger, session: int, teacher_key: str,
-             tokenizer=None) -> Outcome:
-    """Run ``todo`` against the recipe's endpoints; returns what happened (see ``Outcome``)."""
+             tokenizer=None) -> str | None:
+    """Run ``todo`` against the recipe's endpoints; returns why the run stopped early, or None."""
     if not todo:
-        return Outcome()
+        return None
     dispatcher = Dispatcher(spec, params, ledger, session, teacher_key, tokenizer)
     try:
         return asyncio.run(dispatcher.run(todo))

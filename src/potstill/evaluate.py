@@ -162,7 +162,7 @@ def http_teacher_answers(recipe: Recipe, prompts: list[Prompt]) -> list:
         key = ledger.register_teacher(teacher_description(recipe, tokenizer))
         todo = ledger.plan(key, prompts, params)
         if todo:
-            stopped = dispatch(spec, params, todo, ledger, ledger.start_session(recipe.sha256()), key, tokenizer).stopped
+            stopped = dispatch(spec, params, todo, ledger, ledger.start_session(recipe.sha256()), key, tokenizer)
             if stopped:
                 raise PotstillError(f"the teacher's held-out answers stopped: {stopped}; rerun eval to resume")
         hashes = [h for h, _, _ in requests_for(key, prompts, params)]

@@ -118,7 +118,7 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
             if spec.backend == "openai":
                 from potstill.dispatch import dispatch
 
-                stopped = dispatch(spec, params, todo, ledger, session, key, tokenizer).stopped
+                stopped = dispatch(spec, params, todo, ledger, session, key, tokenizer)
             elif spec.backend == "openai_batch":
                 from potstill.batch import run_batches
 

@@ -132,13 +132,8 @@ def split_extras(body: dict) -> tuple[dict, dict]:
     return ({k: v for k, v in body.items() if k not in EXTRAS}, {k: v for k, v in body.items() if k in EXTRAS})
 
 
-def body_sha256(body: dict) -> str:
-    """What a server sees: lets a test count how often one request reached it."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def _token_id(token: str) -> int:
-    if not token.startswith("token_id:"):
+    if not isinstance(token, str) or not token.startswith("token_id:"):
         raise Malformed(f"token {token[:20]!r} is not token_id:N; does the endpoint support return_tokens_as_token_ids?")
     try:
         return int(token[9:])
@@ -147,26 +142,32 @@ def _token_id(token: str) -> int:
 
 
 def _topk_rows(rows: list[list[tuple[str, float]]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(T, k) ids and logprobs, descending; every row must have k entries and finite logprobs."""
+    """(T, k) ids and logprobs, descending; every row must have k entries and finite logprobs. A
+    row may hold more than k (vLLM's legacy completions add the sampled token): the k likeliest stay."""
     if any(len(row) < k for row in rows):
         t = next(t for t, row in enumerate(rows) if len(row) < k)
         raise Malformed(f"position {t} has {len(rows[t])} top logprobs, asked for {k}")
-    try:
-        lps = np.array([[lp for _, lp in row[:k]] for row in rows], np.float32)  # (T, k)
-    except (TypeError, ValueError):
-        raise Malformed("a top logprob is not a number") from None
-    bad = np.isnan(lps) | (lps > 1e-3)
-    if bad.any():
-        t, j = map(int, np.argwhere(bad)[0])
-        raise Malformed(f"position {t}: logprob {lps[t, j]!r} is not a finite log-probability")
-    ids = np.array([[_token_id(tok) for tok, _ in row[:k]] for row in rows], np.int32)
-    order = np.argsort(-lps, axis=1, kind="stable")  # descending, as the ledger stores them
+    for t, row in enumerate(rows):
+        for _, lp in row:
+            if not isinstance(lp, (int, float)) or isinstance(lp, bool) or math.isnan(lp) or lp > 1e-3:
+                raise Malformed(f"position {t}: logprob {lp!r} is not a finite log-probability")
+    rows = [sorted(row, key=lambda e: -e[1])[:k] for row in rows]
+    lps = np.array([[lp for _, lp in row] for row in rows], np.float32)  # (T, k), descending
+    ids = np.array([[_token_id(tok) for tok, _ in row] for row in rows], np.int32)
     # -inf (or OpenAI's -9999 sentinel) becomes -1e4: finite, and zero mass after exp
-    return np.take_along_axis(ids, order, 1), np.maximum(np.take_along_axis(lps, order, 1), -1e4)
+    return ids, np.maximum(lps, -1e4)
 
 
 def parse_response(request: Request, data: dict, params: dict, spec, seconds: float) -> Completion:
-    """A chat or completions response body -> ``Completion``; raise ``Malformed`` with the reason."""
+    """A chat or completions response body -> ``Completion``; raise ``Malformed`` with the reason,
+    whatever the shape of the body."""
+    try:
+        return _parse_response(request, data, params, spec, seconds)
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+        raise Malformed(f"unexpected response shape ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def _parse_response(request: Request, data: dict, params: dict, spec, seconds: float) -> Completion:
     try:
         choice = data["choices"][0]
         usage = data.get("usage") or {}
