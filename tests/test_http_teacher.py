@@ -409,3 +409,21 @@ def test_legacy_completions_keep_the_k_likeliest():
     c = parse_response(Request("h", [{"role": "user", "content": "q"}], 0, 0), data,
                        {"top_logprobs": 2, "max_new_tokens": 1}, recipe.teacher, 0.0)
     assert c.token_ids == [7] and c.topk_ids.tolist() == [[1, 2]]
+
+
+def test_provenance_edits_keep_the_request_keys(mock, tmp_path):
+    """Editing what does not change an answer (id, terms, a tokenizer a chat endpoint never sees)
+    must not orphan answers already paid for."""
+    m = mock()
+    base = ["teacher.path=null"]
+    first = http_recipe(tmp_path, [m], 10, *base)
+    generate(first)
+    edited = http_recipe(tmp_path, [m], 10, *base, "teacher.id=renamed", "teacher.terms_url=https://example.com/terms",
+                         "teacher.revision=2024-07", f"teacher.tokenizer={QUICKSTART / 'teacher'}")
+    assert recipe_requests(edited)[1] == recipe_requests(first)[1]
+    assert generate(edited)["sent"] == 0 and len(m.log) == 10
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        (desc,) = ledger.teachers().values()
+    assert desc["id"] == "renamed"  # the newest provenance is kept
+    other = http_recipe(tmp_path / "b", [m], 10, *base, "teacher.model=another")
+    assert set(recipe_requests(other)[1]).isdisjoint(recipe_requests(first)[1])

@@ -2,8 +2,9 @@
 
 It is the single source of truth for generated data. Rules it keeps:
 
-- A request is keyed by ``request_hash`` = sha256(teacher, messages, sampling params, sample
-  index): the idempotency key. Planning the same request twice is a no-op.
+- A request is keyed by ``request_hash`` = sha256(teacher key, messages, sampling params, sample
+  index): the idempotency key. Planning the same request twice is a no-op. The teacher key hashes
+  what decides the answers (``IDENTITY``), not provenance such as the teacher's id or terms.
 - A completion and its request's ``done`` status are written in one transaction, so a request
   is never "done" without its completion, and a crash loses at most the batch in flight.
 - Completions whose logprobs are not finite are not stored as valid: the request is marked
@@ -118,8 +119,26 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+# What decides a teacher's answers, by backend. Provenance that does not (its id, revision, terms,
+# where its folder lives) is left out, so editing it keeps every request's key, and the answers
+# already generated or paid for.
+IDENTITY = {
+    "local": ("weights_sha256", "tokenizer_sha256", "chat_template_sha256", "dtype"),
+    "openai": ("endpoint", "model", "api", "token_ids"),
+    "imported": ("source_sha256", "format"),
+}
+
+
 def teacher_key(description: dict) -> str:
-    return hashlib.sha256(_canonical(description).encode()).hexdigest()
+    backend = description.get("backend")
+    fields = IDENTITY.get(backend)
+    if fields is None:  # an unknown kind of teacher: all of it
+        return hashlib.sha256(_canonical(description).encode()).hexdigest()
+    identity = {"backend": backend, **{k: description.get(k) for k in fields}}
+    if backend == "openai" and (description.get("api") == "completions" or description.get("token_ids")):
+        # the tokenizer shapes the prompt (completions) or names the ids we store
+        identity.update({k: description.get(k) for k in ("tokenizer_sha256", "chat_template_sha256")})
+    return hashlib.sha256(_canonical(identity).encode()).hexdigest()
 
 
 def request_hash(teacher_key: str, messages: list[dict], params: dict, sample_index: int) -> str:
@@ -206,7 +225,9 @@ class Ledger:
 
     def register_teacher(self, description: dict) -> str:
         key = teacher_key(description)
-        self.db.execute("INSERT OR IGNORE INTO teachers VALUES (?, ?)", (key, _canonical(description)))
+        # the newest description wins: provenance (terms, id) may be edited without changing the key
+        self.db.execute("INSERT INTO teachers VALUES (?, ?) ON CONFLICT (teacher_key) DO UPDATE SET "
+                        "description=excluded.description", (key, _canonical(description)))
         return key
 
     def start_session(self, recipe_sha256: str | None) -> int:

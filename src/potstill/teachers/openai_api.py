@@ -44,8 +44,8 @@ def load_tokenizer(spec):
 
 
 def describe_openai(spec, tokenizer, teacher_id: str) -> dict:
-    """Provenance of an HTTP teacher; its hash is part of every request's idempotency key, so it
-    holds what identifies the answers (endpoint, model, api, token ids) and nothing volatile."""
+    """Provenance of an HTTP teacher. Only part of it keys the requests (``ledger.IDENTITY``: the
+    endpoint(s), model, api, token ids, and the tokenizer when it shapes the request or the ids)."""
     from potstill.teachers.local import tokenizer_sha256
 
     return {
