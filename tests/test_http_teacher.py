@@ -406,7 +406,7 @@ def test_legacy_completions_keep_the_k_likeliest():
         "tokens": ["token_id:7"], "token_logprobs": [-3.0],
         "top_logprobs": [{"token_id:7": -3.0, "token_id:1": -0.2, "token_id:2": -1.9}]}}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
-    c = parse_response(Request("h", [{"role": "user", "content": "q"}], 0, 0), data,
+    c = parse_response(Request("ab" * 32, [{"role": "user", "content": "q"}], 0, 0), data,
                        {"top_logprobs": 2, "max_new_tokens": 1}, recipe.teacher, 0.0)
     assert c.token_ids == [7] and c.topk_ids.tolist() == [[1, 2]]
 

@@ -198,6 +198,21 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, client, loc
         assert got == pytest.approx(ref.topk_logprobs.ravel().tolist(), rel=1e-5, abs=1e-5)
 
 
+def test_seeded_sampled_requests_are_batched_too(server):
+    """potstill sends a seed with every request: sampled ones must still share batches."""
+    app, url = server
+
+    async def ask_all():
+        async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0) as aclient:
+            return await asyncio.gather(*(aclient.chat.completions.create(
+                model="teacher", messages=[{"role": "user", "content": p}], temperature=1.0, max_tokens=12,
+                seed=1000 + i) for i, p in enumerate(PROMPTS)))
+
+    before = app.state.batcher.batches
+    assert all(a.choices[0].message.content is not None for a in asyncio.run(ask_all()))
+    assert app.state.batcher.batches - before < len(PROMPTS)
+
+
 def test_served_teacher_distills_like_the_local_one(server, tmp_path):
     """The bundled teacher behind `potstill serve` as an HTTP teacher: the ledger holds the same
     ids and top-k as the local backend's, and the KD students trained from either match."""

@@ -100,7 +100,8 @@ def cmd_serve(args) -> None:
     from potstill.serve import serve
 
     serve(args.model_dir, host=args.host, port=args.port, model_name=args.model_name, dtype=args.dtype,
-          device=args.device, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+          device=args.device, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+          exact_seeds=args.exact_seeds)
 
 
 def cmd_merge(args) -> None:
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--max-batch-size", type=int, default=32, help="rows per batched generate call")
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather requests into a batch")
+    s.add_argument("--exact-seeds", action="store_true", help="run each seeded sampled request alone, so its seed "
+                   "alone decides its samples (default: batched; a seed reproduces a sample in the same batch)")
     s.set_defaults(func=cmd_serve)
     m = verbs.add_parser("merge", help="combine ledgers (e.g. --shard outputs) into one, without duplicates")
     m.add_argument("out", help="the ledger to write (created, or merged into)")

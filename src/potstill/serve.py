@@ -36,8 +36,10 @@ What a client must know:
   ``max_position_embeddings`` is refused.
 - Left padding in a batch can change logits in the last float bits, so a request batched with
   others may differ from the same request alone by rounding.
-- A sampled request with a seed runs in a batch of its own, so the same seed gives the same text
-  (on the same machine and library versions).
+- Seeds: sampled requests are batched whatever their seed, and a batch samples from one generator
+  seeded by its requests' seeds, so a seed reproduces a sample when the batch is the same (e.g.
+  the request sent alone). ``exact_seeds`` (``--exact-seeds``) runs every seeded sampled request
+  in a batch of its own instead: its seed alone decides its samples, at the cost of batching.
 
 Not supported, refused with a 400 rather than ignored: tools and function calls, response_format
 other than text, logit_bias, presence and frequency penalties, best_of, suffix, message parts
@@ -48,6 +50,7 @@ finished.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 import socket
@@ -132,6 +135,7 @@ class Served:
     default_max_tokens: int | None  # generation_config.max_new_tokens
     vocab_size: int  # rows of the input embedding: valid prompt token ids
     max_batch_size: int
+    exact_seeds: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     alone: dict = field(default_factory=dict)  # (id, skip_special) -> the token decoded by itself
 
@@ -235,7 +239,8 @@ def run_batch(served: Served, jobs: list[Job]) -> list[list[tuple[Completion | N
     params = dict(jobs[0].params)
     token_logprobs = params.pop("token_logprobs")
     rows = [r for job in jobs for r in job.rows]
-    seed = jobs[0].seed if jobs[0].seed is not None else secrets.randbits(32)
+    seeds = sorted(job.seed for job in jobs if job.seed is not None)
+    seed = int(hashlib.sha256(repr(seeds).encode()).hexdigest()[:8], 16) if seeds else secrets.randbits(32)
     completions = [None] * len(rows)
     if params["max_new_tokens"]:
         completions = generate_ids(served.model, served.tokenizer, rows, params, seed, [""] * len(rows),
@@ -357,8 +362,8 @@ def make_job(body: Sampling, ids: list[int], max_new: int, k: int, token_logprob
     return Job([ids] * body.n, params, (*params.values(), solo), body.seed, prompt_k)
 
 
-def solo_key(body: Sampling) -> str | None:
-    return uuid.uuid4().hex if body.seed is not None and body.temperature > 0 else None
+def solo_key(served: Served, body: Sampling) -> str | None:
+    return uuid.uuid4().hex if served.exact_seeds and body.seed is not None and body.temperature > 0 else None
 
 
 def chat_prompt(tokenizer, messages: list[Message]) -> list[int]:
@@ -424,7 +429,7 @@ async def chat_completion(served: Served, batcher: Batcher, body: ChatRequest):
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_new = max_new_tokens(served, len(ids), requested, 1, "messages")
     k = (body.top_logprobs or 0) if body.logprobs else 0
-    rows = await batcher.submit(make_job(body, ids, max_new, k, body.logprobs, None, solo_key(body)))
+    rows = await batcher.submit(make_job(body, ids, max_new, k, body.logprobs, None, solo_key(served, body)))
     stops = stop_strings(body.stop)
     choices = [make_choice(served.tokenizer, c, stops) for c, _ in rows]
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
@@ -505,7 +510,7 @@ async def completion(served: Served, batcher: Batcher, body: CompletionRequest):
     prompts = completion_prompts(served, body.prompt)
     wanted = [x for x in (body.logprobs if body.echo else None, body.prompt_logprobs) if x is not None]
     prompt_k = max(wanted) if wanted else None
-    solo = solo_key(body)
+    solo = solo_key(served, body)
     jobs = [make_job(body, ids, max_new_tokens(served, len(ids), body.max_tokens, 0, "prompt"), body.logprobs or 0,
                      body.logprobs is not None, prompt_k, solo) for ids in prompts]
     results = await asyncio.gather(*(batcher.submit(job) for job in jobs))
@@ -569,7 +574,7 @@ def require_server_libraries() -> None:
 
 
 def build_app(model_dir: str | Path, *, model_name: str | None = None, dtype: str = "float32", device: str = "cpu",
-              max_batch_size: int = 32, batch_wait_ms: float = 5.0):
+              max_batch_size: int = 32, batch_wait_ms: float = 5.0, exact_seeds: bool = False):
     """The FastAPI app serving the model in ``model_dir``. ``app.state.batcher.batches`` counts the
     batches run: one generate call each (and the prompt scorings its requests asked for)."""
     require_server_libraries()
@@ -581,6 +586,7 @@ def build_app(model_dir: str | Path, *, model_name: str | None = None, dtype: st
     if batch_wait_ms < 0:
         raise PotstillError(f"batch wait must be 0 ms or more (got {batch_wait_ms})")
     served = load_served(model_dir, model_name, dtype, device, max_batch_size)
+    served.exact_seeds = exact_seeds
     batcher = Batcher(lambda jobs: run_batch(served, jobs), max_batch_size, batch_wait_ms / 1000)
 
     @asynccontextmanager
@@ -651,13 +657,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          dtype: str = "float32", device: str = "cpu", max_batch_size: int = 32, batch_wait_ms: float = 5.0) -> None:
+          dtype: str = "float32", device: str = "cpu", max_batch_size: int = 32, batch_wait_ms: float = 5.0,
+          exact_seeds: bool = False) -> None:
     """Serve the model in ``model_dir`` until interrupted (Ctrl-C)."""
     require_server_libraries()
     import uvicorn
 
     app = build_app(model_dir, model_name=model_name, dtype=dtype, device=device, max_batch_size=max_batch_size,
-                    batch_wait_ms=batch_wait_ms)
+                    batch_wait_ms=batch_wait_ms, exact_seeds=exact_seeds)
     sock = bind(host, port)
     print(f"potstill serve: {app.state.served.name} at http://{host}:{sock.getsockname()[1]}/v1 (Ctrl-C stops)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

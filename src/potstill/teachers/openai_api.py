@@ -82,9 +82,9 @@ def redact(text: str, key: str | None = None) -> str:
 
 
 def request_seed(request: Request) -> int:
-    """Each sample of a prompt gets its own seed, so a seeded endpoint draws different samples and
-    every request has a distinct body."""
-    return request.seed + request.sample_index
+    """A seed per request, from its key and the recipe's seed: every prompt and every sample of it
+    draws its own random stream on a seeded endpoint, as the local backend does."""
+    return (int(request.request_hash[:8], 16) + request.seed) % 2**31
 
 
 def request_body(request: Request, params: dict, spec, tokenizer) -> dict:
