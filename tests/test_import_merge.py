@@ -364,7 +364,7 @@ def test_merge_refuses_what_is_not_a_ledger_of_this_schema(tmp_path):
     with sqlite3.connect(tmp_path / "other.sqlite") as db:
         db.execute("CREATE TABLE t (x)")
     out = tmp_path / "out.sqlite"
-    for bad, message in [("old.sqlite", r"old.sqlite: ledger schema 3, merge needs 2"),
+    for bad, message in [("old.sqlite", r"old.sqlite: ledger schema 3; this potstill merges schema 2"),
                          ("text.sqlite", r"text.sqlite: not a potstill ledger"),
                          ("other.sqlite", r"other.sqlite: not a potstill ledger \(no attempts, batch_requests"),
                          ("missing.sqlite", r"input ledger .*missing.sqlite not found")]:
@@ -376,6 +376,18 @@ def test_merge_refuses_what_is_not_a_ledger_of_this_schema(tmp_path):
         merge_ledgers(tmp_path / "other.sqlite", [tmp_path / "good.sqlite"])
     with pytest.raises(PotstillError, match=r"is the output ledger"):
         merge_ledgers(out, [out])
+
+
+def test_a_version_1_ledger_is_upgraded_and_merged(tmp_path):
+    fill(tmp_path / "new.sqlite")
+    fill(tmp_path / "v1.sqlite")
+    with sqlite3.connect(tmp_path / "v1.sqlite") as db:  # what potstill 0.1 wrote: no attempts or batches
+        db.executescript("DROP TABLE attempts; DROP TABLE batch_requests; DROP TABLE batches; "
+                         "UPDATE meta SET value='1' WHERE key='schema_version'")
+    merge_ledgers(tmp_path / "v1.sqlite", [tmp_path / "new.sqlite"])  # as the output
+    merge_ledgers(tmp_path / "out.sqlite", [tmp_path / "v1.sqlite"])  # and as an input
+    with Ledger(tmp_path / "out.sqlite") as ledger:
+        assert ledger.counts()["done"] > 0
 
 
 def test_a_recipe_with_an_imported_teacher_trains_a_student(tmp_path):

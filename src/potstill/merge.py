@@ -79,7 +79,14 @@ def merge_ledgers(out: str | Path, inputs: list[str | Path]) -> dict:
 
 
 def _check(path: Path) -> None:
-    """Refuse, in one line, a file that is not a potstill ledger of this schema version."""
+    """Refuse, in one line, a file that is not a potstill ledger; upgrade a version 1 ledger in
+    place first (it only gains empty tables)."""
+    if _version(path) == "1":
+        Ledger(path).close()
+    _version(path, strict=True)
+
+
+def _version(path: Path, strict: bool = False) -> str | None:
     try:
         db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
         try:
@@ -90,12 +97,15 @@ def _check(path: Path) -> None:
             db.close()
     except sqlite3.DatabaseError as e:
         raise PotstillError(f"{path}: not a potstill ledger ({e})") from None
+    if not strict:
+        return version[0] if version else None
     if version is None or not set(TABLES) <= names:
         missing = ", ".join(sorted(set(TABLES) - names)) or "schema_version"
         raise PotstillError(f"{path}: not a potstill ledger (no {missing})")
     if version[0] != SCHEMA_VERSION:
-        raise PotstillError(f"{path}: ledger schema {version[0]}, merge needs {SCHEMA_VERSION}; open it once with "
-                            f"this potstill (e.g. potstill status) to upgrade it")
+        raise PotstillError(f"{path}: ledger schema {version[0]}; this potstill merges schema {SCHEMA_VERSION} "
+                            f"(a newer potstill wrote it?)")
+    return version[0]
 
 
 def _attach(db: sqlite3.Connection, path: Path) -> None:

@@ -221,9 +221,13 @@ class Recipe(Section):
     eval: EvalSpec
 
     @model_validator(mode="after")
-    def _prompts_given(self) -> Recipe:
+    def _consistent(self) -> Recipe:
         if self.prompts is None and self.teacher.backend != "imported":
             raise ValueError("prompts is required (prompts.path: a JSONL file of prompts)")
+        if self.generation.stop and self.teacher.token_ids:
+            raise ValueError("generation.stop with teacher.token_ids: the endpoint returns ids through the stop "
+                             "string and no end-of-sequence token, which would teach the student to write the stop "
+                             "string; use one or the other")
         return self
 
     def sha256(self) -> str:
