@@ -305,6 +305,20 @@ def test_resume_polls_the_batch_in_progress_and_creates_none(tmp_path, fake, mon
     assert counts["done"] + counts["failed"] == 40 and counts["pending"] == 0 and set(fake.sent().values()) == {1}
 
 
+def test_a_batch_collected_by_a_run_with_fewer_prompts_keeps_every_paid_answer(tmp_path, fake, monkeypatch):
+    r = recipe(tmp_path, fake)
+    fake.polls = 3
+    crash_once(monkeypatch, lambda fields: fields.get("status") == "in_progress")
+    with pytest.raises(KeyboardInterrupt):
+        generate(r)
+    fewer = recipe(tmp_path, fake, "prompts.limit=10")  # the user cut the prompt set after the crash
+    generate(fewer)
+    with ledger_of(r) as ledger:
+        counts = ledger.counts()
+    assert counts["done"] + counts["failed"] == 40  # the batch's 40 answers, not only the 10 asked now
+    assert generate(r)["sent"] == counts["failed"]  # only the failed lines are batched again, no answer
+
+
 def test_budget_shrinks_the_batch_then_stops_before_creating(tmp_path, fake):
     r = recipe(tmp_path, fake, "teacher.budget.max_requests=25")
     with pytest.raises(PotstillError, match=r"max_requests=25 leaves room for 25 of 40"):

@@ -333,12 +333,20 @@ def collect(run: Run, job: Job, batch) -> None:
         except (ValueError, KeyError, TypeError):
             skipped += raw.strip() != b""
             continue
-        # a request this run does not ask (done since, or out of the recipe's plan) keeps what it has
-        if h in seen or h not in job.hashes or h not in run.requests:
+        if h in seen or h not in job.hashes:
+            skipped += 1
+            continue
+        if h in run.requests:
+            request, params = run.requests[h], run.params
+        elif (found := run.ledger.open_request(h)) is not None:
+            # a paid answer to a request this run does not ask (the recipe's prompts changed since
+            # the batch was made): stored all the same, never asked and paid for again
+            request, params = found
+        else:  # done since
             skipped += 1
             continue
         seen.add(h)
-        completion, reason, status, usage = read_line(line, run.requests[h], run.params, run.spec, per_line)
+        completion, reason, status, usage = read_line(line, request, params, run.spec, per_line)
         used = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
         cost = batch_cost(run.spec.prices, *used)
         run.cost += cost
@@ -353,13 +361,12 @@ def collect(run: Run, job: Job, batch) -> None:
     run.done += len(completions)
     run.failed += len(failures)
     run.unanswered += unanswered
-    run.bar.advance(len(seen))
+    run.bar.advance(len(seen & run.requests.keys()))
     if unanswered:
         run.bar.note(f"batch {batch.id} {batch.status}: {unanswered} requests unanswered stay pending; a rerun "
                      f"batches them again")
     if skipped:
-        run.bar.note(f"batch {batch.id}: {skipped} output lines skipped (unreadable, repeated, or for requests this "
-                     f"run does not ask)")
+        run.bar.note(f"batch {batch.id}: {skipped} output lines skipped (unreadable, repeated, or already done)")
 
 
 def read_line(line: dict, request: Request, params: dict, spec, seconds: float

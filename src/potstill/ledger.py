@@ -323,6 +323,17 @@ class Ledger:
                                "teacher_key=? AND status != 'collected' ORDER BY created_at", (teacher_key,)).fetchall()
         return [dict(zip(("local_id", "batch_id", "input_file_id", "status", "created_at"), r)) for r in rows]
 
+    def open_request(self, request_hash: str) -> tuple[Request, dict] | None:
+        """A request not yet done, with its sampling params, rebuilt from the ledger; None if it is
+        done or unknown."""
+        row = self.db.execute("SELECT p.messages, r.sample_index, r.params FROM requests r JOIN prompts p "
+                              "USING (prompt_sha256) WHERE r.request_hash=? AND r.status != 'done'",
+                              (request_hash,)).fetchone()
+        if row is None:
+            return None
+        params = json.loads(row[2])
+        return Request(request_hash, json.loads(row[0]), row[1], params.get("seed", 0)), params
+
     def batch_request_hashes(self, local_id: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT request_hash FROM batch_requests WHERE local_id=?", (local_id,))}
 
