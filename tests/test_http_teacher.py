@@ -427,3 +427,25 @@ def test_provenance_edits_keep_the_request_keys(mock, tmp_path):
     assert desc["id"] == "renamed"  # the newest provenance is kept
     other = http_recipe(tmp_path / "b", [m], 10, *base, "teacher.model=another")
     assert set(recipe_requests(other)[1]).isdisjoint(recipe_requests(first)[1])
+
+
+def test_train_leaves_out_requests_that_failed_for_good(mock, tmp_path, capsys):
+    from potstill.train import train
+
+    m = mock(fatal={"400": 0.1})
+    recipe = http_recipe(tmp_path, [m], 40, "train.objective=sft", "train.epochs=1", "train.batch_size=8")
+    counts = generate(recipe)
+    assert counts["failed"] > 0
+    student = train(recipe, recipe.train)
+    assert f"{counts['failed']} of 40 requests failed in generate" in capsys.readouterr().out
+    assert json.loads((student / "potstill.json").read_text())["examples"] == counts["done"]
+
+
+def test_two_generates_on_one_ledger_are_refused(mock, tmp_path):
+    from potstill.ledger import exclusive
+
+    recipe = http_recipe(tmp_path, [mock()], 4)
+    with exclusive(tmp_path / "ledger.sqlite"):  # as another process would hold it
+        with pytest.raises(PotstillError, match="another potstill process is generating"):
+            generate(recipe)
+    assert generate(recipe)["done"] == 4

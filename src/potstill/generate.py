@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from potstill.errors import PotstillError
-from potstill.ledger import Ledger, requests_for, teacher_key
+from potstill.ledger import Ledger, exclusive, requests_for, teacher_key
 from potstill.progress import progress
 from potstill.prompts import load_prompts
 from potstill.recipe import Recipe, save_recipe
@@ -102,7 +102,7 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
     if recipe.generation.top_logprobs > 20 and spec.http:
         raise PotstillError(f"generation.top_logprobs={recipe.generation.top_logprobs}: OpenAI-compatible endpoints "
                             f"return at most 20")
-    with Ledger(ledger_path(recipe, shard)) as ledger:
+    with exclusive(ledger_path(recipe, shard)), Ledger(ledger_path(recipe, shard)) as ledger:
         if spec.http:
             tokenizer = teacher_tokenizer(recipe)
             desc = teacher_description(recipe, tokenizer)
@@ -137,7 +137,7 @@ def import_stage(recipe: Recipe) -> dict:
     from potstill.importers import import_file
 
     spec = recipe.teacher
-    with Ledger(ledger_path(recipe)) as ledger:
+    with exclusive(ledger_path(recipe)), Ledger(ledger_path(recipe)) as ledger:
         counts = import_file(ledger, spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
                              terms_family=spec.terms_family, terms_url=spec.terms_url)
         return {"planned": counts["read"], "sent": 0, **ledger.counts(), "spend": ledger.spend(), "imported": counts}

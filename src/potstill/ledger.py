@@ -21,6 +21,7 @@ import hashlib
 import json
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -127,6 +128,22 @@ IDENTITY = {
     "openai": ("endpoint", "model", "api", "token_ids"),
     "imported": ("source_sha256", "format"),
 }
+
+
+@contextmanager
+def exclusive(ledger_path: Path) -> Iterator[None]:
+    """Hold ``<ledger>.lock`` while generating: two processes sending the same to-do list would
+    pay twice. The kernel drops the lock when its process dies, even by SIGKILL."""
+    import fcntl
+
+    ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{ledger_path}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PotstillError(f"another potstill process is generating into {ledger_path}: wait for it, or give "
+                                f"each process its own shard (--shard i/n)") from None
+        yield
 
 
 def teacher_key(description: dict) -> str:
@@ -355,6 +372,12 @@ class Ledger:
                               f"ifnull(sum(cost), 0) FROM attempts {where}", () if teacher_key is None else (teacher_key,)
                               ).fetchone()
         return dict(zip(("requests", "prompt_tokens", "completion_tokens", "cost"), row))
+
+    def failed_count(self, request_hashes: list[str]) -> int:
+        """How many of ``request_hashes`` failed for good (status failed)."""
+        self._select(request_hashes)  # fills the temp table ``selected``
+        return self.db.execute("SELECT count(*) FROM selected JOIN requests r USING (request_hash) "
+                               "WHERE r.status='failed'").fetchone()[0]
 
     def failures(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT request_hash, error FROM requests WHERE status='failed'"))

@@ -203,10 +203,15 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     with Ledger(ledger_path) as ledger:
         examples = list(ledger.examples(hashes))
         ledger_sha = ledger.content_sha256(hashes)
-    # an imported file may hold rows that could not be stored (refusals, tool calls): train on the rest
-    if len(examples) < len(hashes) and recipe.teacher.backend != "imported":
-        raise PotstillError(f"{len(hashes) - len(examples)} of the recipe's {len(hashes)} requests have no completion "
-                            f"in {ledger_path}: run `potstill generate` first")
+        failed = ledger.failed_count(hashes)
+    # requests that failed for good (a refused prompt, an imported refusal) are left out, and said so;
+    # requests never answered mean generate has not finished
+    if len(examples) + failed < len(hashes):
+        raise PotstillError(f"{len(hashes) - len(examples) - failed} of the recipe's {len(hashes)} requests have no "
+                            f"completion in {ledger_path}: run `potstill generate` first")
+    if failed:
+        print(f"train {name}: {failed} of {len(hashes)} requests failed in generate (reasons in the ledger's "
+              f"requests.error); training on the other {len(examples)}")
     if spec.objective == "kd" and spec.teacher_signal == "cached" and any(ex.topk_ids is None for ex in examples):
         raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; generate with "
                             "generation.top_logprobs > 0, or use train.teacher_signal=online")
