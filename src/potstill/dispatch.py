@@ -10,8 +10,13 @@ The rules, and why:
   ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date); otherwise exponential backoff
   with jitter. A 429 with a wait pauses that endpoint for every sender. A wait longer than
   ``teacher.max_retry_wait`` stops the run: rerun later.
-- **Not retried, and the run stops** once the requests in flight settle: 400, 401, 403, 404,
-  422 and ``insufficient_quota``. Nothing new is sent after the first of them.
+- **Not retried:** 400 and 422 fail that request (with the endpoint's message) and the run goes
+  on, unless ``MAX_BAD_REQUESTS`` come in a row (then the settings are wrong, not one prompt, and
+  the run stops). 401, 403, 404 and ``insufficient_quota`` stop the run once the requests in
+  flight settle; nothing new is sent after the first of them. ``MAX_UNREACHABLE`` connection
+  errors in a row stop it too (the endpoint is down).
+- **Nothing hangs:** any unexpected error settles its request and stops the run; a ledger that
+  cannot be written stops it with the reason.
 - **Idempotency.** A slot of the window is held from the send until the ledger commit of its
   answer, so a crash re-sends at most the window; done requests were filtered out before.
 - **Budgets** count the ledger's totals over all sessions and reserve the worst case (prompt

@@ -31,7 +31,8 @@ class PricesSpec(Section):
 
 
 class BudgetSpec(Section):
-    """Stop generating (cleanly, spend recorded) before the ledger's totals for this teacher pass a limit."""
+    """Stop generating (cleanly, spend recorded) before the ledger's totals for this teacher pass a
+    limit. Each ledger counts its own: a shard's, and eval's held-out answers (eval-ledger.sqlite)."""
 
     max_requests: int | None = Field(None, ge=1)  # HTTP sends, retries included
     max_tokens: int | None = Field(None, ge=1)  # prompt + completion tokens the endpoint reported
@@ -55,11 +56,13 @@ class TeacherSpec(Section):
     # -- HTTP backends ------------------------------------------------------------------------
     model: str | None = None  # the model name the endpoint serves, e.g. gpt-4o-mini
     endpoints: list[str] = []  # base URLs, e.g. [https://api.openai.com/v1]; several = a fleet (least-loaded)
-    api: Literal["chat", "completions"] = "chat"  # chat: /chat/completions; completions: chat template applied here
+    # chat: /chat/completions; completions: /completions with the chat template applied here (the
+    # token ids when teacher.tokenizer is known, else the messages' text joined by newlines)
+    api: Literal["chat", "completions"] = "chat"
     api_key_env: str | None = None  # NAME of the environment variable holding the key; keys never go in recipes
     tokenizer: str | None = None  # the teacher's tokenizer folder: token ids, logit KD; default: path
     token_ids: bool = False  # ask for ids (vLLM / potstill serve `return_tokens_as_token_ids`); needed for logit KD
-    concurrency: int = Field(16, ge=1, le=4096)  # requests in flight per endpoint
+    concurrency: int = Field(16, ge=1, le=4096)  # the in-flight window is concurrency x endpoints
     requests_per_minute: float | None = Field(None, gt=0.0)  # over all endpoints
     tokens_per_minute: float | None = Field(None, gt=0.0)  # prompt estimate + max tokens, as providers count
     timeout: float = Field(120.0, gt=0.0)  # seconds per attempt
