@@ -65,14 +65,14 @@ def curve(run: Path) -> list[tuple[float, float]]:
     return [(r["loss"], r["grad_norm"]) for r in map(json.loads, (run / "logs" / "student.jsonl").open())]
 
 
-def assert_same_training(run_a: Path, run_b: Path, rtol: float = 1e-5, atol: float = 1e-4):
+def assert_same_training(run_a: Path, run_b: Path, rtol: float = 1e-5, atol: float = 1e-4, norm_rtol: float | None = None):
     """Same loss and gradient norm at every step, and the same final weights. Weights get a looser
     bound: Adam divides by sqrt(v), so a parameter whose gradient is ~1e-9 turns float rounding
     (a different summation order) into a visible step; the per-step loss shows the update is equal."""
     a, b = curve(run_a), curve(run_b)
     assert len(a) == len(b) == 8
     for (loss_a, norm_a), (loss_b, norm_b) in zip(a, b):
-        assert loss_b == pytest.approx(loss_a, rel=rtol) and norm_b == pytest.approx(norm_a, rel=rtol)
+        assert loss_b == pytest.approx(loss_a, rel=rtol) and norm_b == pytest.approx(norm_a, rel=norm_rtol or rtol)
     assert_close(weights(run_a), weights(run_b), atol)
 
 
@@ -218,8 +218,10 @@ def test_online_equals_cached_when_the_cache_holds_the_whole_vocabulary(tmp_path
     trained(tmp_path, big / "ledger.sqlite", "cached", *args)
     trained(tmp_path, big / "ledger.sqlite", "online", *args, "train.teacher_signal=online")
     # the per-step losses and gradient norms carry the check; Adam turns the 1e-3 target rounding
-    # into parameter differences of the order of lr (3e-3) per step, so weights are only bounded loosely
-    assert_same_training(tmp_path / "cached", tmp_path / "online", rtol=3e-3, atol=3e-2)
+    # into parameter differences of the order of lr (3e-3) per step, so weights are only bounded loosely.
+    # The gradient is p_student - p_teacher: where the two are close, the float16 rounding of the
+    # teacher's side is a larger share of it (measured up to 0.4 % in one step, loss within 4e-5)
+    assert_same_training(tmp_path / "cached", tmp_path / "online", rtol=3e-3, atol=3e-2, norm_rtol=1e-2)
 
 
 def test_lora_trains_adapters_and_exports_merged_weights(tmp_path, ledger):
