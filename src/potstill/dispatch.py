@@ -374,8 +374,8 @@ class Dispatcher:
 
     def _refresh(self) -> None:
         s, c = self.spent, self.counts
-        self.bar.status(f"done {c['done']}  failed {c['failed']}  retrying {c['retrying']}  "
-                        f"tokens {s['prompt_tokens'] + s['completion_tokens']:,}  ${s['cost']:.4f}")
+        self.bar.status(f"{c['done']} done, {c['failed']} failed, {c['retrying']} retrying, "
+                        f"{s['prompt_tokens'] + s['completion_tokens']:,} tok, ${s['cost']:.4f}")
 
 
 def _usage(data, prompt_est: int, completion_est: int) -> tuple[int, int]:

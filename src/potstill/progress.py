@@ -52,7 +52,7 @@ def live_counts(description: str, total: int) -> Iterator[_Counts]:
     if quiet or not sys.stderr.isatty():
         yield _Counts(quiet=quiet)
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("eta"),
+               TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         yield _Counts(bar, bar.add_task(description, total=total, status=""))
