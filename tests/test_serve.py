@@ -167,9 +167,20 @@ def test_bad_requests_are_openai_errors_without_tracebacks(server, client):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="context"):
         chat(client, PROMPTS[0], max_tokens=1000)
-    for bad in ({"n": 0}, {"extra_body": {"tools": [{"type": "function", "function": {"name": "f"}}]}}):
+    for bad in ({"n": 0}, {"extra_body": {"tools": [{"type": "function", "function": {"name": "f"}}]}},
+                {"extra_body": {"top_k": 5}}, {"extra_body": {"repetition_penalty": 1.2}}):
         with pytest.raises(openai.BadRequestError):
             chat(client, PROMPTS[0], **bad)
+    for messages in ([{"role": "bogus", "content": "hi"}],
+                     [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
+                                                                             "function": {"name": "f", "arguments": "{}"}}]},
+                      {"role": "tool", "content": "42", "tool_call_id": "1"}]):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="teacher", messages=messages)
+    # null means the default, as the official client sends it for None
+    r = httpx.post(server[1] + "/chat/completions", json={"model": "teacher", "temperature": None, "n": None,
+                   "logprobs": None, "stream": None, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
     r = httpx.post(server[1] + "/chat/completions", content=b"{not json")
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert "Traceback" not in r.text

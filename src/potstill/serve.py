@@ -41,16 +41,19 @@ What a client must know:
   the request sent alone). ``exact_seeds`` (``--exact-seeds``) runs every seeded sampled request
   in a batch of its own instead: its seed alone decides its samples, at the cost of batching.
 
-Not supported, refused with a 400 rather than ignored: tools and function calls, response_format
-other than text, logit_bias, presence and frequency penalties, best_of, suffix, message parts
-other than text. Streaming is not incremental: the chunks are sent when the request's batch has
-finished.
+Not supported, refused with a 400 rather than ignored: tools, function calls and tool turns,
+roles other than system/developer/user/assistant, response_format other than text, logit_bias,
+presence and frequency penalties, best_of, suffix, vLLM's top_k / min_p / repetition_penalty /
+min_tokens / ignore_eos / stop_token_ids, message parts other than text. Streaming is not
+incremental: the chunks are sent when the request's batch has finished. A client that disconnects
+does not cancel its request: the batch it joined still runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import json
 import secrets
 import socket
@@ -60,12 +63,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from potstill.errors import PotstillError
 from potstill.teachers.base import Completion
@@ -75,7 +78,10 @@ MAX_TOP_LOGPROBS = 20
 # request fields this server cannot honour, with the value that means "not used"
 UNSUPPORTED = {"tools": None, "functions": None, "function_call": None, "logit_bias": None,
                "presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "suffix": None,
-               "response_format": {"type": "text"}}
+               "response_format": {"type": "text"}, "tool_choice": None, "parallel_tool_calls": None,
+               # vLLM sampling options
+               "top_k": -1, "min_p": 0, "repetition_penalty": 1, "min_tokens": 0, "ignore_eos": False,
+               "stop_token_ids": None}
 
 
 class APIError(Exception):
@@ -87,40 +93,54 @@ class APIError(Exception):
 
 
 class Sampling(BaseModel):
-    """What both endpoints take. Unknown fields are accepted, as OpenAI clients send extras."""
+    """What both endpoints take. Unknown fields are accepted, as OpenAI clients send extras; a null
+    means the default, as in OpenAI's API (the official client sends null for None)."""
 
     model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
+    temperature: float | None = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    n: int | None = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: dict | None = None
-    return_tokens_as_token_ids: bool = False  # vLLM: token strings are "token_id:{id}"
+    return_tokens_as_token_ids: bool | None = False  # vLLM: token strings are "token_id:{id}"
+
+    @model_validator(mode="after")
+    def _nulls_are_defaults(self):
+        for name in ("temperature", "top_p", "n", "stream", "return_tokens_as_token_ids", "logprobs", "echo"):
+            if name in type(self).model_fields and getattr(self, name) is None:
+                setattr(self, name, type(self).model_fields[name].default)
+        return self
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant"]  # tool turns are not supported
     content: str | list[dict] | None = None
+
+    @model_validator(mode="after")
+    def _no_tool_calls(self):
+        if (self.model_extra or {}).get("tool_calls") or (self.model_extra or {}).get("function_call"):
+            raise ValueError("messages with tool calls are not supported")
+        return self
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
+    echo: bool | None = False
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # vLLM
 
 
@@ -295,8 +315,10 @@ def token_alone(served: Served, i: int, skip_special: bool) -> str:
 
 
 def logprob(x) -> float:
-    """OpenAI's convention: -9999.0 stands for a token the model gives no probability."""
-    return max(float(x), -9999.0)
+    """OpenAI's convention: -9999.0 stands for a token the model gives no probability; so does a
+    non-finite value (an fp16 overflow), which JSON could not carry."""
+    x = float(x)
+    return max(x, -9999.0) if math.isfinite(x) or x == float("-inf") else -9999.0
 
 
 def make_choice(tokenizer, c: Completion | None, stops: list[str]) -> Choice:

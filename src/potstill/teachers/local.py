@@ -95,19 +95,26 @@ def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: in
         max_new_tokens=params["max_new_tokens"], do_sample=not greedy,
         temperature=None if greedy else params["temperature"], top_p=None if greedy else params["top_p"],
         top_k=None, pad_token_id=pad, eos_token_id=tok.eos_token_id,
-        output_logits=True, return_dict_in_generate=True,
+        output_logits=bool(k := params["top_logprobs"]) or token_logprobs, return_dict_in_generate=True,
     )
     generated = out.sequences[:, width:].cpu()  # (B, T)
-    k = params["top_logprobs"]
     if k or token_logprobs:
-        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, T, V), raw logits at T=1
-    if k:
-        # only ids the tokenizer knows: a model's padding rows (vocab_size > len(tokenizer)) never
-        # enter the cache, so every cached id exists in a student of the same tokenizer
-        real = logprobs[..., :len(tok)]
-        top_lp, top_ids = real.topk(min(k, real.shape[-1]), dim=-1)  # (B, T, k)
-    if token_logprobs:
-        chosen = logprobs.gather(-1, generated.to(logprobs.device)[..., None])[..., 0].cpu()  # (B, T)
+        # a step at a time: never a (B, T, V) float32 copy of the logits, only (B, V) at once
+        tops, chosen_steps = [], []
+        for t, step in enumerate(out.logits):  # (B, V) raw logits at T=1
+            logprobs = step.float().log_softmax(-1)
+            if k:
+                # only ids the tokenizer knows: a model's padding rows (vocab_size > len(tokenizer))
+                # never enter the cache, so every cached id exists in a student of the same tokenizer
+                real = logprobs[:, :len(tok)]
+                tops.append(real.topk(min(k, real.shape[-1]), dim=-1))
+            if token_logprobs:
+                chosen_steps.append(logprobs.gather(-1, generated[:, t:t + 1].to(logprobs.device))[:, 0])
+        if k:
+            top_lp = torch.stack([v for v, _ in tops], dim=1)  # (B, T, k)
+            top_ids = torch.stack([i for _, i in tops], dim=1)
+        if token_logprobs:
+            chosen = torch.stack(chosen_steps, dim=1).cpu()  # (B, T)
     seconds = (time.perf_counter() - start) / len(rows)
     completions = []
     for i, (h, prompt) in enumerate(zip(hashes, rows)):
