@@ -71,10 +71,14 @@ class Fake:
             else:
                 out.append({"id": f"req-{n}", "custom_id": h, "error": None, "response": {
                     "status_code": 200, "request_id": f"r{n}", "body": completion(h, line["body"])}})
+        if self.mode == "expire_as_errors":  # as OpenAI reports what an expired batch never ran
+            err += [{"id": f"req-x{i}", "custom_id": line["custom_id"], "response": None,
+                     "error": {"code": "batch_expired", "message": "This request could not be executed before the "
+                               "completion window expired."}} for i, line in enumerate(lines[len(lines) // 2:])]
         random.Random(len(lines)).shuffle(out)
         b["output_file_id"] = self.store(out) if out else None
         b["error_file_id"] = self.store(err) if err else None
-        done = "completed" if self.mode == "complete" else "expired"
+        done = "completed" if self.mode == "complete" else "expired"  # expire, expire_as_errors
         b.update(status=done, **{f"{done}_at": int(time.time())},
                  request_counts={"total": len(lines), "completed": len(out), "failed": len(err)})
 
@@ -243,9 +247,10 @@ def test_every_request_is_answered_once_and_joined_on_its_custom_id(tmp_path, fa
     assert again["sent"] == 2 and again["done"] == 40 and again["failed"] == 0 and fake.creates == 4
 
 
-def test_expired_batch_keeps_the_rest_pending_and_a_rerun_finishes_them(tmp_path, fake):
+@pytest.mark.parametrize("mode", ["expire", "expire_as_errors"])
+def test_expired_batch_keeps_the_rest_pending_and_a_rerun_finishes_them(tmp_path, fake, mode):
     r = recipe(tmp_path, fake)
-    fake.mode = "expire"
+    fake.mode = mode
     with pytest.raises(PotstillError, match="20 requests were not answered"):
         generate(r)
     with ledger_of(r) as ledger:

@@ -336,6 +336,8 @@ def collect(run: Run, job: Job, batch) -> None:
         if h in seen or h not in job.hashes:
             skipped += 1
             continue
+        if _unrun(line):  # expired or cancelled before it ran: unbilled, and the request stays pending
+            continue
         if h in run.requests:
             request, params = run.requests[h], run.params
         elif (found := run.ledger.open_request(h)) is not None:
@@ -367,6 +369,14 @@ def collect(run: Run, job: Job, batch) -> None:
                      f"batches them again")
     if skipped:
         run.bar.note(f"batch {batch.id}: {skipped} output lines skipped (unreadable, repeated, or already done)")
+
+
+UNRUN = ("batch_expired", "batch_cancelled")  # error codes of lines the API never ran
+
+
+def _unrun(line: dict) -> bool:
+    error = line.get("error")
+    return isinstance(error, dict) and error.get("code") in UNRUN
 
 
 def read_line(line: dict, request: Request, params: dict, spec, seconds: float

@@ -6,10 +6,10 @@ or a ``Malformed`` error naming what was wrong. Sending, retries, limits and bud
 ``potstill.dispatch``; the Batch API in ``potstill.batch``.
 
 Token ids: OpenAI returns logprobs keyed by token *strings*, which cannot be mapped back to ids
-reliably, so such completions keep their text (sequence-level KD) and no top-k. vLLM and
-``potstill serve`` return ids when asked (``return_tokens_as_token_ids``: tokens read
-``token_id:123``); with ``teacher.token_ids: true`` potstill asks for them and stores the top-k
-like the local backend does, so logit KD works over HTTP.
+reliably, so potstill does not ask for them: such completions keep their text (sequence-level KD)
+and no top-k. vLLM and ``potstill serve`` return ids when asked (``return_tokens_as_token_ids``:
+tokens read ``token_id:123``); with ``teacher.token_ids: true`` potstill asks for them and stores
+the top-k like the local backend does, so logit KD works over HTTP.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def request_body(request: Request, params: dict, spec, tokenizer) -> dict:
     """The JSON body for ``request``, vendor extras included (``split_extras`` separates them)."""
     body = {"model": spec.model, "temperature": params["temperature"], "top_p": params["top_p"],
             "seed": request_seed(request), "n": 1}
-    k = params["top_logprobs"]
+    # logprobs only when they can be stored: without ids (OpenAI) they would be read and dropped
+    k = params["top_logprobs"] if spec.token_ids else 0
     if spec.api == "chat":
         body["messages"] = request.messages
         body["max_completion_tokens"] = params["max_new_tokens"]
@@ -179,7 +180,7 @@ def _parse_response(request: Request, data: dict, params: dict, spec, seconds: f
         raise Malformed(f"finish_reason {finish!r} (not stop or length)")
     if not isinstance(text, str):
         raise Malformed("response text is missing")
-    k = params["top_logprobs"]
+    k = params["top_logprobs"] if spec.token_ids else 0  # as request_body asked
     token_ids = topk_ids = topk_lps = None
     if k:
         lp = choice.get("logprobs")
@@ -192,25 +193,14 @@ def _parse_response(request: Request, data: dict, params: dict, spec, seconds: f
         else:
             chosen = lp.get("tokens") or []
             rows = [list((d or {}).items()) for d in (lp.get("top_logprobs") or [])]
-        if spec.token_ids:
-            if len(rows) != len(chosen) or not chosen:
-                raise Malformed(f"{len(chosen)} tokens but {len(rows)} top-logprob rows")
-            token_ids = [_token_id(t) for t in chosen]
-            topk_ids, topk_lps = _topk_rows(rows, k)
-        else:
-            # token strings only: check the values, keep the text (ids are not recoverable)
-            _check_finite(rows)
+        if len(rows) != len(chosen) or not chosen:
+            raise Malformed(f"{len(chosen)} tokens but {len(rows)} top-logprob rows")
+        token_ids = [_token_id(t) for t in chosen]
+        topk_ids, topk_lps = _topk_rows(rows, k)
     return Completion(request_hash=request.request_hash, text=text, token_ids=token_ids, topk_ids=topk_ids,
                       topk_logprobs=topk_lps, finish_reason=finish, prompt_tokens=int(usage.get("prompt_tokens") or 0),
                       seed=request_seed(request), seconds=seconds,
                       completion_tokens=int(usage.get("completion_tokens") or 0))
-
-
-def _check_finite(rows) -> None:
-    for t, row in enumerate(rows):
-        for _, lp in row:
-            if not isinstance(lp, (int, float)) or math.isnan(lp) or lp > 1e-3:
-                raise Malformed(f"position {t}: logprob {lp!r} is not a finite log-probability")
 
 
 def make_client(base_url: str, key: str, timeout: float):
