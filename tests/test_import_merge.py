@@ -384,8 +384,13 @@ def test_a_version_1_ledger_is_upgraded_and_merged(tmp_path):
     with sqlite3.connect(tmp_path / "v1.sqlite") as db:  # what potstill 0.1 wrote: no attempts or batches
         db.executescript("DROP TABLE attempts; DROP TABLE batch_requests; DROP TABLE batches; "
                          "UPDATE meta SET value='1' WHERE key='schema_version'")
-    merge_ledgers(tmp_path / "v1.sqlite", [tmp_path / "new.sqlite"])  # as the output
-    merge_ledgers(tmp_path / "out.sqlite", [tmp_path / "v1.sqlite"])  # and as an input
+    import shutil
+
+    shutil.copy(tmp_path / "v1.sqlite", tmp_path / "v1-input.sqlite")
+    before = (tmp_path / "v1-input.sqlite").read_bytes()
+    merge_ledgers(tmp_path / "out.sqlite", [tmp_path / "v1-input.sqlite"])  # as an input: read, never written
+    assert (tmp_path / "v1-input.sqlite").read_bytes() == before
+    merge_ledgers(tmp_path / "v1.sqlite", [tmp_path / "new.sqlite"])  # as the output: upgraded
     with Ledger(tmp_path / "out.sqlite") as ledger:
         assert ledger.counts()["done"] > 0
 
@@ -415,3 +420,25 @@ def test_a_recipe_with_an_imported_teacher_trains_a_student(tmp_path):
     assert "someone-else" in card and "cc-by-4.0" in card
     info = json.loads((student / "potstill.json").read_text())
     assert info["examples"] == 40  # the skipped tool-call row is not trained on
+
+
+def test_one_top_k_width_per_file(tmp_path):
+    rows = [{"prompt": "a", "response": "x", "token_ids": [5], "topk_ids": [[5]], "topk_logprobs": [[-0.1]]},
+            {"prompt": "b", "response": "y", "token_ids": [3], "topk_ids": [[3, 1, 2]],
+             "topk_logprobs": [[-0.1, -2.0, -3.0]]}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with Ledger(tmp_path / "l.sqlite") as ledger, pytest.raises(PotstillError, match=r"mixed.jsonl:2: .* one k per file"):
+        import_file(ledger, path)
+
+
+def test_a_prompt_repeated_many_times_is_planned_once_per_row(tmp_path, monkeypatch):
+    """Each row plans its own request: re-planning a prompt's earlier samples made imports quadratic."""
+    planned = []
+    real = Ledger.add_requests
+    monkeypatch.setattr(Ledger, "add_requests", lambda self, key, items, params: planned.append(len(items)) or
+                        real(self, key, items, params))
+    path = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "Write a story.", "response": f"story {i}"}
+                                                 for i in range(300)])
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        assert import_file(ledger, path)["new"] == 300
+    assert sum(planned) == 300

@@ -116,9 +116,9 @@ def cmd_merge(args) -> None:
 
 def cmd_import(args) -> None:
     from potstill.importers import import_file
-    from potstill.ledger import Ledger
+    from potstill.ledger import Ledger, exclusive
 
-    with Ledger(args.ledger) as ledger:
+    with exclusive(Path(args.ledger)), Ledger(args.ledger) as ledger:
         counts = import_file(ledger, args.file, format=args.format, teacher_id=args.teacher_id,
                              terms_family=args.terms_family, terms_url=args.terms_url)
     print("import: " + ", ".join(f"{k} {counts[k]}" for k in ("read", "new", "already", "skipped")))

@@ -114,13 +114,8 @@ def import_file(ledger: Ledger, path: str | Path, *, format: str = "auto", teach
     reasons: dict[str, dict] = {}
     session = None
     for chunk in _chunks(_keyed(path, fmt, key)):
-        # plan: requests with sample index n are planned with n + 1 samples per prompt; the indices
-        # below n come from earlier rows of the file, so planning them again is a no-op
-        by_index: dict[int, list[Prompt]] = {}
-        for h, n, row in chunk:
-            if h is not None:
-                by_index.setdefault(n, []).append(row.prompt)
-        todo = {r.request_hash for n, prompts in by_index.items() for r in ledger.plan(key, prompts, params, n + 1)}
+        planned = [(h, row.prompt, n) for h, n, row in chunk if h is not None]
+        todo = {r.request_hash for r in ledger.add_requests(key, planned, params)}
         completions, failures = [], {}
         for h, _, row in chunk:
             counts["read"] += 1
@@ -177,12 +172,19 @@ def _stamp(path: Path) -> tuple[int, int]:
 def _scan(path: str, resolved: str, size: int, mtime_ns: int, fmt: str) -> tuple[tuple[str, ...], bool]:
     """Check every row (raising on the first bad one) and gather what the description names.
     Remembered per (file, size, mtime): `potstill run` describes the same file in several stages."""
-    models, dropped, rows = set(), False, 0
+    models, dropped, rows, k = set(), False, 0, None
     for row in _rows(Path(path), fmt):
         rows += 1
         dropped |= row.logprobs_dropped
         if row.model:
             models.add(row.model)
+        if row.topk_ids is not None and row.topk_ids.size:
+            # training batches hold one k: a file mixing widths would be misread, not just padded
+            if k is None:
+                k, first = row.topk_ids.shape[1], row.where
+            elif row.topk_ids.shape[1] != k:
+                raise PotstillError(f"{row.where}: topk_ids has {row.topk_ids.shape[1]} entries per token, {first} "
+                                    f"has {k}: one k per file")
     if not rows:
         raise PotstillError(f"{path}: no rows to import")
     return tuple(sorted(models)), dropped

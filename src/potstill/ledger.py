@@ -257,8 +257,12 @@ class Ledger:
     def plan(self, teacher_key: str, prompts: list[Prompt], params: dict, samples_per_prompt: int = 1,
              shard: tuple[int, int] | None = None) -> list[Request]:
         """Record the requests for ``prompts`` (idempotent) and return those not yet done."""
+        return self.add_requests(teacher_key, requests_for(teacher_key, prompts, params, samples_per_prompt, shard),
+                                 params)
+
+    def add_requests(self, teacher_key: str, planned: list[tuple[str, Prompt, int]], params: dict) -> list[Request]:
+        """Record (request hash, prompt, sample index) triples (idempotent); return those not done."""
         now = _now()
-        planned = requests_for(teacher_key, prompts, params, samples_per_prompt, shard)
         with self.db:
             self.db.execute("BEGIN")
             for h, p, i in planned:

@@ -19,10 +19,11 @@ So merging the same input twice adds nothing.
 from __future__ import annotations
 
 import sqlite3
+import tempfile
 from pathlib import Path
 
 from potstill.errors import PotstillError
-from potstill.ledger import SCHEMA_VERSION, Ledger
+from potstill.ledger import SCHEMA_VERSION, Ledger, exclusive
 
 TABLES = ("meta", "teachers", "prompts", "sessions", "requests", "completions", "attempts", "batches",
           "batch_requests")
@@ -45,41 +46,40 @@ def merge_ledgers(out: str | Path, inputs: list[str | Path]) -> dict:
     for p in inputs:
         if out.exists() and p.exists() and p.resolve() == out.resolve():
             raise PotstillError(f"{p}: is the output ledger; merge it into a new file instead")
-    if out.exists() and out.stat().st_size:
-        _check(out)  # never let Ledger() add its tables to some other SQLite file
-    Ledger(out).close()  # creates out, or upgrades a version 1 ledger in place
-    db = sqlite3.connect(out.resolve().as_uri(), uri=True, timeout=30, isolation_level=None)
-    try:
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA synchronous=FULL")
-        for p in inputs:  # refuse a bad input before anything is merged
-            _attach(db, p)
-            db.execute("DETACH src")
-        counts = {"inputs": len(inputs), "requests": 0, "completions": 0, "duplicates": 0, "conflicts": 0,
-                  "sessions": 0, "attempts": 0, "batches": 0}
-        for p in inputs:
-            _attach(db, p)
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                for k, v in _merge_one(db).items():
-                    counts[k] += v
-                db.execute("COMMIT")
-            except sqlite3.Error as e:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise PotstillError(f"{p}: could not be merged ({e}); {out} is as it was before this input") from None
-            finally:
-                db.execute("DETACH src")
-        check = db.execute("PRAGMA integrity_check").fetchone()[0]
-        if check != "ok":
-            raise PotstillError(f"{out}: integrity check failed after the merge ({check})")
-    finally:
-        db.close()
+    with exclusive(out), tempfile.TemporaryDirectory() as scratch:
+        if out.exists() and out.stat().st_size:
+            _check(out)  # never let Ledger() add its tables to some other SQLite file
+        Ledger(out).close()  # creates out, or upgrades a version 1 ledger in place
+        sources = [_source(p, Path(scratch) / f"{i}.sqlite") for i, p in enumerate(inputs)]  # all checked first
+        db = sqlite3.connect(out.resolve().as_uri(), uri=True, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA synchronous=FULL")
+            counts = {"inputs": len(inputs), "requests": 0, "completions": 0, "duplicates": 0, "conflicts": 0,
+                      "sessions": 0, "attempts": 0, "batches": 0}
+            for p, source in zip(inputs, sources):
+                db.execute("ATTACH DATABASE ? AS src", (source.resolve().as_uri() + "?mode=ro",))
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    for k, v in _merge_one(db).items():
+                        counts[k] += v
+                    db.execute("COMMIT")
+                except sqlite3.Error as e:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise PotstillError(f"{p}: could not be merged ({e}); {out} is as it was before this input") from None
+                finally:
+                    db.execute("DETACH src")
+            check = db.execute("PRAGMA integrity_check").fetchone()[0]
+            if check != "ok":
+                raise PotstillError(f"{out}: integrity check failed after the merge ({check})")
+        finally:
+            db.close()
     return counts
 
 
 def _check(path: Path) -> None:
-    """Refuse, in one line, a file that is not a potstill ledger; upgrade a version 1 ledger in
+    """Refuse, in one line, a file that is not a potstill ledger; upgrade a version 1 output in
     place first (it only gains empty tables)."""
     if _version(path) == "1":
         Ledger(path).close()
@@ -108,11 +108,21 @@ def _version(path: Path, strict: bool = False) -> str | None:
     return version[0]
 
 
-def _attach(db: sqlite3.Connection, path: Path) -> None:
+def _source(path: Path, scratch: Path) -> Path:
+    """The file to attach for an input, checked; a version 1 input is upgraded in a copy at
+    ``scratch``, never in place (it may sit on read-only storage, or belong to someone else)."""
     if not path.is_file():
         raise PotstillError(f"input ledger {path} not found")
-    _check(path)
-    db.execute("ATTACH DATABASE ? AS src", (path.resolve().as_uri() + "?mode=ro",))
+    if _version(path) == "1":
+        src = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        dst = sqlite3.connect(scratch)
+        src.backup(dst)  # includes what is still in the input's WAL
+        src.close()
+        dst.close()
+        Ledger(scratch).close()
+        path = scratch
+    _version(path, strict=True)
+    return path
 
 
 def _merge_one(db: sqlite3.Connection) -> dict:
