@@ -6,6 +6,7 @@ Examples:
   potstill generate my_recipe.yaml generation.batch_size=32
   potstill generate my_recipe.yaml --shard 3/8          (then: potstill merge RUN/ledger.sqlite RUN/ledger-shard-*)
   potstill serve examples/quickstart/teacher --port 8000
+  potstill import chats.jsonl runs/x/ledger.sqlite --teacher-id gpt-4o
   potstill train my_recipe.yaml train.objective=sft
   potstill eval my_recipe.yaml
   potstill report runs/quickstart
