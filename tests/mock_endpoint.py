@@ -5,7 +5,7 @@ network does: a reset is a closed socket, a truncated body is a short read. Ever
 logged by the sha256 of its JSON body, which is how tests count re-sends. Used by the tests and
 by bench/http_bench.py (run it as a separate process there: ``python tests/mock_endpoint.py``).
 
-Faults are drawn per (body, attempt) from a seeded hash, so a run is reproducible:
+Faults are drawn per (body without its seed, attempt) from a seeded hash, so a run is reproducible:
 
     429 with Retry-After (seconds or ms), 500/503, reset, timeout (sleep past the client's),
     truncated body, invalid JSON, NaN logprobs, and the fatal ones 400, 401, insufficient_quota.
@@ -103,7 +103,9 @@ class MockEndpoint:
         sha = body_sha256(body)
         attempt = self.attempts.get(sha, 0)
         self.attempts[sha] = attempt + 1
-        what = self._draw(sha, attempt)
+        # drawn from the body without its seed: potstill derives seeds from request keys, which name
+        # the endpoint and so the mock's port; this keeps a test's fault schedule the same every run
+        what = self._draw(body_sha256({k: v for k, v in body.items() if k != "seed"}), attempt)
         self.log.append((time.monotonic(), sha, what))
         if self.latency:
             await asyncio.sleep(self.latency)

@@ -29,7 +29,10 @@ IDS = {"return_tokens_as_token_ids": True}
 @pytest.fixture(scope="module")
 def server():
     """A real uvicorn server on a free loopback port, in a thread; yields (app, base url)."""
-    app = build_app(TEACHER, model_name="teacher", batch_wait_ms=20)
+    yield from running(build_app(TEACHER, model_name="teacher", batch_wait_ms=20))
+
+
+def running(app):
     sock = bind("127.0.0.1", 0)
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -207,6 +210,22 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, client, loc
         # batches of other sizes and paddings than LocalTeacher's: equal up to float32 rounding
         got = [x.logprob for e in entries for x in e.top_logprobs]
         assert got == pytest.approx(ref.topk_logprobs.ravel().tolist(), rel=1e-5, abs=1e-5)
+
+
+def test_requests_of_clients_that_went_away_are_not_run():
+    """A client that times out (and would retry) leaves no work behind in a batch not yet started."""
+    serving = running(build_app(TEACHER, model_name="teacher", batch_wait_ms=1500))
+    app, url = next(serving)
+    impatient = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=0.3)
+    for p in PROMPTS[:3]:
+        with pytest.raises(openai.APITimeoutError):
+            chat(impatient, p, temperature=0, max_tokens=4)
+    time.sleep(2.0)  # past the batch wait: the batch would have run by now
+    assert app.state.batcher.batches == 0
+    assert chat(openai.OpenAI(base_url=url, api_key="unused", max_retries=0), PROMPTS[0], temperature=0,
+                max_tokens=4).choices[0].message.content is not None
+    assert app.state.batcher.batches == 1
+    next(serving, None)  # shut it down
 
 
 def test_seeded_sampled_requests_are_batched_too(server):

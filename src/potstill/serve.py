@@ -46,7 +46,7 @@ roles other than system/developer/user/assistant, response_format other than tex
 presence and frequency penalties, best_of, suffix, vLLM's top_k / min_p / repetition_penalty /
 min_tokens / ignore_eos / stop_token_ids, message parts other than text. Streaming is not
 incremental: the chunks are sent when the request's batch has finished. A client that disconnects
-does not cancel its request: the batch it joined still runs it.
+(say, a timeout it will retry) is left out of any batch not yet started.
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from potstill.errors import PotstillError
+
+try:  # the serve extra; FastAPI reads the handlers' annotations from this module
+    from starlette.requests import Request as HTTPRequest
+except ImportError:  # pragma: no cover - build_app says what to install
+    HTTPRequest = Any
 from potstill.teachers.base import Completion
 from potstill.teachers.local import DTYPES, generate_ids, load_model_dir, prompt_ids
 
@@ -218,6 +223,9 @@ class Batcher:
         return sum(len(j.rows) for j in self.pending if j.key == key)
 
     def _take(self) -> list[Job]:
+        self.pending = [j for j in self.pending if not j.future.done()]  # clients that went away
+        if not self.pending:
+            return []
         batch, rows = [], 0
         for job in self.pending:
             if job.key == self.pending[0].key and (not batch or rows + len(job.rows) <= self.max_rows):
@@ -239,6 +247,8 @@ class Batcher:
                 except asyncio.TimeoutError:
                     pass
             batch = self._take()
+            if not batch:
+                continue
             try:
                 results = await asyncio.to_thread(self.run_batch, batch)
             except Exception as e:  # the model failed (out of memory, ...): each waiting request gets a 500
@@ -654,13 +664,32 @@ def build_app(model_dir: str | Path, *, model_name: str | None = None, dtype: st
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
                                             "owned_by": "potstill", "max_model_len": served.context}]}
 
+    async def unless_gone(request, work):
+        """``work``'s result, or None once the client has disconnected: its jobs are then
+        cancelled, and a batch not yet started leaves them out (a timed-out client retries, and
+        would otherwise have the server answer every request twice)."""
+        task = asyncio.ensure_future(work)
+
+        async def gone():
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.1)
+
+        watcher = asyncio.ensure_future(gone())
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            return JSONResponse({"error": {"message": "client disconnected", "type": "server_error", "param": None,
+                                           "code": None}}, status_code=499)
+        watcher.cancel()
+        return respond(task.result())
+
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
-        return respond(await chat_completion(served, batcher, body))
+    async def chat(body: ChatRequest, request: HTTPRequest):
+        return await unless_gone(request, chat_completion(served, batcher, body))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return respond(await completion(served, batcher, body))
+    async def completions(body: CompletionRequest, request: HTTPRequest):
+        return await unless_gone(request, completion(served, batcher, body))
 
     return app
 
