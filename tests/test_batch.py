@@ -377,3 +377,27 @@ def test_token_ids_and_top_k_come_through_a_batch(tmp_path, fake):
         for e in ledger.examples():
             assert list(e.token_ids) == [5, 6, 7] and e.topk_ids.shape == (3, 5)
             assert (e.topk_ids[:, 0] == [5, 6, 7]).all() and e.topk_logprobs[0, 0] == pytest.approx(-0.1, abs=1e-3)
+
+
+def test_a_crash_part_way_through_collecting_stores_each_answer_once(tmp_path, fake, monkeypatch):
+    monkeypatch.setattr(potstill.batch, "COLLECT_CHUNK", 7)  # 40 lines -> 6 transactions
+    r = recipe(tmp_path, fake)
+    real, calls = Ledger.record, []
+
+    def record(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "record", record)
+    with pytest.raises(KeyboardInterrupt):
+        generate(r)
+    with ledger_of(r) as ledger:
+        assert ledger.counts()["done"] + ledger.counts()["failed"] == 14  # two chunks stored
+    counts = generate(r)
+    assert counts["done"] + counts["failed"] == 40 and fake.creates == 1
+    with ledger_of(r) as ledger:
+        attempts = ledger.db.execute("SELECT count(*), count(DISTINCT request_hash) FROM attempts").fetchone()
+    # each answer's attempt row once; a failed line met again is retried in the rerun's collection
+    assert attempts[1] == 40 and attempts[0] <= 40 + counts["failed"]

@@ -316,36 +316,55 @@ def validation_message(batch) -> str:
     return f"batch {batch.id} failed validation: {what}{more}; fix the recipe and rerun"
 
 
-def collect(run: Run, job: Job, batch) -> None:
-    """Store every line of a finished batch in one transaction, then mark the batch collected."""
-    lines = []
+COLLECT_CHUNK = 2000  # output lines per ledger transaction: a 50,000-line batch is never held whole
+
+
+def _lines(run: Run, batch):
+    """The lines of a finished batch's output and error files, streamed from the API."""
     for file_id in (batch.output_file_id, batch.error_file_id):
         if file_id:
-            lines += run.client.files.content(file_id).content.splitlines()
+            with run.client.files.with_streaming_response.content(file_id) as response:
+                yield from response.iter_lines()
+
+
+def collect(run: Run, job: Job, batch) -> None:
+    """Store every line of a finished batch, ``COLLECT_CHUNK`` lines per transaction, the last one
+    marking the batch collected. After a crash part-way, a rerun collects it again: lines whose
+    request is done by then are skipped, so no answer is stored or counted twice."""
+    counts = getattr(batch, "request_counts", None)
+    total = max((counts.total if counts else 0) or len(job.hashes), 1)
     end = batch.completed_at or batch.expired_at or batch.cancelled_at or time.time()
-    per_line = max(end - batch.created_at, 0) / max(len(lines), 1)  # seconds: the batch's wall time, shared
+    per_line = max(end - batch.created_at, 0) / total  # seconds: the batch's wall time, shared
     sent_at = datetime.fromtimestamp(batch.created_at, timezone.utc).isoformat(timespec="milliseconds")
-    completions, failures, attempts, seen, skipped = [], {}, [], set(), 0
-    for raw in lines:
+    seen, already, skipped, done, failed = set(), set(), 0, 0, 0
+    completions, failures, attempts = [], {}, []
+
+    def flush(last: bool) -> None:
+        nonlocal done, failed, completions, failures, attempts
+        run.ledger.record(run.session, completions, failures, attempts, collected_batch=job.local_id if last else None)
+        done, failed = done + len(completions), failed + len(failures)
+        completions, failures, attempts = [], {}, []
+
+    for raw in _lines(run, batch):
         try:
             line = json.loads(raw)
             h = line["custom_id"]
         except (ValueError, KeyError, TypeError):
-            skipped += raw.strip() != b""
+            skipped += raw.strip() != ""
             continue
         if h in seen or h not in job.hashes:
             skipped += 1
             continue
         if _unrun(line):  # expired or cancelled before it ran: unbilled, and the request stays pending
             continue
-        if h in run.requests:
+        if h in run.requests and run.ledger.open_request(h) is not None:
             request, params = run.requests[h], run.params
-        elif (found := run.ledger.open_request(h)) is not None:
+        elif h not in run.requests and (found := run.ledger.open_request(h)) is not None:
             # a paid answer to a request this run does not ask (the recipe's prompts changed since
             # the batch was made): stored all the same, never asked and paid for again
             request, params = found
-        else:  # done since
-            skipped += 1
+        else:  # done since (an earlier, interrupted collection of this batch stored it)
+            already.add(h)
             continue
         seen.add(h)
         completion, reason, status, usage = read_line(line, request, params, run.spec, per_line)
@@ -358,12 +377,14 @@ def collect(run: Run, job: Job, batch) -> None:
             completions.append(completion)
         else:
             failures[h] = reason
-    run.ledger.record(run.session, completions, failures, attempts, collected_batch=job.local_id)
-    unanswered = len(job.hashes & run.requests.keys() - seen)
-    run.done += len(completions)
-    run.failed += len(failures)
+        if len(attempts) >= COLLECT_CHUNK:
+            flush(last=False)
+    flush(last=True)
+    unanswered = len(job.hashes & run.requests.keys() - seen - already)
+    run.done += done
+    run.failed += failed
     run.unanswered += unanswered
-    run.bar.advance(len(seen & run.requests.keys()))
+    run.bar.advance(len((seen | already) & run.requests.keys()))
     if unanswered:
         run.bar.note(f"batch {batch.id} {batch.status}: {unanswered} requests unanswered stay pending; a rerun "
                      f"batches them again")
