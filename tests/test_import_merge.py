@@ -442,3 +442,17 @@ def test_a_prompt_repeated_many_times_is_planned_once_per_row(tmp_path, monkeypa
     with Ledger(tmp_path / "l.sqlite") as ledger:
         assert import_file(ledger, path)["new"] == 300
     assert sum(planned) == 300
+
+
+def test_merge_carries_what_an_input_learnt_of_a_batch(tmp_path):
+    fill(tmp_path / "a.sqlite")
+    with Ledger(tmp_path / "a.sqlite") as ledger:
+        key = next(iter(ledger.teachers()))
+        ledger.add_batch("local-1", key, [])
+    merge_ledgers(tmp_path / "out.sqlite", [tmp_path / "a.sqlite"])  # out: the batch as prepared
+    with Ledger(tmp_path / "a.sqlite") as ledger:  # later, the shard created it
+        ledger.update_batch("local-1", input_file_id="file-9", batch_id="batch_9", status="in_progress")
+    merge_ledgers(tmp_path / "out.sqlite", [tmp_path / "a.sqlite"])
+    with Ledger(tmp_path / "out.sqlite") as ledger:
+        (row,) = [b for b in ledger.open_batches(key) if b["local_id"] == "local-1"]
+    assert (row["batch_id"], row["input_file_id"], row["status"]) == ("batch_9", "file-9", "in_progress")

@@ -11,7 +11,8 @@ is fast and a crash leaves ``out`` as it was before that input. What is kept:
 - sessions: copied with new ids (the completions and attempts that name them are remapped); a
   session already in ``out`` (same start time, recipe and versions) is not copied again;
 - attempts: copied unless ``out`` has one with the same request, endpoint and send time;
-- batches, batch_requests: unioned by key; a batch collected in any input is collected in ``out``.
+- batches, batch_requests: unioned by key; a batch collected in any input is collected in ``out``,
+  and ids an input recorded (file, batch) fill those ``out`` lacks.
 
 So merging the same input twice adds nothing.
 """
@@ -182,6 +183,13 @@ def _merge_one(db: sqlite3.Connection) -> dict:
     db.execute("UPDATE main.batches AS m SET status = 'collected', error = s.error, updated_at = s.updated_at "
                "FROM src.batches AS s WHERE m.local_id = s.local_id AND s.status = 'collected' "
                "AND m.status != 'collected'")  # as a done request wins: its answers are in the ledger
+    # what an input learnt of a batch (its file and batch ids) fills what out does not know yet,
+    # so a rerun polls that batch instead of looking it up by its tag
+    db.execute("UPDATE main.batches AS m SET batch_id = coalesce(m.batch_id, s.batch_id), "
+               "input_file_id = coalesce(m.input_file_id, s.input_file_id), "
+               "status = CASE WHEN m.status = 'prepared' THEN s.status ELSE m.status END "
+               "FROM src.batches AS s WHERE m.local_id = s.local_id AND m.status != 'collected' "
+               "AND (m.batch_id IS NULL OR m.input_file_id IS NULL)")
     db.execute("INSERT OR IGNORE INTO main.batch_requests (local_id, request_hash) "
                "SELECT local_id, request_hash FROM src.batch_requests")
     db.execute("DROP TABLE temp.session_map")
