@@ -16,12 +16,12 @@ Each batch goes through these steps, in this order, and why:
    ledger; requests already in one are not batched again. A batch whose id was never recorded (a
    crash between create and the write) is looked up in ``batches.list()`` by its metadata tag and
    adopted; one whose file id was recorded is not uploaded again.
-4. **Poll** every ``teacher.batch_poll_seconds``. On completed / expired / cancelled, download the
+4. **Poll** every ``teacher.batch_poll_seconds``. On completed / expired / cancelled, stream the
    output and error files (either may be absent), join on custom_id (the output is unordered), and
    store completions, failures (non-200 lines, error lines, bodies ``parse_response`` rejects) and
-   one attempt row per line in one ledger transaction per batch; then mark the batch collected.
-   Requests with no line (an expired or cancelled batch) stay pending: the next run batches them
-   again. A ``failed`` batch (its input rejected at validation) stops the run with the API's message.
+   one attempt row per line, ``COLLECT_CHUNK`` lines per ledger transaction, the last marking the
+   batch collected. Requests with no line, or a ``batch_expired`` / ``batch_cancelled`` error line
+   (never run, unbilled), stay pending: the next run batches them again. A ``failed`` batch (its input rejected at validation) stops the run with the API's message.
 
 Cost of a line = (prompt_tokens * prices.prompt + completion_tokens * prices.completion) / 1e6
 * ``BATCH_DISCOUNT``: ``teacher.prices`` are the online list prices, and the Batch API bills half.
