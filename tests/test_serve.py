@@ -278,3 +278,16 @@ def test_served_teacher_distills_like_the_local_one(server, tmp_path):
             for s in students]
     steps = [[r["loss"] for r in log if "loss" in r] for log in logs]
     assert steps[0] and np.allclose(steps[0], steps[1], rtol=1e-3)
+
+
+def test_prompt_scores_are_the_same_chunked(server, monkeypatch):
+    import potstill.serve
+
+    served = server[0].state.served
+    ids = served.tokenizer(PROMPTS[0] + " " + PROMPTS[1])["input_ids"]
+    whole = potstill.serve.score_prompt(served, ids, 5)
+    monkeypatch.setattr(potstill.serve, "SCORE_CHUNK", 3)
+    chunked = potstill.serve.score_prompt(served, ids, 5)
+    for field in ("logprobs", "ranks", "top_ids", "top_logprobs"):
+        assert (getattr(whole, field) == getattr(chunked, field)).all()
+    assert len(whole.logprobs) == len(ids) - 1

@@ -80,6 +80,7 @@ from potstill.teachers.base import Completion
 from potstill.teachers.local import DTYPES, generate_ids, load_model_dir, prompt_ids
 
 MAX_TOP_LOGPROBS = 20
+SCORE_CHUNK = 512  # prompt positions scored per step of echo / prompt_logprobs
 # request fields this server cannot honour, with the value that means "not used"
 UNSUPPORTED = {"tools": None, "functions": None, "function_call": None, "logit_bias": None,
                "presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "suffix": None,
@@ -289,12 +290,19 @@ def score_prompt(served: Served, ids: list[int], k: int) -> Scores:
     (temperature 1, top-k over the tokenizer's ids as LocalTeacher does). One unpadded forward
     pass, so a score is what the model gives the text alone."""
     x = torch.tensor([ids], device=served.model.device)
-    lp = served.model(input_ids=x).logits[0, :-1].float().log_softmax(-1)  # (L - 1, V)
-    chosen = lp.gather(-1, x[0, 1:, None])[:, 0]  # (L - 1,)
-    ranks = (lp > chosen[:, None]).sum(-1) + 1
-    real = lp[:, :len(served.tokenizer)]
-    top_lp, top_ids = real.topk(min(k, real.shape[-1]), dim=-1)  # (L - 1, k)
-    return Scores(chosen.cpu().numpy(), ranks.cpu().numpy(), top_ids.cpu().numpy(), top_lp.cpu().numpy())
+    # the model's own logits (soft-capping, scaling and all), once; the float32 log-softmax, the
+    # ranks and the top-k SCORE_CHUNK positions at a time, never an (L, V) float32 copy
+    logits = served.model(input_ids=x).logits[0, :-1]  # (L - 1, V) in the model's dtype
+    parts = []
+    for s in range(0, logits.shape[0], SCORE_CHUNK):
+        lp = logits[s:s + SCORE_CHUNK].float().log_softmax(-1)  # (chunk, V)
+        chosen = lp.gather(-1, x[0, s + 1:s + 1 + lp.shape[0], None])[:, 0]
+        ranks = (lp > chosen[:, None]).sum(-1) + 1
+        real = lp[:, :len(served.tokenizer)]
+        top_lp, top_ids = real.topk(min(k, real.shape[-1]), dim=-1)
+        parts.append((chosen, ranks, top_ids, top_lp))
+    chosen, ranks, top_ids, top_lp = (torch.cat(p).cpu().numpy() for p in zip(*parts))
+    return Scores(chosen, ranks, top_ids, top_lp)
 
 
 def token_pieces(tokenizer, ids: list[int], skip_special: bool) -> list[str]:
