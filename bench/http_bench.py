@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ["POTSTILL_QUIET"] = "1"
 
-from mock_endpoint import Faults, MockEndpoint, body_sha256  # noqa: E402
+from mock_endpoint import Faults, MockEndpoint, request_shas  # noqa: E402
 
 from potstill.generate import generate  # noqa: E402
 from potstill.recipe import load_recipe  # noqa: E402
@@ -128,19 +128,7 @@ def kills() -> None:
         with sqlite3.connect(ledger) as db:
             return {r[0] for r in db.execute("SELECT request_hash FROM completions")}
 
-    recipe = recipe_for(out, mock.url, n, f"teacher.concurrency={window}")
-    from potstill.generate import recipe_requests, sampling_params
-    from potstill.ledger import requests_for, teacher_key
-    from potstill.prompts import load_prompts
-    from potstill.teachers.base import Request
-    from potstill.teachers.openai_api import request_body, split_extras
-
-    desc, _ = recipe_requests(recipe)
-    params = sampling_params(recipe)
-    by_sha = {}
-    for h, p, i in requests_for(teacher_key(desc), load_prompts(recipe.prompts.path, n), params):
-        body, extra = split_extras(request_body(Request(h, p.chat, i, params["seed"]), params, recipe.teacher, None))
-        by_sha[body_sha256({**body, **extra})] = h
+    by_sha = request_shas(recipe_for(out, mock.url, n, f"teacher.concurrency={window}"))
 
     resent_done, resent_per_kill, kill_log = 0, [], []
     start = time.perf_counter()

@@ -26,6 +26,24 @@ def body_sha256(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def request_shas(recipe) -> dict[str, str]:
+    """body sha256 (what the mock logs) -> request hash, for every request of an HTTP recipe."""
+    from potstill.generate import recipe_requests, sampling_params
+    from potstill.ledger import requests_for, teacher_key
+    from potstill.prompts import load_prompts
+    from potstill.teachers.base import Request
+    from potstill.teachers.openai_api import request_body, split_extras
+
+    desc, _ = recipe_requests(recipe)
+    params = sampling_params(recipe)
+    out = {}
+    for h, p, i in requests_for(teacher_key(desc), load_prompts(recipe.prompts.path, recipe.prompts.limit), params,
+                                recipe.generation.samples_per_prompt):
+        body, extra = split_extras(request_body(Request(h, p.chat, i, params["seed"]), params, recipe.teacher, None))
+        out[body_sha256({**body, **extra})] = h
+    return out
+
+
 @dataclass
 class Faults:
     """Probabilities of each fault per attempt; ``retry_after`` as sent with a 429."""

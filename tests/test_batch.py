@@ -298,12 +298,17 @@ def test_a_lost_create_answer_is_found_by_its_tag_not_created_again(tmp_path, fa
     assert fake.creates == 1 and fake.lists == 1 and counts["pending"] == 0
 
 
-def test_resume_polls_the_batch_in_progress_and_creates_none(tmp_path, fake, monkeypatch):
-    r = recipe(tmp_path, fake)
+def crash_while_in_progress(r, fake, monkeypatch) -> None:
+    """Run ``r`` until its batch is in progress at the API, then die as a killed process would."""
     fake.polls = 3
     crash_once(monkeypatch, lambda fields: fields.get("status") == "in_progress")
     with pytest.raises(KeyboardInterrupt):
         generate(r)
+
+
+def test_resume_polls_the_batch_in_progress_and_creates_none(tmp_path, fake, monkeypatch):
+    r = recipe(tmp_path, fake)
+    crash_while_in_progress(r, fake, monkeypatch)
     assert fake.creates == 1 and fake.polls_of["batch_1"] == 1
     counts = generate(r)
     assert fake.creates == 1 and fake.polls_of["batch_1"] == 3 and fake.lists == 0
@@ -312,10 +317,7 @@ def test_resume_polls_the_batch_in_progress_and_creates_none(tmp_path, fake, mon
 
 def test_a_batch_collected_by_a_run_with_fewer_prompts_keeps_every_paid_answer(tmp_path, fake, monkeypatch):
     r = recipe(tmp_path, fake)
-    fake.polls = 3
-    crash_once(monkeypatch, lambda fields: fields.get("status") == "in_progress")
-    with pytest.raises(KeyboardInterrupt):
-        generate(r)
+    crash_while_in_progress(r, fake, monkeypatch)
     fewer = recipe(tmp_path, fake, "prompts.limit=10")  # the user cut the prompt set after the crash
     generate(fewer)
     with ledger_of(r) as ledger:

@@ -14,14 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import QUICKSTART, ROOT
-from mock_endpoint import Faults, MockEndpoint, body_sha256
-from potstill.dispatch import dispatch, retry_after
+from mock_endpoint import Faults, MockEndpoint, request_shas
+from potstill.dispatch import retry_after
 from potstill.errors import PotstillError
 from potstill.generate import generate, recipe_requests, sampling_params
 from potstill.ledger import Ledger
-from potstill.prompts import load_prompts
 from potstill.recipe import load_recipe
-from potstill.teachers.openai_api import request_body
 
 CANARY = "sk-canary-0123456789abcdef"
 
@@ -47,29 +45,13 @@ def http_recipe(out: Path, endpoints, n: int = 40, *extra: str):
         f"teacher.endpoints=[{urls}]", "teacher.concurrency=8", "generation.top_logprobs=5", *extra])
 
 
-def shas(recipe) -> dict[str, str]:
-    """body sha256 (what the mock logs) -> request hash, for every request of the recipe."""
-    from potstill.ledger import requests_for, teacher_key
-    from potstill.teachers.base import Request
-    from potstill.teachers.openai_api import split_extras
-
-    desc, _ = recipe_requests(recipe)
-    params = sampling_params(recipe)
-    out = {}
-    for h, p, i in requests_for(teacher_key(desc), load_prompts(recipe.prompts.path, recipe.prompts.limit), params,
-                                recipe.generation.samples_per_prompt):
-        body, extra = split_extras(request_body(Request(h, p.chat, i, params["seed"]), params, recipe.teacher, None))
-        out[body_sha256({**body, **extra})] = h
-    return out
-
-
 def test_clean_run_stores_every_answer_once(mock, tmp_path):
     m = mock(latency=0.02)
     recipe = http_recipe(tmp_path, [m], 40, "generation.samples_per_prompt=2")
     counts = generate(recipe)
     assert counts["done"] == 80 and counts["failed"] == 0
     assert len(m.log) == 80 and len({sha for _, sha, _ in m.log}) == 80  # two samples, two distinct bodies
-    assert set(shas(recipe)) == {sha for _, sha, _ in m.log}
+    assert set(request_shas(recipe)) == {sha for _, sha, _ in m.log}
     assert counts["spend"]["requests"] == 80
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
         (desc,) = ledger.teachers().values()
@@ -245,7 +227,7 @@ def test_sigkill_and_resume_lose_nothing_and_resend_only_the_window(mock, tmp_pa
     window = 8
     n = 400
     recipe = http_recipe(tmp_path, [m], n)
-    by_sha = shas(recipe)
+    by_sha = request_shas(recipe)
     args = [sys.executable, "-m", "potstill.cli", "generate", str(QUICKSTART / "recipe.yaml"),
             f"output_dir={tmp_path}", f"prompts.limit={n}", "teacher.backend=openai", "teacher.model=mock",
             f"teacher.endpoints=[{m.url}]", f"teacher.concurrency={window}", "generation.top_logprobs=5"]

@@ -35,8 +35,8 @@ from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Request
-from potstill.teachers.openai_api import (Malformed, endpoint_path, estimate_tokens, make_client, parse_response,
-                                          redact, request_body, split_extras)
+from potstill.teachers.openai_api import (Malformed, api_key, endpoint_path, estimate_tokens, make_client,
+                                          parse_response, redact, request_body, split_extras)
 
 MALFORMED_RETRIES = 2
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds: 0.5 * 2^n, capped, + up to 25 % jitter
@@ -155,8 +155,6 @@ class Dispatcher:
     ``stopped`` says why it stopped early (None if it did not)."""
 
     def __init__(self, spec, params: dict, ledger: Ledger, session: int, teacher_key: str, tokenizer=None):
-        from potstill.teachers.openai_api import api_key
-
         self.spec, self.params, self.ledger, self.session = spec, params, ledger, session
         self.tokenizer = tokenizer
         self.key = api_key(spec)

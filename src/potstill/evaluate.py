@@ -160,12 +160,13 @@ def http_teacher_answers(recipe: Recipe, prompts: list[Prompt]) -> list:
     tokenizer = teacher_tokenizer(recipe)
     with Ledger(recipe.run_dir / "eval-ledger.sqlite") as ledger:
         key = ledger.register_teacher(teacher_description(recipe, tokenizer))
-        todo = ledger.plan(key, prompts, params)
+        planned = requests_for(key, prompts, params)
+        todo = ledger.add_requests(key, planned, params)
         if todo:
             stopped = dispatch(spec, params, todo, ledger, ledger.start_session(recipe.sha256()), key, tokenizer)
             if stopped:
                 raise PotstillError(f"the teacher's held-out answers stopped: {stopped}; rerun eval to resume")
-        hashes = [h for h, _, _ in requests_for(key, prompts, params)]
+        hashes = [h for h, _, _ in planned]
         answers = {ex.request_hash: ex for ex in ledger.examples(hashes)}
     missing = [h for h in hashes if h not in answers]
     if missing:

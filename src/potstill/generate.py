@@ -110,8 +110,8 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
             teacher = teacher or make_teacher(recipe)
             desc = teacher.describe()
         key = ledger.register_teacher(desc)
-        todo = ledger.plan(key, prompts, params, recipe.generation.samples_per_prompt, shard)
-        planned = len(requests_for(key, prompts, params, recipe.generation.samples_per_prompt, shard))
+        planned = requests_for(key, prompts, params, recipe.generation.samples_per_prompt, shard)
+        todo = ledger.add_requests(key, planned, params)
         stopped = None
         if todo:
             session = ledger.start_session(recipe.sha256())
@@ -125,7 +125,7 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
                 stopped = run_batches(spec, params, todo, ledger, session, key, tokenizer)
             else:
                 local_generate(teacher, todo, params, ledger, session, recipe.generation.batch_size)
-        counts = {"planned": planned, "sent": len(todo), **ledger.counts(), "spend": ledger.spend(key)}
+        counts = {"planned": len(planned), "sent": len(todo), **ledger.counts(), "spend": ledger.spend(key)}
     if stopped:
         raise PotstillError(f"generation stopped: {stopped}. Saved: {counts['done']} done, {counts['failed']} failed; "
                             f"rerun the same command to resume")

@@ -14,8 +14,6 @@ the top-k like the local backend does, so logit KD works over HTTP.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
