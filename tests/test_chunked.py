@@ -30,7 +30,7 @@ def test_chunked_equals_unchunked(name, teacher_kind, chunk):
         ref_teacher = chunk_teacher = {"topk_ids": ids, "topk_logprobs": lp}
     else:
         ref_teacher = {"teacher_logits": t_hidden @ t_weight.T}
-        chunk_teacher = {"teacher_hidden": t_hidden, "teacher_weight": t_weight}
+        chunk_teacher = {"teacher_hidden": t_hidden, "teacher_head": t_weight}
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     ref, ref_ce, ref_kd = unchunked(h1, w1, labels, 0.7, name, 2.0, **ref_teacher)

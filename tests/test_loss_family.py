@@ -57,7 +57,7 @@ def test_beta_and_alpha_limits():
     assert loss("jsd", beta=1 - 1e-6) / 1e-6 == pytest.approx(loss("reverse_kl"), rel=2e-3)
     assert loss("skew_kl", alpha=0.0) == pytest.approx(loss("forward_kl"), rel=1e-6)
     assert loss("skew_reverse_kl", alpha=0.0) == pytest.approx(loss("reverse_kl"), rel=1e-6)
-    assert loss("skew_kl", alpha=1.0) == pytest.approx(0.0, abs=1e-9)
+    assert loss("skew_kl", alpha=1 - 1e-6) == pytest.approx(0.0, abs=1e-5)
     # symmetric JSD at beta = 0.5 is bounded by log 2
     assert loss("jsd", beta=0.5) <= torch.log(torch.tensor(2.0)).item()
 
@@ -101,3 +101,16 @@ def test_unknown_loss_and_bad_weights_are_refused():
         kd_loss("kl", s, teacher_logits=t)
     with pytest.raises(ValueError, match="beta must be in"):
         kd_loss("jsd", s, teacher_logits=t, beta=1.5)
+    # alpha = 1 mixes the target into itself: the divergence is 0 whatever the student, so a
+    # KD-only step would have no gradient at all (it crashed in backward); refused, as by the recipe
+    for name in ("skew_kl", "skew_reverse_kl"):
+        with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\)"):
+            kd_loss(name, s, teacher_logits=t, alpha=1.0)
+
+
+def test_the_recipe_refuses_alpha_1_as_the_loss_does():
+    from potstill.recipe import TrainSpec
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="less than 1"):
+        TrainSpec(loss="skew_kl", alpha=1.0)

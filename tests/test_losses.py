@@ -98,3 +98,21 @@ def test_gradient_matches_dense_and_is_finite_at_extremes():
         assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     empty = sparse_forward_kl(torch.zeros(0, 25), ids1[:0], lp1[:0])
     assert empty.item() == 0.0
+
+
+@pytest.mark.parametrize("form", ["dense", "sparse"])
+def test_a_very_sure_student_keeps_its_loss_and_gradient(form):
+    """log q = -150 where the teacher says 0.5: no floor may cut the value or the gradient."""
+    student = torch.tensor([[0.0, -150.0]], dtype=torch.float64)
+    teacher = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    ref_s = student.clone().requires_grad_(True)
+    p, log_q = teacher.softmax(-1), ref_s.log_softmax(-1)
+    (p * (p.log() - log_q)).sum().backward()  # float64, no clamps: 74.31, gradient q - p = [0.5, -0.5]
+
+    x = student.float().requires_grad_(True)
+    target = ({"teacher_logits": teacher.float()} if form == "dense" else
+              {"topk_ids": torch.tensor([[0, 1]]), "topk_logprobs": teacher.float().log_softmax(-1)})
+    loss = kd_loss("forward_kl", x, **target)
+    loss.backward()
+    assert loss.item() == pytest.approx(74.3069, rel=1e-5)
+    assert torch.allclose(x.grad.double(), ref_s.grad, atol=1e-6)

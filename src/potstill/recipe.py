@@ -145,7 +145,7 @@ class TrainSpec(Section):
     # KD divergence (formulas: src/potstill/losses/); over the teacher's top-k + tail when cached
     loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
     beta: float = Field(0.5, ge=0.0, le=1.0)  # jsd: 0 = forward KL, 1 = reverse KL (GKD)
-    alpha: float = Field(0.1, ge=0.0, le=1.0)  # skew_kl / skew_reverse_kl mixing weight (DistiLLM)
+    alpha: float = Field(0.1, ge=0.0, lt=1.0)  # skew_kl / skew_reverse_kl mixing weight (DistiLLM); 1 = no signal
     kd_ratio: float = Field(0.5, ge=0.0, le=1.0)  # weight of the KD term against cross-entropy
     temperature: float = Field(1.0, gt=0.0, le=10.0)  # softens teacher and student alike; KD term x T^2
     # where the teacher's distribution comes from: cached = top-k in the ledger; online = a forward

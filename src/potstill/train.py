@@ -31,9 +31,10 @@ from potstill.compat import Compat, check_tokenizers
 from potstill.data import TrainExample, build_examples, collate
 from potstill.errors import PotstillError
 from potstill.generate import recipe_requests
+from potstill.heads import model_heads
 from potstill.ledger import Ledger
 from potstill.losses import kd_loss
-from potstill.losses.chunked import chunked_kd_loss
+from potstill.losses.chunked import Head, chunked_kd_loss
 from potstill.progress import progress
 from potstill.recipe import Recipe, TrainSpec
 from potstill.teachers.local import load_model_dir
@@ -87,13 +88,18 @@ def add_lora(model, spec: TrainSpec):
         raise PotstillError(f"train.lora: {str(e).splitlines()[0]}") from None
 
 
-def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None, on_policy: bool = False):
+def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None, on_policy: bool = False,
+              heads: dict[str, Head] | None = None):
     """(loss, ce, kd) summed over the completion tokens of one micro-batch; only loss has a grad.
 
     Cached signal: sparse KD against the ledger's top-k. Online signal: dense KD against the
     teacher's full distribution. On-policy batches (student samples) train on KD alone: CE on
-    the student's own samples would only reinforce them.
+    the student's own samples would only reinforce them. With ``spec.chunk_size`` the logits are
+    built from hidden states by ``heads["student"]`` (and ``heads["teacher"]``), checked once
+    against the models' own logits by ``output_head``; found here when not given.
     """
+    if spec.chunk_size and heads is None:
+        heads = model_heads(model, teacher)
     labels = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
     mask = labels != -100
     n = int(mask.sum())
@@ -105,7 +111,7 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
                             output_hidden_states=spec.chunk_size > 0, logits_to_keep=1 if spec.chunk_size else 0)
         if spec.chunk_size:
             targets = {"teacher_hidden": t_out.hidden_states[-1][:, :-1][mask],
-                       "teacher_weight": teacher.get_output_embeddings().weight[:compat.shared_vocab]}
+                       "teacher_head": heads["teacher"].rows(compat.shared_vocab)}
         else:
             targets = {"teacher_logits": t_out.logits[:, :-1][mask][:, :compat.shared_vocab]}
     elif kd_ratio:
@@ -119,8 +125,7 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][:, :-1][mask]  # (N, H)
-        head = _unwrap(model).get_output_embeddings().weight[:vocab]
-        loss, ce, kd = chunked_kd_loss(hidden, head, labels[mask], kd_ratio=kd_ratio, chunk_size=spec.chunk_size,
+        loss, ce, kd = chunked_kd_loss(hidden, heads["student"].rows(vocab), labels[mask], kd_ratio=kd_ratio, chunk_size=spec.chunk_size,
                                        **kd_args, **targets)
         return loss * n, torch.tensor(ce * n), torch.tensor(kd * n)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -238,6 +243,9 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
                                   weight_decay=spec.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
+    heads = None
+    if spec.chunk_size:  # checked once, before any step: a head the loss cannot rebuild is refused here
+        heads = model_heads(model, teacher)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan = Plan(len(data), spec, accelerator.num_processes)
     signature = {"examples": len(data), "ledger_sha256": ledger_sha, "train": spec.model_dump(exclude={"resume"}),
@@ -287,7 +295,7 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
                 tensors = {k: v.to(accelerator.device) for k, v in collate(batch, pad_id).items()}
                 sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
-                    loss, ce, kd = loss_sums(model, tensors, spec, compat, teacher, on_policy)
+                    loss, ce, kd = loss_sums(model, tensors, spec, compat, teacher, on_policy, heads)
                     # a sum over this micro-batch's tokens / all tokens of the step; DDP averages the
                     # gradients over processes, so multiply by their number to get a plain sum
                     accelerator.backward(loss * accelerator.num_processes / n_tokens)

@@ -14,9 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 NEG = -1e30  # a finite "minus infinity" for masking: -inf would turn 0 * inf into NaN in backward
-# Log-probabilities are floored here: e^-100 is nothing, but a finite floor keeps every divergence
-# finite when one side has an exact zero (a -inf or -9999 sentinel, a teacher with no tail mass).
+# The teacher's log-probabilities are floored here: e^-100 is nothing, but a finite floor keeps every
+# divergence finite when the teacher has an exact zero (a -inf or -9999 sentinel, no tail mass).
+# The student's are not: a floor is a clamp, and a clamp has no gradient below it, so a student
+# sure it is right (log q = -150 where the teacher says 0.5) would get neither the loss nor the
+# push back. Its log-probabilities are only kept finite (NEG for a -inf logit).
 LOG_FLOOR = -100.0
+
+
+def _student(logp: Tensor) -> Tensor:
+    """The student's log-probabilities, finite (a -inf logit becomes NEG) with their gradient intact."""
+    return logp.clamp_min(NEG)
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -29,7 +37,7 @@ def dense_logprobs(student_logits: Tensor, teacher_logits: Tensor, temperature: 
     t = temperature
     soft = (lambda x: _wide(x)) if t == 1.0 else (lambda x: _wide(x) / t)  # T = 1: no (N, V) copy
     teacher = soft(teacher_logits).log_softmax(-1).clamp_min_(LOG_FLOOR)  # in place: no extra (N, V) copy
-    return teacher, soft(student_logits).log_softmax(-1).clamp_min(LOG_FLOOR)
+    return teacher, _student(soft(student_logits).log_softmax(-1))
 
 
 def sparse_logprobs(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
@@ -49,7 +57,7 @@ def sparse_logprobs(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Ten
     log_z = s.logsumexp(-1, keepdim=True)  # (N, 1)
     s_top = s.gather(-1, ids) - log_z  # (N, k)
     s_tail = s.scatter(-1, ids, NEG).logsumexp(-1, keepdim=True) - log_z  # (N, 1)
-    student_logp = torch.cat([s_top, s_tail], -1).clamp_min(LOG_FLOOR)  # (N, k + 1)
+    student_logp = _student(torch.cat([s_top, s_tail], -1))  # (N, k + 1)
 
     lp = _wide(topk_logprobs).to(s.dtype).clamp_min(LOG_FLOOR)  # (N, k); -inf / -9999 sentinels become finite
     n_tail = n_vocab - k
@@ -75,5 +83,5 @@ def reduce(per_row: Tensor, reduction: str) -> Tensor:
 
 def kl_rows(p_logp: Tensor, q_logp: Tensor) -> Tensor:
     """KL(p || q) = sum_b p_b (log p_b - log q_b) per row. One fused elementwise op (F.kl_div);
-    the log-probabilities are floored (finite), so no 0 * inf can occur."""
+    both log-probabilities are finite (teacher floored, student at least NEG), so no 0 * inf occurs."""
     return F.kl_div(q_logp, p_logp, log_target=True, reduction="none").sum(-1)

@@ -2,19 +2,23 @@ r"""Chunked KD + CE from hidden states: the (N, V) logits never exist all at onc
 
     loss = kd_ratio * T^2 * D(p_T || q_T) + (1 - kd_ratio) * CE(labels),   mean over N rows
 
-The student's logits are ``hidden @ weight.T``. Rows are processed ``chunk_size`` at a time:
-each chunk's logits (chunk, V) are built, its loss and its gradients with respect to the chunk's
-hidden states and to the head weight are computed at once (inside the forward pass), and the
-chunk's logits are freed. Peak memory is O(chunk * V + V * H) instead of O(N * V) for logits,
+The student's logits are its output head applied to its hidden states, exactly as the model
+computes them (``Head``: weight, optional bias, scale, soft-cap; ``potstill.heads.output_head``
+reads them off a model and checks them against its own logits). Rows are processed
+``chunk_size`` at a time: each chunk's logits (chunk, V) are built, its loss and its gradients
+with respect to the chunk's hidden states and to the head's weight and bias are computed at once
+(inside the forward pass), and the chunk's logits are freed. Peak memory is O(chunk * V + V * H) instead of O(N * V) for logits,
 their softmaxes and their gradients (the technique of Liger Kernel's fused linear losses and of
 Cut Cross-Entropy, arXiv 2411.09009, written here in plain torch).
 
 The teacher is either sparse (top-k ids + logprobs at T = 1, (N, k)) or dense from its own hidden
-states and head (teacher_hidden (N, H_t), teacher_weight (V, H_t)), also chunked. Values and
+states and head (teacher_hidden (N, H_t), teacher_head a ``Head`` with weight (V, H_t)), also chunked. Values and
 gradients equal the unchunked ``kd_loss`` + cross-entropy (tests check 1e-5).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,39 @@ from torch import Tensor
 
 from potstill.losses import divergence
 from potstill.losses._buckets import dense_logprobs, sparse_logprobs
+
+
+@dataclass(frozen=True)
+class Head:
+    """An output head: logits = softcap(scale * (h @ weight.T + bias)), softcap(x) = c * tanh(x / c).
+
+    weight (V, H); bias (V,) or None; scale a float (1 = none); softcap c or None.
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, hidden: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+               dtype: torch.dtype | None = None) -> Tensor:
+        """(..., H) -> (..., V). ``weight``/``bias`` stand in for the head's own (a leaf to take grads of)."""
+        w = self.weight if weight is None else weight
+        b = self.bias if bias is None else bias
+        if dtype is not None:
+            hidden, w, b = hidden.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        logits = F.linear(hidden, w, b)  # what nn.Linear computes, so the model's logits bit for bit
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def rows(self, n: int | None) -> Head:
+        """The head of the first ``n`` ids only (all when None): the rows teacher and student share."""
+        if n is None:
+            return self
+        return Head(self.weight[:n], None if self.bias is None else self.bias[:n], self.scale, self.softcap)
 
 
 def _chunk_loss(student_logits, labels, teacher, spec):
@@ -40,11 +77,12 @@ def _chunk_loss(student_logits, labels, teacher, spec):
 
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, teacher_tensors, teacher_keys, spec, chunk_size, stats):
+    def forward(ctx, hidden, weight, bias, head, labels, teacher_tensors, teacher_keys, spec, chunk_size, stats):
         teacher = dict(zip(teacher_keys, teacher_tensors))
         n = hidden.shape[0]
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight)
+        grad_bias = None if bias is None else torch.zeros_like(bias)
         total = hidden.new_zeros((), dtype=torch.float32)
         ce_sum, kd_sum = 0.0, 0.0
         for start in range(0, n, chunk_size):
@@ -52,47 +90,59 @@ class _ChunkedLoss(torch.autograd.Function):
             with torch.enable_grad():
                 h = hidden[start:end].detach().requires_grad_(True)
                 w = weight.detach().requires_grad_(True)
-                part = {k: v[start:end] for k, v in teacher.items() if k != "teacher_head"}
+                b = None if bias is None else bias.detach().requires_grad_(True)
+                part = {k: v[start:end] for k, v in teacher.items()}
                 if "teacher_hidden" in teacher:  # dense teacher: its logits are chunked too, no grad
                     with torch.no_grad():
-                        part = {"teacher_logits": part.pop("teacher_hidden") @ teacher["teacher_head"].T}
-                logits = h @ w.T  # (chunk, V), freed at the end of this iteration
+                        part = {"teacher_logits": spec["teacher_head"].logits(part.pop("teacher_hidden"))}
+                logits = head.logits(h, w, b)  # (chunk, V), freed at the end of this iteration
                 loss, ce, kd = _chunk_loss(logits, labels[start:end], part, spec)
-                gh, gw = torch.autograd.grad(loss, (h, w))
-            grad_hidden[start:end] = gh
-            grad_weight += gw
+                grads = torch.autograd.grad(loss, (h, w) if b is None else (h, w, b))
+            grad_hidden[start:end] = grads[0]
+            grad_weight += grads[1]
+            if b is not None:
+                grad_bias += grads[2]
             total += loss.detach()
             ce_sum += ce.item()
             kd_sum += kd.item()
         scale = 1.0 / max(n, 1)
-        ctx.save_for_backward(grad_hidden * scale, grad_weight * scale)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(grad_hidden * scale, grad_weight * scale, *([grad_bias * scale] if bias is not None else []))
         stats["ce"], stats["kd"] = ce_sum * scale, kd_sum * scale  # for logging: plain floats
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_out, grad_weight * grad_out, None, None, None, None, None, None
+        grad_hidden, grad_weight, *grad_bias = ctx.saved_tensors
+        grad_bias = grad_bias[0] * grad_out if ctx.has_bias else None
+        return grad_hidden * grad_out, grad_weight * grad_out, grad_bias, *([None] * 7)
 
 
-def chunked_kd_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, name: str = "forward_kl",
+def chunked_kd_loss(hidden: Tensor, head: Head | Tensor, labels: Tensor, *, name: str = "forward_kl",
                     topk_ids: Tensor | None = None, topk_logprobs: Tensor | None = None,
-                    teacher_hidden: Tensor | None = None, teacher_weight: Tensor | None = None,
+                    teacher_hidden: Tensor | None = None, teacher_head: Head | Tensor | None = None,
                     kd_ratio: float = 0.5, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
                     chunk_size: int = 1024) -> tuple[Tensor, float, float]:
-    """hidden (N, H) of completion tokens, weight (V, H), labels (N,). Returns (loss, ce, kd):
-    the loss (a mean over N, differentiable in hidden and weight) and the mean CE and KD terms."""
+    """hidden (N, H) of completion tokens, the student's head (a ``Head``, or a plain weight (V, H)),
+    labels (N,). Returns (loss, ce, kd): the loss (a mean over N, differentiable in hidden and the
+    head's weight and bias) and the mean CE and KD terms."""
+    head = head if isinstance(head, Head) else Head(head)
+    spec = {"name": name, "kd_ratio": kd_ratio, "temperature": temperature, "beta": beta, "alpha": alpha}
     if topk_ids is not None:
         teacher = {"topk_ids": topk_ids, "topk_logprobs": topk_logprobs}
     elif teacher_hidden is not None:
-        teacher = {"teacher_hidden": teacher_hidden.detach(), "teacher_head": teacher_weight.detach()}
+        teacher = {"teacher_hidden": teacher_hidden.detach()}
+        t_head = teacher_head if isinstance(teacher_head, Head) else Head(teacher_head)
+        spec["teacher_head"] = Head(t_head.weight.detach(), None if t_head.bias is None else t_head.bias.detach(),
+                                    t_head.scale, t_head.softcap)
     else:
         teacher = {}
         if kd_ratio:
-            raise ValueError("kd_ratio > 0 needs a teacher: topk_ids/topk_logprobs or teacher_hidden/teacher_weight")
-    spec = {"name": name, "kd_ratio": kd_ratio, "temperature": temperature, "beta": beta, "alpha": alpha}
+            raise ValueError("kd_ratio > 0 needs a teacher: topk_ids/topk_logprobs or teacher_hidden/teacher_head")
     keys = tuple(teacher)
-    # autograd.Function cannot take a dict of tensors: pass them as a tuple plus their names
+    # autograd.Function cannot take a dict of tensors: pass them as a tuple plus their names; the
+    # head's weight and bias go in as inputs of their own, so autograd routes their gradients
     stats: dict[str, float] = {}
-    loss = _ChunkedLoss.apply(hidden, weight, labels, tuple(teacher.values()), keys, spec, chunk_size, stats)
+    loss = _ChunkedLoss.apply(hidden, head.weight, head.bias, head, labels, tuple(teacher.values()), keys, spec,
+                              chunk_size, stats)
     return loss, stats["ce"], stats["kd"]

@@ -7,8 +7,8 @@ JSD (Agarwal et al. 2024, arXiv 2306.13649).
 
 The student is pushed to put its mass where the teacher is confident and may ignore some of the
 teacher's modes: useful when the student cannot cover them all. Where the teacher gives a bucket
-zero probability and the student does not, the loss is large but finite (log p is clamped at a
-finite minimum, see ``_buckets.NEG``). Shapes, temperature and reduction as in ``forward_kl``.
+zero probability and the student does not, the loss is large but finite (the teacher's log p is
+floored at ``_buckets.LOG_FLOOR``). Shapes, temperature and reduction as in ``forward_kl``.
 """
 
 from __future__ import annotations
