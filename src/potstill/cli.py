@@ -73,6 +73,9 @@ def print_summary(eval_report: dict) -> None:
     console.print(table)
     console.print("agree: same answer as the teacher; KL/tok: KL(teacher || model) per token of the teacher's "
                   "answers; top-1: same argmax as the teacher there; tok/s: batched greedy generation")
+    for name, m in eval_report["models"].items():
+        for why in sorted(set(m.get("not_applicable", {}).values())):
+            console.print(f"n/a for {name}: {why}")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -147,6 +150,18 @@ def cmd_report(args) -> None:
     print(f"report: wrote {write_report(args.runs, args.out)}")
 
 
+def refuse_unusable_logit_kd(recipe) -> None:
+    """Logit KD across tokenizers is refused before the teacher is asked anything: an HTTP teacher
+    is paid for every answer, and these could not be trained on."""
+    from potstill.compat import check_tokenizers, logit_rows
+    from potstill.train import load_student_tokenizer
+
+    if any(spec.objective == "kd" for _, spec in _students(recipe)):
+        tokenizer = load_student_tokenizer(recipe)
+        check_tokenizers(recipe.teacher.tokenizer_dir, tokenizer, logit_rows(recipe.student, tokenizer),
+                         need_logits=True)
+
+
 def run_all(recipe) -> dict:
     """Every stage in order; a student already trained from the same recipe and ledger is kept."""
     from potstill.evaluate import evaluate
@@ -155,6 +170,7 @@ def run_all(recipe) -> dict:
     from potstill.report import write_report
     from potstill.train import train
 
+    refuse_unusable_logit_kd(recipe)
     counts = generate(recipe)
     print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']}")
     with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
