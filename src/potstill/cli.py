@@ -101,10 +101,11 @@ def cmd_generate(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from potstill.devices import resolve_device
     from potstill.serve import serve
 
     serve(args.model_dir, host=args.host, port=args.port, model_name=args.model_name, dtype=args.dtype,
-          device=args.device, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+          device=resolve_device(args.device, "--device"), max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
           exact_seeds=args.exact_seeds)
 
 
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", default=None, help="the model id clients ask for (default: the folder name)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, mps, cuda or cuda:N")
     s.add_argument("--max-batch-size", type=int, default=32, help="rows per batched generate call")
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather requests into a batch")
     s.add_argument("--exact-seeds", action="store_true", help="run each seeded sampled request alone, so its seed "

@@ -142,7 +142,7 @@ def latency_ms(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, 
     return statistics.median(times)
 
 
-def lm_eval_scores(path: Path, spec, batch_size: int) -> dict:
+def lm_eval_scores(path: Path, spec, batch_size: int, device: str) -> dict:
     """Scores of lm-evaluation-harness tasks for the model at ``path``, through its Python API."""
     try:
         import lm_eval
@@ -155,7 +155,7 @@ def lm_eval_scores(path: Path, spec, batch_size: int) -> dict:
         raise PotstillError(f"eval.lm_eval.tasks: {', '.join(unknown)} not found (built in, or a YAML under "
                             f"eval.lm_eval.include_path)")
     out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(path), "dtype": "float32"},
-                                  tasks=spec.tasks, task_manager=manager, device="cpu", batch_size=batch_size,
+                                  tasks=spec.tasks, task_manager=manager, device=device, batch_size=batch_size,
                                   limit=spec.limit, log_samples=False)
     return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             for task, metrics in out["results"].items()}
@@ -209,8 +209,9 @@ def evaluate(recipe: Recipe) -> dict:
         raise PotstillError(f"no trained student in {run}: run `potstill train` first")
 
     results: dict[str, dict] = {}
-    teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype) if models.get("teacher") else None
-    judge = LocalTeacher(spec.judge.path) if spec.judge is not None else None
+    device = recipe.device_for("eval")
+    teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype, device=device) if models.get("teacher") else None
+    judge = LocalTeacher(spec.judge.path, device=device) if spec.judge is not None else None
     verify = verifiers.load(spec.verifier)
     teacher_out = None
     with progress("eval", len(models)) as advance:
@@ -219,7 +220,7 @@ def evaluate(recipe: Recipe) -> dict:
                 completions, model = http_teacher_answers(recipe, prompts), None
                 tokens_per_s = None
             else:
-                model = teacher if name == "teacher" else LocalTeacher(path)
+                model = teacher if name == "teacher" else LocalTeacher(path, device=device)
                 completions, tokens_per_s = greedy(model, prompts, spec.max_new_tokens, spec.batch_size)
             if name == "teacher":
                 teacher_out = completions
@@ -252,7 +253,7 @@ def evaluate(recipe: Recipe) -> dict:
                 else:
                     row.update(score_teacher_text(teacher, model, prompts, teacher_out, spec.batch_size))
             if spec.lm_eval is not None and path is not None:
-                row["lm_eval"] = lm_eval_scores(Path(path), spec.lm_eval, spec.batch_size)
+                row["lm_eval"] = lm_eval_scores(Path(path), spec.lm_eval, spec.batch_size, device)
             if judge is not None and name != "teacher" and teacher_out is not None:
                 row["judge"] = judged(judge, prompts, completions, teacher_out, spec)
             row["samples"] = [{"prompt": p.text, "answer": c.text} for p, c in zip(prompts[:20], completions[:20])]
@@ -265,7 +266,7 @@ def evaluate(recipe: Recipe) -> dict:
                     "sha256": hashlib.sha256("".join(p.sha256 for p in prompts).encode()).hexdigest()},
         "provenance": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "versions": library_versions(), "git_commit": git_commit(), "machine": platform.machine(),
-                       "threads": torch.get_num_threads(), "recipe_sha256": recipe.sha256(), "verifier": spec.verifier,
+                       "device": device, "threads": torch.get_num_threads(), "recipe_sha256": recipe.sha256(), "verifier": spec.verifier,
                        "seeds": {"train": recipe.train.seed, "generation": recipe.generation.seed, "bootstrap": 0},
                        "judge": None if judge is None else judge.describe()},
     }
