@@ -24,7 +24,9 @@ from pathlib import Path
 
 from potstill.errors import PotstillError
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "recipe.yaml"
+# the bundled quickstart: package data in an installed wheel, examples/quickstart/ in a checkout
+QUICKSTART_DIRS = (Path(__file__).resolve().parent / "quickstart",
+                   Path(__file__).resolve().parents[2] / "examples" / "quickstart")
 
 
 def _quiet_libraries() -> None:
@@ -204,9 +206,11 @@ def cmd_run(args) -> None:
 def cmd_quickstart(args) -> None:
     from potstill.recipe import load_recipe
 
-    if not QUICKSTART.is_file():
-        raise PotstillError(f"the quickstart recipe {QUICKSTART} is missing: run quickstart from a potstill checkout")
-    recipe = load_recipe(QUICKSTART, [f"output_dir={args.out}", *args.overrides])
+    found = [d / "recipe.yaml" for d in QUICKSTART_DIRS if (d / "recipe.yaml").is_file()]
+    if not found:
+        raise PotstillError(f"the bundled quickstart is missing (looked in {', '.join(map(str, QUICKSTART_DIRS))}): "
+                            f"reinstall potstill")
+    recipe = load_recipe(found[0], [f"output_dir={args.out}", *args.overrides])
     print_summary(run_all(recipe))
     print(f"open {recipe.run_dir / 'report.html'} for plots and samples")
 
@@ -231,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = verbs.add_parser("quickstart", help="the whole pipeline on the bundled teacher (about 5 minutes on 2 CPU cores)")
     q.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
-    q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of examples/quickstart/recipe.yaml")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the bundled recipe "
+                   "(examples/quickstart/recipe.yaml, installed as potstill/quickstart/recipe.yaml)")
     q.set_defaults(func=cmd_quickstart)
     with_recipe("run", cmd_run, "run every stage, resuming whatever is already done")
     g = with_recipe("generate", cmd_generate, "ask the teacher for every prompt not yet in the ledger")
