@@ -159,9 +159,12 @@ def refuse_unusable_logit_kd(recipe) -> None:
     from potstill.compat import check_tokenizers, logit_rows
     from potstill.train import load_student_tokenizer
 
+    teacher_dir = recipe.teacher.tokenizer_dir
+    if teacher_dir is not None and not Path(teacher_dir).is_dir():
+        return  # generate stops at once, naming the missing folder, before asking the teacher anything
     if any(spec.objective == "kd" for _, spec in _students(recipe)):
         tokenizer = load_student_tokenizer(recipe)
-        check_tokenizers(recipe.teacher.tokenizer_dir, tokenizer, logit_rows(recipe.student, tokenizer),
+        check_tokenizers(teacher_dir, tokenizer, logit_rows(recipe.student, tokenizer),
                          need_logits=True)
 
 
