@@ -114,6 +114,9 @@ def test_eval_json_has_the_metrics_and_provenance(trained_run):
     assert report["models"]["teacher"]["perplexity_teacher_text"] >= 1.0
     prov = report["provenance"]
     assert prov["versions"]["torch"] and prov["recipe_sha256"] and prov["seeds"]["train"] == 0
+    assert prov["device"] == "cpu"  # device: auto, on a machine without a GPU
+    info = json.loads((trained_run / "student" / "potstill.json").read_text())
+    assert info["device"] == "cpu" and info["mixed_precision"] == "no" and info["train"]["mixed_precision"] == "auto"
     assert len(report["prompts"]["sha256"]) == 64
 
 
@@ -124,18 +127,34 @@ def test_a_judge_that_talks_nonsense_is_refused_not_scored(trained_run, capsys):
     assert "gave no parseable verdict in 96 replies" in capsys.readouterr().err
 
 
-def test_student_with_another_chat_template_or_no_prompts_is_refused(trained_run, tmp_path, capsys):
+def test_student_with_another_chat_template_is_scored_in_its_own(trained_run, tmp_path, capsys):
+    """Each model reads the prompt in its own chat template; the teacher's tokens are compared after it."""
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
+    before = json.loads((run / "eval.json").read_text())["models"]["student"]
     config = json.loads((run / "student" / "tokenizer_config.json").read_text())
     (run / "student" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
     config["chat_template"] = "{{ messages[0]['content'] }}"
     (run / "student" / "tokenizer_config.json").write_text(json.dumps(config))
-    assert main(["eval", RECIPE, *tiny_overrides(run), "baseline=null"]) == 2
-    assert "chat template differs from the teacher's" in capsys.readouterr().err
+    assert main(["eval", RECIPE, *tiny_overrides(run), "baseline=null"]) == 0
+    after = json.loads((run / "eval.json").read_text())["models"]["student"]
+    assert after["kl_per_token"] > 0 and after["kl_per_token"] != before["kl_per_token"]
     (tmp_path / "empty.jsonl").write_text("\n")
     assert main(["eval", RECIPE, *tiny_overrides(trained_run), f"eval.prompts={tmp_path / 'empty.jsonl'}"]) == 2
     assert "no prompts in the file" in capsys.readouterr().err
+
+
+def test_teacher_scored_against_itself_has_zero_kl():
+    from potstill.evaluate import greedy, score_teacher_text
+    from potstill.prompts import load_prompts
+    from potstill.teachers.local import LocalTeacher
+
+    teacher = LocalTeacher(QUICKSTART / "teacher")
+    prompts = load_prompts(str(QUICKSTART / "prompts" / "heldout.jsonl"), 12)
+    completions, _ = greedy(teacher, prompts, 12, 5)
+    scores = score_teacher_text(teacher, teacher, prompts, completions, batch_size=5)  # uneven last batch
+    assert scores["kl_per_token"] == pytest.approx(0, abs=1e-6) and scores["top1_agreement"] == 1.0
+    assert scores["perplexity_teacher_text"] >= 1.0
 
 
 def test_lm_eval_adapter_scores_a_local_task(trained_run, tmp_path):

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from potstill.errors import PotstillError
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "recipe.yaml"
+# the bundled quickstart: package data in an installed wheel, examples/quickstart/ in a checkout
+QUICKSTART_DIRS = (Path(__file__).resolve().parent / "quickstart",
+                   Path(__file__).resolve().parents[2] / "examples" / "quickstart")
 
 
 def _quiet_libraries() -> None:
@@ -73,6 +75,9 @@ def print_summary(eval_report: dict) -> None:
     console.print(table)
     console.print("agree: same answer as the teacher; KL/tok: KL(teacher || model) per token of the teacher's "
                   "answers; top-1: same argmax as the teacher there; tok/s: batched greedy generation")
+    for name, m in eval_report["models"].items():
+        for why in sorted(set(m.get("not_applicable", {}).values())):
+            console.print(f"n/a for {name}: {why}")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -98,10 +103,11 @@ def cmd_generate(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from potstill.devices import resolve_device
     from potstill.serve import serve
 
     serve(args.model_dir, host=args.host, port=args.port, model_name=args.model_name, dtype=args.dtype,
-          device=args.device, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+          device=resolve_device(args.device, "--device"), max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
           exact_seeds=args.exact_seeds)
 
 
@@ -147,6 +153,21 @@ def cmd_report(args) -> None:
     print(f"report: wrote {write_report(args.runs, args.out)}")
 
 
+def refuse_unusable_logit_kd(recipe) -> None:
+    """Logit KD across tokenizers is refused before the teacher is asked anything: an HTTP teacher
+    is paid for every answer, and these could not be trained on."""
+    from potstill.compat import check_tokenizers, logit_rows
+    from potstill.train import load_student_tokenizer
+
+    teacher_dir = recipe.teacher.tokenizer_dir
+    if teacher_dir is not None and not Path(teacher_dir).is_dir():
+        return  # generate stops at once, naming the missing folder, before asking the teacher anything
+    if any(spec.objective == "kd" for _, spec in _students(recipe)):
+        tokenizer = load_student_tokenizer(recipe)
+        check_tokenizers(teacher_dir, tokenizer, logit_rows(recipe.student, tokenizer),
+                         need_logits=True)
+
+
 def run_all(recipe) -> dict:
     """Every stage in order; a student already trained from the same recipe and ledger is kept."""
     from potstill.evaluate import evaluate
@@ -155,6 +176,7 @@ def run_all(recipe) -> dict:
     from potstill.report import write_report
     from potstill.train import train
 
+    refuse_unusable_logit_kd(recipe)
     counts = generate(recipe)
     print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']}")
     with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
@@ -187,9 +209,11 @@ def cmd_run(args) -> None:
 def cmd_quickstart(args) -> None:
     from potstill.recipe import load_recipe
 
-    if not QUICKSTART.is_file():
-        raise PotstillError(f"the quickstart recipe {QUICKSTART} is missing: run quickstart from a potstill checkout")
-    recipe = load_recipe(QUICKSTART, [f"output_dir={args.out}", *args.overrides])
+    found = [d / "recipe.yaml" for d in QUICKSTART_DIRS if (d / "recipe.yaml").is_file()]
+    if not found:
+        raise PotstillError(f"the bundled quickstart is missing (looked in {', '.join(map(str, QUICKSTART_DIRS))}): "
+                            f"reinstall potstill")
+    recipe = load_recipe(found[0], [f"output_dir={args.out}", *args.overrides])
     print_summary(run_all(recipe))
     print(f"open {recipe.run_dir / 'report.html'} for plots and samples")
 
@@ -214,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = verbs.add_parser("quickstart", help="the whole pipeline on the bundled teacher (about 5 minutes on 2 CPU cores)")
     q.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
-    q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of examples/quickstart/recipe.yaml")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the bundled recipe "
+                   "(examples/quickstart/recipe.yaml, installed as potstill/quickstart/recipe.yaml)")
     q.set_defaults(func=cmd_quickstart)
     with_recipe("run", cmd_run, "run every stage, resuming whatever is already done")
     g = with_recipe("generate", cmd_generate, "ask the teacher for every prompt not yet in the ledger")
@@ -234,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", default=None, help="the model id clients ask for (default: the folder name)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, mps, cuda or cuda:N")
     s.add_argument("--max-batch-size", type=int, default=32, help="rows per batched generate call")
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather requests into a batch")
     s.add_argument("--exact-seeds", action="store_true", help="run each seeded sampled request alone, so its seed "

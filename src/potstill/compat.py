@@ -61,6 +61,16 @@ def _rows(path: str | Path, tokenizer=None) -> int:
     return getattr(config.get_text_config(), "vocab_size")
 
 
+def logit_rows(student, tokenizer) -> int:
+    """Logit rows of the student a recipe's ``student`` section describes, without building it."""
+    if student.path is not None:
+        try:
+            return _rows(student.path)
+        except (OSError, ValueError) as e:
+            raise PotstillError(f"student.path {student.path} could not be read: {str(e).splitlines()[0]}") from None
+    return student.config.get("vocab_size", len(tokenizer))  # as train.load_student sizes a fresh one
+
+
 def check_tokenizers(teacher_path: str | Path | None, student_tok, student_rows: int, *, need_logits: bool) -> Compat:
     """Compare the teacher at ``teacher_path`` with the student; refuse logit KD across tokenizers.
     No path: an HTTP teacher whose tokenizer is unknown, so its text is all a student can learn from."""

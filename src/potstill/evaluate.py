@@ -5,6 +5,10 @@ against the reference, agreement with the teacher's answers, per-token KL(teache
 top-1 agreement and perplexity on the teacher's own completions, a judge's win rate against the
 teacher (when the recipe names a judge), parameters, size on disk, generation tokens/s (batched)
 and latency (one request alone). Written to ``<run>/eval.json`` with provenance.
+
+The per-token metrics need the model to read the teacher's token ids. A student with another
+tokenizer (sequence-level KD, ``train.objective=sft``) gets them as null, with the reason under
+``not_applicable``; everything measured on text applies to any student.
 """
 
 from __future__ import annotations
@@ -46,29 +50,42 @@ def greedy(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, batc
     return out, sum(len(c.token_ids) for c in out) / seconds
 
 
+TOKEN_METRICS = ("kl_per_token", "top1_agreement", "perplexity_teacher_text")
+
+
 @torch.no_grad()
+def completion_logits(model: LocalTeacher, prompts: list[Prompt], completions) -> torch.Tensor:
+    """(N, V) float32 logits of ``model`` at the N positions that predict the completions' tokens
+    (all completions, in order), each prompt formatted with the model's own chat template."""
+    from potstill.teachers.local import prompt_ids
+
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = [(prompt_ids(tok, p.chat), c.token_ids) for p, c in zip(prompts, completions)]
+    width = max(len(a) + len(b) for a, b in rows)
+    ids = torch.full((len(rows), width), pad)
+    att = torch.zeros_like(ids)
+    mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)  # positions that predict a completion token
+    for i, (a, b) in enumerate(rows):
+        ids[i, :len(a) + len(b)] = torch.tensor(a + b)
+        att[i, :len(a) + len(b)] = 1
+        mask[i, len(a) - 1:len(a) + len(b) - 1] = True
+    device = model.model.device
+    logits = model.model(input_ids=ids.to(device), attention_mask=att.to(device)).logits[:, :-1]
+    return logits[mask.to(device)].float()
+
+
 def score_teacher_text(teacher: LocalTeacher, model: LocalTeacher, prompts: list[Prompt], completions,
                        batch_size: int) -> dict:
     """On the teacher's own completions (full vocabulary, temperature 1): mean per-token
-    KL(teacher || model), top-1 agreement, and the model's perplexity of the teacher's text."""
-    from potstill.teachers.local import prompt_ids
-
-    tok = teacher.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    KL(teacher || model), top-1 agreement, and the model's perplexity of the teacher's text.
+    Needs the teacher's token ids to be the model's; each sees the prompt in its own chat template."""
     kl_sum, nll_sum, top1, n = 0.0, 0.0, 0, 0
     for s in range(0, len(prompts), batch_size):
-        rows = [(prompt_ids(tok, p.chat), c.token_ids) for p, c in zip(prompts[s:s + batch_size], completions[s:s + batch_size])]
-        width = max(len(a) + len(b) for a, b in rows)
-        ids = torch.full((len(rows), width), pad)
-        att = torch.zeros_like(ids)
-        mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)  # positions that predict a completion token
-        for i, (a, b) in enumerate(rows):
-            ids[i, :len(a) + len(b)] = torch.tensor(a + b)
-            att[i, :len(a) + len(b)] = 1
-            mask[i, len(a) - 1:len(a) + len(b) - 1] = True
-        targets = ids[:, 1:][mask]  # (N,) the teacher's tokens
-        t = teacher.model(input_ids=ids, attention_mask=att).logits[:, :-1][mask].float()  # (N, V_teacher)
-        q = model.model(input_ids=ids, attention_mask=att).logits[:, :-1][mask].float()  # (N, V_model)
+        batch_p, batch_c = prompts[s:s + batch_size], completions[s:s + batch_size]
+        t = completion_logits(teacher, batch_p, batch_c)  # (N, V_teacher)
+        q = completion_logits(model, batch_p, batch_c).to(t.device)  # (N, V_model)
+        targets = torch.tensor([i for c in batch_c for i in c.token_ids], device=t.device)  # (N,) the teacher's tokens
         shared = min(t.shape[-1], q.shape[-1])  # padded vocabularies: compare on the rows both have
         t, q = t[:, :shared].log_softmax(-1), q[:, :shared].log_softmax(-1)
         kl_sum += (t.exp() * (t - q)).sum().item()
@@ -77,6 +94,15 @@ def score_teacher_text(teacher: LocalTeacher, model: LocalTeacher, prompts: list
         n += t.shape[0]
     n = max(n, 1)
     return {"kl_per_token": kl_sum / n, "top1_agreement": top1 / n, "perplexity_teacher_text": math.exp(nll_sum / n)}
+
+
+def token_level_gap(name: str, model: LocalTeacher, teacher: LocalTeacher) -> str | None:
+    """Why the per-token metrics (KL, top-1, perplexity of the teacher's text) do not apply to
+    this model, or None when they do."""
+    if model.describe()["tokenizer_sha256"] != teacher.describe()["tokenizer_sha256"]:
+        return (f"the {name}'s tokenizer differs from the teacher's, so token i is not the same token in both "
+                f"(sequence-level KD); compare the text-level metrics")
+    return None
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -116,7 +142,7 @@ def latency_ms(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, 
     return statistics.median(times)
 
 
-def lm_eval_scores(path: Path, spec, batch_size: int) -> dict:
+def lm_eval_scores(path: Path, spec, batch_size: int, device: str) -> dict:
     """Scores of lm-evaluation-harness tasks for the model at ``path``, through its Python API."""
     try:
         import lm_eval
@@ -129,20 +155,10 @@ def lm_eval_scores(path: Path, spec, batch_size: int) -> dict:
         raise PotstillError(f"eval.lm_eval.tasks: {', '.join(unknown)} not found (built in, or a YAML under "
                             f"eval.lm_eval.include_path)")
     out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(path), "dtype": "float32"},
-                                  tasks=spec.tasks, task_manager=manager, device="cpu", batch_size=batch_size,
+                                  tasks=spec.tasks, task_manager=manager, device=device, batch_size=batch_size,
                                   limit=spec.limit, log_samples=False)
     return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             for task, metrics in out["results"].items()}
-
-
-def check_same_format(name: str, path: Path, model: LocalTeacher, teacher: LocalTeacher) -> None:
-    mine, theirs = model.describe(), teacher.describe()
-    if mine["tokenizer_sha256"] != theirs["tokenizer_sha256"]:
-        raise PotstillError(f"{path}: the {name}'s tokenizer differs from the teacher's; eval compares token by "
-                            f"token, so it needs the same tokenizer")
-    if mine["chat_template_sha256"] != theirs["chat_template_sha256"]:
-        raise PotstillError(f"{path}: the {name}'s chat template differs from the teacher's; it would be evaluated "
-                            f"on prompts formatted differently from its training")
 
 
 def http_teacher_answers(recipe: Recipe, prompts: list[Prompt]) -> list:
@@ -193,8 +209,9 @@ def evaluate(recipe: Recipe) -> dict:
         raise PotstillError(f"no trained student in {run}: run `potstill train` first")
 
     results: dict[str, dict] = {}
-    teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype) if models.get("teacher") else None
-    judge = LocalTeacher(spec.judge.path) if spec.judge is not None else None
+    device = recipe.device_for("eval")
+    teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype, device=device) if models.get("teacher") else None
+    judge = LocalTeacher(spec.judge.path, device=device) if spec.judge is not None else None
     verify = verifiers.load(spec.verifier)
     teacher_out = None
     with progress("eval", len(models)) as advance:
@@ -203,9 +220,7 @@ def evaluate(recipe: Recipe) -> dict:
                 completions, model = http_teacher_answers(recipe, prompts), None
                 tokens_per_s = None
             else:
-                model = teacher if name == "teacher" else LocalTeacher(path)
-                if name != "teacher" and teacher is not None:
-                    check_same_format(name, path, model, teacher)
+                model = teacher if name == "teacher" else LocalTeacher(path, device=device)
                 completions, tokens_per_s = greedy(model, prompts, spec.max_new_tokens, spec.batch_size)
             if name == "teacher":
                 teacher_out = completions
@@ -233,9 +248,12 @@ def evaluate(recipe: Recipe) -> dict:
                 "completion_lengths": [len(c.token_ids) for c in completions if c.token_ids is not None],
             }
             if model is not None and teacher is not None:
-                row.update(score_teacher_text(teacher, model, prompts, teacher_out, spec.batch_size))
+                if gap := token_level_gap(name, model, teacher):
+                    row.update({key: None for key in TOKEN_METRICS}, not_applicable=dict.fromkeys(TOKEN_METRICS, gap))
+                else:
+                    row.update(score_teacher_text(teacher, model, prompts, teacher_out, spec.batch_size))
             if spec.lm_eval is not None and path is not None:
-                row["lm_eval"] = lm_eval_scores(Path(path), spec.lm_eval, spec.batch_size)
+                row["lm_eval"] = lm_eval_scores(Path(path), spec.lm_eval, spec.batch_size, device)
             if judge is not None and name != "teacher" and teacher_out is not None:
                 row["judge"] = judged(judge, prompts, completions, teacher_out, spec)
             row["samples"] = [{"prompt": p.text, "answer": c.text} for p, c in zip(prompts[:20], completions[:20])]
@@ -248,7 +266,7 @@ def evaluate(recipe: Recipe) -> dict:
                     "sha256": hashlib.sha256("".join(p.sha256 for p in prompts).encode()).hexdigest()},
         "provenance": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "versions": library_versions(), "git_commit": git_commit(), "machine": platform.machine(),
-                       "threads": torch.get_num_threads(), "recipe_sha256": recipe.sha256(), "verifier": spec.verifier,
+                       "device": device, "threads": torch.get_num_threads(), "recipe_sha256": recipe.sha256(), "verifier": spec.verifier,
                        "seeds": {"train": recipe.train.seed, "generation": recipe.generation.seed, "bootstrap": 0},
                        "judge": None if judge is None else judge.describe()},
     }

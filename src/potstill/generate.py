@@ -24,7 +24,7 @@ def make_teacher(recipe: Recipe) -> Teacher:
 
     spec = recipe.teacher
     return LocalTeacher(spec.path, id=recipe.teacher_id(), revision=spec.revision, terms_family=spec.terms_family,
-                        terms_url=spec.terms_url, dtype=spec.dtype, device=spec.device)
+                        terms_url=spec.terms_url, dtype=spec.dtype, device=recipe.device_for("teacher"))
 
 
 def teacher_tokenizer(recipe: Recipe):

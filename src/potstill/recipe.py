@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from potstill.devices import DEVICE_PATTERN, resolve_device
 from potstill.errors import PotstillError
 
 
@@ -52,7 +53,7 @@ class TeacherSpec(Section):
     terms_family: str = "unknown"  # licence / terms family of the teacher's outputs, e.g. apache-2.0
     terms_url: str | None = None  # where those terms are written, for the student's model card
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    device: str | None = Field(None, pattern=DEVICE_PATTERN)  # generate's device; default: the top-level device
     # -- HTTP backends ------------------------------------------------------------------------
     model: str | None = None  # the model name the endpoint serves, e.g. gpt-4o-mini
     endpoints: list[str] = []  # base URLs, e.g. [https://api.openai.com/v1]; several = a fleet (least-loaded)
@@ -161,7 +162,9 @@ class TrainSpec(Section):
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, ge=0.0)  # 0 = no clipping
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 on a CUDA GPU that supports it, else no
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    device: str | None = Field(None, pattern=DEVICE_PATTERN)  # default: the top-level device
     seed: int = 0
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints; 0 = none
@@ -199,6 +202,7 @@ class EvalSpec(Section):
     verifier: str = "exact"
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
+    device: str | None = Field(None, pattern=DEVICE_PATTERN)  # every model and the judge; default: top-level
     judge: JudgeSpec | None = None  # judge win rate of each student against the teacher (prompt: potstill/judge.py)
     lm_eval: LmEvalSpec | None = None
 
@@ -215,6 +219,9 @@ class EvalSpec(Section):
 class Recipe(Section):
     name: str = "run"
     output_dir: str = "runs/run"  # relative to the current directory
+    # where every stage runs unless its section names another: auto (CUDA, else MPS, else CPU),
+    # cpu, mps, cuda or cuda:N
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
     teacher: TeacherSpec
     prompts: PromptsSpec | None = None  # required, except for an imported teacher (its file holds the prompts)
     generation: GenerationSpec = GenerationSpec()
@@ -232,6 +239,11 @@ class Recipe(Section):
                              "string and no end-of-sequence token, which would teach the student to write the stop "
                              "string; use one or the other")
         return self
+
+    def device_for(self, section: Literal["teacher", "train", "eval"]) -> str:
+        """The device a section's stage runs on (generate: teacher), ``auto`` resolved."""
+        own = getattr(self, section).device
+        return resolve_device(own, f"{section}.device") if own else resolve_device(self.device)
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()

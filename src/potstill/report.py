@@ -27,7 +27,8 @@ CURVES = [("loss", "training loss"), ("kd", "KD term (x T^2)"), ("ce", "cross-en
 def summary_rows(eval_report: dict) -> list[list[str]]:
     rows = []
     for name, m in eval_report["models"].items():
-        rows.append([name] + [fmt.format(m[key]) if m.get(key) is not None else "-" for key, _, fmt in COLUMNS])
+        rows.append([name] + [fmt.format(m[key]) if m.get(key) is not None
+                              else "n/a" if key in m.get("not_applicable", {}) else "-" for key, _, fmt in COLUMNS])
     return rows
 
 
@@ -129,7 +130,8 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
             extra.append(([r["name"]] if several else []) + [
                 name, f"[{ci[0]:.1%}, {ci[1]:.1%}]" if ci else "-",
                 f"{m['rouge_l']:.3f}" if m.get("rouge_l") is not None else "-",
-                f"{m['perplexity_teacher_text']:.3f}" if m.get("perplexity_teacher_text") else "-",
+                f"{m['perplexity_teacher_text']:.3f}" if m.get("perplexity_teacher_text")
+                else "n/a" if "perplexity_teacher_text" in m.get("not_applicable", {}) else "-",
                 f"{judge['win_rate_vs_teacher']:.1%} ({judge['unparseable']} unparseable)" if judge else "-",
                 f"{m['latency_ms']:.1f}" if m.get("latency_ms") is not None else "-",
                 f"{m['size_bytes'] / 2**20:.2f}" if m.get("size_bytes") is not None else "-"])

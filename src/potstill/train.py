@@ -29,6 +29,7 @@ from potstill import checkpoint
 from potstill.card import write_card
 from potstill.compat import Compat, check_tokenizers
 from potstill.data import TrainExample, build_examples, collate
+from potstill.devices import resolve_mixed_precision
 from potstill.errors import PotstillError
 from potstill.generate import recipe_requests
 from potstill.heads import model_heads
@@ -224,7 +225,11 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     # accelerate keeps one state per process; a second student (the baseline) in the same process may
     # ask for another mixed precision, so forget the previous setting but keep the process group
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=recipe.teacher.device == "cpu", mixed_precision=spec.mixed_precision)
+    device = recipe.device_for("train")
+    mixed_precision = resolve_mixed_precision(spec.mixed_precision, device)
+    if device.startswith("cuda:"):  # one process on a chosen GPU; under `accelerate launch` each rank has its own
+        torch.cuda.set_device(int(device.partition(":")[2]))
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
     torch.manual_seed(spec.seed)
     tokenizer = load_student_tokenizer(recipe)
     model = load_student(recipe, tokenizer)
@@ -346,7 +351,8 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
             "name": name, "objective": spec.objective, "train": spec.model_dump(), "student": recipe.student.model_dump(),
             "recipe_sha256": recipe.sha256(), "ledger_sha256": ledger_sha, "examples": len(data),
             "steps": plan.total, "resumed_from": start, "seconds": round(seconds, 2),
-            "processes": accelerator.num_processes, "tokenizers": compat.kind, "teachers": [teacher_desc],
+            "processes": accelerator.num_processes, "device": str(accelerator.device),
+            "mixed_precision": mixed_precision, "tokenizers": compat.kind, "teachers": [teacher_desc],
             "license": recipe.student.license, "completion_tokens": tokens,
         }
         save_student(_unwrap(model), tokenizer, run / name, info)
