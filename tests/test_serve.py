@@ -132,6 +132,19 @@ def test_echo_with_max_tokens_0_scores_the_text_as_a_forward_pass_does(client):
     assert plain.choices[0].text == texts[0]
 
 
+def test_a_one_token_prompt_scores_to_nothing_not_a_500(client):
+    """As OpenAI and vLLM answer it: the first prompt token has no context, so its logprob is null."""
+    out = client.completions.create(model="teacher", prompt=[5], max_tokens=0, echo=True, logprobs=3,
+                                    extra_body={"prompt_logprobs": 2, **IDS})
+    lp = out.choices[0].logprobs
+    assert lp.tokens == ["token_id:5"] and lp.token_logprobs == [None] and lp.top_logprobs == [None]
+    assert lp.text_offset == [0] and out.choices[0].model_extra["prompt_logprobs"] == [None]
+    assert out.usage.prompt_tokens == 1 and out.usage.completion_tokens == 0
+    generated = client.completions.create(model="teacher", prompt=[5], max_tokens=2, temperature=0,
+                                          extra_body={"prompt_logprobs": 1})
+    assert generated.choices[0].model_extra["prompt_logprobs"] == [None] and generated.usage.completion_tokens == 2
+
+
 def test_stream_concatenates_to_the_answer(client):
     whole = chat(client, PROMPTS[1], temperature=0, max_tokens=12, logprobs=True)
     chunks = list(chat(client, PROMPTS[1], temperature=0, max_tokens=12, logprobs=True, stream=True,
@@ -184,9 +197,14 @@ def test_bad_requests_are_openai_errors_without_tracebacks(server, client):
     r = httpx.post(server[1] + "/chat/completions", json={"model": "teacher", "temperature": None, "n": None,
                    "logprobs": None, "stream": None, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200, r.text
-    r = httpx.post(server[1] + "/chat/completions", content=b"{not json")
-    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
-    assert "Traceback" not in r.text
+    for body in (b"{not json", b"[1, 2]", b'{"model": "teacher", "messages": [{"role": "user", "content": 5}]}'):
+        for headers in ({}, {"content-type": "application/json"}):
+            r = httpx.post(server[1] + "/chat/completions", content=body, headers=headers)
+            assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+            assert r.json()["error"]["param"] in (None, "messages")  # OpenAI's param: a string or null
+            assert "Traceback" not in r.text
+    r = httpx.post(server[1] + "/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.json()["error"]["param"] is None and "not valid JSON" in r.json()["error"]["message"]
     with pytest.raises(PotstillError, match="pick another --port"):
         bind("127.0.0.1", int(server[1].split(":")[-1].removesuffix("/v1")))
 

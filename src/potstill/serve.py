@@ -294,7 +294,8 @@ def score_prompt(served: Served, ids: list[int], k: int) -> Scores:
     # ranks and the top-k SCORE_CHUNK positions at a time, never an (L, V) float32 copy
     logits = served.model(input_ids=x).logits[0, :-1]  # (L - 1, V) in the model's dtype
     parts = []
-    for s in range(0, logits.shape[0], SCORE_CHUNK):
+    # at least one step: a one-token prompt has nothing to score, and gets empty (0, ...) arrays
+    for s in range(0, max(logits.shape[0], 1), SCORE_CHUNK):
         lp = logits[s:s + SCORE_CHUNK].float().log_softmax(-1)  # (chunk, V)
         chosen = lp.gather(-1, x[0, s + 1:s + 1 + lp.shape[0], None])[:, 0]
         ranks = (lp > chosen[:, None]).sum(-1) + 1
@@ -594,14 +595,25 @@ def load_served(model_dir: str | Path, model_name: str | None, dtype: str, devic
 
 
 def validation_message(problems: list[dict]) -> tuple[str, str | None]:
-    """FastAPI's validation errors as one line and the field at fault. A field that may take
-    several types (a completion's prompt) fails once per type: that is said once, with the types."""
-    field = problems[0]["loc"][1] if len(problems[0]["loc"]) > 1 else None
-    same = [p for p in problems if len(p["loc"]) > 1 and p["loc"][1] == field]
-    if field is not None and len(same) > 1 and all(len(p["loc"]) > 2 for p in same):
-        return f"{field}: expected {' or '.join(dict.fromkeys(str(p['loc'][2]) for p in same))}", field
-    where = ".".join(str(x) for x in problems[0]["loc"][1:]) or "body"
-    return f"{where}: {problems[0]['msg']}", field
+    """FastAPI's validation errors as one line and the top-level field at fault (OpenAI's ``param``:
+    a string or null). A field that may take several types (a completion's prompt, a message's
+    content) fails once per type: that is said once, with the types."""
+    first = problems[0]
+    if first["type"] == "json_invalid":  # its loc holds the character offset, not a field
+        return f"the body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])}): send a JSON object", None
+    loc = first["loc"][1:]
+    field = loc[0] if loc and isinstance(loc[0], str) else None
+    same = [p["loc"][1:] for p in problems if p["loc"][1:2] == loc[:1]]
+    n = next(i for i in range(len(loc) + 1) if i == len(loc) or any(len(l) <= i or l[i] != loc[i] for l in same))
+    if len(same) > 1 and all(len(l) > n and isinstance(l[n], str) and is_type_tag(l[n]) for l in same):
+        where = ".".join(map(str, loc[:n]))
+        return f"{where}: expected {' or '.join(dict.fromkeys(l[n] for l in same))}", field
+    return f"{'.'.join(map(str, loc)) or 'body'}: {first['msg']}", field
+
+
+def is_type_tag(name: str) -> bool:
+    """Whether a validation error's location step names a union member (``list[int]``), not a field."""
+    return "[" in name or name in ("str", "int", "float", "bool", "dict", "list", "none")
 
 
 def require_server_libraries() -> None:
