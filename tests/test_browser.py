@@ -40,8 +40,11 @@ def not_blank(png) -> bool:
     return pixels.std() > 0.02 and (pixels < 0.9).mean() > 0.01
 
 
+HOSTILE = "run<svg onload=console.error(404)>"  # a folder name that once ran in the page
+
+
 def test_report_renders_without_console_errors(tmp_path):
-    out = tmp_path / "run"
+    out = tmp_path / HOSTILE
     assert main(["run", str(QUICKSTART / "recipe.yaml"), *tiny_overrides(out), "baseline=null"]) == 0
     shot, console = render(out / "report.html", tmp_path)
     assert console == []
@@ -50,7 +53,8 @@ def test_report_renders_without_console_errors(tmp_path):
 
 def test_the_check_sees_console_errors_and_blank_pages(tmp_path):
     bad = tmp_path / "bad.html"
-    bad.write_text("<!doctype html><html><body><script>undefinedFunction()</script></body></html>")
+    bad.write_text(f"<!doctype html><html><body><script>undefinedFunction()</script>{HOSTILE}</body></html>")
     shot, console = render(bad, tmp_path)
     assert any("undefinedFunction" in line for line in console)
+    assert len(console) == 2  # the unescaped name's handler ran, and was seen
     assert shot.is_file() and not not_blank(shot)

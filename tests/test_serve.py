@@ -132,6 +132,19 @@ def test_echo_with_max_tokens_0_scores_the_text_as_a_forward_pass_does(client):
     assert plain.choices[0].text == texts[0]
 
 
+def test_a_one_token_prompt_scores_to_nothing_not_a_500(client):
+    """As OpenAI and vLLM answer it: the first prompt token has no context, so its logprob is null."""
+    out = client.completions.create(model="teacher", prompt=[5], max_tokens=0, echo=True, logprobs=3,
+                                    extra_body={"prompt_logprobs": 2, **IDS})
+    lp = out.choices[0].logprobs
+    assert lp.tokens == ["token_id:5"] and lp.token_logprobs == [None] and lp.top_logprobs == [None]
+    assert lp.text_offset == [0] and out.choices[0].model_extra["prompt_logprobs"] == [None]
+    assert out.usage.prompt_tokens == 1 and out.usage.completion_tokens == 0
+    generated = client.completions.create(model="teacher", prompt=[5], max_tokens=2, temperature=0,
+                                          extra_body={"prompt_logprobs": 1})
+    assert generated.choices[0].model_extra["prompt_logprobs"] == [None] and generated.usage.completion_tokens == 2
+
+
 def test_stream_concatenates_to_the_answer(client):
     whole = chat(client, PROMPTS[1], temperature=0, max_tokens=12, logprobs=True)
     chunks = list(chat(client, PROMPTS[1], temperature=0, max_tokens=12, logprobs=True, stream=True,
@@ -184,9 +197,14 @@ def test_bad_requests_are_openai_errors_without_tracebacks(server, client):
     r = httpx.post(server[1] + "/chat/completions", json={"model": "teacher", "temperature": None, "n": None,
                    "logprobs": None, "stream": None, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200, r.text
-    r = httpx.post(server[1] + "/chat/completions", content=b"{not json")
-    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
-    assert "Traceback" not in r.text
+    for body in (b"{not json", b"[1, 2]", b'{"model": "teacher", "messages": [{"role": "user", "content": 5}]}'):
+        for headers in ({}, {"content-type": "application/json"}):
+            r = httpx.post(server[1] + "/chat/completions", content=body, headers=headers)
+            assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+            assert r.json()["error"]["param"] in (None, "messages")  # OpenAI's param: a string or null
+            assert "Traceback" not in r.text
+    r = httpx.post(server[1] + "/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.json()["error"]["param"] is None and "not valid JSON" in r.json()["error"]["message"]
     with pytest.raises(PotstillError, match="pick another --port"):
         bind("127.0.0.1", int(server[1].split(":")[-1].removesuffix("/v1")))
 
@@ -291,3 +309,97 @@ def test_prompt_scores_are_the_same_chunked(server, monkeypatch):
     for field in ("logprobs", "ranks", "top_ids", "top_logprobs"):
         assert (getattr(whole, field) == getattr(chunked, field)).all()
     assert len(whole.logprobs) == len(ids) - 1
+
+
+def test_api_key_is_checked_on_every_route_as_openai_does():
+    serving = running(build_app(TEACHER, model_name="teacher", api_key="s3cret"))
+    app, url = next(serving)
+    ok = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
+    assert chat(ok, PROMPTS[0], temperature=0, max_tokens=2).choices[0].message.content is not None
+    for key in ("wrong", "s3cre", "s3cret2"):
+        with pytest.raises(openai.AuthenticationError) as e:
+            chat(openai.OpenAI(base_url=url, api_key=key, max_retries=0), PROMPTS[0], max_tokens=2)
+        assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    for path in ("/health", "/v1/models", "/nowhere"):
+        r = httpx.get(url.removesuffix("/v1") + path)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["param"] is None
+    assert httpx.get(url + "/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    next(serving, None)
+
+
+def test_one_request_cannot_knock_the_server_over():
+    """Bodies over the cap are refused unread (with a length or chunked), texts that cannot fit the
+    context are refused by length before they are tokenized, and prompts x n is one batch at most."""
+    serving = running(build_app(TEACHER, model_name="teacher", max_body_mb=1))
+    app, url = next(serving)
+    served = app.state.served
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    huge = "x" * (3 << 20)
+    start = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as e:
+        chat(client, huge, max_tokens=1)
+    assert e.value.status_code == 413 and e.value.code == "request_too_large"
+
+    def chunks():  # no content-length: counted as it arrives
+        yield b'{"model": "teacher", "messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"x" * 100_000
+        yield b'"}]}'
+
+    r = httpx.post(url + "/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    too_long = "x" * (served.context * served.longest_token + 1)  # under the body cap, over what the context holds
+    for ask in (lambda: chat(client, too_long, max_tokens=1),
+                lambda: client.completions.create(model="teacher", prompt=["hi", too_long], max_tokens=1)):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask()
+        assert e.value.code == "context_length_exceeded" and "characters" in e.value.body["message"]
+    assert time.monotonic() - start < 10
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="teacher", prompt=["hi"] * 17, n=2, max_tokens=1)
+    assert "max batch size" in e.value.body["message"]
+    assert len(client.completions.create(model="teacher", prompt=["hi"] * 16, n=2, max_tokens=1).choices) == 32
+    next(serving, None)
+
+
+def test_prompts_are_tokenized_off_the_event_loop(server, client):
+    """While a prompt is being tokenized (here: the tokenizing thread held busy), /health answers
+    and the chat request waits for that thread rather than tokenizing on the event loop."""
+    import concurrent.futures
+
+    app, url = server
+    release = threading.Event()
+    busy = app.state.served.tokenizing.submit(release.wait, 30)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(chat, client, PROMPTS[0], temperature=0, max_tokens=2)
+        time.sleep(0.5)
+        assert httpx.get(url.removesuffix("/v1") + "/health", timeout=2).status_code == 200
+        assert not answer.done()
+        release.set()
+        assert answer.result(timeout=30).choices[0].message.content is not None
+    busy.result()
+
+
+def test_serve_checks_its_port_before_loading_and_warns_when_exposed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cli = [sys.executable, "-m", "potstill.cli", "serve"]
+    done = subprocess.run([*cli, str(tmp_path / "no-model"), "--port", "87112"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 2 and "--port: '87112' is not a port" in done.stderr and "no-model" not in done.stderr
+    done = subprocess.run([*cli, str(TEACHER), "--api-key-env", "POTSTILL_TEST_UNSET_KEY"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "POTSTILL_TEST_UNSET_KEY" in done.stderr and "Traceback" not in done.stderr
+    proc = subprocess.Popen([*cli, str(TEACHER), "--host", "0.0.0.0", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "potstill serve: teacher at http://0.0.0.0:" in proc.stdout.readline()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "without an API key" in err

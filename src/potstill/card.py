@@ -9,10 +9,32 @@ student was trained on. Written by ``train``; rewritten by ``eval`` with the mea
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 
 import yaml
+
+
+# what can open markup in the middle of a line (values never start one: "- **id**", "# name: ...")
+MARKDOWN_PUNCTUATION = set("\\`*_[]!|~#")
+
+
+def md_text(value) -> str:
+    """``value`` as literal text on one markdown line: the Hub renders a card's raw HTML and
+    markdown, and a teacher id, terms or run name may hold either. Line breaks become spaces (no
+    injected headings), ``<>&`` become entities (no raw HTML), and the punctuation that opens
+    emphasis, code, links, images, tables or a heading's closing run is backslash-escaped."""
+    text = " ".join(str(value).split())
+    return "".join(f"\\{c}" if c in MARKDOWN_PUNCTUATION else html.escape(c, quote=False) for c in text)
+
+
+def md_url(url: str) -> str:
+    """A terms URL as a link when it is a plain http(s) URL, else as escaped text."""
+    if re.fullmatch(r"https?://[^\s<>\\`\"']+", url):
+        return f"<{url}>"
+    return md_text(url)
 
 
 def method_of(train: dict) -> str:
@@ -54,14 +76,14 @@ def card_text(info: dict, eval_report: dict | None = None, name: str = "student"
         "recipe_sha256": info["recipe_sha256"],
     }
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {name}: distilled with potstill", "",
+             f"# {md_text(name)}: distilled with potstill", "",
              f"A {info.get('parameters', 0):,}-parameter student trained by {method_of(train)} on "
              f"{info['examples']:,} completions of its teacher{'s' if len(teachers) > 1 else ''}:", ""]
     for t in teachers:
-        url = f" ({t['terms_url']})" if t.get("terms_url") else ""
-        lines.append(f"- **{t['id']}**{' @ ' + t['revision'] if t.get('revision') else ''}, {t['access']}, "
-                     f"terms: {t['terms_family']}{url}; {t['share_of_examples']:.0%} of examples, "
-                     f"{t['share_of_tokens']:.0%} of tokens")
+        url = f" ({md_url(t['terms_url'])})" if t.get("terms_url") else ""
+        lines.append(f"- **{md_text(t['id'])}**{' @ ' + md_text(t['revision']) if t.get('revision') else ''}, "
+                     f"{md_text(t['access'])}, terms: {md_text(t['terms_family'])}{url}; "
+                     f"{t['share_of_examples']:.0%} of examples, {t['share_of_tokens']:.0%} of tokens")
     lines += ["", "Anyone using this model must also honour the terms under which its teachers' outputs were "
               "obtained; the `distillation:` block above records them.", "", "## Training", "",
               f"{info['steps']:,} optimizer steps, batch {train['batch_size']}, lr {train['lr']}, "

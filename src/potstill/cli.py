@@ -106,9 +106,25 @@ def cmd_serve(args) -> None:
     from potstill.devices import resolve_device
     from potstill.serve import serve
 
+    api_key = args.api_key
+    if args.api_key_env is not None:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise PotstillError(f"--api-key-env names {args.api_key_env}, which is not set: export it first")
     serve(args.model_dir, host=args.host, port=args.port, model_name=args.model_name, dtype=args.dtype,
           device=resolve_device(args.device, "--device"), max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-          exact_seeds=args.exact_seeds)
+          exact_seeds=args.exact_seeds, api_key=api_key, max_body_mb=args.max_body_mb)
+
+
+def port_number(text: str) -> int:
+    """--port, checked when the arguments are parsed: before a model loads."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 0..65535 (0 picks a free one)")
+    return port
 
 
 def cmd_merge(args) -> None:
@@ -256,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "logprobs, echo scoring, streaming, batching) for a Hugging Face model folder.")
     s.add_argument("model_dir", help="Hugging Face model folder (safetensors)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=port_number, default=8000)
     s.add_argument("--model-name", default=None, help="the model id clients ask for (default: the folder name)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, mps, cuda or cuda:N")
@@ -264,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather requests into a batch")
     s.add_argument("--exact-seeds", action="store_true", help="run each seeded sampled request alone, so its seed "
                    "alone decides its samples (default: batched; a seed reproduces a sample in the same batch)")
+    key = s.add_mutually_exclusive_group()
+    key.add_argument("--api-key-env", metavar="VAR", help="require the API key held in environment variable VAR "
+                     "(Authorization: Bearer KEY) on every route")
+    key.add_argument("--api-key", help="require this API key on every route (visible to other local users in the "
+                     "process list: prefer --api-key-env)")
+    s.add_argument("--max-body-mb", type=float, default=16, help="refuse request bodies larger than this, unread")
     s.set_defaults(func=cmd_serve)
     m = verbs.add_parser("merge", help="combine ledgers (e.g. --shard outputs) into one, without duplicates")
     m.add_argument("out", help="the ledger to write (created, or merged into)")

@@ -13,6 +13,7 @@ tokenizer (sequence-level KD, ``train.objective=sft``) gets them as null, with t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -106,21 +107,17 @@ def token_level_gap(name: str, model: LocalTeacher, teacher: LocalTeacher) -> st
 
 
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over whitespace tokens (longest common subsequence; Lin 2004)."""
-    a, b = candidate.split(), reference.split()
-    if not a or not b:
-        return float(a == b)
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 (longest common subsequence; Lin 2004) as Google's ``rouge_score`` computes it, so
+    that figures compare with published ones: lowercased, tokens are runs of ASCII letters and
+    digits (punctuation dropped), no stemming; 0.0 when either side has no token."""
+    return _rouge_scorer().score(reference, candidate)["rougeL"].fmeasure
+
+
+@functools.cache
+def _rouge_scorer():
+    from rouge_score.rouge_scorer import RougeScorer  # imports nltk (about a second): only when eval scores
+
+    return RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def bootstrap_ci(values: list[float], n: int = 1000, seed: int = 0) -> list[float] | None:

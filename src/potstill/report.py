@@ -5,7 +5,6 @@ potstill.json. The plots are also written as PNG files next to the page."""
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from pathlib import Path
@@ -50,6 +49,22 @@ def _png(fig, path: Path) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _template(name: str):
+    """A page template shipped in ``potstill/templates``, autoescaped: a run folder's name, a teacher
+    id, a sample's text are all written as text, whatever characters they hold."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("potstill", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True)
+    return env.get_template(name)
+
+
+def _mathtext_safe(label: str) -> str:
+    """A label as matplotlib shows it literally: an unescaped ``$`` starts mathtext, and an odd one
+    fails the whole figure."""
+    return label.replace("$", r"\$")
+
+
 def _plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     import matplotlib
 
@@ -58,7 +73,7 @@ def _plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     images = {}
-    label = (lambda run, name: f"{run['name']}/{name}") if len(runs) > 1 else (lambda run, name: name)
+    label = (lambda run, name: _mathtext_safe(f"{run['name']}/{name}" if len(runs) > 1 else name))
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (key, title) in zip(axes.flat, CURVES):
@@ -84,7 +99,7 @@ def _plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     for i, (name, m) in enumerate(bars):
         xs = [j + i * width for j in range(len(cats))]
         ax.bar(xs, [m["accuracy_by_category"].get(c, 0) for c in cats], width, label=name)
-    ax.set_xticks([j + width * (len(bars) - 1) / 2 for j in range(len(cats))], cats)
+    ax.set_xticks([j + width * (len(bars) - 1) / 2 for j in range(len(cats))], [_mathtext_safe(c) for c in cats])
     ax.set(title="held-out accuracy by category", ylim=(0, 1))
     ax.legend(fontsize=7)
     images["Accuracy by category"] = _png(fig, out_dir / "accuracy.png")
@@ -102,12 +117,6 @@ def _plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     return images
 
 
-def _table(head: list[str], rows: list[list[str]]) -> str:
-    esc = html.escape
-    return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
-
-
 def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = None) -> Path:
     """One page for ``runs``; written to ``out`` (default: ``<run>/report.html``, or, for several
     runs, ``report.html`` in the first run's parent folder)."""
@@ -117,7 +126,6 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
         out = loaded[0]["path"] / "report.html" if len(loaded) == 1 else loaded[0]["path"].parent / "report.html"
     out = Path(out)
     images = _plots(loaded, out.parent / ("plots" if len(loaded) == 1 else f"{out.stem}-plots"))
-    esc = html.escape
 
     several = len(loaded) > 1
     summary = [([r["name"]] if several else []) + row for r in loaded for row in summary_rows(r["eval"])]
@@ -156,32 +164,12 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
     names = [n for n in first if first[n].get("samples")]
     samples = [[s["prompt"]] + [first[n]["samples"][i]["answer"] for n in names]
                for i, s in enumerate(first[names[0]]["samples"])] if names else []
-    figures = "".join(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,{b64}'>"
-                      for t, b64 in images.items())
-    prov = "".join(f"<h3>{esc(r['name'])}</h3><pre>{esc(json.dumps(r['eval']['provenance'], indent=2))}</pre>"
-                   for r in loaded)
-    title = ", ".join(r["name"] for r in loaded)
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>potstill report: {esc(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }}
-table {{ border-collapse: collapse; margin: 1rem 0; }}
-td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
-td:first-child, th:first-child {{ text-align: left; }}
-img {{ max-width: 100%; }}
-pre {{ background: #f6f6f6; padding: 1rem; overflow-x: auto; }}
-</style></head><body>
-<h1>potstill report: {esc(title)}</h1>
-<p>Held-out prompts: {", ".join(f"{r['name']}: {r['eval']['prompts']['n']:,}" for r in loaded)}; greedy decoding for
-every model. agree: same answer as the teacher; KL/tok: KL(teacher || model) per token of the teacher's answers;
-top-1: same most likely token as the teacher there; tok/s: batched greedy generation.</p>
-<h2>Summary</h2>{_table(head, summary)}
-{_table(extra_head, extra)}
-<h2>Students, teachers and terms</h2>{_table(students_head, students)}
-{figures}
-<h2>Samples{f" ({esc(loaded[0]['name'])})" if several else ""}</h2>{_table(["prompt"] + names, samples)}
-<h2>Provenance</h2>{prov}
-</body></html>
-"""
-    out.write_text(page, encoding="utf-8")
+    page = _template("report.html.j2").render(
+        title=", ".join(r["name"] for r in loaded),
+        prompt_counts=[(r["name"], r["eval"]["prompts"]["n"]) for r in loaded],
+        summary_head=head, summary=summary, extra_head=extra_head, extra=extra,
+        students_head=students_head, students=students, figures=list(images.items()),
+        samples_of=loaded[0]["name"] if several else None, samples_head=["prompt"] + names, samples=samples,
+        provenance=[(r["name"], json.dumps(r["eval"]["provenance"], indent=2)) for r in loaded])
+    out.write_text(page + "\n", encoding="utf-8")
     return out

@@ -41,6 +41,11 @@ What a client must know:
   the request sent alone). ``exact_seeds`` (``--exact-seeds``) runs every seeded sampled request
   in a batch of its own instead: its seed alone decides its samples, at the cost of batching.
 
+Limits, so one request cannot exhaust the machine: with an API key every route wants it
+(``Authorization: Bearer``, else a 401); a body over ``max_body_mb`` is refused unread (413); a text
+longer than the context could hold in any tokens is refused before tokenizing; prompts are tokenized
+one at a time in a thread of their own; a request's prompts x n must fit one batch.
+
 Not supported, refused with a 400 rather than ignored: tools, function calls and tool turns,
 roles other than system/developer/user/assistant, response_format other than text, logit_bias,
 presence and frequency penalties, best_of, suffix, vLLM's top_k / min_p / repetition_penalty /
@@ -53,12 +58,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import math
 import json
 import secrets
 import socket
+import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -161,9 +169,24 @@ class Served:
     default_max_tokens: int | None  # generation_config.max_new_tokens
     vocab_size: int  # rows of the input embedding: valid prompt token ids
     max_batch_size: int
+    longest_token: int  # characters of the tokenizer's longest token: a text longer than context x this cannot fit
     exact_seeds: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     alone: dict = field(default_factory=dict)  # (id, skip_special) -> the token decoded by itself
+    # Prompts are tokenized here, one at a time: off the event loop (a long text does not freeze
+    # /health), and never many large prompts in memory at once.
+    tokenizing: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenize"))
+
+    def check_length(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing, a text too long for the context whatever its tokens: a token
+        is at most ``longest_token`` characters (tokenizing a 50 MB message took some 20 GB)."""
+        if self.context is not None and chars > self.context * self.longest_token:
+            raise APIError(f"the prompt is {chars:,} characters: more than the model's context ({self.context} "
+                           f"tokens of at most {self.longest_token} characters) holds; shorten it", param,
+                           "context_length_exceeded")
+
+    async def tokenize(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
 
 
 @dataclass
@@ -294,7 +317,8 @@ def score_prompt(served: Served, ids: list[int], k: int) -> Scores:
     # ranks and the top-k SCORE_CHUNK positions at a time, never an (L, V) float32 copy
     logits = served.model(input_ids=x).logits[0, :-1]  # (L - 1, V) in the model's dtype
     parts = []
-    for s in range(0, logits.shape[0], SCORE_CHUNK):
+    # at least one step: a one-token prompt has nothing to score, and gets empty (0, ...) arrays
+    for s in range(0, max(logits.shape[0], 1), SCORE_CHUNK):
         lp = logits[s:s + SCORE_CHUNK].float().log_softmax(-1)  # (chunk, V)
         chosen = lp.gather(-1, x[0, s + 1:s + 1 + lp.shape[0], None])[:, 0]
         ranks = (lp > chosen[:, None]).sum(-1) + 1
@@ -465,7 +489,10 @@ async def chat_completion(served: Served, batcher: Batcher, body: ChatRequest):
     check_request(served, body)
     if body.top_logprobs and not body.logprobs:
         raise APIError("top_logprobs needs logprobs=true", "top_logprobs")
-    ids = chat_prompt(served.tokenizer, body.messages)
+    served.check_length(sum(len(m.content) if isinstance(m.content, str) else
+                            sum(len(str(part.get("text", ""))) for part in m.content or ()) for m in body.messages),
+                        "messages")
+    ids = await served.tokenize(chat_prompt, served.tokenizer, body.messages)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_new = max_new_tokens(served, len(ids), requested, 1, "messages")
     k = (body.top_logprobs or 0) if body.logprobs else 0
@@ -547,7 +574,15 @@ def completion_choice(served: Served, body: CompletionRequest, ids: list[int], c
 async def completion(served: Served, batcher: Batcher, body: CompletionRequest):
     """A text completion (dict), or its server-sent events (async iterator) when ``stream``."""
     check_request(served, body)
-    prompts = completion_prompts(served, body.prompt)
+    listed = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) else [body.prompt]
+    if len(listed) * body.n > served.max_batch_size:
+        raise APIError(f"{len(listed)} prompts x n={body.n} is more than this server's max batch size "
+                       f"({served.max_batch_size}): send fewer per request, or restart it with a larger "
+                       "--max-batch-size", "prompt")
+    for p in listed:
+        if isinstance(p, str):  # a list of ids is checked against the context exactly, and cheaply
+            served.check_length(len(p), "prompt")
+    prompts = await served.tokenize(completion_prompts, served, body.prompt)
     wanted = [x for x in (body.logprobs if body.echo else None, body.prompt_logprobs) if x is not None]
     prompt_k = max(wanted) if wanted else None
     solo = solo_key(served, body)
@@ -585,23 +620,37 @@ def load_served(model_dir: str | Path, model_name: str | None, dtype: str, devic
         raise PotstillError(f"max batch size must be at least 1 (got {max_batch_size})")
     model, tokenizer = load_model_dir(model_dir, "model", dtype, device)
     # A fast tokenizer resets its padding and truncation settings on its first encode; done here,
-    # before the event loop and the worker thread use it at once ("Already borrowed").
+    # before the tokenizing and the generating threads use it at once ("Already borrowed").
     tokenizer("")
+    # a token's vocabulary string has at least as many characters as its text (byte-level BPE
+    # spells each byte as a character, SentencePiece each space as "▁")
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
     return Served(model, tokenizer, model_name or Path(model_dir).resolve().name,
                   getattr(model.config, "max_position_embeddings", None),
                   getattr(model.generation_config, "max_new_tokens", None),
-                  model.get_input_embeddings().num_embeddings, max_batch_size)
+                  model.get_input_embeddings().num_embeddings, max_batch_size, max(longest, 1))
 
 
 def validation_message(problems: list[dict]) -> tuple[str, str | None]:
-    """FastAPI's validation errors as one line and the field at fault. A field that may take
-    several types (a completion's prompt) fails once per type: that is said once, with the types."""
-    field = problems[0]["loc"][1] if len(problems[0]["loc"]) > 1 else None
-    same = [p for p in problems if len(p["loc"]) > 1 and p["loc"][1] == field]
-    if field is not None and len(same) > 1 and all(len(p["loc"]) > 2 for p in same):
-        return f"{field}: expected {' or '.join(dict.fromkeys(str(p['loc'][2]) for p in same))}", field
-    where = ".".join(str(x) for x in problems[0]["loc"][1:]) or "body"
-    return f"{where}: {problems[0]['msg']}", field
+    """FastAPI's validation errors as one line and the top-level field at fault (OpenAI's ``param``:
+    a string or null). A field that may take several types (a completion's prompt, a message's
+    content) fails once per type: that is said once, with the types."""
+    first = problems[0]
+    if first["type"] == "json_invalid":  # its loc holds the character offset, not a field
+        return f"the body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])}): send a JSON object", None
+    loc = first["loc"][1:]
+    field = loc[0] if loc and isinstance(loc[0], str) else None
+    same = [p["loc"][1:] for p in problems if p["loc"][1:2] == loc[:1]]
+    n = next(i for i in range(len(loc) + 1) if i == len(loc) or any(len(l) <= i or l[i] != loc[i] for l in same))
+    if len(same) > 1 and all(len(l) > n and isinstance(l[n], str) and is_type_tag(l[n]) for l in same):
+        where = ".".join(map(str, loc[:n]))
+        return f"{where}: expected {' or '.join(dict.fromkeys(l[n] for l in same))}", field
+    return f"{'.'.join(map(str, loc)) or 'body'}: {first['msg']}", field
+
+
+def is_type_tag(name: str) -> bool:
+    """Whether a validation error's location step names a union member (``list[int]``), not a field."""
+    return "[" in name or name in ("str", "int", "float", "bool", "dict", "list", "none")
 
 
 def require_server_libraries() -> None:
@@ -613,10 +662,62 @@ def require_server_libraries() -> None:
         raise PotstillError("potstill serve needs fastapi and uvicorn: pip install 'potstill[serve]'") from None
 
 
+class Guard:
+    """The ASGI layer in front of every route: the API key (OpenAI's ``Authorization: Bearer``),
+    then the body size, counted as it arrives, so an oversized body is refused before it is held
+    in memory, parsed or tokenized."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None and not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return await reply(send, 401, "a valid API key is needed: send it as 'Authorization: Bearer KEY' "
+                               "(the openai client's api_key)", "invalid_api_key")
+        too_large = (f"the request body is over {self.max_body_bytes:,} bytes: send less, or restart the server "
+                     "with a larger --max-body-mb")
+        if int(headers.get(b"content-length", b"0") or 0) > self.max_body_bytes:
+            return await reply(send, 413, too_large, "request_too_large")
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:  # a chunked body, sent without a length
+                raise BodyTooLarge(413, too_large)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+try:  # an HTTPException, as FastAPI passes those on from reading a body (others become a 400)
+    from starlette.exceptions import HTTPException as _HTTPException
+
+    class BodyTooLarge(_HTTPException):
+        pass
+except ImportError:  # pragma: no cover - build_app says what to install
+    BodyTooLarge = None
+
+
+async def reply(send, status: int, message: str, code: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def build_app(model_dir: str | Path, *, model_name: str | None = None, dtype: str = "float32", device: str = "cpu",
-              max_batch_size: int = 32, batch_wait_ms: float = 5.0, exact_seeds: bool = False):
+              max_batch_size: int = 32, batch_wait_ms: float = 5.0, exact_seeds: bool = False,
+              api_key: str | None = None, max_body_mb: float = 16):
     """The FastAPI app serving the model in ``model_dir``. ``app.state.batcher.batches`` counts the
-    batches run: one generate call each (and the prompt scorings its requests asked for)."""
+    batches run: one generate call each (and the prompt scorings its requests asked for). With
+    ``api_key``, every route wants it; bodies over ``max_body_mb`` are refused unread."""
     require_server_libraries()
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
@@ -625,6 +726,10 @@ def build_app(model_dir: str | Path, *, model_name: str | None = None, dtype: st
 
     if batch_wait_ms < 0:
         raise PotstillError(f"batch wait must be 0 ms or more (got {batch_wait_ms})")
+    if not max_body_mb > 0:
+        raise PotstillError(f"max body size must be more than 0 MB (got {max_body_mb})")
+    if api_key is not None and not api_key.strip():
+        raise PotstillError("the API key is empty: give one, or leave --api-key out")
     served = load_served(model_dir, model_name, dtype, device, max_batch_size)
     served.exact_seeds = exact_seeds
     batcher = Batcher(lambda jobs: run_batch(served, jobs), max_batch_size, batch_wait_ms / 1000)
@@ -634,9 +739,11 @@ def build_app(model_dir: str | Path, *, model_name: str | None = None, dtype: st
         worker = asyncio.create_task(batcher.run())
         yield
         worker.cancel()
+        served.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="potstill serve", lifespan=lifespan)
     app.state.served, app.state.batcher = served, batcher
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=int(max_body_mb * 2**20))
 
     def error(status: int, message: str, param: str | None = None, code: str | None = None):
         kind = "invalid_request_error" if status < 500 else "server_error"
@@ -652,6 +759,8 @@ def build_app(model_dir: str | Path, *, model_name: str | None = None, dtype: st
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
+        if isinstance(e, BodyTooLarge):
+            return error(e.status_code, e.detail, code="request_too_large")
         return error(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
 
     @app.exception_handler(Exception)
@@ -717,13 +826,30 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           dtype: str = "float32", device: str = "cpu", max_batch_size: int = 32, batch_wait_ms: float = 5.0,
-          exact_seeds: bool = False) -> None:
+          exact_seeds: bool = False, api_key: str | None = None, max_body_mb: float = 16) -> None:
     """Serve the model in ``model_dir`` until interrupted (Ctrl-C)."""
     require_server_libraries()
     import uvicorn
 
-    app = build_app(model_dir, model_name=model_name, dtype=dtype, device=device, max_batch_size=max_batch_size,
-                    batch_wait_ms=batch_wait_ms, exact_seeds=exact_seeds)
-    sock = bind(host, port)
+    sock = bind(host, port)  # before the model loads: a taken port fails at once
+    if api_key is None and not loopback(host):
+        print(f"potstill serve: warning: listening on {host} without an API key: anyone who can reach this port "
+              "can use the model (set --api-key-env or --api-key)", file=sys.stderr, flush=True)
+    try:
+        app = build_app(model_dir, model_name=model_name, dtype=dtype, device=device, max_batch_size=max_batch_size,
+                        batch_wait_ms=batch_wait_ms, exact_seeds=exact_seeds, api_key=api_key, max_body_mb=max_body_mb)
+    except BaseException:
+        sock.close()
+        raise
     print(f"potstill serve: {app.state.served.name} at http://{host}:{sock.getsockname()[1]}/v1 (Ctrl-C stops)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: whatever it resolves to, it may be reachable from elsewhere
+        return False

@@ -1,0 +1,86 @@
+"""report.html and the model card write every name as text: a run folder, a teacher id, terms or a
+skill may hold markup or a `$`, and never becomes a tag, an attribute, a heading or a failed plot."""
+
+import json
+from html.parser import HTMLParser
+
+from markdown_it import MarkdownIt
+
+from potstill.card import card_text
+from potstill.report import write_report
+
+HOSTILE_RUN = "x<svg onload=alert(1)>'\"$"  # a folder name Linux allows
+HOSTILE_TEACHER = {"id": "evil</td><script>alert(1)</script>\n# Injected heading", "backend": "local",
+                   "revision": "main*bold*", "terms_family": "<img src=x onerror=alert(1)>",
+                   "terms_url": "javascript:alert(1)//<b>x</b>"}
+
+
+class Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attrs, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs += attrs
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(page: str) -> Tags:
+    p = Tags()
+    p.feed(page)
+    return p
+
+
+def student_info(teacher: dict) -> dict:
+    return {"name": "student", "objective": "kd", "parameters": 1000, "examples": 8, "steps": 2,
+            "ledger_sha256": "ab" * 32, "recipe_sha256": "cd" * 32, "license": "apache-2.0", "student": {},
+            "train": {"objective": "kd", "loss": "forward_kl", "teacher_signal": "cached", "temperature": 1.0,
+                      "kd_ratio": 1.0, "batch_size": 4, "lr": 0.001, "seed": 0},
+            "teachers": [teacher]}
+
+
+def make_run(path, skill: str):
+    """A run folder as eval and train leave it, cut to what the report reads."""
+    model = {"accuracy": 0.5, "accuracy_ci95": [0.1, 0.9], "accuracy_by_category": {skill: 0.5, "add": 1.0},
+             "rouge_l": 0.5, "agreement": 0.5, "kl_per_token": 0.1, "top1_agreement": 0.9, "parameters": 1000,
+             "completion_lengths": [1, 2, 3], "samples": [{"prompt": "<b>p</b>", "answer": "<i>a</i>"}]}
+    (path / "logs").mkdir(parents=True)
+    (path / "student").mkdir()
+    (path / "eval.json").write_text(json.dumps({"models": {"teacher": model, "student": model},
+                                                "prompts": {"n": 2}, "provenance": {"note": "</pre><b>x</b>"}}))
+    (path / "logs" / "student.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2)))
+    (path / "student" / "potstill.json").write_text(json.dumps(student_info(HOSTILE_TEACHER)))
+    return path
+
+
+def test_hostile_names_in_the_report_stay_text(tmp_path):
+    # "$_$" and "$^$" are mathtext that fails to parse: without escaping, the figure raises
+    runs = [make_run(tmp_path / HOSTILE_RUN, skill="$x"), make_run(tmp_path / "cost $^$", skill="$_$")]
+    for page in (write_report(runs[0]), write_report(runs, out=tmp_path / "compare.html")):
+        html = page.read_text()
+        parsed = parse(html)
+        assert set(parsed.tags) <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "table",
+                                    "tr", "th", "td", "img", "pre"}
+        assert not any(name.startswith("on") for name, _ in parsed.attrs)
+        assert all(value.startswith("data:image/png;base64,") for name, value in parsed.attrs if name == "src")
+        text = "".join(parsed.text)
+        assert HOSTILE_RUN in text and HOSTILE_TEACHER["terms_family"] in text and "</pre><b>x</b>" in text
+        assert parsed.tags.count("img") == 3  # the plots were drawn, `$` and all
+
+
+def test_hostile_teacher_and_name_in_the_card_stay_text():
+    card = card_text(student_info(HOSTILE_TEACHER), name=HOSTILE_RUN)
+    body = card.split("\n---\n", 1)[1]
+    tokens = MarkdownIt("commonmark").enable("table").parse(body)
+    assert [t.tag for t in tokens if t.type == "heading_open"] == ["h1", "h2"]  # the card's own: no injected one
+    rendered = MarkdownIt("commonmark").enable("table").render(body)
+    parsed = parse(rendered)
+    assert set(parsed.tags) <= {"h1", "h2", "p", "ul", "li", "strong", "code"}  # no script, img, a, em
+    text = " ".join(parsed.text)
+    assert HOSTILE_RUN in text and "evil</td><script>alert(1)</script> # Injected heading" in text
+    assert "main*bold*" in text and HOSTILE_TEACHER["terms_family"] in text and "javascript:alert(1)" in text
+    plain = card_text(student_info({**HOSTILE_TEACHER, "terms_url": "https://example.com/terms_of_use"}))
+    assert MarkdownIt("commonmark").render(plain).count('<a href="https://example.com/terms_of_use">') == 1
