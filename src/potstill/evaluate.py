@@ -193,7 +193,9 @@ def evaluate(recipe: Recipe) -> dict:
         raise PotstillError(f"no trained student in {run}: run `potstill train` first")
 
     results: dict[str, dict] = {}
-    teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype) if models.get("teacher") else None
+    teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype,
+                           use_generation_config=recipe.teacher.use_generation_config,
+                           trust_remote_code=recipe.teacher.trust_remote_code) if models.get("teacher") else None
     judge = LocalTeacher(spec.judge.path) if spec.judge is not None else None
     verify = verifiers.load(spec.verifier)
     teacher_out = None

@@ -24,7 +24,8 @@ def make_teacher(recipe: Recipe) -> Teacher:
 
     spec = recipe.teacher
     return LocalTeacher(spec.path, id=recipe.teacher_id(), revision=spec.revision, terms_family=spec.terms_family,
-                        terms_url=spec.terms_url, dtype=spec.dtype, device=spec.device)
+                        terms_url=spec.terms_url, dtype=spec.dtype, device=spec.device,
+                        use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code)
 
 
 def teacher_tokenizer(recipe: Recipe):
@@ -36,7 +37,7 @@ def teacher_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(spec.path)
+        return AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as e:
         raise PotstillError(f"teacher tokenizer {spec.path} could not be loaded: {str(e).splitlines()[0]}") from None
 
@@ -52,7 +53,8 @@ def teacher_description(recipe: Recipe, tokenizer) -> dict:
     from potstill.teachers.local import describe_local
 
     return describe_local(Path(spec.path), tokenizer, id=recipe.teacher_id(), revision=spec.revision,
-                          terms_family=spec.terms_family, dtype=spec.dtype, terms_url=spec.terms_url)
+                          terms_family=spec.terms_family, dtype=spec.dtype, terms_url=spec.terms_url,
+                          use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code)
 
 
 def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:

@@ -128,6 +128,9 @@ IDENTITY = {
     "openai": ("endpoint", "model", "api", "token_ids"),
     "imported": ("source_sha256", "format"),
 }
+# ... and what decides them only when a recipe opts in: keyed when present, so a teacher that does
+# not opt in keeps the keys it always had
+OPT_IN = {"local": ("generation_config", "code_sha256")}
 
 
 @contextmanager
@@ -152,6 +155,7 @@ def teacher_key(description: dict) -> str:
     if fields is None:  # an unknown kind of teacher: all of it
         return hashlib.sha256(_canonical(description).encode()).hexdigest()
     identity = {"backend": backend, **{k: description.get(k) for k in fields}}
+    identity.update({k: description[k] for k in OPT_IN.get(backend, ()) if k in description})
     if backend == "openai" and (description.get("api") == "completions" or description.get("token_ids")):
         # the tokenizer shapes the prompt (completions) or names the ids we store
         identity.update({k: description.get(k) for k in ("tokenizer_sha256", "chat_template_sha256")})

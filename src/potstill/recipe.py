@@ -53,6 +53,12 @@ class TeacherSpec(Section):
     terms_url: str | None = None  # where those terms are written, for the student's model card
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    # local: also apply the folder's generation_config.json settings beyond generation.* (repetition
+    # penalty, n-gram bans, top_k, ...); recorded in the teacher's description, so requests change key
+    use_generation_config: bool = False
+    # run the folder's own Python code (auto_map in its config); read that code first. Recorded
+    # (with a hash of the folder's .py files) in the teacher's description
+    trust_remote_code: bool = False
     # -- HTTP backends ------------------------------------------------------------------------
     model: str | None = None  # the model name the endpoint serves, e.g. gpt-4o-mini
     endpoints: list[str] = []  # base URLs, e.g. [https://api.openai.com/v1]; several = a fleet (least-loaded)
@@ -114,6 +120,10 @@ class GenerationSpec(Section):
     stop: list[str] = Field([], max_length=4)  # HTTP teachers: stop strings sent to the endpoint (local: EOS only)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
+    # a prompt longer than the teacher's context (max_position_embeddings - max_new_tokens; local
+    # teachers, and HTTP teachers with a known tokenizer): error = stop naming its file:line; skip =
+    # leave it out (generate says how many)
+    long_prompts: Literal["error", "skip"] = "error"
 
 
 class StudentSpec(Section):

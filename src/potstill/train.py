@@ -69,7 +69,7 @@ def load_student_tokenizer(recipe: Recipe):
     if path is None:
         raise PotstillError("the student needs a tokenizer: set student.tokenizer (the HTTP teacher has none here)")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise PotstillError(f"student tokenizer {path} could not be loaded: {str(e).splitlines()[0]}") from None
 
@@ -231,7 +231,8 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
         if recipe.teacher.path is None:
             raise PotstillError(f"train.teacher_signal={spec.teacher_signal} runs the teacher locally: set teacher.path "
                                 f"to its weights, or use train.teacher_signal=cached")
-        teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype)
+        teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype,
+                                    trust_remote_code=recipe.teacher.trust_remote_code)
         teacher.to(accelerator.device).requires_grad_(False)
     if spec.lora is not None:
         model = add_lora(model, spec)
