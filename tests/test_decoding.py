@@ -126,3 +126,32 @@ def test_a_folder_with_its_own_code_is_refused_and_the_code_never_runs(tmp_path,
     with pytest.raises(PotstillError, match="trust_remote_code"):
         LocalTeacher(folder)
     assert not marker.exists() and not asked
+
+
+def test_training_data_with_an_id_outside_the_tokenizer_names_the_ledger_row(tmp_path):
+    """A ledger written before padding rows were masked (or an import without a tokenizer) holds ids
+    the student's embedding does not have: one clear error, not an IndexError mid-training."""
+    import numpy as np
+
+    from potstill.data import build_examples
+    from potstill.ledger import Ledger, requests_for
+    from potstill.prompts import Prompt
+    from potstill.teachers.base import Completion
+
+    tok = AutoTokenizer.from_pretrained(TEACHER)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        key = ledger.register_teacher({"backend": "local", "weights_sha256": "w"})
+        prompts = [Prompt((("user", f"add {i} 1"),)) for i in range(2)]
+        params = {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "top_logprobs": 2, "seed": 0}
+        planned = requests_for(key, prompts, params)
+        ledger.add_requests(key, planned, params)
+        bad = planned[1][0]
+        ledger.record(ledger.start_session(None), [
+            Completion(h, "x", np.array(ids, np.int32), np.array([[i, 0] for i in ids], np.int32),
+                       np.full((len(ids), 2), -1.0, np.float32), "length", 3, 0, 0.0)
+            for h, ids in ((planned[0][0], [5, 6]), (bad, [5, len(tok) + 7]))])
+        examples = list(ledger.examples())
+    assert len(build_examples([e for e in examples if e.request_hash != bad], tok, same_tokenizer=True)) == 1
+    with pytest.raises(PotstillError, match=rf"ledger request {bad}: token_ids holds id {len(tok) + 7}, outside "
+                                            rf"the tokenizer's {len(tok)} ids"):
+        build_examples(examples, tok, same_tokenizer=True)

@@ -118,10 +118,12 @@ def cmd_merge(args) -> None:
 def cmd_import(args) -> None:
     from potstill.importers import import_file
     from potstill.ledger import Ledger, exclusive
+    from potstill.teachers.local import load_tokenizer_dir
 
     with exclusive(Path(args.ledger)), Ledger(args.ledger) as ledger:
         counts = import_file(ledger, args.file, format=args.format, teacher_id=args.teacher_id,
-                             terms_family=args.terms_family, terms_url=args.terms_url)
+                             terms_family=args.terms_family, terms_url=args.terms_url,
+                             n_tokens=None if args.tokenizer is None else len(load_tokenizer_dir(args.tokenizer, "teacher tokenizer")))
     print("import: " + ", ".join(f"{k} {counts[k]}" for k in ("read", "new", "already", "skipped")))
     for reason, info in counts.get("skipped_reasons", {}).items():
         print(f"  skipped: {reason}: {info}")
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--teacher-id", default=None, help="who wrote the completions (default: the file name)")
     i.add_argument("--terms-family", default="unknown", help="licence / terms of those outputs, for the model card")
     i.add_argument("--terms-url", default=None)
+    i.add_argument("--tokenizer", default=None, help="the teacher's tokenizer folder: token ids outside it are refused")
     i.set_defaults(func=cmd_import)
     r = verbs.add_parser("report", help="write one report.html for one run, or several side by side")
     r.add_argument("runs", nargs="+", help="run directories")

@@ -34,12 +34,17 @@ def teacher_tokenizer(recipe: Recipe):
         from potstill.teachers.openai_api import load_tokenizer
 
         return load_tokenizer(spec)
-    from transformers import AutoTokenizer
+    from potstill.teachers.local import load_tokenizer_dir
 
-    try:
-        return AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise PotstillError(f"teacher tokenizer {spec.path} could not be loaded: {str(e).splitlines()[0]}") from None
+    return load_tokenizer_dir(spec.path, "teacher tokenizer", spec.trust_remote_code)
+
+
+def n_tokens(recipe: Recipe) -> int | None:
+    """How many ids the teacher's tokenizer has, when the recipe says where it is."""
+    from potstill.teachers.openai_api import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.teacher)
+    return None if tokenizer is None else len(tokenizer)
 
 
 def teacher_description(recipe: Recipe, tokenizer) -> dict:
@@ -65,7 +70,7 @@ def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
         from potstill.importers import imported_requests
 
         return imported_requests(spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
-                                 terms_family=spec.terms_family, terms_url=spec.terms_url)
+                                 terms_family=spec.terms_family, terms_url=spec.terms_url, n_tokens=n_tokens(recipe))
     desc = teacher_description(recipe, teacher_tokenizer(recipe))
     prompts = load_prompts(recipe.prompts.path, recipe.prompts.limit)
     planned = requests_for(teacher_key(desc), prompts, sampling_params(recipe), recipe.generation.samples_per_prompt)
@@ -141,7 +146,7 @@ def import_stage(recipe: Recipe) -> dict:
     spec = recipe.teacher
     with exclusive(ledger_path(recipe)), Ledger(ledger_path(recipe)) as ledger:
         counts = import_file(ledger, spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
-                             terms_family=spec.terms_family, terms_url=spec.terms_url)
+                             terms_family=spec.terms_family, terms_url=spec.terms_url, n_tokens=n_tokens(recipe))
         return {"planned": counts["read"], "sent": 0, **ledger.counts(), "spend": ledger.spend(), "imported": counts}
 
 

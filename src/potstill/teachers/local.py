@@ -46,6 +46,16 @@ def load_model_dir(path: str | Path, what: str = "model", dtype: str = "float32"
     return model, tokenizer
 
 
+def load_tokenizer_dir(path: str | Path, what: str = "tokenizer", trust_remote_code: bool = False):
+    """A tokenizer folder's tokenizer, or one clear error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PotstillError(f"{what} {path} could not be loaded: {str(e).splitlines()[0]}") from None
+
+
 def has_remote_code(path: Path) -> bool:
     """Whether the folder's config or tokenizer config names classes in its own .py files."""
     for name in ("config.json", "tokenizer_config.json"):
