@@ -95,6 +95,8 @@ def cmd_generate(args) -> None:
     paid = f"; {spend['requests']} HTTP sends, ${spend['cost']:.4f}" if spend["requests"] else ""
     print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']} "
           f"(of {counts['planned']} planned){paid}")
+    for note in counts.get("notes", []):
+        print(f"generate: note: {note}")
 
 
 def cmd_serve(args) -> None:
@@ -159,6 +161,8 @@ def run_all(recipe) -> dict:
 
     counts = generate(recipe)
     print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']}")
+    for note in counts.get("notes", []):
+        print(f"generate: note: {note}")
     with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
         ledger_sha = ledger.content_sha256(recipe_requests(recipe)[1])
     changed = False

@@ -387,6 +387,17 @@ class Ledger:
         return self.db.execute("SELECT count(*) FROM selected JOIN requests r USING (request_hash) "
                                "WHERE r.status='failed'").fetchone()[0]
 
+    def identical_samples(self, request_hashes: list[str] | None = None) -> dict[str, int]:
+        """Prompts sampled more than once at temperature > 0 (``prompts``), and how many of them got
+        the same text every time (``identical``). All identical points to an endpoint that ignores
+        sampling parameters (decodes greedily) while the ledger records the temperature asked for."""
+        row = self.db.execute(
+            f"""SELECT count(*), ifnull(sum(texts = 1), 0) FROM (
+                    SELECT count(DISTINCT c.text) AS texts FROM {self._select(request_hashes)}
+                    JOIN requests r USING (request_hash) WHERE json_extract(r.params, '$.temperature') > 0
+                    GROUP BY r.prompt_sha256, r.teacher_key, r.params HAVING count(*) >= 2)""").fetchone()
+        return {"prompts": row[0], "identical": row[1]}
+
     def failures(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT request_hash, error FROM requests WHERE status='failed'"))
 
