@@ -155,3 +155,21 @@ def test_training_data_with_an_id_outside_the_tokenizer_names_the_ledger_row(tmp
     with pytest.raises(PotstillError, match=rf"ledger request {bad}: token_ids holds id {len(tok) + 7}, outside "
                                             rf"the tokenizer's {len(tok)} ids"):
         build_examples(examples, tok, same_tokenizer=True)
+
+
+def test_on_policy_samples_ignore_a_student_checkpoints_generation_config(tmp_path):
+    from potstill.data import TrainExample
+    from potstill.train import sample_from_student
+
+    tok = AutoTokenizer.from_pretrained(TEACHER)
+    plain = load_model_dir(tiny_teacher(tmp_path / "plain", "llama"))[0]
+    shipped = load_model_dir(tiny_teacher(tmp_path / "shipped", "llama", generation={"no_repeat_ngram_size": 1}))[0]
+    assert shipped.generation_config.no_repeat_ngram_size == 1
+    batch = [TrainExample(tok(f"add {i} 1")["input_ids"], len(tok(f"add {i} 1")["input_ids"]), None, None)
+             for i in range(16)]
+    samples = []
+    for model in (plain, shipped):
+        torch.manual_seed(0)
+        samples.append([ex.input_ids for ex in sample_from_student(model, batch, tok.pad_token_id, tok.eos_token_id, 12)])
+    assert samples[0] == samples[1]
+    assert any(repeats(ids[ex.n_prompt:]) for ids, ex in zip(samples[0], batch))

@@ -36,7 +36,7 @@ from potstill.losses import kd_loss
 from potstill.losses.chunked import chunked_kd_loss
 from potstill.progress import progress
 from potstill.recipe import Recipe, TrainSpec
-from potstill.teachers.local import load_model_dir
+from potstill.teachers.local import folder_defaults_off, load_model_dir
 
 MAX_BAD_STEPS = 3  # consecutive non-finite steps before the run stops
 
@@ -182,8 +182,9 @@ def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: i
     m = _unwrap(model)
     was_training = m.training
     m.eval()
-    out = m.generate(input_ids=ids.to(m.device), attention_mask=att.to(m.device), do_sample=True, temperature=1.0,
-                     top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+    with folder_defaults_off(m):  # a student checkpoint's generation_config.json changes nothing
+        out = m.generate(input_ids=ids.to(m.device), attention_mask=att.to(m.device), do_sample=True, temperature=1.0,
+                         top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
     m.train(was_training)
     samples = []
     for p, row in zip(prompts, out[:, width:].cpu().tolist()):

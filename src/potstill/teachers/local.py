@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,20 @@ def stated_config(params: dict, tokenizer, logit_rows: int, settings: dict | Non
     })
 
 
+@contextmanager
+def folder_defaults_off(model):
+    """generate() fills every setting a call leaves unset from ``model.generation_config`` (the
+    folder's generation_config.json: repetition penalties, n-gram bans, ...). Within this block the
+    model's defaults are transformers' global ones, so a call decodes with what it states."""
+    from transformers import GenerationConfig
+
+    folder_config, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = folder_config
+
+
 @torch.no_grad()
 def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: int, hashes: list[str],
                  token_logprobs: bool = False, settings: dict | None = None) -> list[Completion]:
@@ -171,8 +186,6 @@ def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: in
     distribution. LocalTeacher and ``potstill serve`` both generate here, so that a teacher served
     over HTTP gives the same ids and logprobs as the local backend.
     """
-    from transformers import GenerationConfig
-
     tok = tokenizer
     start = time.perf_counter()
     width = max(map(len, rows))
@@ -185,15 +198,10 @@ def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: in
     k = params["top_logprobs"]
     config = stated_config(params, tok, model.get_output_embeddings().weight.shape[0], settings)
     config.output_logits, config.return_dict_in_generate = bool(k) or token_logprobs, True
-    # generate() fills every setting left unset in ``config`` from model.generation_config (the
-    # folder's file): for the call, the model's defaults are transformers' global ones
-    folder_config, model.generation_config = model.generation_config, GenerationConfig()
     torch.manual_seed(seed)
-    try:
+    with folder_defaults_off(model):
         out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
                              generation_config=config)
-    finally:
-        model.generation_config = folder_config
     generated = out.sequences[:, width:].cpu()  # (B, T)
     if k or token_logprobs:
         # a step at a time: never a (B, T, V) float32 copy of the logits, only (B, V) at once
