@@ -456,3 +456,25 @@ def test_merge_carries_what_an_input_learnt_of_a_batch(tmp_path):
     with Ledger(tmp_path / "out.sqlite") as ledger:
         (row,) = [b for b in ledger.open_batches(key) if b["local_id"] == "local-1"]
     assert (row["batch_id"], row["input_file_id"], row["status"]) == ("batch_9", "file-9", "in_progress")
+
+
+def test_import_refuses_ids_outside_the_teachers_tokenizer(tmp_path, capsys):
+    """With the tokenizer known (--tokenizer, or teacher.tokenizer in a recipe) an id past it stops
+    the import naming file:line, before anything is written; ids inside it import as before."""
+    from conftest import TEACHER
+    from potstill.cli import main
+
+    rows = generic_rows(n=3)  # ids drawn from 50, the quickstart tokenizer has 41
+    for row in rows[:3]:
+        row["token_ids"] = [i % 41 for i in row["token_ids"]]
+        row["topk_ids"] = [[i % 41 for i in r] for r in row["topk_ids"]]
+    rows[2]["topk_ids"][1][0] = 45
+    path = write_jsonl(tmp_path / "kd.jsonl", rows)
+    ledger = tmp_path / "l.sqlite"
+    assert main(["import", str(path), str(ledger), "--tokenizer", str(TEACHER)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:3: \"topk_ids\" holds id 45, outside the teacher tokenizer's 41 ids" in err
+    assert len(err.strip().splitlines()) == 1
+    with Ledger(ledger) as l:
+        assert l.counts() == {"pending": 0, "done": 0, "failed": 0}
+    assert main(["import", str(path), str(ledger)]) == 0  # without a tokenizer nothing can be checked

@@ -64,3 +64,35 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(PotstillError, match="YAML mapping"):
         load_recipe(bad)
+
+
+def test_yaml_aliases_are_refused_before_anything_expands(tmp_path):
+    """A billion-laughs recipe (1 KB, gigabytes once expanded by validation and hashing) is refused
+    at its first alias, as is any alias: recipes are written out, not referenced."""
+    import time
+
+    bomb = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{','.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+    (tmp_path / "bomb.yaml").write_text(RECIPE.read_text() + "lols:\n" + "".join("  " + line + "\n" for line in bomb.splitlines()))
+    start = time.perf_counter()
+    with pytest.raises(PotstillError, match=r"bomb.yaml line \d+: YAML aliases \(\*a\) are not allowed in a recipe"):
+        load_recipe(tmp_path / "bomb.yaml")
+    assert time.perf_counter() - start < 2
+    text = RECIPE.read_text().replace("terms_family: apache-2.0", "terms_family: &terms apache-2.0")
+    (tmp_path / "small.yaml").write_text(text.replace("  license: apache-2.0", "  license: *terms"))
+    with pytest.raises(PotstillError, match=r"small.yaml line \d+: YAML aliases \(\*terms\)"):
+        load_recipe(tmp_path / "small.yaml")
+    assert load_recipe(RECIPE, ["name=[&x 1, *x]"]).name == "[&x 1, *x]"  # an override is text, never expanded
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    lines = RECIPE.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  lr: "))
+    lines.insert(at + 2, "  lr: 0.1")  # the second would win silently
+    (tmp_path / "twice.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(PotstillError) as err:
+        load_recipe(tmp_path / "twice.yaml")
+    assert str(err.value) == f"{tmp_path / 'twice.yaml'} line {at + 3}: key lr given twice (first on line {at + 1}): keep one"
+    (tmp_path / "top.yaml").write_text(RECIPE.read_text() + "name: again\n")
+    with pytest.raises(PotstillError, match=r"top.yaml line \d+: key name given twice \(first on line 4\)"):
+        load_recipe(tmp_path / "top.yaml")

@@ -100,6 +100,8 @@ def cmd_generate(args) -> None:
     paid = f"; {spend['requests']} HTTP sends, ${spend['cost']:.4f}" if spend["requests"] else ""
     print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']} "
           f"(of {counts['planned']} planned){paid}")
+    for note in counts.get("notes", []):
+        print(f"generate: note: {note}")
 
 
 def cmd_serve(args) -> None:
@@ -140,10 +142,12 @@ def cmd_merge(args) -> None:
 def cmd_import(args) -> None:
     from potstill.importers import import_file
     from potstill.ledger import Ledger, exclusive
+    from potstill.teachers.local import load_tokenizer_dir
 
     with exclusive(Path(args.ledger)), Ledger(args.ledger) as ledger:
         counts = import_file(ledger, args.file, format=args.format, teacher_id=args.teacher_id,
-                             terms_family=args.terms_family, terms_url=args.terms_url)
+                             terms_family=args.terms_family, terms_url=args.terms_url,
+                             n_tokens=None if args.tokenizer is None else len(load_tokenizer_dir(args.tokenizer, "teacher tokenizer")))
     print("import: " + ", ".join(f"{k} {counts[k]}" for k in ("read", "new", "already", "skipped")))
     for reason, info in counts.get("skipped_reasons", {}).items():
         print(f"  skipped: {reason}: {info}")
@@ -195,6 +199,8 @@ def run_all(recipe) -> dict:
     refuse_unusable_logit_kd(recipe)
     counts = generate(recipe)
     print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']}")
+    for note in counts.get("notes", []):
+        print(f"generate: note: {note}")
     with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
         ledger_sha = ledger.content_sha256(recipe_requests(recipe)[1])
     changed = False
@@ -298,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--teacher-id", default=None, help="who wrote the completions (default: the file name)")
     i.add_argument("--terms-family", default="unknown", help="licence / terms of those outputs, for the model card")
     i.add_argument("--terms-url", default=None)
+    i.add_argument("--tokenizer", default=None, help="the teacher's tokenizer folder: token ids outside it are refused")
     i.set_defaults(func=cmd_import)
     r = verbs.add_parser("report", help="write one report.html for one run, or several side by side")
     r.add_argument("runs", nargs="+", help="run directories")

@@ -57,7 +57,7 @@ def _rows(path: str | Path, tokenizer=None) -> int:
 
     if tokenizer is not None and not (Path(path) / "config.json").is_file():
         return len(tokenizer)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     return getattr(config.get_text_config(), "vocab_size")
 
 
@@ -85,7 +85,7 @@ def check_tokenizers(teacher_path: str | Path | None, student_tok, student_rows:
                                               "teacher.tokenizer): the student learns from its text"])
 
     try:
-        teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
+        teacher_tok = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=False)
         teacher_rows = _rows(teacher_path, teacher_tok)
     except (OSError, ValueError) as e:
         raise PotstillError(f"teacher {teacher_path} could not be read: {str(e).splitlines()[0]}") from None
@@ -102,7 +102,7 @@ def doctor(teacher_path: str | Path, student_path: str | Path) -> list[str]:
 
     lines = []
     try:
-        student_tok = AutoTokenizer.from_pretrained(student_path)
+        student_tok = AutoTokenizer.from_pretrained(student_path, trust_remote_code=False)
         compat = check_tokenizers(teacher_path, student_tok, _rows(student_path), need_logits=False)
     except (OSError, ValueError) as e:
         raise PotstillError(f"student {student_path} could not be read: {str(e).splitlines()[0]}") from None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from potstill.errors import PotstillError
 from potstill.ledger import Example
 from potstill.teachers.local import prompt_ids
 
@@ -21,11 +22,13 @@ class TrainExample:
 
 def build_examples(examples: list[Example], tokenizer, *, same_tokenizer: bool) -> list[TrainExample]:
     """With the teacher's tokenizer, the teacher's own token ids and top-k are used; otherwise the
-    completion text is re-tokenized (sequence-level KD only: no logits)."""
+    completion text is re-tokenized (sequence-level KD only: no logits). An id the tokenizer does
+    not have (a teacher's padding row, an imported file's) is refused, naming the ledger row."""
     out = []
     for ex in examples:
         p_ids = prompt_ids(tokenizer, ex.messages)
         if same_tokenizer and ex.token_ids is not None:
+            check_ids(ex, len(tokenizer))
             c_ids = ex.token_ids.tolist()
             topk_ids, topk_lp = ex.topk_ids, ex.topk_logprobs
         else:
@@ -36,6 +39,15 @@ def build_examples(examples: list[Example], tokenizer, *, same_tokenizer: bool) 
         if c_ids:
             out.append(TrainExample(p_ids + c_ids, len(p_ids), topk_ids, topk_lp))
     return out
+
+
+def check_ids(ex: Example, n_tokens: int) -> None:
+    for field, ids in (("token_ids", ex.token_ids), ("topk_ids", ex.topk_ids)):
+        if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= n_tokens):
+            bad = int(ids.max()) if ids.max() >= n_tokens else int(ids.min())
+            raise PotstillError(f"ledger request {ex.request_hash}: {field} holds id {bad}, outside the tokenizer's "
+                                f"{n_tokens} ids (0..{n_tokens - 1}): a teacher that sampled its vocabulary's padding rows "
+                                f"(regenerate with this potstill) or an imported file of another tokenizer's ids")
 
 
 def collate(batch: list[TrainExample], pad_id: int) -> dict[str, torch.Tensor]:

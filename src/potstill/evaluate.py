@@ -207,7 +207,9 @@ def evaluate(recipe: Recipe) -> dict:
 
     results: dict[str, dict] = {}
     device = recipe.device_for("eval")
-    teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype, device=device) if models.get("teacher") else None
+    teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype, device=device,
+                           use_generation_config=recipe.teacher.use_generation_config,
+                           trust_remote_code=recipe.teacher.trust_remote_code) if models.get("teacher") else None
     judge = LocalTeacher(spec.judge.path, device=device) if spec.judge is not None else None
     verify = verifiers.load(spec.verifier)
     teacher_out = None

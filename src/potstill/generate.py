@@ -14,7 +14,7 @@ from pathlib import Path
 from potstill.errors import PotstillError
 from potstill.ledger import Ledger, exclusive, requests_for, teacher_key
 from potstill.progress import progress
-from potstill.prompts import load_prompts
+from potstill.prompts import Prompt, load_prompts
 from potstill.recipe import Recipe, save_recipe
 from potstill.teachers.base import Teacher
 
@@ -24,7 +24,8 @@ def make_teacher(recipe: Recipe) -> Teacher:
 
     spec = recipe.teacher
     return LocalTeacher(spec.path, id=recipe.teacher_id(), revision=spec.revision, terms_family=spec.terms_family,
-                        terms_url=spec.terms_url, dtype=spec.dtype, device=recipe.device_for("teacher"))
+                        terms_url=spec.terms_url, dtype=spec.dtype, device=recipe.device_for("teacher"),
+                        use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code)
 
 
 def teacher_tokenizer(recipe: Recipe):
@@ -33,12 +34,17 @@ def teacher_tokenizer(recipe: Recipe):
         from potstill.teachers.openai_api import load_tokenizer
 
         return load_tokenizer(spec)
-    from transformers import AutoTokenizer
+    from potstill.teachers.local import load_tokenizer_dir
 
-    try:
-        return AutoTokenizer.from_pretrained(spec.path)
-    except (OSError, ValueError) as e:
-        raise PotstillError(f"teacher tokenizer {spec.path} could not be loaded: {str(e).splitlines()[0]}") from None
+    return load_tokenizer_dir(spec.path, "teacher tokenizer", spec.trust_remote_code)
+
+
+def n_tokens(recipe: Recipe) -> int | None:
+    """How many ids the teacher's tokenizer has, when the recipe says where it is."""
+    from potstill.teachers.openai_api import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.teacher)
+    return None if tokenizer is None else len(tokenizer)
 
 
 def teacher_description(recipe: Recipe, tokenizer) -> dict:
@@ -52,7 +58,8 @@ def teacher_description(recipe: Recipe, tokenizer) -> dict:
     from potstill.teachers.local import describe_local
 
     return describe_local(Path(spec.path), tokenizer, id=recipe.teacher_id(), revision=spec.revision,
-                          terms_family=spec.terms_family, dtype=spec.dtype, terms_url=spec.terms_url)
+                          terms_family=spec.terms_family, dtype=spec.dtype, terms_url=spec.terms_url,
+                          use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code)
 
 
 def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
@@ -63,11 +70,53 @@ def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
         from potstill.importers import imported_requests
 
         return imported_requests(spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
-                                 terms_family=spec.terms_family, terms_url=spec.terms_url)
-    desc = teacher_description(recipe, teacher_tokenizer(recipe))
-    prompts = load_prompts(recipe.prompts.path, recipe.prompts.limit)
+                                 terms_family=spec.terms_family, terms_url=spec.terms_url, n_tokens=n_tokens(recipe))
+    tokenizer = teacher_tokenizer(recipe)
+    desc = teacher_description(recipe, tokenizer)
+    prompts, _ = fitting_prompts(recipe, load_prompts(recipe.prompts.path, recipe.prompts.limit), tokenizer)
     planned = requests_for(teacher_key(desc), prompts, sampling_params(recipe), recipe.generation.samples_per_prompt)
     return desc, [h for h, _, _ in planned]
+
+
+def context_length(recipe: Recipe, tokenizer) -> int | None:
+    """The teacher's context in tokens: its config's max_position_embeddings (the model folder, or
+    an HTTP teacher's tokenizer folder when it holds a config), else the tokenizer's
+    model_max_length when it states one; None when unknown."""
+    from transformers import AutoConfig
+
+    folder = recipe.teacher.tokenizer_dir
+    if folder and (Path(folder) / "config.json").is_file():
+        try:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=recipe.teacher.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise PotstillError(f"{folder}/config.json could not be read: {str(e).splitlines()[0]}") from None
+        n = getattr(config.get_text_config(), "max_position_embeddings", None)
+        if isinstance(n, int):
+            return n
+    n = getattr(tokenizer, "model_max_length", None)
+    return n if isinstance(n, int) and n < 10**8 else None  # transformers says 1e30 when it does not know
+
+
+def fitting_prompts(recipe: Recipe, prompts: list[Prompt], tokenizer) -> tuple[list[Prompt], int]:
+    """The prompts whose tokens leave generation.max_new_tokens of the teacher's context, and how
+    many were left out (generation.long_prompts=skip); with long_prompts=error the first that does
+    not fit stops the run, naming its file:line. Unchecked without a tokenizer or a known context."""
+    limit = None if tokenizer is None else context_length(recipe, tokenizer)
+    if limit is None:
+        return prompts, 0
+    from potstill.teachers.local import prompt_ids
+
+    room = limit - recipe.generation.max_new_tokens
+    kept = []
+    for p in prompts:
+        n = len(prompt_ids(tokenizer, p.chat))
+        if n <= room:
+            kept.append(p)
+        elif recipe.generation.long_prompts == "error":
+            raise PotstillError(f"{p.source}: the prompt is {n} tokens; the teacher's context of {limit} leaves {room} "
+                                f"with generation.max_new_tokens={recipe.generation.max_new_tokens}: shorten it, or "
+                                f"set generation.long_prompts=skip to leave such prompts out")
+    return kept, len(prompts) - len(kept)
 
 
 def sampling_params(recipe: Recipe) -> dict:
@@ -103,12 +152,15 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
         raise PotstillError(f"generation.top_logprobs={recipe.generation.top_logprobs}: OpenAI-compatible endpoints "
                             f"return at most 20")
     with exclusive(ledger_path(recipe, shard)), Ledger(ledger_path(recipe, shard)) as ledger:
+        tokenizer = teacher_tokenizer(recipe)
         if spec.http:
-            tokenizer = teacher_tokenizer(recipe)
             desc = teacher_description(recipe, tokenizer)
         else:
             teacher = teacher or make_teacher(recipe)
             desc = teacher.describe()
+        prompts, skipped = fitting_prompts(recipe, prompts, tokenizer)
+        notes = [f"left out {skipped} prompts longer than the teacher's context allows "
+                 f"(generation.long_prompts=skip)"] if skipped else []
         key = ledger.register_teacher(desc)
         planned = requests_for(key, prompts, params, recipe.generation.samples_per_prompt, shard)
         todo = ledger.add_requests(key, planned, params)
@@ -125,7 +177,18 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
                 stopped = run_batches(spec, params, todo, ledger, session, key, tokenizer)
             else:
                 local_generate(teacher, todo, params, ledger, session, recipe.generation.batch_size)
-        counts = {"planned": len(planned), "sent": len(todo), **ledger.counts(), "spend": ledger.spend(key)}
+        counts = {"planned": len(planned), "sent": len(todo), **ledger.counts(), "spend": ledger.spend(key),
+                  "skipped_long_prompts": skipped}
+        g = recipe.generation
+        if g.samples_per_prompt > 1 and g.temperature > 0:
+            same = counts["identical_samples"] = ledger.identical_samples([h for h, _, _ in planned])
+            if same["identical"]:
+                notes.append(f"{same['identical']} of {same['prompts']} prompts got the same answer in all "
+                             f"{g.samples_per_prompt} samples at temperature {g.temperature}" + (
+                                 ": does the teacher honour sampling parameters? An endpoint that ignores them "
+                                 "decodes greedily, and the ledger records the temperature asked for"
+                                 if same["identical"] == same["prompts"] else ""))
+        counts["notes"] = notes
     if stopped:
         raise PotstillError(f"generation stopped: {stopped}. Saved: {counts['done']} done, {counts['failed']} failed; "
                             f"rerun the same command to resume")
@@ -139,7 +202,7 @@ def import_stage(recipe: Recipe) -> dict:
     spec = recipe.teacher
     with exclusive(ledger_path(recipe)), Ledger(ledger_path(recipe)) as ledger:
         counts = import_file(ledger, spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
-                             terms_family=spec.terms_family, terms_url=spec.terms_url)
+                             terms_family=spec.terms_family, terms_url=spec.terms_url, n_tokens=n_tokens(recipe))
         return {"planned": counts["read"], "sent": 0, **ledger.counts(), "spend": ledger.spend(), "imported": counts}
 
 

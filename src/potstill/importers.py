@@ -16,6 +16,8 @@ Formats (``format="auto"`` picks Parquet by extension or magic bytes, else by th
   list), ``response`` (str), optional ``finish_reason`` (default "stop"), optional ``token_ids``
   (T ints) with ``topk_ids`` and ``topk_logprobs`` (T x k lists; rows are put in descending order
   of logprob if they are not). Every other key is kept as the prompt's metadata, as prompt files do.
+  When the teacher's tokenizer is known (``n_tokens``: its length), an id outside it stops the import
+  naming file:line, as any malformed row does: training on it would index past the embedding.
 
 Identity: the teacher description names the file and its sha256; a row's request hash is
 ``request_hash(teacher_key(description), messages, {"imported": format}, n)`` with n the number of
@@ -93,21 +95,22 @@ class _Row:
 
 
 def imported_requests(path: str | Path, *, format: str = "auto", teacher_id: str | None = None,
-                      terms_family: str = "unknown", terms_url: str | None = None) -> tuple[dict, list[str]]:
+                      terms_family: str = "unknown", terms_url: str | None = None,
+                      n_tokens: int | None = None) -> tuple[dict, list[str]]:
     """The teacher description and the request hashes of the file's rows, in file order, computed
     without a ledger: what `train` reads from it."""
     path, fmt = _resolve(path, format)
-    desc = _describe(path, fmt, teacher_id, terms_family, terms_url)
+    desc = _describe(path, fmt, teacher_id, terms_family, terms_url, n_tokens)
     return desc, [h for h, _, _ in _keyed(path, fmt, teacher_key(desc)) if h is not None]
 
 
 def import_file(ledger: Ledger, path: str | Path, *, format: str = "auto", teacher_id: str | None = None,
-                terms_family: str = "unknown", terms_url: str | None = None) -> dict:
+                terms_family: str = "unknown", terms_url: str | None = None, n_tokens: int | None = None) -> dict:
     """Store the file's completions in ``ledger``. Returns counts: read (rows), new (stored now),
     already (stored before), skipped (not usable; ``skipped_reasons`` maps each reason to its row
     count and first row), and the teacher's key."""
     path, fmt = _resolve(path, format)
-    desc = _describe(path, fmt, teacher_id, terms_family, terms_url)
+    desc = _describe(path, fmt, teacher_id, terms_family, terms_url, n_tokens)
     key = ledger.register_teacher(desc)
     params = {"imported": fmt}
     counts = {"read": 0, "new": 0, "already": 0, "skipped": 0}
@@ -152,8 +155,9 @@ def _resolve(path: str | Path, format: str) -> tuple[Path, str]:
     return path, format
 
 
-def _describe(path: Path, fmt: str, teacher_id: str | None, terms_family: str, terms_url: str | None) -> dict:
-    models, dropped = _scan(str(path), str(path.resolve()), *_stamp(path), fmt)
+def _describe(path: Path, fmt: str, teacher_id: str | None, terms_family: str, terms_url: str | None,
+              n_tokens: int | None = None) -> dict:
+    models, dropped = _scan(str(path), str(path.resolve()), *_stamp(path), fmt, n_tokens)
     desc = {"id": teacher_id or path.stem, "backend": "imported", "source": path.name,
             "source_sha256": file_sha256(path), "format": fmt, "terms_family": terms_family, "terms_url": terms_url}
     if models:
@@ -169,12 +173,19 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=16)
-def _scan(path: str, resolved: str, size: int, mtime_ns: int, fmt: str) -> tuple[tuple[str, ...], bool]:
+def _scan(path: str, resolved: str, size: int, mtime_ns: int, fmt: str,
+          n_tokens: int | None) -> tuple[tuple[str, ...], bool]:
     """Check every row (raising on the first bad one) and gather what the description names.
     Remembered per (file, size, mtime): `potstill run` describes the same file in several stages."""
     models, dropped, rows, k = set(), False, 0, None
     for row in _rows(Path(path), fmt):
         rows += 1
+        if n_tokens is not None:
+            for field in ("token_ids", "topk_ids"):
+                ids = getattr(row, field)
+                if ids is not None and ids.size and ids.max() >= n_tokens:
+                    raise PotstillError(f"{row.where}: \"{field}\" holds id {int(ids.max())}, outside the teacher "
+                                        f"tokenizer's {n_tokens} ids: these ids are another tokenizer's")
         dropped |= row.logprobs_dropped
         if row.model:
             models.add(row.model)

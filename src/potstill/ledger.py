@@ -128,6 +128,9 @@ IDENTITY = {
     "openai": ("endpoint", "model", "api", "token_ids"),
     "imported": ("source_sha256", "format"),
 }
+# ... and what decides them only when a recipe opts in: keyed when present, so a teacher that does
+# not opt in keeps the keys it always had
+OPT_IN = {"local": ("generation_config", "code_sha256")}
 
 
 @contextmanager
@@ -152,6 +155,7 @@ def teacher_key(description: dict) -> str:
     if fields is None:  # an unknown kind of teacher: all of it
         return hashlib.sha256(_canonical(description).encode()).hexdigest()
     identity = {"backend": backend, **{k: description.get(k) for k in fields}}
+    identity.update({k: description[k] for k in OPT_IN.get(backend, ()) if k in description})
     if backend == "openai" and (description.get("api") == "completions" or description.get("token_ids")):
         # the tokenizer shapes the prompt (completions) or names the ids we store
         identity.update({k: description.get(k) for k in ("tokenizer_sha256", "chat_template_sha256")})
@@ -382,6 +386,17 @@ class Ledger:
         self._select(request_hashes)  # fills the temp table ``selected``
         return self.db.execute("SELECT count(*) FROM selected JOIN requests r USING (request_hash) "
                                "WHERE r.status='failed'").fetchone()[0]
+
+    def identical_samples(self, request_hashes: list[str] | None = None) -> dict[str, int]:
+        """Prompts sampled more than once at temperature > 0 (``prompts``), and how many of them got
+        the same text every time (``identical``). All identical points to an endpoint that ignores
+        sampling parameters (decodes greedily) while the ledger records the temperature asked for."""
+        row = self.db.execute(
+            f"""SELECT count(*), ifnull(sum(texts = 1), 0) FROM (
+                    SELECT count(DISTINCT c.text) AS texts FROM {self._select(request_hashes)}
+                    JOIN requests r USING (request_hash) WHERE json_extract(r.params, '$.temperature') > 0
+                    GROUP BY r.prompt_sha256, r.teacher_key, r.params HAVING count(*) >= 2)""").fetchone()
+        return {"prompts": row[0], "identical": row[1]}
 
     def failures(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT request_hash, error FROM requests WHERE status='failed'"))

@@ -54,6 +54,12 @@ class TeacherSpec(Section):
     terms_url: str | None = None  # where those terms are written, for the student's model card
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = Field(None, pattern=DEVICE_PATTERN)  # generate's device; default: the top-level device
+    # local: also apply the folder's generation_config.json settings beyond generation.* (repetition
+    # penalty, n-gram bans, top_k, ...); recorded in the teacher's description, so requests change key
+    use_generation_config: bool = False
+    # run the folder's own Python code (auto_map in its config); read that code first. Recorded
+    # (with a hash of the folder's .py files) in the teacher's description
+    trust_remote_code: bool = False
     # -- HTTP backends ------------------------------------------------------------------------
     model: str | None = None  # the model name the endpoint serves, e.g. gpt-4o-mini
     endpoints: list[str] = []  # base URLs, e.g. [https://api.openai.com/v1]; several = a fleet (least-loaded)
@@ -115,6 +121,10 @@ class GenerationSpec(Section):
     stop: list[str] = Field([], max_length=4)  # HTTP teachers: stop strings sent to the endpoint (local: EOS only)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
+    # a prompt longer than the teacher's context (max_position_embeddings - max_new_tokens; local
+    # teachers, and HTTP teachers with a known tokenizer): error = stop naming its file:line; skip =
+    # leave it out (generate says how many)
+    long_prompts: Literal["error", "skip"] = "error"
 
 
 class StudentSpec(Section):
@@ -259,6 +269,34 @@ class Recipe(Section):
         return {"local": lambda: Path(t.path).name, "imported": lambda: Path(t.data).stem}.get(t.backend, lambda: t.model)()
 
 
+class RecipeYAMLError(yaml.YAMLError):
+    def __init__(self, line: int, problem: str):
+        self.line, self.problem = line, problem
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """Safe YAML that refuses aliases (``*name``: a 1.4 KB file of nested aliases expands to
+    gigabytes once validated and hashed) and keys given twice in one mapping (the last one would
+    win silently)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise RecipeYAMLError(event.start_mark.line + 1, f"YAML aliases (*{event.anchor}) are not allowed in a "
+                                                             f"recipe; write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in first:
+                raise RecipeYAMLError(key_node.start_mark.line + 1, f"key {key} given twice (first on line "
+                                                                    f"{first[key]}): keep one")
+            first.setdefault(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
@@ -285,7 +323,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise PotstillError(f"override {text!r} is not key=value (e.g. train.epochs=3)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -327,7 +365,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise PotstillError(f"recipe {path} not found; give the path of a YAML recipe, e.g. examples/quickstart/recipe.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
+    except RecipeYAMLError as e:
+        raise PotstillError(f"{path} line {e.line}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

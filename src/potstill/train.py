@@ -38,7 +38,7 @@ from potstill.losses import kd_loss
 from potstill.losses.chunked import Head, chunked_kd_loss
 from potstill.progress import progress
 from potstill.recipe import Recipe, TrainSpec
-from potstill.teachers.local import load_model_dir
+from potstill.teachers.local import folder_defaults_off, load_model_dir
 
 MAX_BAD_STEPS = 3  # consecutive non-finite steps before the run stops
 
@@ -71,7 +71,7 @@ def load_student_tokenizer(recipe: Recipe):
     if path is None:
         raise PotstillError("the student needs a tokenizer: set student.tokenizer (the HTTP teacher has none here)")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise PotstillError(f"student tokenizer {path} could not be loaded: {str(e).splitlines()[0]}") from None
 
@@ -188,8 +188,9 @@ def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: i
     m = _unwrap(model)
     was_training = m.training
     m.eval()
-    out = m.generate(input_ids=ids.to(m.device), attention_mask=att.to(m.device), do_sample=True, temperature=1.0,
-                     top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+    with folder_defaults_off(m):  # a student checkpoint's generation_config.json changes nothing
+        out = m.generate(input_ids=ids.to(m.device), attention_mask=att.to(m.device), do_sample=True, temperature=1.0,
+                         top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
     m.train(was_training)
     samples = []
     for p, row in zip(prompts, out[:, width:].cpu().tolist()):
@@ -241,7 +242,8 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
         if recipe.teacher.path is None:
             raise PotstillError(f"train.teacher_signal={spec.teacher_signal} runs the teacher locally: set teacher.path "
                                 f"to its weights, or use train.teacher_signal=cached")
-        teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype)
+        teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype,
+                                    trust_remote_code=recipe.teacher.trust_remote_code)
         teacher.to(accelerator.device).requires_grad_(False)
     if spec.lora is not None:
         model = add_lora(model, spec)

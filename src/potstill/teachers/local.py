@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,12 @@ from potstill.teachers.base import Completion, Request
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model_dir(path: str | Path, what: str = "model", dtype: str = "float32", device: str = "cpu"):
-    """Load a local HF model + tokenizer, or raise one clear error saying what is missing."""
+def load_model_dir(path: str | Path, what: str = "model", dtype: str = "float32", device: str = "cpu",
+                   trust_remote_code: bool = False):
+    """Load a local HF model + tokenizer, or raise one clear error saying what is missing.
+
+    A folder's own Python code (``auto_map`` in its config) runs only with ``trust_remote_code``;
+    without it such a folder is refused, never run and never asked about on a terminal."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -29,12 +34,69 @@ def load_model_dir(path: str | Path, what: str = "model", dtype: str = "float32"
     if not list(path.glob("*.safetensors")):
         raise PotstillError(f"{what} directory {path} has no *.safetensors weights (potstill loads safetensors only)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code).to(device)
     except (OSError, ValueError, json.JSONDecodeError) as e:
+        if not trust_remote_code and has_remote_code(path):
+            raise PotstillError(f"{what} directory {path} needs its own Python code (auto_map in its config), which "
+                                f"potstill does not run unless told to (teacher.trust_remote_code: true, after "
+                                f"reading that code)") from None
         raise PotstillError(f"{what} directory {path} could not be loaded: {str(e).splitlines()[0]}") from None
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer_dir(path: str | Path, what: str = "tokenizer", trust_remote_code: bool = False):
+    """A tokenizer folder's tokenizer, or one clear error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PotstillError(f"{what} {path} could not be loaded: {str(e).splitlines()[0]}") from None
+
+
+def has_remote_code(path: Path) -> bool:
+    """Whether the folder's config or tokenizer config names classes in its own .py files."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            if "auto_map" in json.loads((path / name).read_text(encoding="utf-8")):
+                return True
+        except (OSError, ValueError, TypeError):
+            continue
+    return False
+
+
+def code_sha256(path: Path) -> str:
+    """Hash of the folder's .py files: with trust_remote_code, they decide the answers too."""
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+# Settings a request states (or that name special tokens): a folder's generation_config.json never
+# overrides these, even when the recipe opts in to the folder's other settings.
+STATED = {"max_new_tokens", "max_length", "min_length", "do_sample", "temperature", "top_p", "pad_token_id",
+          "eos_token_id", "bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
+          "return_dict_in_generate", "output_logits", "output_scores", "output_attentions", "output_hidden_states",
+          "num_return_sequences", "use_cache", "cache_implementation"}
+
+
+def folder_generation_settings(path: Path) -> dict:
+    """What the folder's generation_config.json adds to decoding beyond the stated settings
+    (repetition_penalty, no_repeat_ngram_size, top_k, ...): applied, and recorded in the teacher's
+    description, only when the recipe opts in (teacher.use_generation_config)."""
+    from transformers import GenerationConfig
+
+    if not (path / "generation_config.json").is_file():
+        return {}
+    try:
+        config = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise PotstillError(f"{path / 'generation_config.json'} could not be read: {str(e).splitlines()[0]}") from None
+    return {k: v for k, v in sorted(config.to_diff_dict().items()) if k not in STATED}
 
 
 def tokenizer_sha256(tokenizer) -> str:
@@ -53,9 +115,12 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def describe_local(path: Path, tokenizer, *, id: str | None, revision: str | None, terms_family: str,
-                   dtype: str, terms_url: str | None = None) -> dict:
-    """A local teacher's provenance: needs its tokenizer and weight files, not its weights loaded."""
-    return {
+                   dtype: str, terms_url: str | None = None, use_generation_config: bool = False,
+                   trust_remote_code: bool = False) -> dict:
+    """A local teacher's provenance: needs its tokenizer and weight files, not its weights loaded.
+    The opt-ins (the folder's generation settings, its own code) appear only when taken, and then
+    key the requests (``ledger.IDENTITY``)."""
+    desc = {
         "id": id or path.name,
         "backend": "local",
         "path": str(path),
@@ -67,14 +132,56 @@ def describe_local(path: Path, tokenizer, *, id: str | None, revision: str | Non
         "terms_family": terms_family,
         "terms_url": terms_url,
     }
+    if use_generation_config:
+        desc["generation_config"] = folder_generation_settings(path)
+    if trust_remote_code:
+        desc["code_sha256"] = code_sha256(path)
+    return desc
+
+
+def stated_config(params: dict, tokenizer, logit_rows: int, settings: dict | None = None):
+    """The GenerationConfig of one call: exactly ``params`` (plus the folder's ``settings`` when the
+    recipe opted in), and ids outside the tokenizer suppressed, so a model's padding rows
+    (vocab_size > len(tokenizer)) are never sampled, greedy or not."""
+    from transformers import GenerationConfig
+
+    greedy = params["temperature"] == 0
+    extra = dict(settings or {})
+    padding = list(range(len(tokenizer), logit_rows))
+    suppress = sorted(set(extra.pop("suppress_tokens", None) or []) | set(padding)) or None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(**{
+        "top_k": 0,  # no top-k filter unless the folder's settings (opted in) name one
+        **extra,
+        "max_new_tokens": params["max_new_tokens"], "do_sample": not greedy,
+        "temperature": 1.0 if greedy else params["temperature"], "top_p": 1.0 if greedy else params["top_p"],
+        "suppress_tokens": suppress, "pad_token_id": pad, "eos_token_id": tokenizer.eos_token_id,
+    })
+
+
+@contextmanager
+def folder_defaults_off(model):
+    """generate() fills every setting a call leaves unset from ``model.generation_config`` (the
+    folder's generation_config.json: repetition penalties, n-gram bans, ...). Within this block the
+    model's defaults are transformers' global ones, so a call decodes with what it states."""
+    from transformers import GenerationConfig
+
+    folder_config, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = folder_config
 
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: int, hashes: list[str],
-                 token_logprobs: bool = False) -> list[Completion]:
+                 token_logprobs: bool = False, settings: dict | None = None) -> list[Completion]:
     """Generate for prompts given as token ids, left-padded into one batch, after ``torch.manual_seed(seed)``.
 
-    Logprobs are the model's own distribution (temperature 1, before sampling filters), whatever the
+    Decoding follows ``params`` alone (see :func:`stated_config`): the model folder's
+    generation_config.json adds nothing (repetition penalties, n-gram bans, top-k, ...) unless its
+    ``settings`` are passed, which the caller then records. Logprobs are the model's own
+    distribution over the tokenizer's ids (temperature 1, before sampling filters), whatever the
     sampling temperature. ``token_logprobs`` also returns each generated id's logprob in that
     distribution. LocalTeacher and ``potstill serve`` both generate here, so that a teacher served
     over HTTP gives the same ids and logprobs as the local backend.
@@ -88,26 +195,24 @@ def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: in
     for i, ids in enumerate(rows):
         input_ids[i, width - len(ids):] = torch.tensor(ids)
         attention[i, width - len(ids):] = 1
+    k = params["top_logprobs"]
+    config = stated_config(params, tok, model.get_output_embeddings().weight.shape[0], settings)
+    config.output_logits, config.return_dict_in_generate = bool(k) or token_logprobs, True
     torch.manual_seed(seed)
-    greedy = params["temperature"] == 0
-    out = model.generate(
-        input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-        max_new_tokens=params["max_new_tokens"], do_sample=not greedy,
-        temperature=None if greedy else params["temperature"], top_p=None if greedy else params["top_p"],
-        top_k=None, pad_token_id=pad, eos_token_id=tok.eos_token_id,
-        output_logits=bool(k := params["top_logprobs"]) or token_logprobs, return_dict_in_generate=True,
-    )
+    with folder_defaults_off(model):
+        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                             generation_config=config)
     generated = out.sequences[:, width:].cpu()  # (B, T)
     if k or token_logprobs:
         # a step at a time: never a (B, T, V) float32 copy of the logits, only (B, V) at once
         tops, chosen_steps = [], []
         for t, step in enumerate(out.logits):  # (B, V) raw logits at T=1
-            logprobs = step.float().log_softmax(-1)
+            # only ids the tokenizer knows: a model's padding rows (vocab_size > len(tokenizer)) are
+            # never sampled, so they are not in the distribution either, and every cached id exists
+            # in a student of the same tokenizer
+            logprobs = step[:, :len(tok)].float().log_softmax(-1)  # (B, len(tokenizer))
             if k:
-                # only ids the tokenizer knows: a model's padding rows (vocab_size > len(tokenizer))
-                # never enter the cache, so every cached id exists in a student of the same tokenizer
-                real = logprobs[:, :len(tok)]
-                tops.append(real.topk(min(k, real.shape[-1]), dim=-1))
+                tops.append(logprobs.topk(min(k, logprobs.shape[-1]), dim=-1))
             if token_logprobs:
                 chosen_steps.append(logprobs.gather(-1, generated[:, t:t + 1].to(logprobs.device))[:, 0])
         if k:
@@ -142,11 +247,13 @@ def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: in
 class LocalTeacher:
     def __init__(self, path: str | Path, *, id: str | None = None, revision: str | None = None,
                  terms_family: str = "unknown", terms_url: str | None = None, dtype: str = "float32",
-                 device: str = "cpu"):
+                 device: str = "cpu", use_generation_config: bool = False, trust_remote_code: bool = False):
         self.path = Path(path)
-        self.model, self.tokenizer = load_model_dir(self.path, "teacher", dtype, device)
+        self.model, self.tokenizer = load_model_dir(self.path, "teacher", dtype, device, trust_remote_code)
         self.info = describe_local(self.path, self.tokenizer, id=id, revision=revision, terms_family=terms_family,
-                                   dtype=dtype, terms_url=terms_url)
+                                   dtype=dtype, terms_url=terms_url, use_generation_config=use_generation_config,
+                                   trust_remote_code=trust_remote_code)
+        self.settings = self.info.get("generation_config")  # None unless opted in
 
     def describe(self) -> dict:
         return dict(self.info)
@@ -156,5 +263,6 @@ class LocalTeacher:
         rows = [prompt_ids(self.tokenizer, r.messages) for r in requests]
         # One seed per batch, derived from its first request: the same batch samples the same text.
         seed = int(hashlib.sha256((requests[0].request_hash + str(params.get("seed", 0))).encode()).hexdigest()[:8], 16)
-        return generate_ids(self.model, self.tokenizer, rows, params, seed, [r.request_hash for r in requests])
+        return generate_ids(self.model, self.tokenizer, rows, params, seed, [r.request_hash for r in requests],
+                            settings=self.settings)
 

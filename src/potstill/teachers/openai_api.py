@@ -36,7 +36,7 @@ def load_tokenizer(spec):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(spec.tokenizer_dir)
+        return AutoTokenizer.from_pretrained(spec.tokenizer_dir, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as e:
         raise PotstillError(f"teacher tokenizer {spec.tokenizer_dir} could not be loaded: {str(e).splitlines()[0]}") from None
 
