@@ -10,9 +10,11 @@ from potstill.errors import PotstillError
 from potstill.generate import generate, recipe_requests
 from potstill.ledger import Ledger
 from potstill.recipe import load_recipe
+from potstill.report import write_report
 
 from conftest import QUICKSTART, TEACHER, tiny_overrides
 from mock_endpoint import MockEndpoint
+from test_report import make_run
 
 
 @pytest.fixture
@@ -38,6 +40,10 @@ def test_an_endpoint_that_ignores_temperature_is_named_in_the_summary(tmp_path, 
            "teacher honour sampling parameters?" in out
     with Ledger(tmp_path / "run" / "ledger.sqlite") as ledger:
         assert ledger.identical_samples() == {"prompts": 6, "identical": 6}
+    # the report says so too, above its tables
+    page = write_report(make_run(tmp_path / "run", skill="add")).read_text()
+    assert "6 of 6 prompts sampled several times at temperature &gt; 0 got the same answer every time: does the " \
+           "teacher honour sampling parameters?" in " ".join(page.split())
 
 
 def test_a_teacher_that_samples_is_not_flagged(tmp_path):

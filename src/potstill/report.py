@@ -39,7 +39,14 @@ def _load(run: Path) -> dict:
             for p in sorted((run / "logs").glob("*.jsonl"))}
     students = {name: json.loads((run / name / "potstill.json").read_text())
                 for name in ("student", "baseline") if (run / name / "potstill.json").is_file()}
-    return {"name": run.name, "path": run, "eval": json.loads(eval_path.read_text()), "logs": logs, "students": students}
+    same = None
+    if (run / "ledger.sqlite").is_file():  # a teacher that ignores temperature gives the same sample every time
+        from potstill.ledger import Ledger
+
+        with Ledger(run / "ledger.sqlite") as ledger:
+            same = ledger.identical_samples()
+    return {"name": run.name, "path": run, "eval": json.loads(eval_path.read_text()), "logs": logs, "students": students,
+            "identical_samples": same}
 
 
 def _png(fig, path: Path) -> str:
@@ -167,6 +174,8 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
     page = _template("report.html.j2").render(
         title=", ".join(r["name"] for r in loaded),
         prompt_counts=[(r["name"], r["eval"]["prompts"]["n"]) for r in loaded],
+        identical=[(r["name"], r["identical_samples"]) for r in loaded
+                   if r["identical_samples"] and r["identical_samples"]["identical"]],
         summary_head=head, summary=summary, extra_head=extra_head, extra=extra,
         students_head=students_head, students=students, figures=list(images.items()),
         samples_of=loaded[0]["name"] if several else None, samples_head=["prompt"] + names, samples=samples,
