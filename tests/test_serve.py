@@ -8,6 +8,7 @@ import time
 from itertools import accumulate
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
@@ -15,6 +16,7 @@ import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from potstill.errors import PotstillError
+import potstill.serve as potstill_serve
 from potstill.serve import bind, build_app
 from potstill.teachers.base import Request
 from potstill.teachers.local import LocalTeacher
@@ -403,3 +405,29 @@ def test_serve_checks_its_port_before_loading_and_warns_when_exposed(tmp_path):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "without an API key" in err
+
+
+def test_a_padded_vocabulary_is_never_served_nor_scored(tmp_path):
+    """A Qwen-style model with logit rows past its tokenizer: sampled answers, prompt scores and
+    their top-k stay on the tokenizer's ids, and a prompt id in the padding is refused."""
+    from test_decoding import tiny_teacher
+
+    folder = tiny_teacher(tmp_path / "padded", "qwen2", padding_rows=64)
+    serving = running(build_app(folder, model_name="padded"))
+    app, url = next(serving)
+    served = app.state.served
+    n_tok = len(served.tokenizer)
+    ids = served.tokenizer(PROMPTS[0])["input_ids"]
+    s = potstill_serve.score_prompt(served, ids, 5)
+    assert (s.top_ids < n_tok).all()
+    # the padding rows hold twice a real logit: over all rows, the chosen tokens would look unlikely
+    with torch.no_grad():
+        full = served.model(input_ids=torch.tensor([ids])).logits[0, :-1, :n_tok].float().log_softmax(-1)
+    assert np.allclose(s.logprobs, full.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].numpy(), atol=1e-5)
+    c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    out = c.completions.create(model="padded", prompt=ids, max_tokens=8, temperature=1.0, seed=3, logprobs=5,
+                               extra_body=IDS)
+    assert all(int(t.removeprefix("token_id:")) < n_tok for t in out.choices[0].logprobs.tokens)
+    with pytest.raises(openai.BadRequestError, match="outside the model's vocabulary"):
+        c.completions.create(model="padded", prompt=[n_tok + 3], max_tokens=1)
+    next(serving, None)

@@ -167,7 +167,7 @@ class Served:
     name: str
     context: int | None  # max_position_embeddings: prompt + max_tokens must fit in it
     default_max_tokens: int | None  # generation_config.max_new_tokens
-    vocab_size: int  # rows of the input embedding: valid prompt token ids
+    vocab_size: int  # valid prompt token ids: those the tokenizer knows (never a padding row of the embedding)
     max_batch_size: int
     longest_token: int  # characters of the tokenizer's longest token: a text longer than context x this cannot fit
     exact_seeds: bool = False
@@ -310,8 +310,8 @@ def run_batch(served: Served, jobs: list[Job]) -> list[list[tuple[Completion | N
 @torch.no_grad()
 def score_prompt(served: Served, ids: list[int], k: int) -> Scores:
     """Each prompt token's logprob given the tokens before it, its rank, and the top-k there
-    (temperature 1, top-k over the tokenizer's ids as LocalTeacher does). One unpadded forward
-    pass, so a score is what the model gives the text alone."""
+    (temperature 1, over the tokenizer's ids as LocalTeacher samples and caches: a model's padding
+    rows are no tokens). One unpadded forward pass, so a score is what the model gives the text alone."""
     x = torch.tensor([ids], device=served.model.device)
     # the model's own logits (soft-capping, scaling and all), once; the float32 log-softmax, the
     # ranks and the top-k SCORE_CHUNK positions at a time, never an (L, V) float32 copy
@@ -319,11 +319,10 @@ def score_prompt(served: Served, ids: list[int], k: int) -> Scores:
     parts = []
     # at least one step: a one-token prompt has nothing to score, and gets empty (0, ...) arrays
     for s in range(0, max(logits.shape[0], 1), SCORE_CHUNK):
-        lp = logits[s:s + SCORE_CHUNK].float().log_softmax(-1)  # (chunk, V)
+        lp = logits[s:s + SCORE_CHUNK, :served.vocab_size].float().log_softmax(-1)  # (chunk, V_tokenizer)
         chosen = lp.gather(-1, x[0, s + 1:s + 1 + lp.shape[0], None])[:, 0]
         ranks = (lp > chosen[:, None]).sum(-1) + 1
-        real = lp[:, :len(served.tokenizer)]
-        top_lp, top_ids = real.topk(min(k, real.shape[-1]), dim=-1)
+        top_lp, top_ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
         parts.append((chosen, ranks, top_ids, top_lp))
     chosen, ranks, top_ids, top_lp = (torch.cat(p).cpu().numpy() for p in zip(*parts))
     return Scores(chosen, ranks, top_ids, top_lp)
@@ -628,7 +627,7 @@ def load_served(model_dir: str | Path, model_name: str | None, dtype: str, devic
     return Served(model, tokenizer, model_name or Path(model_dir).resolve().name,
                   getattr(model.config, "max_position_embeddings", None),
                   getattr(model.generation_config, "max_new_tokens", None),
-                  model.get_input_embeddings().num_embeddings, max_batch_size, max(longest, 1))
+                  min(model.get_input_embeddings().num_embeddings, len(tokenizer)), max_batch_size, max(longest, 1))
 
 
 def validation_message(problems: list[dict]) -> tuple[str, str | None]:
