@@ -262,3 +262,34 @@ def test_doctor_and_logit_kd_across_tokenizers(tmp_path, ledger, capsys):
     assert "tokenizers: different" in out and "2 of the teacher's 41 tokens have another id" in out
     assert main(["train", str(RECIPE), *overrides(run_dir(tmp_path, ledger)), f"student.tokenizer={other}"]) == 2
     assert "use sequence-level KD instead: train.objective=sft" in capsys.readouterr().err
+
+
+GPT2_STUDENT = "student.config={model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 2, n_positions: 64}"
+
+
+@pytest.mark.parametrize("student", [[], [GPT2_STUDENT]], ids=["llama", "gpt2"])
+def test_lora_adapts_every_linear_layer_by_default(tmp_path, ledger, student):
+    pytest.importorskip("peft")
+    from potstill.train import linear_names, load_student, load_student_tokenizer
+
+    d = run_dir(tmp_path, ledger)
+    args = overrides(d, "train.lora={r: 4}", *student)
+    assert main(["train", str(RECIPE), *args]) == 0
+    recipe = load_recipe(RECIPE, args)
+    torch.manual_seed(recipe.train.seed)  # the student train() started from
+    start = load_student(recipe, load_student_tokenizer(recipe))
+    names = linear_names(start)
+    assert names == (["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"] if not student
+                     else ["c_attn", "c_fc", "c_proj"])
+    before, after = start.state_dict(), weights(d)
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in after if k.rsplit(".", 2)[-2] in names and k.endswith(".weight")}
+
+
+def test_lora_target_modules_that_match_nothing_list_the_linear_layers(tmp_path, ledger, capsys):
+    pytest.importorskip("peft")
+    d = run_dir(tmp_path, ledger)
+    assert main(["train", str(RECIPE), *overrides(d, "train.lora={target_modules: [q_proj, v_proj]}", GPT2_STUDENT)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.lora.target_modules" in err and "['c_attn', 'c_fc', 'c_proj']" in err
+    assert not (d / "student").exists()

@@ -137,7 +137,9 @@ class LoraSpec(Section):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # leaf names of the linear layers to adapt (e.g. [q_proj, v_proj]; GPT-2: [c_attn]), or
+    # all-linear: every linear layer but the output head, whatever the architecture calls them
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
 
 
 class TrainSpec(Section):

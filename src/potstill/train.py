@@ -18,6 +18,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,15 +75,32 @@ def load_student_tokenizer(recipe: Recipe):
         raise PotstillError(f"student tokenizer {path} could not be loaded: {str(e).splitlines()[0]}") from None
 
 
+def linear_names(model) -> list[str]:
+    """Leaf names of the model's linear layers (Linear, and GPT-2's Conv1D), output head excluded:
+    the names train.lora.target_modules can take."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head})
+
+
 def add_lora(model, spec: TrainSpec):
     try:
         import peft
     except ImportError:
         raise PotstillError("train.lora needs peft: pip install 'potstill[lora]'") from None
+    targets = spec.lora.target_modules
+    names = linear_names(model)  # before get_peft_model, which wraps the layers in place
+    if targets != "all-linear" and not set(targets) & set(names):
+        raise PotstillError(f"train.lora.target_modules {targets} match no layer of this {model.config.model_type} "
+                            f"student; its linear layers are {names} (or use all-linear)")
     config = peft.LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                             target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
+                             target_modules=targets, task_type="CAUSAL_LM")
     try:
-        return peft.get_peft_model(model, config)
+        with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself, and says so
+            warnings.filterwarnings("ignore", message="fan_in_fan_out")
+            return peft.get_peft_model(model, config)
     except ValueError as e:
         raise PotstillError(f"train.lora: {str(e).splitlines()[0]}") from None
 
