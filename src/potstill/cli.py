@@ -128,9 +128,11 @@ def cmd_import(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from potstill.train import train
+    from potstill.train import check_outputs, train
 
     recipe = _recipe(args)
+    for name, _ in _students(recipe):  # before the first student trains, not after
+        check_outputs(recipe.run_dir, name)
     for name, spec in _students(recipe):
         print(f"train: wrote {train(recipe, spec, name)}")
 
