@@ -286,8 +286,11 @@ def _user_error(e: BaseException, args) -> str | None:
         return f"{where}: {e.strerror}; {_DISK_ERRORS[e.errno]}"
     if isinstance(e, sqlite3.DatabaseError):  # a damaged or read-only ledger, or a full disk under it
         where = getattr(e, "potstill_path", None) or f"a ledger under {getattr(args, 'run_dir', '.')}"
-        return (f"{where}: SQLite: {str(e).splitlines()[0]}; if it is damaged, restore it from a copy "
-                f"(or delete it to generate again); if read-only or full, make it writable or free space")
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = ("make it writable, or copy the run folder somewhere writable" if "readonly" in text else
+                "free some space and rerun the same command" if "full" in text else
+                "the file is damaged: restore it from a copy, or delete it to generate again")
+        return f"{where}: SQLite: {text}; {hint}"
     return None
 
 

@@ -2,7 +2,9 @@
 
 Relative paths of inputs (teacher, prompts, student checkpoint) are resolved against the folder
 of the recipe file, so a recipe travels with its data; ``output_dir`` is relative to the current
-directory. Unknown keys and wrong types are rejected with one line naming the key.
+directory. Unknown keys, wrong types and values out of range are rejected with one line naming the
+key; so are input paths that do not exist and an ``output_dir`` that cannot be written, before any
+stage starts.
 """
 
 from __future__ import annotations
