@@ -262,3 +262,89 @@ def test_doctor_and_logit_kd_across_tokenizers(tmp_path, ledger, capsys):
     assert "tokenizers: different" in out and "2 of the teacher's 41 tokens have another id" in out
     assert main(["train", str(RECIPE), *overrides(run_dir(tmp_path, ledger)), f"student.tokenizer={other}"]) == 2
     assert "use sequence-level KD instead: train.objective=sft" in capsys.readouterr().err
+
+
+GPT2_STUDENT = "student.config={model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 2, n_positions: 64}"
+
+
+@pytest.mark.parametrize("student", [[], [GPT2_STUDENT]], ids=["llama", "gpt2"])
+def test_lora_adapts_every_linear_layer_by_default(tmp_path, ledger, student):
+    pytest.importorskip("peft")
+    from potstill.train import linear_names, load_student, load_student_tokenizer
+
+    d = run_dir(tmp_path, ledger)
+    args = overrides(d, "train.lora={r: 4}", *student)
+    assert main(["train", str(RECIPE), *args]) == 0
+    recipe = load_recipe(RECIPE, args)
+    torch.manual_seed(recipe.train.seed)  # the student train() started from
+    start = load_student(recipe, load_student_tokenizer(recipe))
+    names = linear_names(start)
+    assert names == (["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"] if not student
+                     else ["c_attn", "c_fc", "c_proj"])
+    before, after = start.state_dict(), weights(d)
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in after if k.rsplit(".", 2)[-2] in names and k.endswith(".weight")}
+
+
+def test_lora_target_modules_that_match_nothing_list_the_linear_layers(tmp_path, ledger, capsys):
+    pytest.importorskip("peft")
+    d = run_dir(tmp_path, ledger)
+    assert main(["train", str(RECIPE), *overrides(d, "train.lora={target_modules: [q_proj, v_proj]}", GPT2_STUDENT)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.lora.target_modules" in err and "['c_attn', 'c_fc', 'c_proj']" in err
+    assert not (d / "student").exists()
+
+
+def test_train_never_deletes_what_potstill_did_not_write(tmp_path, ledger, capsys):
+    d = run_dir(tmp_path, ledger)
+    args = ["train", str(RECIPE), *tiny_overrides(d), "train.epochs=2"]  # with the baseline
+    planted = {d / "student" / "important.txt": "keep me", d / "checkpoints" / "student" / "notes.txt": "mine",
+               d / "baseline" / "data.csv": "a,b\n1,2\n"}
+    for path, text in planted.items():
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+    for path in planted:  # refused one at a time, naming the file; nothing deleted, nothing trained
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{path} was not written by potstill" in err
+        assert all(p.read_text() == t for p, t in planted.items() if p.exists())
+        assert not (d / "logs").exists() and not (d / "student" / "model.safetensors").exists()
+        shutil.move(path, tmp_path / path.name)
+    assert main(args) == 0
+    # a folder potstill wrote is replaced, unless someone added a file to it
+    assert main(args) == 0
+    (d / "student" / "important.txt").write_text("keep me")
+    assert main(args) == 2 and (d / "student" / "important.txt").read_text() == "keep me"
+
+
+class _Payload:
+    """A pickle that makes a folder when unpickled: proof that a checkpoint was (not) unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize("planted", ["optimizer.safetensors", "optimizer.pt"])
+def test_a_checkpoint_never_loads_a_pickle(tmp_path, ledger, capsys, planted):
+    import pickle
+
+    d = run_dir(tmp_path, ledger)
+    assert run_killed(d, "step-5").returncode == -9
+    step = d / "checkpoints" / "student" / "step-4"
+    marker = tmp_path / "unpickled"
+    if planted == "optimizer.pt":  # the format of older versions: a pickle, with a manifest that matches
+        for name in ("optimizer.safetensors", "optimizer.json"):
+            (step / name).unlink(missing_ok=True)
+    (step / planted).write_bytes(pickle.dumps({"state": _Payload(marker)}))
+    manifest = {p.name: {"sha256": checkpoint.file_sha256(p, remember=False), "bytes": p.stat().st_size}
+                for p in sorted(step.iterdir()) if p.name not in ("manifest.json", "COMPLETE")}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    checkpoint.verify(step)
+    assert main(["train", str(RECIPE), *overrides(d, "train.checkpoint_every=2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"checkpoint {step}" in err and "weights_only" not in err
+    assert not marker.exists() and not (d / "student").exists()
+    assert (step / planted).read_bytes() == pickle.dumps({"state": _Payload(marker)})

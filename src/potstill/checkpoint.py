@@ -9,8 +9,11 @@ Loading: the newest ``step-N`` with a COMPLETE marker whose files match the mani
 without the marker are remnants of a crash during a save and are ignored; a checkpoint whose
 files do not match its manifest was damaged or tampered with, and is refused with a clear error.
 
-Weights are safetensors; the optimizer state is a torch file read with ``weights_only=True``
-(no arbitrary unpickling).
+Nothing is ever unpickled: weights and the optimizer's tensors are safetensors, the rest of the
+optimizer state (hyperparameters, step counts that are not tensors) is JSON.
+
+``train`` clears a student's checkpoint folder when it starts over; ``foreign`` finds anything in
+it that ``save_checkpoint`` did not write, so that a user's file there is refused, not deleted.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ import signal
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from potstill.errors import PotstillError
 from potstill.provenance import file_sha256
 
 _STEP = re.compile(r"^step-(\d+)$")
+_TMP = re.compile(r"^\.tmp-step-(\d+)$")
+# every name save_checkpoint writes in a step folder (optimizer.pt: the pickle of older versions)
+_FILES = {"model.safetensors", "optimizer.safetensors", "optimizer.json", "optimizer.pt", "trainer.json",
+          "manifest.json", "COMPLETE"}
 
 
 def crash_point(name: str) -> None:
@@ -57,7 +65,9 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, tmp / "model.safetensors")
     crash_point(f"save-{step}-weights")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    tensors, rest = _split_optimizer_state(optimizer.state_dict())
+    save_file(tensors, tmp / "optimizer.safetensors")
+    (tmp / "optimizer.json").write_text(json.dumps(rest))
     (tmp / "trainer.json").write_text(json.dumps({"step": step, **extra}, indent=2))
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
@@ -113,9 +123,62 @@ def latest(root: Path) -> Path | None:
     return found[-1]
 
 
+def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict as safetensors-ready tensors ("state.<param>.<key>") and JSON."""
+    tensors, scalars = {}, {}
+    for param, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param}.{key}"] = value.detach().contiguous().clone()
+            else:
+                scalars.setdefault(str(param), {})[key] = value
+    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {int(p): dict(v) for p, v in rest["scalars"].items()}
+    for name, value in tensors.items():
+        _, param, key = name.split(".", 2)
+        state.setdefault(int(param), {})[key] = value
+    # JSON has no tuples; optimizers compare and unpack betas as either
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restore model and optimizer from a verified checkpoint; returns trainer.json. (No RNG state:
     the loop reseeds every step from (seed, step, rank).)"""
-    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if not (path / "optimizer.safetensors").is_file():
+        raise PotstillError(f"checkpoint {path} keeps its optimizer state as a pickle (optimizer.pt, older potstill), "
+                            f"which potstill never loads: delete {path.parent} or set train.resume=false")
+    try:
+        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        optimizer.load_state_dict(_join_optimizer_state(load_file(path / "optimizer.safetensors"),
+                                                        json.loads((path / "optimizer.json").read_text())))
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+        raise PotstillError(f"checkpoint {path} could not be loaded ({str(e).splitlines()[0][:200]}); "
+                            f"delete {path} or set train.resume=false") from None
     return json.loads((path / "trainer.json").read_text())
+
+
+def foreign(root: Path) -> Path | None:
+    """The first file or folder under ``root`` that save_checkpoint did not write, or None."""
+    if not root.exists() and not root.is_symlink():
+        return None
+    if root.is_symlink() or not root.is_dir():
+        return root
+    for entry in sorted(root.iterdir()):
+        if entry.is_symlink() or not entry.is_dir() or not (_STEP.match(entry.name) or _TMP.match(entry.name)):
+            return entry
+        for f in sorted(entry.iterdir()):
+            if f.is_symlink() or not f.is_file() or f.name not in _FILES:
+                return f
+    return None
+
+
+def clear(root: Path) -> None:
+    """Delete a checkpoint folder, refusing (deleting nothing) if it holds anything potstill did not write."""
+    if (f := foreign(root)) is not None:
+        raise PotstillError(f"{f} was not written by potstill, and train would delete it with {root}: move it "
+                            f"elsewhere; nothing was deleted")
+    shutil.rmtree(root, ignore_errors=True)

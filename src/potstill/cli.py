@@ -17,8 +17,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -40,7 +42,9 @@ def _quiet_libraries() -> None:
 def _recipe(args):
     from potstill.recipe import load_recipe
 
-    return load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)
+    args.run_dir = recipe.run_dir  # where a write without a file name (a full disk) was going
+    return recipe
 
 
 def baseline_spec(recipe):
@@ -154,9 +158,11 @@ def cmd_import(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from potstill.train import train
+    from potstill.train import check_outputs, train
 
     recipe = _recipe(args)
+    for name, _ in _students(recipe):  # before the first student trains, not after
+        check_outputs(recipe.run_dir, name)
     for name, spec in _students(recipe):
         print(f"train: wrote {train(recipe, spec, name)}")
 
@@ -314,6 +320,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what the user can do about an OSError of these kinds; any other is a bug, and keeps its traceback
+_DISK_ERRORS = {
+    errno.ENOSPC: "free some space and rerun the same command (finished work is kept)",
+    errno.EDQUOT: "free some space and rerun the same command (finished work is kept)",
+    errno.EROFS: "the file system is read-only: choose another output_dir, or copy the file somewhere writable",
+    errno.EACCES: "choose another output_dir, or make the file writable",
+    errno.EPERM: "choose another output_dir, or make the file writable",
+    errno.ENOTDIR: "a file stands where a folder is needed: move it, or choose another output_dir",
+    errno.EEXIST: "a file stands where a folder is needed: move it, or choose another output_dir",
+    errno.EISDIR: "a folder stands where a file is needed: move it, or choose another output_dir",
+}
+
+
+def _user_error(e: BaseException, args) -> str | None:
+    """One line for a failure of the disk or of a ledger file rather than of potstill, else None."""
+    if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+        where = e.filename or f"writing under {getattr(args, 'run_dir', '.')}"
+        return f"{where}: {e.strerror}; {_DISK_ERRORS[e.errno]}"
+    if isinstance(e, sqlite3.DatabaseError):  # a damaged or read-only ledger, or a full disk under it
+        where = getattr(e, "potstill_path", None) or f"a ledger under {getattr(args, 'run_dir', '.')}"
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = ("make it writable, or copy the run folder somewhere writable" if "readonly" in text else
+                "free some space and rerun the same command" if "full" in text else
+                "the file is damaged: restore it from a copy, or delete it to generate again")
+        return f"{where}: SQLite: {text}; {hint}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
@@ -321,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except PotstillError as e:
         print(f"potstill: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.DatabaseError) as e:
+        if (line := _user_error(e, args)) is None:
+            raise
+        print(f"potstill: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("potstill: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -195,7 +195,7 @@ def evaluate(recipe: Recipe) -> dict:
     teacher without weights has no row at all."""
     run = recipe.run_dir
     spec = recipe.eval
-    prompts = load_prompts(spec.prompts, spec.limit)
+    prompts = load_prompts(spec.prompts, spec.limit, need_user=True)
     models: dict[str, Path | None] = {}
     if recipe.teacher.path is not None or recipe.teacher.http:
         models["teacher"] = None if recipe.teacher.path is None else Path(recipe.teacher.path)

@@ -138,12 +138,13 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
     """Returns counts: planned (requests in the recipe, or the shard), sent (this run), done,
     failed (ledger). A run that stops early (budget, a non-retryable error) raises after saving."""
     run = recipe.run_dir
+    spec = recipe.teacher
+    # a bad prompt file is refused before anything is written
+    prompts = None if spec.backend == "imported" else load_prompts(recipe.prompts.path, recipe.prompts.limit)
     run.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run / "recipe.yaml")
-    spec = recipe.teacher
     if spec.backend == "imported":
         return import_stage(recipe)
-    prompts = load_prompts(recipe.prompts.path, recipe.prompts.limit)
     params = sampling_params(recipe)
     if recipe.generation.stop and not spec.http:
         raise PotstillError("generation.stop is sent to HTTP teachers; the local backend stops at the end-of-sequence "

@@ -239,7 +239,9 @@ class Ledger:
     def __enter__(self) -> Ledger:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if isinstance(exc, sqlite3.DatabaseError) and not hasattr(exc, "potstill_path"):
+            exc.potstill_path = str(self.path)  # the CLI's one-line error names the file
         self.close()
 
     # -- writing ------------------------------------------------------------------------------

@@ -52,12 +52,19 @@ def parse_prompt(obj: object, where: str) -> Prompt:
         messages = (("user", obj["prompt"]),)
     else:
         raise PotstillError(f"{where}: needs a non-empty string \"prompt\" or a \"messages\" list")
+    for _, content in messages:
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:  # JSON allows "\ud800"; tokenizers and SQLite do not
+            raise PotstillError(f"{where}: the text holds a lone surrogate escape (\\ud800-\\udfff without its "
+                                f"pair), which is not Unicode; fix or remove that escape") from None
     meta = {k: v for k, v in obj.items() if k not in ("prompt", "messages")}
     return Prompt(messages, meta, where)
 
 
-def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
-    """Read a prompt file; duplicates (same messages) are kept once, in first-seen order."""
+def load_prompts(path: str | Path, limit: int | None = None, need_user: bool = False) -> list[Prompt]:
+    """Read a prompt file; duplicates (same messages) are kept once, in first-seen order.
+    ``need_user``: every prompt must have a user message (eval checks answers to it: ``Prompt.text``)."""
     path = Path(path)
     if not path.is_file():
         raise PotstillError(f"prompt file {path} not found")
@@ -77,6 +84,8 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
             except json.JSONDecodeError as e:
                 raise PotstillError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             prompt = parse_prompt(obj, where)
+            if need_user and not any(role == "user" for role, _ in prompt.messages):
+                raise PotstillError(f"{where}: no user message; a held-out prompt needs the question as a user turn")
             if prompt.messages not in seen:
                 seen.add(prompt.messages)
                 prompts.append(prompt)

@@ -2,7 +2,9 @@
 
 Relative paths of inputs (teacher, prompts, student checkpoint) are resolved against the folder
 of the recipe file, so a recipe travels with its data; ``output_dir`` is relative to the current
-directory. Unknown keys and wrong types are rejected with one line naming the key.
+directory. Unknown keys, wrong types and values out of range are rejected with one line naming the
+key; so are input paths that do not exist and an ``output_dir`` that cannot be written, before any
+stage starts.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from potstill.devices import DEVICE_PATTERN, resolve_device
 from potstill.errors import PotstillError
@@ -127,11 +131,24 @@ class GenerationSpec(Section):
     long_prompts: Literal["error", "skip"] = "error"
 
 
+# student.config fields that are counts or sizes, whatever the architecture: each a positive integer
+_SIZE_FIELD = re.compile(r"^(n_\w+|num_\w+|\w+_size|\w+_dim|max_position_embeddings)$")
+
+
 class StudentSpec(Section):
     config: dict[str, Any] | None = None  # HF config fields for a randomly initialised student; needs model_type
     path: str | None = None  # or a local HF checkpoint to start from
     tokenizer: str | None = None  # tokenizer directory; default: the teacher's
     license: str | None = None  # the student's licence in its model card (SPDX id); default "other"
+    base_model: str | None = None  # hub id or name of the model student.path holds, for the model card
+
+    @field_validator("config")
+    @classmethod
+    def _sizes(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key, value in (config or {}).items():
+            if _SIZE_FIELD.match(key) and value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"{key} must be a positive integer (got {value!r})")
+        return config
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentSpec:
@@ -148,7 +165,9 @@ class LoraSpec(Section):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # leaf names of the linear layers to adapt (e.g. [q_proj, v_proj]; GPT-2: [c_attn]), or
+    # all-linear: every linear layer but the output head, whatever the architecture calls them
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
 
 
 class TrainSpec(Section):
@@ -175,7 +194,7 @@ class TrainSpec(Section):
     # auto: bf16 on a CUDA GPU that supports it, else no
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     device: str | None = Field(None, pattern=DEVICE_PATTERN)  # default: the top-level device
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # derived per-step seeds (seed x 1,000,003 + ...) stay in 64 bits
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints; 0 = none
     keep_checkpoints: int = Field(2, ge=1)
@@ -329,11 +348,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+# the recipe's input paths and what each names: resolved against the recipe's folder, must exist
+INPUTS = {"teacher.path": "teacher directory", "teacher.tokenizer": "teacher tokenizer directory",
+          "teacher.data": "file of completions", "prompts.path": "prompt file", "student.path": "student directory",
+          "student.tokenizer": "student tokenizer directory", "eval.prompts": "held-out prompt file",
+          "eval.judge.path": "judge directory", "eval.lm_eval.include_path": "lm-eval task folder"}
+
+
 def _relative_paths(data: dict, base: Path) -> None:
     """Resolve input paths against the recipe's folder (absolute paths are kept)."""
-    for where, key in (("teacher", "path"), ("teacher", "tokenizer"), ("teacher", "data"), ("prompts", "path"), ("student", "path"),
-                       ("student", "tokenizer"), ("eval", "prompts"), ("eval.judge", "path"),
-                       ("eval.lm_eval", "include_path")):
+    for where, key in (dotted.rsplit(".", 1) for dotted in INPUTS):
         node = data
         for part in where.split("."):
             node = node.get(part) if isinstance(node, dict) else None
@@ -385,9 +409,28 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         _set_dotted(data, key, value)
     _relative_paths(data, path.resolve().parent)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise PotstillError(_explain(e, str(path))) from None
+    _check_paths(recipe, str(path))
+    return recipe
+
+
+def _check_paths(recipe: Recipe, source: str) -> None:
+    """Inputs exist and output_dir can be written, before any stage reads or writes: one line naming the key."""
+    for dotted, what in INPUTS.items():
+        node = recipe
+        for part in dotted.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, str) and node and not Path(node).exists():
+            raise PotstillError(f"{source}: {dotted}: {what} {node} not found (relative paths start at the "
+                                f"recipe's folder)")
+    out = Path(recipe.output_dir)
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise PotstillError(f"{source}: output_dir: {existing} is a file, not a folder; choose another output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PotstillError(f"{source}: output_dir: {existing} is not writable; choose another output_dir")
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:

@@ -18,6 +18,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,15 +77,32 @@ def load_student_tokenizer(recipe: Recipe):
         raise PotstillError(f"student tokenizer {path} could not be loaded: {str(e).splitlines()[0]}") from None
 
 
+def linear_names(model) -> list[str]:
+    """Leaf names of the model's linear layers (Linear, and GPT-2's Conv1D), output head excluded:
+    the names train.lora.target_modules can take."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head})
+
+
 def add_lora(model, spec: TrainSpec):
     try:
         import peft
     except ImportError:
         raise PotstillError("train.lora needs peft: pip install 'potstill[lora]'") from None
+    targets = spec.lora.target_modules
+    names = linear_names(model)  # before get_peft_model, which wraps the layers in place
+    if targets != "all-linear" and not set(targets) & set(names):
+        raise PotstillError(f"train.lora.target_modules {targets} match no layer of this {model.config.model_type} "
+                            f"student; its linear layers are {names} (or use all-linear)")
     config = peft.LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                             target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
+                             target_modules=targets, task_type="CAUSAL_LM")
     try:
-        return peft.get_peft_model(model, config)
+        with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself, and says so
+            warnings.filterwarnings("ignore", message="fan_in_fan_out")
+            return peft.get_peft_model(model, config)
     except ValueError as e:
         raise PotstillError(f"train.lora: {str(e).splitlines()[0]}") from None
 
@@ -203,6 +221,7 @@ def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: i
 def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     """Train one student on the run's ledger and write it to ``<run>/<name>/`` (HF format)."""
     run = recipe.run_dir
+    check_outputs(run, name)
     ledger_path = run / "ledger.sqlite"
     if not ledger_path.is_file():
         raise PotstillError(f"{ledger_path} not found: run `potstill generate` first")
@@ -269,7 +288,7 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
             print(f"train {name}: {ckpt_root} holds checkpoints of other settings or data; starting over")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
+            checkpoint.clear(ckpt_root)
 
     log_path = run / "logs" / f"{name}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,16 +381,44 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     return run / name
 
 
+def check_outputs(run: Path, name: str) -> None:
+    """Refuse, before any work, to replace ``<run>/<name>`` or clear ``<run>/checkpoints/<name>``
+    when they hold anything potstill did not write there."""
+    out = run / name
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise PotstillError(f"{out} is not a folder potstill wrote, and train would replace it: move it elsewhere")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            listed = json.loads((out / "potstill.json").read_text()).get("files")
+            # an older potstill listed no files: then its potstill.json is the only mark
+            ours = set(listed) | {"potstill.json", "README.md"} if listed else None
+        except (OSError, ValueError, AttributeError):  # no potstill.json: none of it is ours
+            ours = set()
+        for p in sorted(out.iterdir()):
+            if p.is_symlink() or not p.is_file() or (ours is not None and p.name not in ours):
+                raise PotstillError(f"{p} was not written by potstill, and train would delete it with {out}: "
+                                    f"move it elsewhere; nothing was deleted")
+    if (f := checkpoint.foreign(run / "checkpoints" / name)) is not None:
+        raise PotstillError(f"{f} was not written by potstill, and train would delete it with "
+                            f"{run / 'checkpoints' / name}: move it elsewhere; nothing was deleted")
+
+
 def save_student(model, tokenizer, out: Path, info: dict) -> None:
-    """Write to a temporary folder, then rename: a half-written student never looks finished."""
+    """Write to a temporary folder, then rename: a half-written student never looks finished.
+    potstill.json lists the files, so that only a folder of these is ever replaced (check_outputs)."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
         model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    info["parameters"] = sum(p.numel() for p in model.parameters())
-    (tmp / "potstill.json").write_text(json.dumps(info, indent=2) + "\n")
-    write_card(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        info["parameters"] = sum(p.numel() for p in model.parameters())
+        info["files"] = sorted({p.name for p in tmp.iterdir()} | {"potstill.json", "README.md"})
+        (tmp / "potstill.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_card(tmp)
+    except BaseException:  # a full disk, an interrupt: leave no half-written student behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

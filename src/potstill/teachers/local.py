@@ -109,7 +109,15 @@ def tokenizer_sha256(tokenizer) -> str:
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of ``messages`` with the chat template and the assistant turn opened."""
     if tokenizer.chat_template:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        from jinja2 import TemplateError
+
+        try:
+            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False))
+        except TemplateError as e:  # also the sandbox's SecurityError: a template reaching outside its data
+            raise PotstillError(f"{tokenizer.name_or_path}: its chat template failed ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}); fix chat_template.jinja or the "
+                                f"chat_template in tokenizer_config.json") from None
     text = "\n".join(m["content"] for m in messages)
     return tokenizer(text)["input_ids"]
 
