@@ -34,9 +34,10 @@ def teacher_tokenizer(recipe: Recipe):
         from potstill.teachers.openai_api import load_tokenizer
 
         return load_tokenizer(spec)
-    from potstill.teachers.local import load_tokenizer_dir
+    from potstill.teachers.local import check_model_dir, load_tokenizer_dir
 
-    return load_tokenizer_dir(spec.path, "teacher tokenizer", spec.trust_remote_code)
+    # the folder is checked first: a folder without safetensors is refused for that, whatever its tokenizer
+    return load_tokenizer_dir(check_model_dir(spec.path, "teacher"), "teacher tokenizer", spec.trust_remote_code)
 
 
 def n_tokens(recipe: Recipe) -> int | None:

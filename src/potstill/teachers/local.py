@@ -26,13 +26,7 @@ def load_model_dir(path: str | Path, what: str = "model", dtype: str = "float32"
     without it such a folder is refused, never run and never asked about on a terminal."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    if not path.is_dir():
-        raise PotstillError(f"{what} directory {path} not found")
-    if not (path / "config.json").is_file():
-        raise PotstillError(f"{what} directory {path} has no config.json: not a Hugging Face model folder")
-    if not list(path.glob("*.safetensors")):
-        raise PotstillError(f"{what} directory {path} has no *.safetensors weights (potstill loads safetensors only)")
+    path = check_model_dir(path, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
@@ -45,6 +39,18 @@ def load_model_dir(path: str | Path, what: str = "model", dtype: str = "float32"
         raise PotstillError(f"{what} directory {path} could not be loaded: {str(e).splitlines()[0]}") from None
     model.eval()
     return model, tokenizer
+
+
+def check_model_dir(path: str | Path, what: str = "model") -> Path:
+    """A Hugging Face model folder with safetensors weights, or one clear error saying what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PotstillError(f"{what} directory {path} not found")
+    if not (path / "config.json").is_file():
+        raise PotstillError(f"{what} directory {path} has no config.json: not a Hugging Face model folder")
+    if not list(path.glob("*.safetensors")):
+        raise PotstillError(f"{what} directory {path} has no *.safetensors weights (potstill loads safetensors only)")
+    return path
 
 
 def load_tokenizer_dir(path: str | Path, what: str = "tokenizer", trust_remote_code: bool = False):
