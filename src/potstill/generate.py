@@ -25,7 +25,15 @@ def make_teacher(recipe: Recipe) -> Teacher:
     spec = recipe.teacher
     return LocalTeacher(spec.path, id=recipe.teacher_id(), revision=spec.revision, terms_family=spec.terms_family,
                         terms_url=spec.terms_url, dtype=spec.dtype, device=recipe.device_for("teacher"),
-                        use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code)
+                        use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code,
+                        watermark=recipe_watermark(recipe))
+
+
+def recipe_watermark(recipe: Recipe):
+    from potstill.audit.watermark import load_watermark
+
+    w = recipe.teacher.watermark
+    return load_watermark(w.key_file, w.gamma, w.delta, w.context) if w else None
 
 
 def teacher_tokenizer(recipe: Recipe):
@@ -60,7 +68,8 @@ def teacher_description(recipe: Recipe, tokenizer) -> dict:
 
     return describe_local(Path(spec.path), tokenizer, id=recipe.teacher_id(), revision=spec.revision,
                           terms_family=spec.terms_family, dtype=spec.dtype, terms_url=spec.terms_url,
-                          use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code)
+                          use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code,
+                          watermark=recipe_watermark(recipe).describe() if spec.watermark else None)
 
 
 def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:

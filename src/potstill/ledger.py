@@ -130,7 +130,7 @@ IDENTITY = {
 }
 # ... and what decides them only when a recipe opts in: keyed when present, so a teacher that does
 # not opt in keeps the keys it always had
-OPT_IN = {"local": ("generation_config", "code_sha256")}
+OPT_IN = {"local": ("generation_config", "code_sha256", "watermark")}
 
 
 @contextmanager

@@ -44,6 +44,16 @@ class BudgetSpec(Section):
     max_cost: float | None = Field(None, gt=0.0)  # USD, from teacher.prices
 
 
+class WatermarkSpec(Section):
+    """A green-list watermark on a local teacher's sampling (docs/audit.md). Only a key id (a hash of
+    the key) and these numbers are recorded; the key itself stays in its file."""
+
+    key_file: str  # the secret key (at least 16 bytes); one key per dataset release
+    gamma: float = Field(0.25, gt=0.0, lt=1.0)  # share of the vocabulary that is green at each step
+    delta: float = Field(2.0, ge=0.0)  # logit bonus of green tokens: higher = easier to detect, more distortion
+    context: int = Field(1, ge=1, le=8)  # previous token ids that seed each green list
+
+
 class TeacherSpec(Section):
     # local: a Hugging Face model directory run with transformers; openai: any OpenAI-compatible
     # endpoint (OpenAI, vLLM, llama.cpp, Ollama, `potstill serve`); openai_batch: OpenAI's Batch API;
@@ -64,6 +74,7 @@ class TeacherSpec(Section):
     # run the folder's own Python code (auto_map in its config); read that code first. Recorded
     # (with a hash of the folder's .py files) in the teacher's description
     trust_remote_code: bool = False
+    watermark: WatermarkSpec | None = None  # local: watermark the teacher's samples and logprobs
     # -- HTTP backends ------------------------------------------------------------------------
     model: str | None = None  # the model name the endpoint serves, e.g. gpt-4o-mini
     endpoints: list[str] = []  # base URLs, e.g. [https://api.openai.com/v1]; several = a fleet (least-loaded)
@@ -87,6 +98,9 @@ class TeacherSpec(Section):
     def _backend_fields(self) -> TeacherSpec:
         if self.backend == "local" and not self.path:
             raise ValueError("teacher.path is required for backend local (a Hugging Face model folder)")
+        if self.watermark is not None and self.backend != "local":
+            raise ValueError("teacher.watermark needs backend local (watermark a hosted teacher with "
+                             "`potstill serve --watermark-key-file`)")
         if self.backend == "imported" and not self.data:
             raise ValueError("teacher.data is required for backend imported (the file of completions)")
         if self.backend in ("openai", "openai_batch"):
@@ -352,7 +366,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 INPUTS = {"teacher.path": "teacher directory", "teacher.tokenizer": "teacher tokenizer directory",
           "teacher.data": "file of completions", "prompts.path": "prompt file", "student.path": "student directory",
           "student.tokenizer": "student tokenizer directory", "eval.prompts": "held-out prompt file",
-          "eval.judge.path": "judge directory", "eval.lm_eval.include_path": "lm-eval task folder"}
+          "eval.judge.path": "judge directory", "teacher.watermark.key_file": "watermark key file", "eval.lm_eval.include_path": "lm-eval task folder"}
 
 
 def _relative_paths(data: dict, base: Path) -> None:

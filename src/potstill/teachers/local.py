@@ -130,7 +130,7 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 def describe_local(path: Path, tokenizer, *, id: str | None, revision: str | None, terms_family: str,
                    dtype: str, terms_url: str | None = None, use_generation_config: bool = False,
-                   trust_remote_code: bool = False) -> dict:
+                   trust_remote_code: bool = False, watermark: dict | None = None) -> dict:
     """A local teacher's provenance: needs its tokenizer and weight files, not its weights loaded.
     The opt-ins (the folder's generation settings, its own code) appear only when taken, and then
     key the requests (``ledger.IDENTITY``)."""
@@ -150,6 +150,8 @@ def describe_local(path: Path, tokenizer, *, id: str | None, revision: str | Non
         desc["generation_config"] = folder_generation_settings(path)
     if trust_remote_code:
         desc["code_sha256"] = code_sha256(path)
+    if watermark:
+        desc["watermark"] = watermark  # Watermark.describe(): the key id, never the key
     return desc
 
 
@@ -189,12 +191,15 @@ def folder_defaults_off(model):
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: int, hashes: list[str],
-                 token_logprobs: bool = False, settings: dict | None = None) -> list[Completion]:
+                 token_logprobs: bool = False, settings: dict | None = None, watermark=None) -> list[Completion]:
     """Generate for prompts given as token ids, left-padded into one batch, after ``torch.manual_seed(seed)``.
 
     Decoding follows ``params`` alone (see :func:`stated_config`): the model folder's
     generation_config.json adds nothing (repetition penalties, n-gram bans, top-k, ...) unless its
-    ``settings`` are passed, which the caller then records. Logprobs are the model's own
+    ``settings`` are passed, which the caller then records. A ``watermark``
+    (:class:`potstill.audit.Watermark`) adds its green-list bonus to every step's logits, and the
+    logprobs are then of that watermarked distribution, the one sampled from: they give away
+    neither the key nor the unwatermarked distribution. Logprobs are the model's own
     distribution over the tokenizer's ids (temperature 1, before sampling filters), whatever the
     sampling temperature. ``token_logprobs`` also returns each generated id's logprob in that
     distribution. LocalTeacher and ``potstill serve`` both generate here, so that a teacher served
@@ -215,12 +220,14 @@ def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: in
     torch.manual_seed(seed)
     with folder_defaults_off(model):
         out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-                             generation_config=config)
+                             generation_config=config, logits_processor=[watermark] if watermark else None)
     generated = out.sequences[:, width:].cpu()  # (B, T)
     if k or token_logprobs:
         # a step at a time: never a (B, T, V) float32 copy of the logits, only (B, V) at once
         tops, chosen_steps = [], []
         for t, step in enumerate(out.logits):  # (B, V) raw logits at T=1
+            if watermark:
+                step = watermark(out.sequences[:, :width + t], step)
             # only ids the tokenizer knows: a model's padding rows (vocab_size > len(tokenizer)) are
             # never sampled, so they are not in the distribution either, and every cached id exists
             # in a student of the same tokenizer
@@ -261,12 +268,15 @@ def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: in
 class LocalTeacher:
     def __init__(self, path: str | Path, *, id: str | None = None, revision: str | None = None,
                  terms_family: str = "unknown", terms_url: str | None = None, dtype: str = "float32",
-                 device: str = "cpu", use_generation_config: bool = False, trust_remote_code: bool = False):
+                 device: str = "cpu", use_generation_config: bool = False, trust_remote_code: bool = False,
+                 watermark=None):
         self.path = Path(path)
+        self.watermark = watermark
         self.model, self.tokenizer = load_model_dir(self.path, "teacher", dtype, device, trust_remote_code)
         self.info = describe_local(self.path, self.tokenizer, id=id, revision=revision, terms_family=terms_family,
                                    dtype=dtype, terms_url=terms_url, use_generation_config=use_generation_config,
-                                   trust_remote_code=trust_remote_code)
+                                   trust_remote_code=trust_remote_code,
+                                   watermark=watermark.describe() if watermark else None)
         self.settings = self.info.get("generation_config")  # None unless opted in
 
     def describe(self) -> dict:
@@ -278,5 +288,5 @@ class LocalTeacher:
         # One seed per batch, derived from its first request: the same batch samples the same text.
         seed = int(hashlib.sha256((requests[0].request_hash + str(params.get("seed", 0))).encode()).hexdigest()[:8], 16)
         return generate_ids(self.model, self.tokenizer, rows, params, seed, [r.request_hash for r in requests],
-                            settings=self.settings)
+                            settings=self.settings, watermark=self.watermark)
 
