@@ -119,7 +119,21 @@ def cmd_serve(args) -> None:
             raise PotstillError(f"--api-key-env names {args.api_key_env}, which is not set: export it first")
     serve(args.model_dir, host=args.host, port=args.port, model_name=args.model_name, dtype=args.dtype,
           device=resolve_device(args.device, "--device"), max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-          exact_seeds=args.exact_seeds, api_key=api_key, max_body_mb=args.max_body_mb)
+          exact_seeds=args.exact_seeds, api_key=api_key, max_body_mb=args.max_body_mb,
+          watermark=watermark_of(args) if args.watermark_key_file else None)
+
+
+def watermark_of(args):
+    from potstill.audit import load_watermark
+
+    return load_watermark(args.watermark_key_file, args.gamma, args.delta, args.context)
+
+
+def add_watermark_options(p, delta: bool = True) -> None:
+    p.add_argument("--gamma", type=float, default=0.25, help="share of the vocabulary that is green (default 0.25)")
+    if delta:
+        p.add_argument("--delta", type=float, default=2.0, help="logit bonus of green tokens (default 2.0)")
+    p.add_argument("--context", type=int, default=1, help="previous tokens that seed each green list (default 1)")
 
 
 def port_number(text: str) -> int:
@@ -297,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(Authorization: Bearer KEY) on every route")
     key.add_argument("--api-key", help="require this API key on every route (visible to other local users in the "
                      "process list: prefer --api-key-env)")
+    s.add_argument("--watermark-key-file", metavar="F", help="watermark every generated token with the key in F "
+                   "(docs/audit.md); only its key id is ever shown")
+    add_watermark_options(s)
     s.add_argument("--max-body-mb", type=float, default=16, help="refuse request bodies larger than this, unread")
     s.set_defaults(func=cmd_serve)
     m = verbs.add_parser("merge", help="combine ledgers (e.g. --shard outputs) into one, without duplicates")
@@ -312,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--terms-url", default=None)
     i.add_argument("--tokenizer", default=None, help="the teacher's tokenizer folder: token ids outside it are refused")
     i.set_defaults(func=cmd_import)
+    from potstill.audit.commands import add_parser as add_audit
+
+    add_audit(verbs)
+
     r = verbs.add_parser("report", help="write one report.html for one run, or several side by side")
     r.add_argument("runs", nargs="+", help="run directories")
     r.add_argument("--out", default=None, help="output file (default: RUN/report.html; for several runs, "

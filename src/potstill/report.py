@@ -45,8 +45,9 @@ def _load(run: Path) -> dict:
 
         with Ledger(run / "ledger.sqlite") as ledger:
             same = ledger.identical_samples()
+    audit = json.loads((run / "audit.json").read_text()) if (run / "audit.json").is_file() else None
     return {"name": run.name, "path": run, "eval": json.loads(eval_path.read_text()), "logs": logs, "students": students,
-            "identical_samples": same}
+            "identical_samples": same, "audit": audit}
 
 
 def _png(fig, path: Path) -> str:
@@ -179,6 +180,12 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
         summary_head=head, summary=summary, extra_head=extra_head, extra=extra,
         students_head=students_head, students=students, figures=list(images.items()),
         samples_of=loaded[0]["name"] if several else None, samples_head=["prompt"] + names, samples=samples,
-        provenance=[(r["name"], json.dumps(r["eval"]["provenance"], indent=2)) for r in loaded])
+        provenance=[(r["name"], json.dumps(r["eval"]["provenance"], indent=2)) for r in loaded],
+        audit_head=(["run"] if several else []) + ["test", "target", "statistic", "p-value", "tokens", "verdict"],
+        audit=[([r["name"]] if several else []) + [v["test"], v["target"], v["statistic"], f"{v['p_value']:.3g}",
+                                                    v["tokens"] if v["tokens"] is not None else "-",
+                                                    "FLAGGED" if v["flagged"] else "not flagged"]
+               for r in loaded if r["audit"] for v in r["audit"]["verdicts"]],
+        audit_caveats=next((r["audit"]["caveats"] for r in loaded if r["audit"]), []))
     out.write_text(page + "\n", encoding="utf-8")
     return out

@@ -171,6 +171,7 @@ class Served:
     max_batch_size: int
     longest_token: int  # characters of the tokenizer's longest token: a text longer than context x this cannot fit
     exact_seeds: bool = False
+    watermark: Any = None  # potstill.audit.Watermark on every generated token (prompt scoring is not watermarked)
     created: int = field(default_factory=lambda: int(time.time()))
     alone: dict = field(default_factory=dict)  # (id, skip_special) -> the token decoded by itself
     # Prompts are tokenized here, one at a time: off the event loop (a long text does not freeze
@@ -298,7 +299,7 @@ def run_batch(served: Served, jobs: list[Job]) -> list[list[tuple[Completion | N
     completions = [None] * len(rows)
     if params["max_new_tokens"]:
         completions = generate_ids(served.model, served.tokenizer, rows, params, seed, [""] * len(rows),
-                                   token_logprobs=token_logprobs)
+                                   token_logprobs=token_logprobs, watermark=served.watermark)
     out, i = [], 0
     for job in jobs:
         scores = None if job.prompt_k is None else score_prompt(served, job.rows[0], job.prompt_k)
@@ -713,8 +714,9 @@ async def reply(send, status: int, message: str, code: str) -> None:
 
 def build_app(model_dir: str | Path, *, model_name: str | None = None, dtype: str = "float32", device: str = "cpu",
               max_batch_size: int = 32, batch_wait_ms: float = 5.0, exact_seeds: bool = False,
-              api_key: str | None = None, max_body_mb: float = 16):
-    """The FastAPI app serving the model in ``model_dir``. ``app.state.batcher.batches`` counts the
+              api_key: str | None = None, max_body_mb: float = 16, watermark=None):
+    """The FastAPI app serving the model in ``model_dir``, its samples watermarked with ``watermark``
+    when given. ``app.state.batcher.batches`` counts the
     batches run: one generate call each (and the prompt scorings its requests asked for). With
     ``api_key``, every route wants it; bodies over ``max_body_mb`` are refused unread."""
     require_server_libraries()
@@ -730,7 +732,7 @@ def build_app(model_dir: str | Path, *, model_name: str | None = None, dtype: st
     if api_key is not None and not api_key.strip():
         raise PotstillError("the API key is empty: give one, or leave --api-key out")
     served = load_served(model_dir, model_name, dtype, device, max_batch_size)
-    served.exact_seeds = exact_seeds
+    served.exact_seeds, served.watermark = exact_seeds, watermark
     batcher = Batcher(lambda jobs: run_batch(served, jobs), max_batch_size, batch_wait_ms / 1000)
 
     @asynccontextmanager
@@ -825,7 +827,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           dtype: str = "float32", device: str = "cpu", max_batch_size: int = 32, batch_wait_ms: float = 5.0,
-          exact_seeds: bool = False, api_key: str | None = None, max_body_mb: float = 16) -> None:
+          exact_seeds: bool = False, api_key: str | None = None, max_body_mb: float = 16, watermark=None) -> None:
     """Serve the model in ``model_dir`` until interrupted (Ctrl-C)."""
     require_server_libraries()
     import uvicorn
@@ -836,11 +838,14 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, m
               "can use the model (set --api-key-env or --api-key)", file=sys.stderr, flush=True)
     try:
         app = build_app(model_dir, model_name=model_name, dtype=dtype, device=device, max_batch_size=max_batch_size,
-                        batch_wait_ms=batch_wait_ms, exact_seeds=exact_seeds, api_key=api_key, max_body_mb=max_body_mb)
+                        batch_wait_ms=batch_wait_ms, exact_seeds=exact_seeds, api_key=api_key, max_body_mb=max_body_mb,
+                        watermark=watermark)
     except BaseException:
         sock.close()
         raise
-    print(f"potstill serve: {app.state.served.name} at http://{host}:{sock.getsockname()[1]}/v1 (Ctrl-C stops)", flush=True)
+    marked = f", watermarked (key id {watermark.key_id})" if watermark else ""
+    print(f"potstill serve: {app.state.served.name} at http://{host}:{sock.getsockname()[1]}/v1{marked} (Ctrl-C stops)",
+          flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 

@@ -21,25 +21,38 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 LN10 = math.log(10.0)
-
-
-def _log_pmf(j: int, n: int, logp: float, logq: float, lcn: float) -> float:
-    return lcn - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * logp + (n - j) * logq
 
 
 def _log_sum_run(n: int, p: float, start: int, step: int) -> float:
     """log of sum of pmf(j) for j = start, start+step, ... until the terms stop mattering (they fall
-    geometrically once past the mode, which ``start`` always is in the direction of ``step``)."""
-    logp, logq, lcn = math.log(p), math.log1p(-p), math.lgamma(n + 1)
-    total, j = -math.inf, start
-    while 0 <= j <= n:
-        term = _log_pmf(j, n, logp, logq, lcn)
-        if term < total - 40.0:  # below 1e-17 of the sum: every further term is smaller still
-            break
-        total = term if total == -math.inf else max(total, term) + math.log1p(math.exp(-abs(total - term)))
-        j += step
-    return total
+    geometrically once past the mode, which ``start`` always is in the direction of ``step``).
+
+    The first term comes from lgamma; the others from the ratio pmf(j+1)/pmf(j) = (n-j)/(j+1) * p/q,
+    accumulated in numpy blocks, so a tail of 10**5 terms costs milliseconds."""
+    first = (math.lgamma(n + 1) - math.lgamma(start + 1) - math.lgamma(n - start + 1)
+             + start * math.log(p) + (n - start) * math.log1p(-p))
+    odds = math.log(p) - math.log1p(-p)
+    total, j, log_term, block = first, start, first, 256
+    while True:
+        nxt = j + step * np.arange(1, block + 1)  # the next block of j values
+        nxt = nxt[(nxt >= 0) & (nxt <= n)]
+        if not len(nxt):
+            return total
+        prev = nxt - step
+        if step > 0:  # pmf(j)/pmf(j-1) = (n-j+1)/j * p/q
+            ratio = np.log(n - prev) - np.log(prev + 1) + odds
+        else:  # pmf(j)/pmf(j+1) = (j+1)/(n-j) * q/p
+            ratio = np.log(prev) - np.log(n - prev + 1) - odds
+        logs = log_term + np.cumsum(ratio)
+        top = max(total, float(logs.max()))
+        total = top + math.log(math.exp(total - top) + float(np.exp(logs - top).sum()))
+        log_term, j = float(logs[-1]), int(nxt[-1])
+        if log_term < total - 40.0:  # below 1e-17 of the sum: every further term is smaller still
+            return total
+        block = min(block * 2, 1 << 16)
 
 
 def log_binom_sf(k: int, n: int, p: float) -> float:

@@ -1,0 +1,247 @@
+"""``potstill audit watermark|radioactivity|lineage``: a verdict table on the terminal, and JSON.
+
+The JSON (``--out``, default ``audit.json``; put it in a run folder and ``potstill report`` shows
+it) holds key ids, never keys."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from potstill.errors import PotstillError
+
+CAVEATS = [
+    "results are statistical evidence, not proof",
+    "a watermark can be paraphrased or fine-tuned away: no detection does not mean no distillation",
+    "identity answers can come from web data that quotes other models",
+    "a p-value is exact only for its null: references that share data with the teacher make lineage conservative "
+    "or invalid",
+]
+
+
+def add_parser(verbs) -> None:
+    a = verbs.add_parser("audit", help="watermark and distillation tests: was text, or a model, made from yours?",
+                         description="watermark and distillation tests (docs/audit.md)")
+    tests = a.add_subparsers(dest="test", required=True, metavar="TEST")
+
+    def common(p):
+        p.add_argument("--out", default="audit.json", help="JSON results (default audit.json; in a run folder, "
+                       "potstill report shows them)")
+        p.add_argument("--alpha", type=float, default=1e-3, help="flag when the p-value is below this (default 1e-3)")
+
+    def keys(p):
+        p.add_argument("--key-file", action="append", required=True, metavar="F",
+                       help="a watermark key file; repeat for one key per dataset release (Holm-corrected)")
+        p.add_argument("--gamma", type=float, default=0.25, help="the keys' green share (default 0.25)")
+        p.add_argument("--context", type=int, default=1, help="the keys' context width (default 1)")
+        p.add_argument("--tokenizer", required=True, help="the watermarked teacher's tokenizer folder")
+
+    w = tests.add_parser("watermark", help="is this text watermarked with key K? (a ledger or a JSONL of text)")
+    w.add_argument("texts", help="ledger.sqlite, or JSONL with a \"text\" per line")
+    keys(w), common(w)
+    w.set_defaults(func=cmd_watermark)
+
+    r = tests.add_parser("radioactivity", help="was a suspect model trained on text watermarked with key K?")
+    where = r.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", help="the suspect's model folder (open weights)")
+    where.add_argument("--endpoint", help="the suspect's OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    r.add_argument("--model-name", help="with --endpoint: the model name it serves")
+    r.add_argument("--api-key-env", metavar="VAR", help="with --endpoint: environment variable holding the API key")
+    r.add_argument("--prompts", required=True, help="probe prompts (a prompt file, as in recipes)")
+    r.add_argument("--mode", choices=["sampling", "reading"], default="sampling",
+                   help="sampling: score the suspect's answers; reading (open weights): score its next-token "
+                        "predictions on the prompts and its answers")
+    r.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    keys(r), common(r)
+    r.set_defaults(func=cmd_radioactivity)
+
+    g = tests.add_parser("lineage", help="does a suspect agree with a teacher beyond unrelated reference models?")
+    g.add_argument("--teacher", required=True, help="model folder, or URL#MODEL for an OpenAI-compatible endpoint")
+    g.add_argument("--suspect", required=True, help="model folder, or URL#MODEL")
+    g.add_argument("--reference", action="append", required=True, help="an unrelated model (folder or URL#MODEL); "
+                   "repeat, at least 5 advised")
+    g.add_argument("--prompts", required=True, help="probe prompts (a prompt file, as in recipes)")
+    g.add_argument("--limit", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--name", action="append", default=[], help="a name of the teacher counted in identity answers "
+                   "(repeatable)")
+    g.add_argument("--tokenizer", help="tokenizer for match rates (default: the teacher's folder; characters for "
+                   "an endpoint teacher without one)")
+    common(g)
+    g.set_defaults(func=cmd_lineage)
+
+
+def _watermarks(args):
+    from potstill.audit.watermark import load_watermark
+
+    return [load_watermark(f, args.gamma, 0.0, args.context) for f in args.key_file]
+
+
+def _tokenizer(path):
+    from potstill.teachers.local import load_tokenizer_dir
+
+    return load_tokenizer_dir(path, "tokenizer")
+
+
+def _prompts(args):
+    from potstill.prompts import load_prompts
+
+    if args.limit is not None and args.limit < 1:
+        raise PotstillError(f"--limit must be at least 1, not {args.limit}")
+    return [p.chat for p in load_prompts(args.prompts, args.limit)]
+
+
+def _texts(path: Path, tokenizer) -> tuple[list[list[int]], list[int]]:
+    """(token ids, first scored position) per text: a ledger's completions after their prompts, or
+    the "text" of each JSONL line (scored from its ``context``-th token)."""
+    from potstill.teachers.local import prompt_ids
+
+    if not path.is_file():
+        raise PotstillError(f"{path} not found")
+    if path.suffix in (".sqlite", ".db"):
+        from potstill.ledger import Ledger
+
+        seqs, starts = [], []
+        with Ledger(path) as ledger:
+            for ex in ledger.examples():
+                ids = prompt_ids(tokenizer, ex.messages)
+                answer = ex.token_ids.tolist() if ex.token_ids is not None else \
+                    tokenizer(ex.text, add_special_tokens=False)["input_ids"]
+                seqs.append(ids + answer), starts.append(len(ids))
+        return seqs, starts
+    seqs = []
+    for lineno, line in enumerate(path.open(encoding="utf-8"), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (ValueError, KeyError, TypeError):
+            raise PotstillError(f"{path}:{lineno}: not a JSON object with a \"text\" string") from None
+        seqs.append(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+    return seqs, [0] * len(seqs)
+
+
+def _key_rows(result: dict, alpha: float) -> list[dict]:
+    return [{"test": result["test"] + (f" ({result['mode']})" if "mode" in result else ""), "target": k["key_id"],
+             "statistic": f"{k['green']}/{k['tokens']} green (gamma {k['gamma']}, z {k['z']:.1f})",
+             "p_value": k["p_holm"], "tokens": k["tokens"], "flagged": k["p_holm"] < alpha} for k in result["keys"]]
+
+
+def cmd_watermark(args) -> None:
+    from potstill.audit.radioactivity import score_keys
+    from potstill.audit.watermark import scored_pairs
+
+    marks, tok = _watermarks(args), _tokenizer(args.tokenizer)
+    seqs, starts = _texts(Path(args.texts), tok)
+    skip = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
+    result = score_keys(scored_pairs(seqs, args.context, starts, skip), marks, "text")
+    result.update(test="watermark", texts=str(args.texts), sequences=len(seqs))
+    del result["mode"]
+    finish(args, [result], _key_rows(result, args.alpha))
+
+
+def cmd_radioactivity(args) -> None:
+    import os
+
+    from potstill.audit import radioactivity as ra
+
+    marks, tok = _watermarks(args), _tokenizer(args.tokenizer)
+    prompts = _prompts(args)
+    skip = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
+    if args.endpoint:
+        if args.mode == "reading":
+            raise PotstillError("--mode reading needs the suspect's weights (--model); an endpoint can be sampled only")
+        if not args.model_name:
+            raise PotstillError("--endpoint needs --model-name (the model name it serves)")
+        key = os.environ.get(args.api_key_env) if args.api_key_env else None
+        rows, answers = ra.endpoint_samples(args.endpoint, args.model_name, tok, prompts, args.max_new_tokens,
+                                            api_key=key)
+        suspect = f"{args.model_name}@{args.endpoint}"
+    else:
+        from potstill.teachers.local import load_model_dir, tokenizer_sha256
+
+        model, own = load_model_dir(args.model, "suspect model")
+        if tokenizer_sha256(own) != tokenizer_sha256(tok):
+            raise PotstillError(f"suspect {args.model} has another tokenizer than {args.tokenizer}: its token ids mean "
+                                f"other tokens; use --endpoint-style sampling of its text (serve it), or the same tokenizer")
+        rows, answers = ra.local_samples(model, tok, prompts, args.max_new_tokens)
+        suspect = str(args.model)
+    if args.mode == "reading":
+        pairs = ra.reading_pairs(model, [p + a for p, a in zip(rows, answers)], args.context, skip=skip, vocab=len(tok))
+    else:
+        pairs = ra.sampling_pairs(rows, answers, args.context, skip=skip)
+    result = ra.score_keys(pairs, marks, args.mode)
+    result.update(suspect=suspect, prompts=len(prompts))
+    finish(args, [result], _key_rows(result, args.alpha))
+
+
+def _responder(spec: str):
+    from potstill.audit.lineage import EndpointModel, LocalModel
+
+    if spec.startswith(("http://", "https://")):
+        url, _, model = spec.partition("#")
+        if not model:
+            raise PotstillError(f"{spec}: an endpoint is given as URL#MODEL, e.g. http://localhost:8000/v1#teacher")
+        return EndpointModel(url, model)
+    return LocalModel(spec)
+
+
+def cmd_lineage(args) -> None:
+    from potstill.audit.lineage import IDENTITY_PROBES, identity_counts, lineage_test
+
+    if len(set(args.reference)) != len(args.reference):
+        raise PotstillError("--reference: a model is named twice")
+    prompts = [m[-1]["content"] for m in _prompts(args)]
+    models = {"teacher": args.teacher, "suspect": args.suspect, **{f"reference:{r}": r for r in args.reference}}
+    answers, identity = {}, {}
+    for role, spec in models.items():
+        m = _responder(spec)
+        answers[role] = m.answer(prompts, args.max_new_tokens)
+        identity[role] = m.answer(IDENTITY_PROBES, args.max_new_tokens)
+        if role == "teacher":
+            tok = getattr(m, "tokenizer", None)
+    if args.tokenizer:
+        tok = _tokenizer(args.tokenizer)
+    tokenize = (lambda t: tok(t, add_special_tokens=False)["input_ids"]) if tok is not None else list
+    refs = {k.removeprefix("reference:"): v for k, v in answers.items() if k.startswith("reference:")}
+    result = lineage_test(answers["teacher"], answers["suspect"], refs, tokenize)
+    result.update(teacher=args.teacher, suspect=args.suspect,
+                  identity={"probes": len(IDENTITY_PROBES), "names": args.name,
+                            "naming_the_teacher": identity_counts(identity, args.name) if args.name else None})
+    rows = [{"test": "lineage", "target": args.suspect,
+             "statistic": f"match {result['suspect_match']:.3f} vs references "
+                          f"{max(r['match'] for r in result['references']):.3f} at most",
+             "p_value": result["p_value"], "tokens": None, "flagged": result["p_value"] < args.alpha}]
+    finish(args, [result], rows)
+
+
+def finish(args, results: list[dict], rows: list[dict]) -> None:
+    from importlib.metadata import version
+
+    out = Path(args.out)
+    doc = {"potstill_audit": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "potstill": version("potstill"), "alpha": args.alpha, "verdicts": rows, "results": results,
+           "caveats": CAVEATS}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    print_table(rows)
+    for c in CAVEATS:
+        print(f"  note: {c}")
+    print(f"audit: wrote {out}")
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="potstill audit")
+    for col in ("test", "target", "statistic", "p-value", "tokens", "verdict"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["test"], r["target"], r["statistic"], f"{r['p_value']:.3g}",
+                      "" if r["tokens"] is None else str(r["tokens"]), "FLAGGED" if r["flagged"] else "not flagged")
+    Console(width=160).print(table)
