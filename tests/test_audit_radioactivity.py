@@ -29,22 +29,22 @@ def teacher():
 
 def test_served_watermark_is_found_for_its_key_only(teacher):
     """`potstill serve` with a key, sampled through the official openai client: the answers carry
-    key K (p < 1e-6) and none of four other keys (Holm-adjusted p > 0.01)."""
+    key K (p < 1e-6; a strong delta keeps 100 requests enough) and none of four other keys (Holm-adjusted p > 0.01)."""
     from potstill.serve import build_app
     from test_serve import running
 
     model, tok = teacher
-    wm = Watermark(KEY, gamma=0.25, delta=4.0, context=3)
+    wm = Watermark(KEY, gamma=0.25, delta=8.0, context=3)
     serving = running(build_app(TEACHER, model_name="teacher", batch_wait_ms=20, watermark=wm))
     _, base = next(serving)
     try:
-        prompts, answers = endpoint_samples(base, "teacher", tok, heldout(200), max_new_tokens=12)
+        prompts, answers = endpoint_samples(base, "teacher", tok, heldout(100), max_new_tokens=12)
     finally:
         next(serving, None)
     keys = [wm] + [Watermark(k, 0.25, 4.0, 3) for k in OTHERS]
     result = score_keys(sampling_pairs(prompts, answers, 3, skip={tok.eos_token_id}), keys, "sampling")
     first, *rest = result["keys"]
-    assert first["key_id"] == wm.key_id and first["p_holm"] < 1e-6 and first["tokens"] > 300
+    assert first["key_id"] == wm.key_id and first["p_holm"] < 1e-6 and first["tokens"] > 150
     assert all(r["p_holm"] > 0.01 for r in rest)
 
 
@@ -75,12 +75,12 @@ def test_keys_of_different_context_widths_are_refused():
         score_keys([((1, 2), 3)], [Watermark(KEY, context=2), Watermark(OTHERS[0], context=1)], "reading")
 
 
-@pytest.mark.parametrize("gamma,rate", [(0.25, 0.35), (0.25, 0.30), (0.5, 0.6)])
+@pytest.mark.parametrize("gamma,rate", [(0.25, 0.40), (0.5, 0.65)])
 def test_power_planner_matches_simulation(gamma, rate):
-    """At the planned n, 400 simulated suspects (distinct pairs, each green with ``rate`` under a
+    """At the planned n, 200 simulated suspects (distinct pairs, each green with ``rate`` under a
     real key) are detected at p < 1e-5 as often as planned, within the binomial 99.9% interval;
     with rate = gamma (the null) they are detected at most as often as alpha allows."""
-    alpha, target, runs = 1e-5, 0.9, 400
+    alpha, target, runs = 1e-5, 0.9, 200
     n = tokens_needed(gamma, rate, alpha, target)
     predicted = power(n, gamma, rate, alpha)
     assert predicted >= target and power(n // 2, gamma, rate, alpha) < target

@@ -1,0 +1,65 @@
+"""The audit as a user runs it: the bundled teacher watermarked through the recipe generates data,
+a student fine-tuned on it is flagged for that key only, a model that never saw the key is not,
+and the key appears in no artifact."""
+
+import json
+
+import yaml
+
+from potstill.cli import main
+
+from conftest import QUICKSTART, TEACHER
+
+RECIPE = str(QUICKSTART / "recipe.yaml")
+KEY = "e2e-secret-watermark-key-3f9a1c7d"
+
+
+def test_watermarked_teacher_to_flagged_student(tmp_path, capsys):
+    (tmp_path / "key").write_text(KEY + "\n")
+    others = []
+    for i in range(3):
+        others.append(tmp_path / f"other{i}")
+        others[-1].write_text(f"another-release-key-{i:04d}-abcdef")
+    out = tmp_path / "run"
+    # a strong delta and a student that starts from the teacher's weights keep this to a few dozen steps
+    overrides = [f"output_dir={out}", "prompts.limit=128", "baseline=null", "student.config=null",
+                 f"student.path={TEACHER}", "train.objective=sft", "train.epochs=8", "train.batch_size=16",
+                 "train.warmup_steps=0", "train.lr=0.005", "generation.top_logprobs=0",
+                 f"teacher.watermark.key_file={tmp_path / 'key'}", "teacher.watermark.delta=8",
+                 "teacher.watermark.context=3"]
+    assert main(["generate", RECIPE, *overrides]) == 0
+    assert main(["train", RECIPE, *overrides]) == 0
+    capsys.readouterr()
+    keys = ["--key-file", str(tmp_path / "key")] + [a for o in others for a in ("--key-file", str(o))]
+    common = ["--tokenizer", str(TEACHER), "--context", "3", "--prompts", str(QUICKSTART / "prompts" / "train.jsonl"),
+              "--limit", "128", "--max-new-tokens", "12", "--alpha", "1e-4"]
+    assert main(["audit", "watermark", str(out / "ledger.sqlite"), *keys, "--tokenizer", str(TEACHER),
+                 "--context", "3", "--out", str(out / "text-audit.json")]) == 0
+    text = json.loads((out / "text-audit.json").read_text())
+    assert [v["flagged"] for v in text["verdicts"]] == [True, False, False, False]
+
+    assert main(["audit", "radioactivity", "--model", str(out / "student"), *keys, *common,
+                 "--out", str(out / "audit.json")]) == 0
+    flagged = json.loads((out / "audit.json").read_text())
+    assert "FLAGGED" in capsys.readouterr().out
+    assert [v["flagged"] for v in flagged["verdicts"]] == [True, False, False, False], flagged["verdicts"]
+
+    assert main(["audit", "radioactivity", "--model", str(TEACHER), *keys, *common,
+                 "--out", str(tmp_path / "control.json")]) == 0
+    control = json.loads((tmp_path / "control.json").read_text())
+    assert not any(v["flagged"] for v in control["verdicts"])
+
+    # the key id and the parameters are recorded; the key is nowhere
+    described = [json.loads(t) for t in _ledger_teachers(out / "ledger.sqlite")]
+    assert described[0]["watermark"]["key_id"] == flagged["results"][0]["keys"][0]["key_id"]
+    for f in [*out.rglob("*"), tmp_path / "control.json"]:
+        if f.is_file():
+            assert KEY.encode() not in f.read_bytes(), f
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["teacher"]["watermark"]["key_file"].endswith("key")
+
+
+def _ledger_teachers(path):
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return [row[0] for row in db.execute("SELECT description FROM teachers")]

@@ -1,0 +1,98 @@
+"""Lineage: the sign tests against references, their calibration under the null, identity
+counts, and `potstill audit lineage` on local folders."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from potstill.audit.lineage import identity_counts, lineage_test, match_rates
+from potstill.cli import main
+
+from conftest import QUICKSTART, TEACHER
+
+
+def _answers(rng, n=60, length=8, vocab=20):
+    return ["".join(chr(97 + c) for c in rng.integers(0, vocab, size=length)) for _ in range(n)]
+
+
+def _near(rng, answers, keep):
+    """Answers that keep each character of ``answers`` with probability ``keep``, else a random one."""
+    return ["".join(c if rng.random() < keep else chr(97 + rng.integers(0, 20)) for c in a) for a in answers]
+
+
+def test_match_rate_counts_positions_over_the_longer_answer():
+    assert match_rates(["abcd", "ab", ""], ["abxd", "abcd", ""], list) == [0.75, 0.5, 1.0]
+
+
+def test_a_suspect_close_to_the_teacher_is_flagged_and_a_reference_like_one_is_not():
+    rng = np.random.default_rng(0)
+    teacher = _answers(rng)
+    refs = {f"r{i}": _near(rng, teacher, 0.2) for i in range(5)}  # unrelated models agree a little (same task)
+    distilled = lineage_test(teacher, _near(rng, teacher, 0.7), refs, list)
+    control = lineage_test(teacher, _near(rng, teacher, 0.2), refs, list)
+    assert distilled["p_value"] < 1e-6 and control["p_value"] > 0.01
+    assert distilled["p_value"] == max(r["p_value"] for r in distilled["references"])
+    r = distilled["references"][0]
+    assert r["p_value"] == pytest.approx(stats.binomtest(r["wins"], r["wins"] + r["losses"], 0.5,
+                                                         alternative="greater").pvalue)
+
+
+def test_null_false_positive_rate_is_at_most_alpha():
+    """300 suspects exchangeable with the references: flagged at alpha = 0.05 no more often than the
+    binomial 99.9% interval allows."""
+    rng = np.random.default_rng(1)
+    teacher = _answers(rng, n=40)
+    flagged = 0
+    for _ in range(300):
+        refs = {f"r{i}": _near(rng, teacher, 0.3) for i in range(5)}
+        flagged += lineage_test(teacher, _near(rng, teacher, 0.3), refs, list)["p_value"] < 0.05
+    assert flagged <= stats.binom.ppf(0.9995, 300, 0.05)
+
+
+def test_identity_counts():
+    answers = {"s": ["I am TeacherBot.", "no idea"], "r": ["I am a model", "teacherbot here"]}
+    assert identity_counts(answers, ["TeacherBot"]) == {"s": 1, "r": 1}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Five reference models of the teacher's shape and tokenizer, randomly initialised; a suspect
+    that is the teacher's copy; a control that is one more random model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("lineage")
+    config = AutoConfig.from_pretrained(TEACHER)
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.head_dim = 32, 64, 1, 16
+    config.num_attention_heads = config.num_key_value_heads = 2
+    paths = []
+    for i in range(6):
+        torch.manual_seed(i)
+        path = root / f"random{i}"
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        for f in TEACHER.glob("*token*"):
+            shutil.copy(f, path)
+        shutil.copy(TEACHER / "chat_template.jinja", path)
+        paths.append(path)
+    copy = root / "copy"
+    shutil.copytree(TEACHER, copy)
+    return copy, paths
+
+
+def test_lineage_cli_flags_a_copy_and_not_a_random_model(folders, tmp_path, capsys):
+    copy, randoms = folders
+    refs = [a for p in randoms[:5] for a in ("--reference", str(p))]
+    common = ["--teacher", str(TEACHER), *refs, "--prompts", str(QUICKSTART / "prompts" / "heldout.jsonl"),
+              "--limit", "40", "--max-new-tokens", "8", "--name", "quickstart"]
+    assert main(["audit", "lineage", "--suspect", str(copy), *common, "--out", str(tmp_path / "a.json")]) == 0
+    assert main(["audit", "lineage", "--suspect", str(randoms[5]), *common, "--out", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["verdicts"][0]["flagged"] and a["results"][0]["suspect_match"] == 1.0
+    assert not b["verdicts"][0]["flagged"]
+    assert set(a["results"][0]["identity"]["naming_the_teacher"]) == {"teacher", "suspect"} | {
+        f"reference:{p}" for p in randoms[:5]}
+    assert main(["audit", "lineage", "--suspect", "http://localhost:1/v1", *common]) == 2
+    assert "URL#MODEL" in capsys.readouterr().err
