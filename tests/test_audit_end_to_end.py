@@ -4,6 +4,7 @@ and the key appears in no artifact."""
 
 import json
 
+import pytest
 import yaml
 
 from potstill.cli import main
@@ -63,3 +64,22 @@ def _ledger_teachers(path):
 
     with sqlite3.connect(path) as db:
         return [row[0] for row in db.execute("SELECT description FROM teachers")]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("teacher.watermark.key_file=nowhere.key", "watermark key file"),
+    ("teacher.watermark.gamma=1.5", "teacher.watermark.gamma"),
+])
+def test_recipe_watermark_mistakes_are_one_line(tmp_path, capsys, override, message):
+    assert main(["generate", RECIPE, f"output_dir={tmp_path / 'run'}", "prompts.limit=4", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_short_key_file_is_refused_before_generating(tmp_path, capsys):
+    (tmp_path / "key").write_text("short\n")
+    assert main(["generate", RECIPE, f"output_dir={tmp_path / 'run'}", "prompts.limit=4",
+                 f"teacher.watermark.key_file={tmp_path / 'key'}"]) == 2
+    assert "holds 5 bytes, fewer than 16" in capsys.readouterr().err
+    ledger = tmp_path / "run" / "ledger.sqlite"
+    assert not ledger.exists() or not _ledger_teachers(ledger)  # nothing asked of an unwatermarked teacher
