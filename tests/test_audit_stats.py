@@ -183,3 +183,32 @@ def test_bad_parameters_are_one_clear_error(bad):
     args = dict(key=KEY, gamma=0.25, delta=2.0, context=1) | bad
     with pytest.raises(PotstillError):
         Watermark(**args)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2-padded", "llama"])
+def test_watermarked_generation_on_several_architectures(arch):
+    """With a huge delta every sampled token is green and inside the tokenizer (a padded
+    vocabulary's extra rows stay suppressed), and the cached logprobs are the watermarked
+    distribution's (their top-1 is green too)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
+
+    from conftest import TEACHER
+    from potstill.teachers.local import generate_ids
+
+    tok = AutoTokenizer.from_pretrained(TEACHER)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    config = {"gpt2": lambda: GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64),
+              "qwen2-padded": lambda: Qwen2Config(vocab_size=len(tok) + 23, **small),
+              "llama": lambda: LlamaConfig(vocab_size=len(tok), **small)}[arch]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    w = Watermark(KEY, gamma=0.5, delta=50.0, context=1)
+    rows = [tok("sort 123")["input_ids"], tok("rev abc")["input_ids"]]
+    params = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "top_logprobs": 3}
+    out = generate_ids(model, tok, rows, params, 0, ["a", "b"], watermark=w)
+    for prompt, c in zip(rows, out):
+        seq = prompt + c.token_ids
+        assert all(t < len(tok) for t in c.token_ids)
+        assert all(w.is_green((seq[i - 1],), seq[i]) for i in range(len(prompt), len(seq)))
+        assert all(w.is_green((seq[len(prompt) + j - 1],), int(c.topk_ids[j, 0])) for j in range(len(c.token_ids)))

@@ -54,6 +54,8 @@ def add_parser(verbs) -> None:
                         "predictions on the prompts and its answers")
     r.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--samples", type=int, default=1, help="sampling: answers per prompt (at temperature 1, each "
+                   "adds the distinct windows where the suspect hesitates; repeats are scored once)")
     keys(r), common(r)
     r.set_defaults(func=cmd_radioactivity)
 
@@ -148,7 +150,9 @@ def cmd_radioactivity(args) -> None:
     from potstill.audit import radioactivity as ra
 
     marks, tok = _watermarks(args), _tokenizer(args.tokenizer)
-    prompts = _prompts(args)
+    if args.samples < 1:
+        raise PotstillError(f"--samples must be at least 1, not {args.samples}")
+    prompts = _prompts(args) * args.samples
     skip = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
     if args.endpoint:
         if args.mode == "reading":
@@ -173,7 +177,7 @@ def cmd_radioactivity(args) -> None:
     else:
         pairs = ra.sampling_pairs(rows, answers, args.context, skip=skip)
     result = ra.score_keys(pairs, marks, args.mode)
-    result.update(suspect=suspect, prompts=len(prompts))
+    result.update(suspect=suspect, prompts=len(prompts) // args.samples, samples=args.samples)
     finish(args, [result], _key_rows(result, args.alpha))
 
 
