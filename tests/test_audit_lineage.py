@@ -96,3 +96,29 @@ def test_lineage_cli_flags_a_copy_and_not_a_random_model(folders, tmp_path, caps
         f"reference:{p}" for p in randoms[:5]}
     assert main(["audit", "lineage", "--suspect", "http://localhost:1/v1", *common]) == 2
     assert "URL#MODEL" in capsys.readouterr().err
+
+
+def test_lineage_reaches_a_teacher_behind_an_endpoint(folders, tmp_path, capsys):
+    """The teacher served by `potstill serve` (official openai client): its copy is flagged as
+    when the teacher is a folder, with the same match rates; a probe the endpoint refuses (too
+    long for its 64-token context) is one line, not a traceback."""
+    from potstill.serve import build_app
+    from test_serve import running
+
+    copy, randoms = folders
+    serving = running(build_app(TEACHER, model_name="teacher", batch_wait_ms=1))
+    _, base = next(serving)
+    try:
+        args = ["audit", "lineage", "--suspect", str(copy), *[a for p in randoms[:5] for a in ("--reference", str(p))],
+                "--prompts", str(QUICKSTART / "prompts" / "heldout.jsonl"), "--limit", "20", "--max-new-tokens", "8",
+                "--tokenizer", str(TEACHER)]
+        assert main([*args, "--teacher", f"{base}#teacher", "--out", str(tmp_path / "http.json")]) == 0
+        assert main([*args, "--teacher", f"{base}#teacher", "--name", "x", "--out", str(tmp_path / "x.json")]) == 2
+        err = capsys.readouterr().err
+        assert "refused the probe" in err and "HTTP 400" in err and "Traceback" not in err
+    finally:
+        next(serving, None)
+    assert main([*args, "--teacher", str(TEACHER), "--out", str(tmp_path / "local.json")]) == 0
+    http, local = (json.loads((tmp_path / f).read_text())["results"][0] for f in ("http.json", "local.json"))
+    assert http["p_value"] < 1e-3 and http["suspect_match"] == 1.0
+    assert [r["match"] for r in http["references"]] == [r["match"] for r in local["references"]]

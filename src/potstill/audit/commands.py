@@ -67,8 +67,8 @@ def add_parser(verbs) -> None:
     g.add_argument("--prompts", required=True, help="probe prompts (a prompt file, as in recipes)")
     g.add_argument("--limit", type=int, default=None)
     g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--name", action="append", default=[], help="a name of the teacher counted in identity answers "
-                   "(repeatable)")
+    g.add_argument("--name", action="append", default=[], help="ask identity probes and count the answers naming "
+                   "the teacher by this name (repeatable)")
     g.add_argument("--tokenizer", help="tokenizer for match rates (default: the teacher's folder; characters for "
                    "an endpoint teacher without one)")
     common(g)
@@ -203,7 +203,8 @@ def cmd_lineage(args) -> None:
     for role, spec in models.items():
         m = _responder(spec)
         answers[role] = m.answer(prompts, args.max_new_tokens)
-        identity[role] = m.answer(IDENTITY_PROBES, args.max_new_tokens)
+        if args.name:
+            identity[role] = m.answer(IDENTITY_PROBES, args.max_new_tokens)
         if role == "teacher":
             tok = getattr(m, "tokenizer", None)
     if args.tokenizer:
@@ -213,7 +214,8 @@ def cmd_lineage(args) -> None:
     result = lineage_test(answers["teacher"], answers["suspect"], refs, tokenize)
     result.update(teacher=args.teacher, suspect=args.suspect,
                   identity={"probes": len(IDENTITY_PROBES), "names": args.name,
-                            "naming_the_teacher": identity_counts(identity, args.name) if args.name else None})
+                            "naming_the_teacher": identity_counts(identity, args.name) if args.name else None,
+                            "answers": identity or None})
     rows = [{"test": "lineage", "target": args.suspect,
              "statistic": f"match {result['suspect_match']:.3f} vs references "
                           f"{max(r['match'] for r in result['references']):.3f} at most",

@@ -24,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from potstill.audit.stats import sign_test
+from potstill.errors import PotstillError
 
 IDENTITY_PROBES = [
     "Which model are you?",
@@ -67,10 +68,18 @@ class EndpointModel:
         self.client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=3)
 
     def answer(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        from openai import APIConnectionError, APIStatusError
+
         out = []
         for p in prompts:
-            r = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": p}],
-                                                    temperature=0.0, max_tokens=max_new_tokens)
+            try:
+                r = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": p}],
+                                                        temperature=0.0, max_tokens=max_new_tokens)
+            except APIStatusError as e:
+                raise PotstillError(f"{self.name} refused the probe {p[:40]!r}: HTTP {e.status_code}: "
+                                    f"{getattr(e, 'message', e)}") from None
+            except APIConnectionError:
+                raise PotstillError(f"{self.name} could not be reached: is the endpoint up?") from None
             out.append(r.choices[0].message.content or "")
         return out
 
