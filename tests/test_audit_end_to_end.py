@@ -83,3 +83,29 @@ def test_a_short_key_file_is_refused_before_generating(tmp_path, capsys):
     assert "holds 5 bytes, fewer than 16" in capsys.readouterr().err
     ledger = tmp_path / "run" / "ledger.sqlite"
     assert not ledger.exists() or not _ledger_teachers(ledger)  # nothing asked of an unwatermarked teacher
+
+
+def test_audit_user_mistakes_are_one_line(tmp_path, capsys):
+    (tmp_path / "k").write_text(KEY)
+    (tmp_path / "bad.jsonl").write_text('{"text": "sort 123"}\nnot json\n')
+    key = ["--key-file", str(tmp_path / "k"), "--tokenizer", str(TEACHER), "--out", str(tmp_path / "a.json")]
+    probes = ["--prompts", str(QUICKSTART / "prompts" / "heldout.jsonl")]
+    cases = [
+        (["audit", "watermark", str(tmp_path / "bad.jsonl"), *key], "bad.jsonl:2: not a JSON object"),
+        (["audit", "watermark", str(tmp_path / "none.jsonl"), *key], "none.jsonl not found"),
+        (["audit", "watermark", str(tmp_path / "bad.jsonl"), "--key-file", str(tmp_path / "nokey"),
+          "--tokenizer", str(TEACHER)], "watermark key file"),
+        (["audit", "radioactivity", "--endpoint", "http://127.0.0.1:9/v1", "--model-name", "m", "--mode", "reading",
+          *probes, *key], "--mode reading needs the suspect's weights"),
+        (["audit", "radioactivity", "--endpoint", "http://127.0.0.1:9/v1", *probes, *key], "needs --model-name"),
+        (["audit", "radioactivity", "--model", str(TEACHER), "--samples", "0", *probes, *key], "--samples"),
+        (["serve", str(TEACHER), "--port", "0", "--watermark-key-file", str(tmp_path / "nokey")], "watermark key file"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    # a plain JSONL of text: the watermark test runs, and nothing is flagged in unwatermarked text
+    (tmp_path / "ok.jsonl").write_text("".join(f'{{"text": "answer {i} {i * 7}"}}\n' for i in range(50)))
+    assert main(["audit", "watermark", str(tmp_path / "ok.jsonl"), *key]) == 0
+    assert not json.loads((tmp_path / "a.json").read_text())["verdicts"][0]["flagged"]

@@ -126,14 +126,7 @@ def cmd_serve(args) -> None:
 def watermark_of(args):
     from potstill.audit import load_watermark
 
-    return load_watermark(args.watermark_key_file, args.gamma, args.delta, args.context)
-
-
-def add_watermark_options(p, delta: bool = True) -> None:
-    p.add_argument("--gamma", type=float, default=0.25, help="share of the vocabulary that is green (default 0.25)")
-    if delta:
-        p.add_argument("--delta", type=float, default=2.0, help="logit bonus of green tokens (default 2.0)")
-    p.add_argument("--context", type=int, default=1, help="previous tokens that seed each green list (default 1)")
+    return load_watermark(args.watermark_key_file, args.watermark_gamma, args.watermark_delta, args.watermark_context)
 
 
 def port_number(text: str) -> int:
@@ -313,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "process list: prefer --api-key-env)")
     s.add_argument("--watermark-key-file", metavar="F", help="watermark every generated token with the key in F "
                    "(docs/audit.md); only its key id is ever shown")
-    add_watermark_options(s)
+    s.add_argument("--watermark-gamma", type=float, default=0.25, help="green share of the vocabulary (default 0.25)")
+    s.add_argument("--watermark-delta", type=float, default=2.0, help="logit bonus of green tokens (default 2.0)")
+    s.add_argument("--watermark-context", type=int, default=1, help="previous tokens seeding each green list (default 1)")
     s.add_argument("--max-body-mb", type=float, default=16, help="refuse request bodies larger than this, unread")
     s.set_defaults(func=cmd_serve)
     m = verbs.add_parser("merge", help="combine ledgers (e.g. --shard outputs) into one, without duplicates")
