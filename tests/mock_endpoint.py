@@ -21,6 +21,9 @@ import time
 from dataclasses import dataclass, field
 
 
+VOCAB = 41  # the bundled teacher's tokenizer (examples/quickstart/teacher)
+
+
 def body_sha256(body: dict) -> str:
     """How the mock names a request in its log: the sha256 of its canonical JSON body."""
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -59,6 +62,7 @@ class Faults:
     fatal: dict[str, float] = field(default_factory=dict)  # "400" / "401" / "insufficient_quota" -> probability
     timeout_seconds: float = 30.0
     seed: int = 0
+    sticky: bool = False  # a body's fault is the same at every attempt (a prompt that always fails)
 
 
 class MockEndpoint:
@@ -75,6 +79,7 @@ class MockEndpoint:
     # -- what to answer ------------------------------------------------------------------------
 
     def _draw(self, sha: str, attempt: int) -> str:
+        attempt = 0 if self.faults.sticky else attempt
         u = int(hashlib.sha256(f"{self.faults.seed}:{sha}:{attempt}".encode()).hexdigest()[:12], 16) / 16 ** 12
         f = self.faults
         for name, p in [("rate_limit", f.rate_limit), ("server_error", f.server_error), ("reset", f.reset),
@@ -88,7 +93,8 @@ class MockEndpoint:
     @staticmethod
     def completion(body: dict, nan: bool = False) -> dict:
         """A deterministic answer: the last message reversed, one token per character; with
-        ``return_tokens_as_token_ids`` tokens read ``token_id:N`` (N = the character's code)."""
+        ``return_tokens_as_token_ids`` tokens read ``token_id:N`` (N = the character's code modulo
+        ``VOCAB``: an id the bundled teacher's tokenizer has)."""
         prompt = body["messages"][-1]["content"] if "messages" in body else str(body.get("prompt"))
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
         text = prompt[::-1][:limit]
@@ -100,7 +106,7 @@ class MockEndpoint:
         k = body.get("top_logprobs") or 0
 
         def token(ch: str) -> str:
-            return f"token_id:{ord(ch)}" if ids else ch
+            return f"token_id:{ord(ch) % VOCAB}" if ids else ch
 
         content = []
         for ch in text:

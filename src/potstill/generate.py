@@ -9,6 +9,7 @@ through ``potstill.dispatch``), ``openai_batch`` (OpenAI's Batch API, through ``
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from potstill.errors import PotstillError
@@ -126,6 +127,9 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
             else:
                 local_generate(teacher, todo, params, ledger, session, recipe.generation.batch_size)
         counts = {"planned": len(planned), "sent": len(todo), **ledger.counts(), "spend": ledger.spend(key)}
+        planned_hashes = {h for h, _, _ in planned}
+        # why the recipe's requests failed for good, most common first: the CLI prints it and exits 1
+        counts["failures"] = Counter(r for h, r in ledger.failures().items() if h in planned_hashes).most_common()
     if stopped:
         raise PotstillError(f"generation stopped: {stopped}. Saved: {counts['done']} done, {counts['failed']} failed; "
                             f"rerun the same command to resume")
