@@ -6,21 +6,26 @@ The rules, and why:
 - **Exactly one retry layer.** The official client's own retries are off; retrying here as well
   would multiply attempts (3 x 3 = 9) and bills.
 - **Retried:** 408, 409, 429, 5xx, timeouts, connection resets, and 2xx bodies that cannot be
-  stored (truncated, no logprobs, NaN: at most ``MALFORMED_RETRIES`` times). Waits honour
-  ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date); otherwise exponential backoff
-  with jitter. A 429 with a wait pauses that endpoint for every sender. A wait longer than
-  ``teacher.max_retry_wait`` stops the run: rerun later.
+  stored (truncated, no logprobs, NaN, ids outside the tokenizer: at most ``MALFORMED_RETRIES``
+  times). Waits honour ``retry-after-ms`` / ``Retry-After`` (RFC 9110: digits or an HTTP date);
+  otherwise exponential backoff with jitter. A 429 with a wait pauses that endpoint for every
+  sender. A wait longer than ``teacher.max_retry_wait`` stops the run: rerun later.
 - **Not retried:** 400 and 422 fail that request (with the endpoint's message) and the run goes
-  on, unless ``MAX_BAD_REQUESTS`` come in a row (then the settings are wrong, not one prompt, and
-  the run stops). 401, 403, 404 and ``insufficient_quota`` stop the run once the requests in
-  flight settle; nothing new is sent after the first of them. ``MAX_UNREACHABLE`` connection
-  errors in a row stop it too (the endpoint is down).
-- **Nothing hangs:** any unexpected error settles its request and stops the run; a ledger that
-  cannot be written stops it with the reason.
+  on. 401, 403, 404 and ``insufficient_quota`` stop the run once the requests in flight settle;
+  nothing new is sent after the first of them.
+- **A repeated failure stops the run** (``_in_a_row``): the settings or the endpoint are wrong,
+  not one prompt, and each further send is paid for: ``MAX_BAD_REQUESTS`` refusals in a row,
+  ``SAME_FAILURE`` requests in a row whose first send failed the same way, ``MAX_UNREACHABLE``
+  sends in a row without an answer.
+- **Nothing hangs:** ``teacher.timeout`` bounds the whole attempt (the client's own timeout is
+  per read); any unexpected error settles its request and stops the run; a ledger that cannot
+  be written stops it with the reason.
 - **Idempotency.** A slot of the window is held from the send until the ledger commit of its
   answer, so a crash re-sends at most the window; done requests were filtered out before.
 - **Budgets** count the ledger's totals over all sessions and reserve the worst case (prompt
-  estimate + max tokens) for each send, so a run stops before a limit, not after.
+  estimate + max tokens) for each send, so a run stops before a limit, not after. Each send is
+  written to ``attempts`` at that worst case before it leaves and settled after, so a crash
+  cannot hide a send from the next run's budget; ``usage`` is clamped (``counted_usage``).
 """
 
 from __future__ import annotations
