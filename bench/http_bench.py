@@ -236,7 +236,7 @@ def independent() -> None:
             final = subprocess.run(args, env=env, capture_output=True, text=True)
             with sqlite3.connect(Path(out) / "ledger.sqlite") as db:
                 recorded = db.execute("SELECT count(*) FROM attempts").fetchone()[0]
-                dangling = db.execute("SELECT count(*) FROM attempts WHERE error LIKE 'sent; the run ended%'"
+                dangling = db.execute("SELECT count(*) FROM attempts WHERE error LIKE 'sent (or about to be)%'"
                                       ).fetchone()[0]
                 done = db.execute("SELECT count(*) FROM completions").fetchone()[0]
         sent = server_stats(url)["sends"]

@@ -51,6 +51,7 @@ BAD_REQUEST_STATUS = {400, 422}  # this request is wrong: it fails, the run goes
 FATAL_STATUS = {401, 403, 404}  # every request would fail: the run stops
 MAX_BAD_REQUESTS = 5  # in a row, with no answer between: the parameters are wrong, not one prompt
 MAX_UNREACHABLE = 20  # connection errors or timeouts in a row with no answer between: the endpoint is down
+UNSETTLED = "sent (or about to be) when the run ended: counted at its worst case"  # an attempt row until settled
 SAME_FAILURE = 5  # requests in a row whose first send failed the same way (malformed, no answer): stop
 CONNECTIONS_PER_CLIENT = 8
 
@@ -282,8 +283,8 @@ class Dispatcher:
             return f"unreachable: the first send of {SAME_FAILURE} requests in a row got no answer ({reason})" + \
                 (": is it up? Or raise teacher.timeout" if reason.startswith("timeout") else ": is it up?")
         if row["same"][1] >= SAME_FAILURE:
-            return f"the first answer to {SAME_FAILURE} requests in a row could not be stored, the same way ({reason}): " \
-                   f"check the endpoint and the teacher settings (model, token_ids, top_logprobs)"
+            return f"the first answer to {SAME_FAILURE} requests in a row could not be stored, the same way " \
+                   f"({reason}): check the endpoint and the teacher settings (model, token_ids, top_logprobs)"
         return None
 
     async def _settle(self, request: Request, attempts: list[Attempt]):
@@ -313,8 +314,8 @@ class Dispatcher:
             endpoint.in_flight += 1
             sent_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
             # the send is in the ledger, at its worst case, before it leaves: a crash cannot hide it from the budget
-            row = Attempt(h, endpoint.url, sent_at, 0.0, "retry", None, "sent; the run ended before its answer",
-                          prompt_est, completion_est, reserve[1])
+            row = Attempt(h, endpoint.url, sent_at, 0.0, "retry", None, UNSETTLED, prompt_est, completion_est,
+                          reserve[1])
             opened = await self._open(row)
             start = time.perf_counter()
             data = completion = used = None
