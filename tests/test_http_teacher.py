@@ -603,3 +603,36 @@ def test_sends_in_flight_at_a_kill_count_against_the_budget(mock, tmp_path):
 def test_a_retry_after_that_is_not_rfc_9110_backs_off_normally(mock, tmp_path):
     m = mock(rate_limit=0.3, retry_after="1e9")
     assert generate(http_recipe(tmp_path, [m], 20))["done"] == 20  # was: "asks to wait 1000000000 s", every run
+
+
+def test_one_row_sqlite_cannot_hold_fails_alone(mock, tmp_path, monkeypatch):
+    """A value SQLite cannot store (here a seed past 64 bits) fails its request with the reason;
+    the good answers committed with it are kept (they were all lost, and the run stopped)."""
+    import potstill.dispatch as dispatch
+
+    real, bad = dispatch.parse_response, []
+
+    def one_unstorable(*args, **kwargs):
+        completion = real(*args, **kwargs)
+        if not bad:
+            bad.append(completion.request_hash)
+            completion.seed = 10**30
+        return completion
+
+    monkeypatch.setattr(dispatch, "parse_response", one_unstorable)
+    counts = generate(http_recipe(tmp_path, [mock(latency=0.05)], 24))
+    assert counts["done"] == 23 and counts["failed"] == 1
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.failures()[bad[0]].startswith("could not be stored: OverflowError")
+
+
+def test_text_that_is_not_unicode_is_malformed():
+    from potstill.teachers.base import Request
+    from potstill.teachers.openai_api import Malformed, parse_response
+
+    recipe = load_recipe(QUICKSTART / "recipe.yaml", ["teacher.backend=openai", "teacher.model=m",
+                                                      "teacher.endpoints=[http://x/v1]"])
+    data = json.loads('{"choices": [{"message": {"content": "a\\ud800"}, "finish_reason": "stop"}]}')
+    with pytest.raises(Malformed, match="not valid Unicode"):
+        parse_response(Request("ab" * 32, [{"role": "user", "content": "q"}], 0, 0), data,
+                       {"top_logprobs": 0, "max_new_tokens": 4}, recipe.teacher, 0.0, (1, 1))
