@@ -47,7 +47,8 @@ from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Completion, Request
-from potstill.teachers.openai_api import Malformed, api_key, estimate_tokens, parse_response, request_body
+from potstill.teachers.openai_api import (Malformed, api_key, counted_usage, estimate_tokens, parse_response,
+                                          request_body)
 
 MAX_LINES = 50_000  # requests per batch input file (API limit)
 MAX_BYTES = 200_000_000  # bytes per batch input file (API limit: 200 MB)
@@ -367,12 +368,11 @@ def collect(run: Run, job: Job, batch) -> None:
             already.add(h)
             continue
         seen.add(h)
-        completion, reason, status, usage = read_line(line, request, params, run.spec, per_line)
-        used = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-        cost = batch_cost(run.spec.prices, *used)
+        completion, reason, status, used = read_line(line, request, params, run.spec, per_line, run.tokenizer)
+        cost = batch_cost(run.spec.prices, *used[:2])
         run.cost += cost
         attempts.append(Attempt(h, run.url, sent_at, per_line, "ok" if completion else "failed", status, reason,
-                                used[0], used[1], cost))
+                                used[0], used[1], cost, used[2]))
         if completion:
             completions.append(completion)
         else:
@@ -400,13 +400,18 @@ def _unrun(line: dict) -> bool:
     return isinstance(error, dict) and error.get("code") in UNRUN
 
 
-def read_line(line: dict, request: Request, params: dict, spec, seconds: float
-              ) -> tuple[Completion | None, str | None, int | None, dict]:
-    """One output or error line -> (completion, None, 200, usage) or (None, reason, HTTP status, usage)."""
+def read_line(line: dict, request: Request, params: dict, spec, seconds: float, tokenizer=None
+              ) -> tuple[Completion | None, str | None, int | None, tuple[int, int, str | None]]:
+    """One output or error line -> (completion, None, 200, used) or (None, reason, HTTP status,
+    used); used: (prompt, completion) tokens counted and the line's claim when not taken as is
+    (``counted_usage``). An error line without usage is not billed."""
     response = line.get("response") or {}
     status = response.get("status_code")
     body = response.get("body")
-    usage = (body.get("usage") if isinstance(body, dict) else None) or {}
+    if status == 200 or isinstance(body, dict) and isinstance(body.get("usage"), dict):
+        usage = counted_usage(body, estimate_tokens(request, params, tokenizer)[0], params["max_new_tokens"])
+    else:
+        usage = (0, 0, None)
     error = line.get("error")
     if error:
         what = f"{error.get('code') or 'error'}: {error.get('message')}" if isinstance(error, dict) else str(error)
@@ -416,7 +421,8 @@ def read_line(line: dict, request: Request, params: dict, spec, seconds: float
         message = (detail.get("message") if isinstance(detail, dict) else None) or str(body)[:200]
         return None, f"HTTP {status}: {message}"[:300], status, usage
     try:
-        completion = parse_response(request, body, params, spec, seconds)
+        completion = parse_response(request, body, params, spec, seconds, usage[:2],
+                                    None if tokenizer is None else len(tokenizer))
         if (problem := completion_problem(completion)):
             raise Malformed(problem)
     except Malformed as e:

@@ -96,7 +96,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def cmd_generate(args) -> None:
+def cmd_generate(args) -> int:
     from potstill.generate import generate
 
     counts = generate(_recipe(args), shard=parse_shard(args.shard))
@@ -106,6 +106,21 @@ def cmd_generate(args) -> None:
           f"(of {counts['planned']} planned){paid}")
     for note in counts.get("notes", []):
         print(f"generate: note: {note}")
+    return print_failures(counts)
+
+
+def print_failures(counts: dict) -> int:
+    """Requests that failed for good, grouped by reason, on stderr; 1 if there were any (a rerun
+    sends them again), else 0."""
+    failures = counts.get("failures") or []
+    if failures:
+        print(f"generate: {sum(n for _, n in failures)} requests failed for good (kept out of training; a rerun "
+              f"sends them again):", file=sys.stderr)
+        for reason, n in failures[:5]:
+            print(f"  {n} x {reason}", file=sys.stderr)
+        if len(failures) > 5:
+            print(f"  ... and {len(failures) - 5} other reasons (the ledger's requests.error)", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_serve(args) -> None:
@@ -207,6 +222,7 @@ def run_all(recipe) -> dict:
     print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']}")
     for note in counts.get("notes", []):
         print(f"generate: note: {note}")
+    print_failures(counts)  # and go on: train leaves them out and says so
     with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
         ledger_sha = ledger.content_sha256(recipe_requests(recipe)[1])
     changed = False
@@ -352,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        args.func(args)
+        rc = args.func(args)
     except PotstillError as e:
         print(f"potstill: error: {e}", file=sys.stderr)
         return 2
@@ -364,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("potstill: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

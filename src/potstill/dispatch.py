@@ -6,21 +6,26 @@ The rules, and why:
 - **Exactly one retry layer.** The official client's own retries are off; retrying here as well
   would multiply attempts (3 x 3 = 9) and bills.
 - **Retried:** 408, 409, 429, 5xx, timeouts, connection resets, and 2xx bodies that cannot be
-  stored (truncated, no logprobs, NaN: at most ``MALFORMED_RETRIES`` times). Waits honour
-  ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date); otherwise exponential backoff
-  with jitter. A 429 with a wait pauses that endpoint for every sender. A wait longer than
-  ``teacher.max_retry_wait`` stops the run: rerun later.
+  stored (truncated, no logprobs, NaN, ids outside the tokenizer: at most ``MALFORMED_RETRIES``
+  times). Waits honour ``retry-after-ms`` / ``Retry-After`` (RFC 9110: digits or an HTTP date);
+  otherwise exponential backoff with jitter. A 429 with a wait pauses that endpoint for every
+  sender. A wait longer than ``teacher.max_retry_wait`` stops the run: rerun later.
 - **Not retried:** 400 and 422 fail that request (with the endpoint's message) and the run goes
-  on, unless ``MAX_BAD_REQUESTS`` come in a row (then the settings are wrong, not one prompt, and
-  the run stops). 401, 403, 404 and ``insufficient_quota`` stop the run once the requests in
-  flight settle; nothing new is sent after the first of them. ``MAX_UNREACHABLE`` connection
-  errors in a row stop it too (the endpoint is down).
-- **Nothing hangs:** any unexpected error settles its request and stops the run; a ledger that
-  cannot be written stops it with the reason.
+  on. 401, 403, 404 and ``insufficient_quota`` stop the run once the requests in flight settle;
+  nothing new is sent after the first of them.
+- **A repeated failure stops the run** (``_in_a_row``): the settings or the endpoint are wrong,
+  not one prompt, and each further send is paid for: ``MAX_BAD_REQUESTS`` refusals in a row,
+  ``SAME_FAILURE`` requests in a row whose first send failed the same way, ``MAX_UNREACHABLE``
+  sends in a row without an answer.
+- **Nothing hangs:** ``teacher.timeout`` bounds the whole attempt (the client's own timeout is
+  per read); any unexpected error settles its request and stops the run; a ledger that cannot
+  be written stops it with the reason.
 - **Idempotency.** A slot of the window is held from the send until the ledger commit of its
   answer, so a crash re-sends at most the window; done requests were filtered out before.
 - **Budgets** count the ledger's totals over all sessions and reserve the worst case (prompt
-  estimate + max tokens) for each send, so a run stops before a limit, not after.
+  estimate + max tokens) for each send, so a run stops before a limit, not after. Each send is
+  written to ``attempts`` at that worst case before it leaves and settled after, so a crash
+  cannot hide a send from the next run's budget; ``usage`` is clamped (``counted_usage``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import random
+import re
+import sqlite3
 import time
 from datetime import datetime, timezone
 
@@ -35,15 +42,17 @@ from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Request
-from potstill.teachers.openai_api import (Malformed, api_key, endpoint_path, estimate_tokens, make_client,
-                                          parse_response, redact, request_body, split_extras)
+from potstill.teachers.openai_api import (Malformed, api_key, counted_usage, endpoint_path, estimate_tokens,
+                                          make_client, parse_response, redact, request_body, split_extras)
 
 MALFORMED_RETRIES = 2
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds: 0.5 * 2^n, capped, + up to 25 % jitter
 BAD_REQUEST_STATUS = {400, 422}  # this request is wrong: it fails, the run goes on
 FATAL_STATUS = {401, 403, 404}  # every request would fail: the run stops
 MAX_BAD_REQUESTS = 5  # in a row, with no answer between: the parameters are wrong, not one prompt
-MAX_UNREACHABLE = 20  # connection errors in a row with no answer between: the endpoint is down
+MAX_UNREACHABLE = 20  # connection errors or timeouts in a row with no answer between: the endpoint is down
+UNSETTLED = "sent (or about to be) when the run ended: counted at its worst case"  # an attempt row until settled
+SAME_FAILURE = 5  # requests in a row whose first send failed the same way (malformed, no answer): stop
 CONNECTIONS_PER_CLIENT = 8
 
 
@@ -72,29 +81,26 @@ class TokenBucket:
 
 
 def retry_after(headers) -> float | None:
-    """Seconds the server asks us to wait: ``retry-after-ms``, else ``Retry-After`` (seconds or
-    an HTTP date); None if absent or unreadable."""
+    """Seconds the server asks us to wait: ``retry-after-ms`` (OpenAI's: a decimal number), else
+    ``Retry-After`` as RFC 9110 has it (delta-seconds: digits only, or an HTTP-date); None for
+    anything else ("1e9", "inf", "nan", "-1"), which then backs off as if absent."""
     if headers is None:
         return None
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(float(ms) / 1000.0, 0.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
+    ms = (headers.get("retry-after-ms") or "").strip()
+    if re.fullmatch(r"\d{1,12}(\.\d{1,6})?", ms):
+        return float(ms) / 1000.0
+    value = (headers.get("retry-after") or "").strip()
+    if re.fullmatch(r"\d+", value):
+        return float(value)
+    if not re.search(r"[A-Za-z]{3}", value):  # an HTTP-date names its day and month; parsedate reads more
         return None
     try:
-        return max(float(value), 0.0)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
 def classify(exc: BaseException, key: str | None = None) -> tuple[str, int | None, str, float | None]:
@@ -123,8 +129,8 @@ def _classify(exc: BaseException) -> tuple[str, int | None, str, float | None]:
         if status in (408, 409, 429) or status >= 500:
             return "retry", status, reason, retry_after(exc.response.headers)
         return "fatal", status, reason, None
-    if isinstance(exc, openai.APITimeoutError):
-        return "retry", None, "timeout", None
+    if isinstance(exc, (openai.APITimeoutError, TimeoutError)):
+        return "unreachable", None, "timeout: no whole answer within teacher.timeout", None
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc
         return "unreachable", None, f"connection error: {type(cause).__name__}", None
@@ -134,11 +140,19 @@ def _classify(exc: BaseException) -> tuple[str, int | None, str, float | None]:
 
 
 def _error_message(exc) -> str:
-    body = getattr(exc, "body", None)  # the SDK hands over the "error" object when there is one
+    """The endpoint's own words: OpenAI's ``{"error": {"message"}}`` (the SDK hands over the inner
+    object), FastAPI's ``{"detail": "..."}`` or its validation list (``transformers serve``, many
+    others), or a body that is not JSON at all."""
+    body = getattr(exc, "body", None)
     if isinstance(body, dict):
         inner = body["error"] if isinstance(body.get("error"), dict) else body
-        return " ".join(str(inner.get("message") or "").split())[:300]
-    return ""
+        message = inner.get("message") or inner.get("detail") or ""
+        if isinstance(message, list):  # FastAPI: [{"loc": [...], "msg": "...", "type": "..."}]
+            message = "; ".join(f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg')}" if isinstance(e, dict)
+                                else str(e) for e in message)
+    else:
+        message = body or ""
+    return " ".join(str(message).split())[:300]
 
 
 class Endpoint:
@@ -157,6 +171,7 @@ class Dispatcher:
     def __init__(self, spec, params: dict, ledger: Ledger, session: int, teacher_key: str, tokenizer=None):
         self.spec, self.params, self.ledger, self.session = spec, params, ledger, session
         self.tokenizer = tokenizer
+        self.vocab = None if tokenizer is None else len(tokenizer)  # every id an endpoint returns must be under it
         self.key = api_key(spec)
         # httpx scans every pooled connection on each request (O(pool) CPU per send): a client per
         # CONNECTIONS_PER_CLIENT slots keeps that scan short at high concurrency
@@ -169,8 +184,9 @@ class Dispatcher:
         self.spent = ledger.spend(teacher_key)
         self.reserved = {"tokens": 0.0, "cost": 0.0}
         self.counts = {"done": 0, "failed": 0, "retrying": 0}
-        self.in_a_row = {"bad_request": 0, "unreachable": 0}  # reset by any answer
+        self.in_a_row = {"bad_request": 0, "unreachable": 0, "same": (None, 0)}  # see _in_a_row
         self.pending_writes: list = []
+        self.pending_opens: list[tuple[Attempt, asyncio.Future]] = []
         self.closing = False
         self.write_error: BaseException | None = None
 
@@ -246,6 +262,31 @@ class Dispatcher:
                       f"{redact(str(exc), self.key)[:200]}")
         self._commit(completion=completion, failure=failure, attempts=attempts, slots=slots)
 
+    def _in_a_row(self, kind: str, reason: str | None, first: bool) -> str | None:
+        """Why the run should stop when a failure keeps repeating (the settings or the endpoint are
+        wrong, not one prompt, and every further send is paid for again), else None."""
+        row = self.in_a_row
+        row["bad_request"] = row["bad_request"] + 1 if kind == "bad_request" else 0
+        row["unreachable"] = row["unreachable"] + 1 if kind == "unreachable" else 0
+        if kind == "ok":
+            row["same"] = (None, 0)
+        elif first and kind in ("malformed", "unreachable"):
+            # first sends only: the retries of the last few bad prompts of a run come in a row by themselves
+            failure = re.sub(r"\d+", "#", reason)
+            row["same"] = (failure, row["same"][1] + 1 if row["same"][0] == failure else 1)
+        if row["bad_request"] >= MAX_BAD_REQUESTS:
+            return f"{MAX_BAD_REQUESTS} requests in a row refused, the last with {reason}: check the teacher and " \
+                   f"generation settings"
+        if row["unreachable"] >= MAX_UNREACHABLE:
+            return f"unreachable ({reason}, {MAX_UNREACHABLE} sends in a row)"
+        if row["same"][1] >= SAME_FAILURE and kind == "unreachable":
+            return f"unreachable: the first send of {SAME_FAILURE} requests in a row got no answer ({reason})" + \
+                (": is it up? Or raise teacher.timeout" if reason.startswith("timeout") else ": is it up?")
+        if row["same"][1] >= SAME_FAILURE:
+            return f"the first answer to {SAME_FAILURE} requests in a row could not be stored, the same way " \
+                   f"({reason}): check the endpoint and the teacher settings (model, token_ids, top_logprobs)"
+        return None
+
     async def _settle(self, request: Request, attempts: list[Attempt]):
         """(completion, None) when answered, (None, (hash, reason)) when it failed for good,
         (None, None) when the run stopped first (the request stays pending)."""
@@ -271,54 +312,61 @@ class Dispatcher:
             self.reserved["tokens"] += reserve[0]
             self.reserved["cost"] += reserve[1]
             endpoint.in_flight += 1
-            client = endpoint.clients[endpoint.sends % len(endpoint.clients)]
-            endpoint.sends += 1
-            sent_at, start = datetime.now(timezone.utc).isoformat(timespec="milliseconds"), time.perf_counter()
-            used, status, asked = (0, 0), None, None
+            sent_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+            # the send is in the ledger, at its worst case, before it leaves: a crash cannot hide it from the budget
+            row = Attempt(h, endpoint.url, sent_at, 0.0, "retry", None, UNSETTLED, prompt_est, completion_est,
+                          reserve[1])
+            opened = await self._open(row)
+            start = time.perf_counter()
+            data = completion = used = None
+            kind, status, reason, asked, reached = "ok", None, None, None, True
             try:
-                response = await client.post(endpoint_path(self.spec), body=body, cast_to=_raw(),
-                                             options={"extra_json": extra} if extra else {})
+                if not opened:  # the ledger failed: the writer has stopped the run
+                    return None, None
+                client = endpoint.clients[endpoint.sends % len(endpoint.clients)]
+                endpoint.sends += 1
+                # the whole attempt (connect, headers, body) has one deadline: the client's timeout is per read,
+                # and a server trickling a byte at a time would hold the slot forever
+                async with asyncio.timeout(self.spec.timeout):
+                    response = await client.post(endpoint_path(self.spec), body=body, cast_to=_raw(),
+                                                 options={"extra_json": extra} if extra else {})
                 status = response.status_code
                 data = response.json()
-                used = _usage(data, prompt_est, completion_est)  # billed even if we cannot store it
-                completion = parse_response(request, data, self.params, self.spec, time.perf_counter() - start)
+                used = counted_usage(data, prompt_est, completion_est)  # billed even if we cannot store it
+                completion = parse_response(request, data, self.params, self.spec, time.perf_counter() - start,
+                                            used[:2], self.vocab)
                 if (problem := completion_problem(completion)):
                     raise Malformed(problem)
-                kind, reason = "ok", None
             except Exception as exc:  # classified; anything unknown re-raises there
                 kind, status, reason, asked = classify(exc, self.key)
+                reached = not _never_sent(exc)
                 status = status or (200 if kind == "malformed" else None)
+                completion = None
             finally:
                 endpoint.in_flight -= 1
                 self.reserved["tokens"] -= reserve[0]
                 self.reserved["cost"] -= reserve[1]
-            cost = self._cost(*used)
+            if used is None and (status is not None and status >= 300 or not reached):
+                used = (0, 0, None)  # an error status, or nothing reached the server: not billed
+            elif used is None:  # a reset, a timeout, a body that was not JSON: it may be billed, count the worst case
+                used = (prompt_est, completion_est, None)
+            cost = self._cost(*used[:2])
             self.spent["prompt_tokens"] += used[0]
             self.spent["completion_tokens"] += used[1]
             self.spent["cost"] += cost
             outcome = {"ok": "ok", "bad_request": "failed", "fatal": "failed"}.get(kind, "retry")
             attempts.append(Attempt(h, endpoint.url, sent_at, time.perf_counter() - start, outcome, status, reason,
-                                    used[0], used[1], cost))
-            if kind in ("ok", "malformed", "retry"):  # the endpoint answered
-                self.in_a_row["unreachable"] = 0
-            if kind != "bad_request":
-                self.in_a_row["bad_request"] = 0
+                                    used[0], used[1], cost, used[2], row.attempt_id))
+            if (why := self._in_a_row(kind, reason, first=attempt == 0)):
+                self.stop(f"{endpoint.url}: {why}")
+                return None, (h, f"{reason} (not retried)") if kind == "bad_request" else None
             if kind == "ok":
                 return completion, None
             if kind == "fatal":
                 self.stop(f"{endpoint.url}: {reason} (not retried)")
                 return None, (h, reason)
             if kind == "bad_request":
-                self.in_a_row["bad_request"] += 1
-                if self.in_a_row["bad_request"] >= MAX_BAD_REQUESTS:
-                    self.stop(f"{endpoint.url}: {MAX_BAD_REQUESTS} requests in a row refused, the last with {reason}: "
-                              f"check the teacher and generation settings")
                 return None, (h, f"{reason} (not retried)")
-            if kind == "unreachable":
-                self.in_a_row["unreachable"] += 1
-                if self.in_a_row["unreachable"] >= MAX_UNREACHABLE:
-                    self.stop(f"{endpoint.url}: unreachable ({reason}, {MAX_UNREACHABLE} times in a row)")
-                    return None, None
             malformed += kind == "malformed"
             if malformed > MALFORMED_RETRIES or attempt + 1 >= self.spec.max_attempts:
                 return None, (h, f"gave up after {len(attempts)} attempts: {reason}")
@@ -344,31 +392,83 @@ class Dispatcher:
         self.pending_writes.append((completion, failure, attempts, slots))
         self.commit_wanted.set()
 
+    async def _open(self, attempt: Attempt) -> bool:
+        """Write ``attempt`` (a send about to happen) to the ledger; False if the ledger failed."""
+        if self.write_error is not None:
+            return False
+        opened = asyncio.get_running_loop().create_future()
+        self.pending_opens.append((attempt, opened))
+        self.commit_wanted.set()
+        return await opened
+
     async def _writer(self) -> None:
         while True:
             await self.commit_wanted.wait()
             self.commit_wanted.clear()
+            opens, self.pending_opens = self.pending_opens, []
+            if opens:
+                try:
+                    ids = await asyncio.to_thread(self.ledger.open_attempts, self.session, [a for a, _ in opens])
+                except Exception as exc:
+                    self._writer_failed(exc, opens)
+                    return
+                for (a, opened), i in zip(opens, ids):
+                    a.attempt_id = i
+                    opened.set_result(True)
             batch, self.pending_writes = self.pending_writes, []
             if batch:
-                completions = [c for c, _, _, _ in batch if c is not None]
-                failures = dict(f for _, f, _, _ in batch if f is not None)
-                attempts = [a for _, _, a, _ in batch for a in a]
                 try:
-                    await asyncio.to_thread(self.ledger.record, self.session, completions, failures, attempts)
+                    done, failed = await asyncio.to_thread(self._record, batch)
                 except Exception as exc:  # a locked or full disk: stop sending, report, never hang
-                    self.write_error = exc
-                    self.stop("the ledger could not be written")
-                    for *_, slots in batch + self.pending_writes:
-                        slots.release()
+                    self.pending_writes[:0] = batch
+                    self._writer_failed(exc, [])
                     return
-                self.counts["done"] += len(completions)
-                self.counts["failed"] += len(failures)
+                self.counts["done"] += done
+                self.counts["failed"] += failed
                 for *_, slots in batch:
                     slots.release()
                 self.bar.advance(sum(c is not None or f is not None for c, f, _, _ in batch))
                 self._refresh()
-            if self.closing and not self.pending_writes:
+            if self.closing and not self.pending_writes and not self.pending_opens:
                 return
+
+    def _record(self, batch: list) -> tuple[int, int]:
+        """Commit ``batch`` (one transaction); if one of its rows cannot be stored (a value SQLite
+        cannot hold), commit the others and fail that request with the reason, rather than lose the
+        good answers beside it. Returns (done, failed); a ledger that cannot be written raises."""
+        def record(items):
+            completions = [c for c, _, _, _ in items if c is not None]
+            failures = dict(f for _, f, _, _ in items if f is not None)
+            self.ledger.record(self.session, completions, failures, [a for _, _, a, _ in items for a in a])
+            return len(completions), len(failures)
+
+        try:
+            return record(batch)
+        except sqlite3.DatabaseError:  # locked, full, corrupt: nothing else would be written either
+            raise
+        except Exception:
+            pass
+        done = failed = 0
+        for c, f, a, slots in batch:
+            try:
+                n = record([(c, f, a, slots)])
+            except sqlite3.DatabaseError:
+                raise
+            except Exception as exc:
+                h = c.request_hash if c is not None else f[0]
+                n = record([(None, (h, f"could not be stored: {type(exc).__name__}: {str(exc)[:200]}"), a, slots)])
+            done, failed = done + n[0], failed + n[1]
+        return done, failed
+
+    def _writer_failed(self, exc: BaseException, opens: list) -> None:
+        self.write_error = exc
+        self.stop("the ledger could not be written")
+        for _, opened in opens + self.pending_opens:
+            opened.set_result(False)
+        self.pending_opens = []
+        for *_, slots in self.pending_writes:
+            slots.release()
+        self.pending_writes = []
 
     def _refresh(self) -> None:
         s, c = self.spent, self.counts
@@ -376,13 +476,11 @@ class Dispatcher:
                         f"{s['prompt_tokens'] + s['completion_tokens']:,} tok, ${s['cost']:.4f}")
 
 
-def _usage(data, prompt_est: int, completion_est: int) -> tuple[int, int]:
-    """(prompt, completion) tokens the endpoint says it billed; the estimate when it does not say."""
-    usage = data.get("usage") if isinstance(data, dict) else None
-    if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
-        return prompt_est, completion_est
-    completion = usage.get("completion_tokens")
-    return usage["prompt_tokens"], completion if isinstance(completion, int) else completion_est
+def _never_sent(exc: BaseException) -> bool:
+    """A connection that was never made: the request cannot have been billed."""
+    import httpx
+
+    return isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout))
 
 
 def _raw():

@@ -9,6 +9,7 @@ through ``potstill.dispatch``), ``openai_batch`` (OpenAI's Batch API, through ``
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from potstill.errors import PotstillError
@@ -181,9 +182,10 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
                 local_generate(teacher, todo, params, ledger, session, recipe.generation.batch_size)
         counts = {"planned": len(planned), "sent": len(todo), **ledger.counts(), "spend": ledger.spend(key),
                   "skipped_long_prompts": skipped}
+        planned_hashes = [h for h, _, _ in planned]
         g = recipe.generation
         if g.samples_per_prompt > 1 and g.temperature > 0:
-            same = counts["identical_samples"] = ledger.identical_samples([h for h, _, _ in planned])
+            same = counts["identical_samples"] = ledger.identical_samples(planned_hashes)
             if same["identical"]:
                 notes.append(f"{same['identical']} of {same['prompts']} prompts got the same answer in all "
                              f"{g.samples_per_prompt} samples at temperature {g.temperature}" + (
@@ -191,6 +193,9 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
                                  "decodes greedily, and the ledger records the temperature asked for"
                                  if same["identical"] == same["prompts"] else ""))
         counts["notes"] = notes
+        # why the recipe's requests failed for good, most common first: the CLI prints it and exits 1
+        mine = set(planned_hashes)
+        counts["failures"] = Counter(r for h, r in ledger.failures().items() if h in mine).most_common()
     if stopped:
         raise PotstillError(f"generation stopped: {stopped}. Saved: {counts['done']} done, {counts['failed']} failed; "
                             f"rerun the same command to resume")

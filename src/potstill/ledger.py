@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS completions (
     seconds REAL,
     created_at TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS attempts (      -- one row per HTTP send that got an answer or an error
+CREATE TABLE IF NOT EXISTS attempts (      -- one row per HTTP send, written before it is sent
     attempt_id INTEGER PRIMARY KEY,
     request_hash TEXT NOT NULL,
     session_id INTEGER NOT NULL REFERENCES sessions,
@@ -90,7 +90,8 @@ CREATE TABLE IF NOT EXISTS attempts (      -- one row per HTTP send that got an 
     error TEXT,
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
-    cost REAL NOT NULL DEFAULT 0           -- USD, from the recipe's prices
+    cost REAL NOT NULL DEFAULT 0,          -- USD, from the recipe's prices
+    usage_claimed TEXT                     -- JSON: the endpoint's usage when it was not counted as is
 );
 CREATE INDEX IF NOT EXISTS attempts_request ON attempts (request_hash);
 CREATE TABLE IF NOT EXISTS batches (       -- OpenAI Batch API jobs
@@ -193,6 +194,8 @@ class Attempt:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
+    usage_claimed: str | None = None  # the endpoint's usage (JSON) when it was not counted as is
+    attempt_id: int | None = None  # set once ``open_attempts`` wrote it; ``record`` then settles that row
 
 
 @dataclass
@@ -232,6 +235,8 @@ class Ledger:
             self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
         elif version[0] != SCHEMA_VERSION:
             raise PotstillError(f"{self.path}: ledger schema {version[0]}, this potstill reads {SCHEMA_VERSION}")
+        if "usage_claimed" not in {r[1] for r in self.db.execute("PRAGMA table_info(attempts)")}:
+            self.db.execute("ALTER TABLE attempts ADD COLUMN usage_claimed TEXT")  # additive: older potstills read it
 
     def close(self) -> None:
         self.db.close()
@@ -294,11 +299,14 @@ class Ledger:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             for a in attempts:
-                self.db.execute(
-                    "INSERT INTO attempts (request_hash, session_id, endpoint, sent_at, seconds, outcome, http_status,"
-                    " error, prompt_tokens, completion_tokens, cost) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (a.request_hash, session_id, a.endpoint, a.sent_at, a.seconds, a.outcome, a.http_status,
-                     a.error, a.prompt_tokens, a.completion_tokens, a.cost))
+                if a.attempt_id is not None:
+                    self.db.execute(
+                        "UPDATE attempts SET seconds=?, outcome=?, http_status=?, error=?, prompt_tokens=?, "
+                        "completion_tokens=?, cost=?, usage_claimed=? WHERE attempt_id=?",
+                        (a.seconds, a.outcome, a.http_status, a.error, a.prompt_tokens, a.completion_tokens, a.cost,
+                         a.usage_claimed, a.attempt_id))
+                    continue
+                self._insert_attempt(session_id, a)
             for h, reason in (failures or {}).items():
                 self.db.execute("UPDATE requests SET status='failed', error=?, updated_at=? WHERE request_hash=?"
                                 " AND status != 'done'", (reason, now, h))
@@ -326,6 +334,21 @@ class Ledger:
                 self.db.execute("UPDATE batches SET status='collected', updated_at=? WHERE local_id=?",
                                 (now, collected_batch))
         return valid
+
+    def open_attempts(self, session_id: int, attempts: list[Attempt]) -> list[int]:
+        """Write sends about to happen, at their worst case, and return their row ids: a send the
+        process dies in is still counted (spend, budgets) when the ledger is next opened. ``record``
+        settles each row with what came back."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            return [self._insert_attempt(session_id, a) for a in attempts]
+
+    def _insert_attempt(self, session_id: int, a: Attempt) -> int:
+        return self.db.execute(
+            "INSERT INTO attempts (request_hash, session_id, endpoint, sent_at, seconds, outcome, http_status,"
+            " error, prompt_tokens, completion_tokens, cost, usage_claimed) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (a.request_hash, session_id, a.endpoint, a.sent_at, a.seconds, a.outcome, a.http_status,
+             a.error, a.prompt_tokens, a.completion_tokens, a.cost, a.usage_claimed)).lastrowid
 
     # -- Batch API jobs -----------------------------------------------------------------------
 

@@ -239,8 +239,10 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
         print(f"train {name}: {failed} of {len(hashes)} requests failed in generate (reasons in the ledger's "
               f"requests.error); training on the other {len(examples)}")
     if spec.objective == "kd" and spec.teacher_signal == "cached" and any(ex.topk_ids is None for ex in examples):
-        raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; generate with "
-                            "generation.top_logprobs > 0, or use train.teacher_signal=online")
+        raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; " + (
+            "teacher.token_ids is false, so the HTTP teacher's logprobs were not asked for: set teacher.token_ids=true "
+            "(vLLM, potstill serve) and generate again" if recipe.teacher.http and not recipe.teacher.token_ids else
+            "generate with generation.top_logprobs > 0") + ", or use train.teacher_signal=online")
 
     # accelerate keeps one state per process; a second student (the baseline) in the same process may
     # ask for another mixed precision, so forget the previous setting but keep the process group
