@@ -187,6 +187,8 @@ class TrainSpec(Section):
     batch_size: int = Field(32, ge=1)  # examples per optimizer step, over all processes
     micro_batch_size: int | None = Field(None, ge=1)  # examples per forward pass per process; default: all
     chunk_size: int = Field(0, ge=0)  # > 0: loss computed from hidden states this many tokens at a time
+    # with chunk_size > 0: run each chunk's step through torch.compile; auto = on for CUDA, off elsewhere
+    compile: Literal["auto", "on", "off"] = "auto"
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)

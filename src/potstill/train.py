@@ -30,7 +30,7 @@ from potstill import checkpoint
 from potstill.card import write_card
 from potstill.compat import Compat, check_tokenizers
 from potstill.data import TrainExample, build_examples, collate
-from potstill.devices import resolve_mixed_precision
+from potstill.devices import resolve_compile, resolve_mixed_precision
 from potstill.errors import PotstillError
 from potstill.generate import recipe_requests
 from potstill.heads import model_heads
@@ -108,14 +108,15 @@ def add_lora(model, spec: TrainSpec):
 
 
 def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None, on_policy: bool = False,
-              heads: dict[str, Head] | None = None):
+              heads: dict[str, Head] | None = None, compile: bool = False):
     """(loss, ce, kd) summed over the completion tokens of one micro-batch; only loss has a grad.
 
     Cached signal: sparse KD against the ledger's top-k. Online signal: dense KD against the
     teacher's full distribution. On-policy batches (student samples) train on KD alone: CE on
     the student's own samples would only reinforce them. With ``spec.chunk_size`` the logits are
     built from hidden states by ``heads["student"]`` (and ``heads["teacher"]``), checked once
-    against the models' own logits by ``output_head``; found here when not given.
+    against the models' own logits by ``output_head``; found here when not given; ``compile`` as in
+    ``chunked_kd_loss``.
     """
     if spec.chunk_size and heads is None:
         heads = model_heads(model, teacher)
@@ -145,8 +146,8 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
                     output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][:, :-1][mask]  # (N, H)
         loss, ce, kd = chunked_kd_loss(hidden, heads["student"].rows(vocab), labels[mask], kd_ratio=kd_ratio, chunk_size=spec.chunk_size,
-                                       **kd_args, **targets)
-        return loss * n, torch.tensor(ce * n), torch.tensor(kd * n)
+                                       compile=compile, **kd_args, **targets)
+        return loss * n, ce * n, kd * n
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     student = logits[mask][:, :vocab].float()  # (N, V_shared)
     if kd_ratio == 1.0:  # CE is only logged: no graph, no (N, V) log-softmax kept for backward
@@ -249,6 +250,7 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     AcceleratorState._reset_state(reset_partial_state=False)
     device = recipe.device_for("train")
     mixed_precision = resolve_mixed_precision(spec.mixed_precision, device)
+    compile = bool(spec.chunk_size) and resolve_compile(spec.compile, device)
     if device.startswith("cuda:"):  # one process on a chosen GPU; under `accelerate launch` each rank has its own
         torch.cuda.set_device(int(device.partition(":")[2]))
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
@@ -323,7 +325,7 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
                 tensors = {k: v.to(accelerator.device) for k, v in collate(batch, pad_id).items()}
                 sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
-                    loss, ce, kd = loss_sums(model, tensors, spec, compat, teacher, on_policy, heads)
+                    loss, ce, kd = loss_sums(model, tensors, spec, compat, teacher, on_policy, heads, compile)
                     # a sum over this micro-batch's tokens / all tokens of the step; DDP averages the
                     # gradients over processes, so multiply by their number to get a plain sum
                     accelerator.backward(loss * accelerator.num_processes / n_tokens)
@@ -375,7 +377,7 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
             "recipe_sha256": recipe.sha256(), "ledger_sha256": ledger_sha, "examples": len(data),
             "steps": plan.total, "resumed_from": start, "seconds": round(seconds, 2),
             "processes": accelerator.num_processes, "device": str(accelerator.device),
-            "mixed_precision": mixed_precision, "tokenizers": compat.kind, "teachers": [teacher_desc],
+            "mixed_precision": mixed_precision, "compile": compile, "tokenizers": compat.kind, "teachers": [teacher_desc],
             "license": recipe.student.license, "completion_tokens": tokens,
         }
         save_student(_unwrap(model), tokenizer, run / name, info)
