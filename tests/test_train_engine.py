@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from potstill import checkpoint
+from potstill.train import checkpoint
 from potstill.cli import main
 from potstill.errors import PotstillError
 from potstill.generate import generate
@@ -270,7 +270,7 @@ GPT2_STUDENT = "student.config={model_type: gpt2, n_embd: 32, n_layer: 2, n_head
 @pytest.mark.parametrize("student", [[], [GPT2_STUDENT]], ids=["llama", "gpt2"])
 def test_lora_adapts_every_linear_layer_by_default(tmp_path, ledger, student):
     pytest.importorskip("peft")
-    from potstill.train import linear_names, load_student, load_student_tokenizer
+    from potstill.train.loop import linear_names, load_student, load_student_tokenizer
 
     d = run_dir(tmp_path, ledger)
     args = overrides(d, "train.lora={r: 4}", *student)

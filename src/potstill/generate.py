@@ -68,7 +68,7 @@ def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
     from the ledger."""
     spec = recipe.teacher
     if spec.backend == "imported":
-        from potstill.importers import imported_requests
+        from potstill.teachers.imported import imported_requests
 
         return imported_requests(spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
                                  terms_family=spec.terms_family, terms_url=spec.terms_url, n_tokens=n_tokens(recipe))
@@ -199,7 +199,7 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
 
 def import_stage(recipe: Recipe) -> dict:
     """The generate stage of an ``imported`` teacher: its file goes into the ledger (idempotent)."""
-    from potstill.importers import import_file
+    from potstill.teachers.imported import import_file
 
     spec = recipe.teacher
     with exclusive(ledger_path(recipe)), Ledger(ledger_path(recipe)) as ledger:

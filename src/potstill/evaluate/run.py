@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from potstill import verifiers
-from potstill.card import write_card
+from potstill.evaluate import verifiers
+from potstill.receipts.card import write_card
 from potstill.errors import PotstillError
-from potstill.judge import judge_pairs
+from potstill.evaluate.judge import judge_pairs
 from potstill.progress import progress
 from potstill.prompts import Prompt, load_prompts
 from potstill.provenance import git_commit, library_versions

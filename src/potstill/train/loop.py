@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from potstill import checkpoint
-from potstill.card import write_card
-from potstill.compat import Compat, check_tokenizers
-from potstill.data import TrainExample, build_examples, collate
+from potstill.train import checkpoint
+from potstill.receipts.card import write_card
+from potstill.train.tokenizer_match import Compat, check_tokenizers
+from potstill.train.examples import TrainExample, build_examples, collate
 from potstill.devices import resolve_mixed_precision
 from potstill.errors import PotstillError
 from potstill.generate import recipe_requests
-from potstill.heads import model_heads
+from potstill.train.heads import model_heads
 from potstill.ledger import Ledger
 from potstill.losses import kd_loss
 from potstill.losses.chunked import Head, chunked_kd_loss
