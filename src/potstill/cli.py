@@ -197,7 +197,8 @@ def refuse_unusable_logit_kd(recipe) -> None:
 def run_all(recipe) -> dict:
     """Every stage in order; a student already trained from the same recipe and ledger is kept."""
     from potstill.evaluate import evaluate
-    from potstill.generate import generate, recipe_requests
+    from potstill.generate import generate
+    from potstill.ledger.requests import recipe_requests
     from potstill.ledger import Ledger
     from potstill.report import write_report
     from potstill.train import train

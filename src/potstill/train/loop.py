@@ -32,7 +32,7 @@ from potstill.train.tokenizer_match import Compat, check_tokenizers
 from potstill.train.examples import TrainExample, build_examples, collate
 from potstill.devices import resolve_mixed_precision
 from potstill.errors import PotstillError
-from potstill.generate import recipe_requests
+from potstill.ledger.requests import recipe_requests
 from potstill.train.heads import model_heads
 from potstill.ledger import Ledger
 from potstill.losses import kd_loss
