@@ -150,7 +150,7 @@ def test_tampered_checkpoint_is_refused_and_keep_last_prunes(tmp_path, ledger):
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, ledger, monkeypatch):
-    import potstill.train as engine
+    import potstill.train.loop as engine
 
     real = engine.loss_sums
     calls = {"n": 0}
