@@ -34,13 +34,13 @@ from potstill.progress import progress
 from potstill.prompts import Prompt, load_prompts
 from potstill.provenance import git_commit, library_versions
 from potstill.recipe import Recipe
-from potstill.teachers.base import Request
+from potstill.teachers.base import Request, greedy_params
 from potstill.teachers.local import LocalTeacher
 
 
 def greedy(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, batch_size: int):
     """Greedy completions (text, token ids) and generation tokens/s over the whole set."""
-    params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0, "seed": 0}
+    params = greedy_params(max_new_tokens)
     requests = [Request(p.sha256, p.chat, 0, 0) for p in prompts]
     out = []
     start = time.perf_counter()
@@ -163,8 +163,7 @@ def http_teacher_answers(recipe: Recipe, prompts: list[Prompt]) -> list:
     from potstill.ledger import Ledger
     from potstill.teachers.backends import ask, for_recipe
 
-    params = {"max_new_tokens": recipe.eval.max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0,
-              "seed": 0}
+    params = greedy_params(recipe.eval.max_new_tokens)
     with Ledger(recipe.run_dir / "eval-ledger.sqlite") as ledger:
         # online even for an openai_batch teacher: a few hundred prompts do not need a day's batch
         asked = ask(for_recipe(recipe, online=True), ledger, prompts, params, recipe.sha256())

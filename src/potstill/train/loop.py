@@ -40,7 +40,7 @@ from potstill.losses import kd_loss
 from potstill.losses.chunked import Head, chunked_kd_loss
 from potstill.progress import progress
 from potstill.recipe import Recipe, TrainSpec
-from potstill.teachers.local import folder_defaults_off, load_model_dir
+from potstill.teachers.local import folder_defaults_off, left_pad, load_model_dir, load_tokenizer_dir
 
 MAX_BAD_STEPS = 3  # consecutive non-finite steps before the run stops
 
@@ -67,15 +67,10 @@ def load_student(recipe: Recipe, tokenizer):
 
 
 def load_student_tokenizer(recipe: Recipe):
-    from transformers import AutoTokenizer
-
     path = recipe.student.tokenizer or recipe.student.path or recipe.teacher.tokenizer_dir
     if path is None:
         raise PotstillError("the student needs a tokenizer: set student.tokenizer (the HTTP teacher has none here)")
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise PotstillError(f"student tokenizer {path} could not be loaded: {str(e).splitlines()[0]}") from None
+    return load_tokenizer_dir(path, "student tokenizer")
 
 
 def linear_names(model) -> list[str]:
@@ -199,11 +194,8 @@ class Plan:
 def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: int, max_new_tokens: int) -> list[TrainExample]:
     """Replace each example's completion with one sampled from the student (temperature 1)."""
     prompts = [ex.input_ids[:ex.n_prompt] for ex in batch]
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id)
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], att[i, width - len(p):] = torch.tensor(p), 1
+    ids, att = left_pad(prompts, pad_id)
+    width = ids.shape[1]
     m = _unwrap(model)
     was_training = m.training
     m.eval()
