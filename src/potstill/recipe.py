@@ -234,13 +234,13 @@ class EvalSpec(Section):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
     device: str | None = Field(None, pattern=DEVICE_PATTERN)  # every model and the judge; default: top-level
-    judge: JudgeSpec | None = None  # judge win rate of each student against the teacher (prompt: potstill/judge.py)
+    judge: JudgeSpec | None = None  # judge win rate of each student against the teacher (prompt: potstill/evaluate/judge.py)
     lm_eval: LmEvalSpec | None = None
 
 
     @model_validator(mode="after")
     def _verifier_exists(self) -> EvalSpec:
-        from potstill.verifiers import available
+        from potstill.evaluate.verifiers import available
 
         if self.verifier not in available():
             raise ValueError(f"eval.verifier {self.verifier!r} is not installed; available: {', '.join(sorted(available()))}")

@@ -3,7 +3,7 @@ r"""Chunked KD + CE from hidden states: the (N, V) logits never exist all at onc
     loss = kd_ratio * T^2 * D(p_T || q_T) + (1 - kd_ratio) * CE(labels),   mean over N rows
 
 The student's logits are its output head applied to its hidden states, exactly as the model
-computes them (``Head``: weight, optional bias, scale, soft-cap; ``potstill.heads.output_head``
+computes them (``Head``: weight, optional bias, scale, soft-cap; ``potstill.train.heads.output_head``
 reads them off a model and checks them against its own logits). Rows are processed
 ``chunk_size`` at a time: each chunk's logits (chunk, V) are built, its loss and its gradients
 with respect to the chunk's hidden states and to the head's weight and bias are computed at once

@@ -19,6 +19,7 @@ import random
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,20 +27,20 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from potstill import checkpoint
-from potstill.card import write_card
-from potstill.compat import Compat, check_tokenizers
-from potstill.data import TrainExample, build_examples, collate
+from potstill.train import checkpoint
+from potstill.receipts.card import write_card
+from potstill.train.tokenizer_match import Compat, check_tokenizers
+from potstill.train.examples import TrainExample, build_examples, collate
 from potstill.devices import resolve_compile, resolve_mixed_precision
 from potstill.errors import PotstillError
-from potstill.generate import recipe_requests
-from potstill.heads import model_heads
+from potstill.ledger.requests import recipe_requests
+from potstill.train.heads import model_heads
 from potstill.ledger import Ledger
 from potstill.losses import kd_loss
 from potstill.losses.chunked import Head, chunked_kd_loss
 from potstill.progress import progress
 from potstill.recipe import Recipe, TrainSpec
-from potstill.teachers.local import folder_defaults_off, load_model_dir
+from potstill.teachers.local import folder_defaults_off, left_pad, load_model_dir, load_tokenizer_dir
 
 MAX_BAD_STEPS = 3  # consecutive non-finite steps before the run stops
 
@@ -66,15 +67,10 @@ def load_student(recipe: Recipe, tokenizer):
 
 
 def load_student_tokenizer(recipe: Recipe):
-    from transformers import AutoTokenizer
-
     path = recipe.student.tokenizer or recipe.student.path or recipe.teacher.tokenizer_dir
     if path is None:
         raise PotstillError("the student needs a tokenizer: set student.tokenizer (the HTTP teacher has none here)")
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise PotstillError(f"student tokenizer {path} could not be loaded: {str(e).splitlines()[0]}") from None
+    return load_tokenizer_dir(path, "student tokenizer")
 
 
 def linear_names(model) -> list[str]:
@@ -199,11 +195,8 @@ class Plan:
 def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: int, max_new_tokens: int) -> list[TrainExample]:
     """Replace each example's completion with one sampled from the student (temperature 1)."""
     prompts = [ex.input_ids[:ex.n_prompt] for ex in batch]
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id)
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], att[i, width - len(p):] = torch.tensor(p), 1
+    ids, att = left_pad(prompts, pad_id)
+    width = ids.shape[1]
     m = _unwrap(model)
     was_training = m.training
     m.eval()
@@ -219,11 +212,13 @@ def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: i
     return samples
 
 
-def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
-    """Train one student on the run's ledger and write it to ``<run>/<name>/`` (HF format)."""
-    run = recipe.run_dir
-    check_outputs(run, name)
-    ledger_path = run / "ledger.sqlite"
+OVERFLOW = "fp16 gradient overflow"  # a skipped step that is the scaler's business, not a bad step
+
+
+def ledger_examples(recipe: Recipe, name: str) -> tuple[list, str, dict]:
+    """The recipe's examples in the ledger, the ledger's content hash over them, and the teacher's
+    description; refused when generate has not finished."""
+    ledger_path = recipe.run_dir / "ledger.sqlite"
     if not ledger_path.is_file():
         raise PotstillError(f"{ledger_path} not found: run `potstill generate` first")
     teacher_desc, hashes = recipe_requests(recipe)
@@ -239,6 +234,39 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     if failed:
         print(f"train {name}: {failed} of {len(hashes)} requests failed in generate (reasons in the ledger's "
               f"requests.error); training on the other {len(examples)}")
+    return examples, ledger_sha, teacher_desc
+
+
+@dataclass
+class Setup:
+    """What one student's training holds between steps: built by ``setup``, read by ``train_step``
+    and ``export``."""
+
+    spec: TrainSpec
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared by accelerate (wrapped under DDP)
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    teacher: torch.nn.Module | None  # online and on-policy KD: the teacher's weights, frozen
+    compat: Compat
+    heads: dict[str, Head] | None  # chunk_size > 0: the output heads the loss rebuilds logits from
+    data: list[TrainExample]
+    plan: Plan
+    pad_id: int
+    on_policy_max_new_tokens: int
+    mixed_precision: str
+    compile: bool  # the chunked loss's step through torch.compile (train.compile, resolved for the device)
+    ledger_sha: str
+    teacher_desc: dict
+    signature: dict  # what a checkpoint must match to be resumed
+    ckpt_root: Path
+    start: int  # the first step to run: 0, or the step of the checkpoint resumed
+
+
+def setup(recipe: Recipe, spec: TrainSpec, name: str) -> Setup:
+    """Ledger examples, accelerate, student, tokenizer match, optional online teacher, LoRA,
+    optimizer, and the checkpoint to resume from when one matches."""
+    examples, ledger_sha, teacher_desc = ledger_examples(recipe, name)
     if spec.objective == "kd" and spec.teacher_signal == "cached" and any(ex.topk_ids is None for ex in examples):
         raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; " + (
             "teacher.token_ids is false, so the HTTP teacher's logprobs were not asked for: set teacher.token_ids=true "
@@ -281,7 +309,7 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     signature = {"examples": len(data), "ledger_sha256": ledger_sha, "train": spec.model_dump(exclude={"resume"}),
                  "processes": accelerator.num_processes}
 
-    ckpt_root = run / "checkpoints" / name
+    ckpt_root = recipe.run_dir / "checkpoints" / name
     start = 0
     found = checkpoint.latest(ckpt_root) if spec.resume else None
     if found is not None and json.loads((found / "trainer.json").read_text())["signature"] == signature:
@@ -293,96 +321,116 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             checkpoint.clear(ckpt_root)
+    return Setup(spec, accelerator, model, optimizer, tokenizer, teacher, compat, heads, data, plan, pad_id,
+                 recipe.generation.max_new_tokens, mixed_precision, compile, ledger_sha, teacher_desc, signature, ckpt_root,
+                 start)
 
+
+def train_step(s: Setup, step: int) -> dict:
+    """One optimizer step (global number ``step``); returns its log row, with ``skipped`` set when
+    the loss or gradient was not finite and nothing was learned."""
+    spec, acc, model, optimizer = s.spec, s.accelerator, s.model, s.optimizer
+    ids = s.plan.batch(step)
+    n_tokens = sum(len(s.data[i].input_ids) - s.data[i].n_prompt for i in ids)  # all processes together
+    on_policy = (spec.objective == "kd" and spec.teacher_signal == "on_policy"
+                 and random.Random(spec.seed * 7919 + step).random() < spec.lmbda)
+    torch.manual_seed(spec.seed * 1_000_003 + step * 1009 + acc.process_index)  # dropout, sampling
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, s.plan.total, spec)
+    micro = [[s.data[i] for i in chunk] for chunk in s.plan.micro_batches(ids, acc.process_index)]
+    if on_policy:  # completions sampled from the student; their tokens are counted afresh
+        micro = [sample_from_student(model, batch, s.pad_id, s.tokenizer.eos_token_id, s.on_policy_max_new_tokens)
+                 for batch in micro]
+        mine = sum(len(ex.input_ids) - ex.n_prompt for batch in micro for ex in batch)
+        n_tokens = int(acc.reduce(torch.tensor(mine, device=acc.device), "sum"))
+    sums = torch.zeros(3)  # (loss, ce, kd) per token of the step
+    for j, batch in enumerate(micro):
+        tensors = {k: v.to(acc.device) for k, v in collate(batch, s.pad_id).items()}
+        sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
+        with sync, acc.autocast():
+            loss, ce, kd = loss_sums(model, tensors, spec, s.compat, s.teacher, on_policy, s.heads, s.compile)
+            # a sum over this micro-batch's tokens / all tokens of the step; DDP averages the
+            # gradients over processes, so multiply by their number to get a plain sum
+            acc.backward(loss * acc.num_processes / n_tokens)
+        sums += torch.stack([loss.detach().float(), ce.float(), kd.float()]).cpu() / n_tokens
+    grad_norm = acc.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
+    sums = acc.reduce(sums.to(acc.device), "sum").cpu()  # per-token means of the step
+    loss_ok = bool(torch.isfinite(sums).all())
+    if not (loss_ok and torch.isfinite(torch.as_tensor(grad_norm))):
+        if acc.scaler is not None:  # fp16: the scaler skips this step itself and lowers its scale
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"step": step + 1, "skipped": OVERFLOW if loss_ok and acc.scaler is not None
+                else "non-finite loss or gradient"}
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "epoch": step // s.plan.steps_per_epoch, "loss": sums[0].item(), "ce": sums[1].item(),
+            "kd": sums[2].item() if spec.objective == "kd" else None, "grad_norm": float(grad_norm),
+            "lr": optimizer.param_groups[0]["lr"], "on_policy": on_policy}
+
+
+def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
+    """Train one student on the run's ledger and write it to ``<run>/<name>/`` (HF format)."""
+    run = recipe.run_dir
+    check_outputs(run, name)
+    s = setup(recipe, spec, name)
+    acc, plan = s.accelerator, s.plan
     log_path = run / "logs" / f"{name}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = contextlib.nullcontext()
-    if accelerator.is_main_process:  # only the main process reads and rewrites the log
-        kept = [line for line in (log_path.read_text().splitlines() if start and log_path.exists() else [])
-                if json.loads(line)["step"] <= start]
+    if acc.is_main_process:  # only the main process reads and rewrites the log
+        kept = [line for line in (log_path.read_text().splitlines() if s.start and log_path.exists() else [])
+                if json.loads(line)["step"] <= s.start]
         log = open(log_path, "w")
     began, bad = time.perf_counter(), 0
-    model.train()
-    with log, progress(f"train {name}", plan.total - start) as advance:
-        if accelerator.is_main_process:
+    s.model.train()
+    with log, progress(f"train {name}", plan.total - s.start) as advance:
+        if acc.is_main_process:
             log.write("".join(line + "\n" for line in kept))
-        for step in range(start, plan.total):
-            ids = plan.batch(step)
-            n_tokens = sum(len(data[i].input_ids) - data[i].n_prompt for i in ids)  # all processes together
-            on_policy = (spec.objective == "kd" and spec.teacher_signal == "on_policy"
-                         and random.Random(spec.seed * 7919 + step).random() < spec.lmbda)
-            torch.manual_seed(spec.seed * 1_000_003 + step * 1009 + accelerator.process_index)  # dropout, sampling
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, plan.total, spec)
-            micro = [[data[i] for i in chunk] for chunk in plan.micro_batches(ids, accelerator.process_index)]
-            if on_policy:  # completions sampled from the student; their tokens are counted afresh
-                micro = [sample_from_student(model, batch, pad_id, tokenizer.eos_token_id,
-                                             recipe.generation.max_new_tokens) for batch in micro]
-                mine = sum(len(ex.input_ids) - ex.n_prompt for batch in micro for ex in batch)
-                n_tokens = int(accelerator.reduce(torch.tensor(mine, device=accelerator.device), "sum"))
-            sums = torch.zeros(3)
-            for j, batch in enumerate(micro):
-                tensors = {k: v.to(accelerator.device) for k, v in collate(batch, pad_id).items()}
-                sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    loss, ce, kd = loss_sums(model, tensors, spec, compat, teacher, on_policy, heads, compile)
-                    # a sum over this micro-batch's tokens / all tokens of the step; DDP averages the
-                    # gradients over processes, so multiply by their number to get a plain sum
-                    accelerator.backward(loss * accelerator.num_processes / n_tokens)
-                sums += torch.stack([loss.detach().float(), ce.float(), kd.float()]).cpu() / n_tokens
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
-            sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()  # per-token means of the step
-            loss_ok = bool(torch.isfinite(sums).all())
-            if not (loss_ok and torch.isfinite(torch.as_tensor(grad_norm))):
-                if accelerator.scaler is not None:  # fp16: the scaler skips this step itself and lowers its scale
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                overflow = loss_ok and accelerator.scaler is not None  # the scaler's business, not a bad step
-                bad = 0 if overflow else bad + 1
-                if accelerator.is_main_process:
-                    why = "fp16 gradient overflow" if overflow else "non-finite loss or gradient"
-                    log.write(json.dumps({"step": step + 1, "skipped": why}) + "\n")
+        for step in range(s.start, plan.total):
+            row = train_step(s, step)
+            advance(1)
+            done = row["step"]
+            if "skipped" in row:
+                bad = 0 if row["skipped"] == OVERFLOW else bad + 1
+                if acc.is_main_process:
+                    log.write(json.dumps(row) + "\n")
                 if bad >= MAX_BAD_STEPS:
-                    raise PotstillError(f"{bad} non-finite steps in a row (last: step {step + 1}); lower train.lr, "
+                    raise PotstillError(f"{bad} non-finite steps in a row (last: step {done}); lower train.lr, "
                                         f"use train.mixed_precision=no, or check the ledger's logprobs")
-                advance(1)
                 continue
             bad = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            advance(1)
-            done = step + 1
             checkpoint.crash_point(f"step-{done}")
-            if accelerator.is_main_process and (done % spec.log_every == 0 or done == plan.total):
-                log.write(json.dumps({
-                    "step": done, "epoch": step // plan.steps_per_epoch, "loss": sums[0].item(),
-                    "ce": sums[1].item(), "kd": sums[2].item() if spec.objective == "kd" else None,
-                    "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"], "on_policy": on_policy,
-                    "seconds": round(time.perf_counter() - began, 3),
-                }) + "\n")
+            if acc.is_main_process and (done % spec.log_every == 0 or done == plan.total):
+                log.write(json.dumps({**row, "seconds": round(time.perf_counter() - began, 3)}) + "\n")
                 log.flush()
             if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < plan.total:
-                if accelerator.is_main_process:
-                    checkpoint.save_checkpoint(ckpt_root, done, _unwrap(model), optimizer, {"signature": signature},
-                                               spec.keep_checkpoints)
-                accelerator.wait_for_everyone()
-    seconds = time.perf_counter() - began
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tokens = sum(len(ex.input_ids) - ex.n_prompt for ex in data)
-        # a recipe has one teacher, so it supplied every example and token
-        teacher_desc = {**teacher_desc, "share_of_examples": 1.0, "share_of_tokens": 1.0}
-        info = {
-            "name": name, "objective": spec.objective, "train": spec.model_dump(), "student": recipe.student.model_dump(),
-            "recipe_sha256": recipe.sha256(), "ledger_sha256": ledger_sha, "examples": len(data),
-            "steps": plan.total, "resumed_from": start, "seconds": round(seconds, 2),
-            "processes": accelerator.num_processes, "device": str(accelerator.device),
-            "mixed_precision": mixed_precision, "compile": compile, "tokenizers": compat.kind, "teachers": [teacher_desc],
-            "license": recipe.student.license, "completion_tokens": tokens,
-        }
-        save_student(_unwrap(model), tokenizer, run / name, info)
-    accelerator.wait_for_everyone()
+                if acc.is_main_process:
+                    checkpoint.save_checkpoint(s.ckpt_root, done, _unwrap(s.model), s.optimizer,
+                                               {"signature": s.signature}, spec.keep_checkpoints)
+                acc.wait_for_everyone()
+    export(s, recipe, name, time.perf_counter() - began)
     return run / name
+
+
+def export(s: Setup, recipe: Recipe, name: str, seconds: float) -> None:
+    """The trained student, its potstill.json (what made it) and its model card, to ``<run>/<name>/``."""
+    acc = s.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tokens = sum(len(ex.input_ids) - ex.n_prompt for ex in s.data)
+        # a recipe has one teacher, so it supplied every example and token
+        teacher_desc = {**s.teacher_desc, "share_of_examples": 1.0, "share_of_tokens": 1.0}
+        info = {
+            "name": name, "objective": s.spec.objective, "train": s.spec.model_dump(),
+            "student": recipe.student.model_dump(), "recipe_sha256": recipe.sha256(), "ledger_sha256": s.ledger_sha,
+            "examples": len(s.data), "steps": s.plan.total, "resumed_from": s.start, "seconds": round(seconds, 2),
+            "processes": acc.num_processes, "device": str(acc.device), "mixed_precision": s.mixed_precision,
+            "compile": s.compile, "tokenizers": s.compat.kind, "teachers": [teacher_desc], "license": recipe.student.license,
+            "completion_tokens": tokens,
+        }
+        save_student(_unwrap(s.model), s.tokenizer, recipe.run_dir / name, info)
+    acc.wait_for_everyone()
 
 
 def check_outputs(run: Path, name: str) -> None:
