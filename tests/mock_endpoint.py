@@ -38,7 +38,7 @@ def request_shas(recipe) -> dict[str, str]:
     from potstill.ledger import requests_for, teacher_key
     from potstill.prompts import load_prompts
     from potstill.teachers.base import Request
-    from potstill.teachers.openai_api import request_body, split_extras
+    from potstill.teachers.openai.wire import request_body, split_extras
 
     desc, _ = recipe_requests(recipe)
     params = sampling_params(recipe)

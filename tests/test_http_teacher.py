@@ -15,7 +15,7 @@ import pytest
 
 from conftest import QUICKSTART, ROOT
 from mock_endpoint import VOCAB, Faults, MockEndpoint, request_shas
-from potstill.dispatch import retry_after
+from potstill.teachers.openai.dispatch import retry_after
 from potstill.errors import PotstillError
 from potstill.generate import generate, recipe_requests, sampling_params
 from potstill.ledger import Ledger
@@ -384,7 +384,7 @@ def test_rate_limited_senders_do_not_overrun_the_budget(mock, tmp_path):
 
 def test_legacy_completions_keep_the_k_likeliest():
     from potstill.teachers.base import Request
-    from potstill.teachers.openai_api import parse_response
+    from potstill.teachers.openai.wire import parse_response
 
     recipe = load_recipe(QUICKSTART / "recipe.yaml", ["teacher.backend=openai", "teacher.model=m",
                                                       "teacher.endpoints=[http://x/v1]", "teacher.api=completions",
@@ -498,7 +498,7 @@ def test_fastapi_validation_detail_is_read():
     import httpx
     import openai
 
-    from potstill.dispatch import classify
+    from potstill.teachers.openai.dispatch import classify
 
     request = httpx.Request("POST", "http://x/v1/chat/completions")
     body = {"detail": [{"loc": ["body", "max_tokens"], "msg": "Input should be a valid integer", "type": "int"}]}
@@ -608,7 +608,7 @@ def test_a_retry_after_that_is_not_rfc_9110_backs_off_normally(mock, tmp_path):
 def test_one_row_sqlite_cannot_hold_fails_alone(mock, tmp_path, monkeypatch):
     """A value SQLite cannot store (here a seed past 64 bits) fails its request with the reason;
     the good answers committed with it are kept (they were all lost, and the run stopped)."""
-    import potstill.dispatch as dispatch
+    import potstill.teachers.openai.dispatch as dispatch
 
     real, bad = dispatch.parse_response, []
 
@@ -628,7 +628,7 @@ def test_one_row_sqlite_cannot_hold_fails_alone(mock, tmp_path, monkeypatch):
 
 def test_text_that_is_not_unicode_is_malformed():
     from potstill.teachers.base import Request
-    from potstill.teachers.openai_api import Malformed, parse_response
+    from potstill.teachers.openai.wire import Malformed, parse_response
 
     recipe = load_recipe(QUICKSTART / "recipe.yaml", ["teacher.backend=openai", "teacher.model=m",
                                                       "teacher.endpoints=[http://x/v1]"])

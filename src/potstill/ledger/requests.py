@@ -22,7 +22,7 @@ def sampling_params(recipe: Recipe) -> dict:
 
 def n_tokens(recipe: Recipe) -> int | None:
     """How many ids the teacher's tokenizer has, when the recipe says where it is."""
-    from potstill.teachers.openai_api import load_tokenizer
+    from potstill.teachers.openai.wire import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.teacher)
     return None if tokenizer is None else len(tokenizer)

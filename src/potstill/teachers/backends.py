@@ -81,30 +81,30 @@ class LocalBackend:
 
 
 class HTTPBackend:
-    """An OpenAI-compatible endpoint, one request at a time with retries (``potstill.dispatch``)."""
+    """An OpenAI-compatible endpoint, one request at a time with retries (``potstill.teachers.openai.dispatch``)."""
 
     def __init__(self, recipe: Recipe, spec=None):
-        from potstill.teachers.openai_api import load_tokenizer
+        from potstill.teachers.openai.wire import load_tokenizer
 
         self.recipe, self.spec = recipe, spec or recipe.teacher  # spec: how to send, which may differ from the recipe's
         self.tokenizer = load_tokenizer(recipe.teacher)
 
     def describe(self) -> dict:
-        from potstill.teachers.openai_api import describe_openai
+        from potstill.teachers.openai.wire import describe_openai
 
         return describe_openai(self.recipe.teacher, self.tokenizer, self.recipe.teacher_id())
 
     def answer(self, requests: list[Request], params: dict, ledger: Ledger, session: int, key: str) -> str | None:
-        from potstill.dispatch import dispatch
+        from potstill.teachers.openai.dispatch import dispatch
 
         return dispatch(self.spec, params, requests, ledger, session, key, self.tokenizer)
 
 
 class BatchBackend(HTTPBackend):
-    """OpenAI's Batch API: files of requests, collected when done (``potstill.batch``)."""
+    """OpenAI's Batch API: files of requests, collected when done (``potstill.teachers.openai.batch``)."""
 
     def answer(self, requests: list[Request], params: dict, ledger: Ledger, session: int, key: str) -> str | None:
-        from potstill.batch import run_batches
+        from potstill.teachers.openai.batch import run_batches
 
         return run_batches(self.spec, params, requests, ledger, session, key, self.tokenizer)
 

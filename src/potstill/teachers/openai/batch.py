@@ -47,7 +47,7 @@ from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Completion, Request
-from potstill.teachers.openai_api import (Malformed, api_key, counted_usage, estimate_tokens, parse_response,
+from potstill.teachers.openai.wire import (Malformed, api_key, counted_usage, estimate_tokens, parse_response,
                                           request_body)
 
 MAX_LINES = 50_000  # requests per batch input file (API limit)
@@ -433,7 +433,7 @@ def read_line(line: dict, request: Request, params: dict, spec, seconds: float, 
 def api_reason(exc, key: str) -> tuple[str, str]:
     """(kind, reason) of an API error as the online path classifies it (retry or fatal), the reason
     on one line without the API key, nor anything shaped like an OpenAI key (sk-...), even masked."""
-    from potstill.dispatch import classify
+    from potstill.teachers.openai.dispatch import classify
 
     kind, _, reason, _ = classify(exc, key)
     return {"unreachable": "retry", "malformed": "retry", "bad_request": "fatal"}.get(kind, kind), reason

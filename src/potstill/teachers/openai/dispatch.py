@@ -42,7 +42,7 @@ from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Request
-from potstill.teachers.openai_api import (Malformed, api_key, counted_usage, endpoint_path, estimate_tokens,
+from potstill.teachers.openai.wire import (Malformed, api_key, counted_usage, endpoint_path, estimate_tokens,
                                           make_client, parse_response, redact, request_body, split_extras)
 
 MALFORMED_RETRIES = 2

@@ -3,7 +3,7 @@
 This file knows the wire format only: the request body for a potstill ``Request`` (the same body
 goes online and into a Batch API line), and the parse of a response body into a ``Completion``,
 or a ``Malformed`` error naming what was wrong. Sending, retries, limits and budgets live in
-``potstill.dispatch``; the Batch API in ``potstill.batch``.
+``potstill.teachers.openai.dispatch``; the Batch API in ``potstill.teachers.openai.batch``.
 
 Token ids: OpenAI returns logprobs keyed by token *strings*, which cannot be mapped back to ids
 reliably, so potstill does not ask for them: such completions keep their text (sequence-level KD)
