@@ -47,6 +47,7 @@ from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Completion, Request
+from potstill.teachers.openai.budget import Budget, price
 from potstill.teachers.openai.wire import (Malformed, api_key, counted_usage, estimate_tokens, parse_response,
                                           request_body)
 
@@ -172,37 +173,28 @@ def chunks(lines: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
 # -- budgets ----------------------------------------------------------------------------------------
 
 
-def batch_cost(prices, prompt_tokens: int, completion_tokens: int) -> float:
-    """USD for one line: list prices per million tokens, times ``BATCH_DISCOUNT``."""
-    return (prompt_tokens * prices.prompt + completion_tokens * prices.completion) / 1e6 * BATCH_DISCOUNT
+def budget_of(run: Run) -> Budget:
+    """The teacher's budget at Batch prices, with the ledger's spend."""
+    return Budget(run.spec.budget, run.spec.prices, run.ledger.spend(run.teacher_key), BATCH_DISCOUNT)
 
 
 def affordable(run: Run, fresh: list[Request], jobs: list[Job]) -> tuple[int, str | None]:
     """How many of ``fresh`` (in order) fit the budget at worst case, on top of the ledger's spend
     and the worst case of the open batches' pending requests; and why the rest does not."""
-    b = run.spec.budget
-    if b.max_requests is None and b.max_tokens is None and b.max_cost is None:
+    budget = budget_of(run)
+    if not budget.limited:
         return len(fresh), None
-
-    def worst(r: Request) -> tuple[int, float]:
-        prompt, completion = estimate_tokens(r, run.params, run.tokenizer)
-        return prompt + completion, batch_cost(run.spec.prices, prompt, completion)
-
-    s = run.ledger.spend(run.teacher_key)
-    requests, tokens, cost = s["requests"], s["prompt_tokens"] + s["completion_tokens"], s["cost"]
+    # an open batch's pending requests count as spent at their worst case until it is collected
     for h in set().union(*(j.hashes for j in jobs)) & run.requests.keys():
-        t, c = worst(run.requests[h])
-        requests, tokens, cost = requests + 1, tokens + t, cost + c
+        budget.reserve(*estimate_tokens(run.requests[h], run.params, run.tokenizer))
     for i, r in enumerate(fresh):
-        t, c = worst(r)
-        limit = ("max_requests", b.max_requests) if b.max_requests is not None and requests + 1 > b.max_requests else \
-            ("max_tokens", b.max_tokens) if b.max_tokens is not None and tokens + t > b.max_tokens else \
-            ("max_cost", b.max_cost) if b.max_cost is not None and cost + c > b.max_cost else None
-        if limit:
-            return i, (f"budget reached: teacher.budget.{limit[0]}={limit[1]:g} leaves room for {i} of {len(fresh)} "
-                       f"new requests at their worst case (spent and reserved: {requests} requests, {tokens:,} tokens, "
-                       f"${cost:.4f}); rerun once open batches are collected, or raise the budget")
-        requests, tokens, cost = requests + 1, tokens + t, cost + c
+        worst = estimate_tokens(r, run.params, run.tokenizer)
+        if (over := budget.over(*worst)):
+            return i, (f"budget reached: teacher.budget.{over[0]}={over[1]:g} leaves room for {i} of {len(fresh)} "
+                       f"new requests at their worst case (spent and reserved: {budget.requests} requests, "
+                       f"{budget.tokens + budget.reserved_tokens:,.0f} tokens, ${budget.cost + budget.reserved_cost:.4f}); "
+                       f"rerun once open batches are collected, or raise the budget")
+        budget.reserve(*worst)
     return len(fresh), None
 
 
@@ -369,7 +361,7 @@ def collect(run: Run, job: Job, batch) -> None:
             continue
         seen.add(h)
         completion, reason, status, used = read_line(line, request, params, run.spec, per_line, run.tokenizer)
-        cost = batch_cost(run.spec.prices, *used[:2])
+        cost = price(run.spec.prices, *used[:2], BATCH_DISCOUNT)
         run.cost += cost
         attempts.append(Attempt(h, run.url, sent_at, per_line, "ok" if completion else "failed", status, reason,
                                 used[0], used[1], cost, used[2]))

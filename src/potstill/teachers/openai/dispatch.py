@@ -36,12 +36,14 @@ import random
 import re
 import sqlite3
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Request
+from potstill.teachers.openai.budget import Budget
 from potstill.teachers.openai.wire import (Malformed, api_key, counted_usage, endpoint_path, estimate_tokens,
                                           make_client, parse_response, redact, request_body, split_extras)
 
@@ -155,6 +157,50 @@ def _error_message(exc) -> str:
     return " ".join(str(message).split())[:300]
 
 
+@dataclass(frozen=True)
+class Next:
+    """What follows an attempt. All None: it was answered. ``fail``: the request fails for good
+    with this reason; ``stop``: the run stops (with ``fail`` too, the request fails; without, it
+    stays pending); ``retry_in``: seconds to wait before the next attempt, the whole endpoint
+    waiting as long when ``pause`` (a 429 that said how long)."""
+
+    fail: str | None = None
+    stop: str | None = None
+    retry_in: float | None = None
+    pause: bool = False
+
+
+def decide(kind: str, status: int | None, reason: str | None, asked: float | None, *, attempt: int,
+           malformed: int, max_attempts: int, max_retry_wait: float, jitter: float) -> Next:
+    """The retry rules (module docstring) as a pure function of one attempt's classification:
+    ``attempt`` counts from 0, ``malformed`` bodies so far, ``jitter`` a fraction in [0, 0.25)."""
+    if kind == "ok":
+        return Next()
+    if kind == "fatal":
+        return Next(fail=reason, stop=f"{reason} (not retried)")
+    if kind == "bad_request":
+        return Next(fail=f"{reason} (not retried)")
+    if malformed > MALFORMED_RETRIES or attempt + 1 >= max_attempts:
+        return Next(fail=f"gave up after {attempt + 1} attempts: {reason}")
+    if asked is not None and asked > max_retry_wait:
+        return Next(stop=f"asks to wait {asked:.0f} s (Retry-After), more than teacher.max_retry_wait="
+                         f"{max_retry_wait:g} s: rerun later to resume")
+    delay = (asked if asked is not None else min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt)) * (1 + jitter)
+    return Next(retry_in=delay, pause=asked is not None and status == 429)
+
+
+@dataclass
+class Sent:
+    """One attempt's result: its settled ledger row and its classification."""
+
+    row: Attempt
+    kind: str  # ok, retry, unreachable, malformed, bad_request, fatal (``classify``)
+    status: int | None
+    reason: str | None
+    asked: float | None  # seconds the server asked to wait (Retry-After)
+    completion: object  # a Completion when kind is ok
+
+
 class Endpoint:
     def __init__(self, url: str, clients: list):
         self.url = url.rstrip("/")
@@ -181,32 +227,13 @@ class Dispatcher:
         self.window = spec.concurrency * len(self.endpoints)
         self.rpm, self.tpm = TokenBucket(spec.requests_per_minute), TokenBucket(spec.tokens_per_minute)
         self.stopped: str | None = None
-        self.spent = ledger.spend(teacher_key)
-        self.reserved = {"tokens": 0.0, "cost": 0.0}
+        self.budget = Budget(spec.budget, spec.prices, ledger.spend(teacher_key))
         self.counts = {"done": 0, "failed": 0, "retrying": 0}
         self.in_a_row = {"bad_request": 0, "unreachable": 0, "same": (None, 0)}  # see _in_a_row
         self.pending_writes: list = []
         self.pending_opens: list[tuple[Attempt, asyncio.Future]] = []
         self.closing = False
         self.write_error: BaseException | None = None
-
-    # -- budgets --------------------------------------------------------------------------------
-
-    def _cost(self, prompt: float, completion: float) -> float:
-        p = self.spec.prices
-        return (prompt * p.prompt + completion * p.completion) / 1e6
-
-    def _over_budget(self, prompt: int, completion: int) -> str | None:
-        b = self.spec.budget
-        if b.max_requests is not None and self.spent["requests"] + 1 > b.max_requests:
-            return f"budget reached: teacher.budget.max_requests={b.max_requests} sends"
-        tokens = self.spent["prompt_tokens"] + self.spent["completion_tokens"] + self.reserved["tokens"]
-        if b.max_tokens is not None and tokens + prompt + completion > b.max_tokens:
-            return f"budget reached: teacher.budget.max_tokens={b.max_tokens} (spent {tokens:.0f} incl. in flight)"
-        cost = self.spent["cost"] + self.reserved["cost"]
-        if b.max_cost is not None and cost + self._cost(prompt, completion) > b.max_cost:
-            return f"budget reached: teacher.budget.max_cost=${b.max_cost:g} (spent ${cost:.4f} incl. in flight)"
-        return None
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -291,7 +318,7 @@ class Dispatcher:
         """(completion, None) when answered, (None, (hash, reason)) when it failed for good,
         (None, None) when the run stopped first (the request stays pending)."""
         body, extra = split_extras(request_body(request, self.params, self.spec, self.tokenizer))
-        prompt_est, completion_est = estimate_tokens(request, self.params, self.tokenizer)
+        estimate = estimate_tokens(request, self.params, self.tokenizer)  # (prompt, max completion) tokens
         h = request.request_hash
         malformed = 0
         for attempt in range(self.spec.max_attempts):
@@ -300,91 +327,85 @@ class Dispatcher:
             while (wait := self._pick().paused_until - time.monotonic()) > 0 and not self.stopped:
                 await asyncio.sleep(wait)
             await self.rpm.take(1)
-            await self.tpm.take(prompt_est + completion_est)
+            await self.tpm.take(sum(estimate))
             if self.stopped:
                 return None, None
-            if (reason := self._over_budget(prompt_est, completion_est)):
-                self.stop(reason)
+            if (over := self.budget.over(*estimate)):
+                self.stop(f"budget reached: teacher.budget.{over[0]}={over[1]:g} (spent {over[2]})")
                 return None, None
             endpoint = self._pick()
-            reserve = (prompt_est + completion_est, self._cost(prompt_est, completion_est))
-            self.spent["requests"] += 1
-            self.reserved["tokens"] += reserve[0]
-            self.reserved["cost"] += reserve[1]
-            endpoint.in_flight += 1
-            sent_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-            # the send is in the ledger, at its worst case, before it leaves: a crash cannot hide it from the budget
-            row = Attempt(h, endpoint.url, sent_at, 0.0, "retry", None, UNSETTLED, prompt_est, completion_est,
-                          reserve[1])
-            opened = await self._open(row)
-            start = time.perf_counter()
-            data = completion = used = None
-            kind, status, reason, asked, reached = "ok", None, None, None, True
-            try:
-                if not opened:  # the ledger failed: the writer has stopped the run
-                    return None, None
-                client = endpoint.clients[endpoint.sends % len(endpoint.clients)]
-                endpoint.sends += 1
-                # the whole attempt (connect, headers, body) has one deadline: the client's timeout is per read,
-                # and a server trickling a byte at a time would hold the slot forever
-                async with asyncio.timeout(self.spec.timeout):
-                    response = await client.post(endpoint_path(self.spec), body=body, cast_to=_raw(),
-                                                 options={"extra_json": extra} if extra else {})
-                status = response.status_code
-                data = response.json()
-                used = counted_usage(data, prompt_est, completion_est)  # billed even if we cannot store it
-                completion = parse_response(request, data, self.params, self.spec, time.perf_counter() - start,
-                                            used[:2], self.vocab)
-                if (problem := completion_problem(completion)):
-                    raise Malformed(problem)
-            except Exception as exc:  # classified; anything unknown re-raises there
-                kind, status, reason, asked = classify(exc, self.key)
-                reached = not _never_sent(exc)
-                status = status or (200 if kind == "malformed" else None)
-                completion = None
-            finally:
-                endpoint.in_flight -= 1
-                self.reserved["tokens"] -= reserve[0]
-                self.reserved["cost"] -= reserve[1]
-            if used is None and (status is not None and status >= 300 or not reached):
-                used = (0, 0, None)  # an error status, or nothing reached the server: not billed
-            elif used is None:  # a reset, a timeout, a body that was not JSON: it may be billed, count the worst case
-                used = (prompt_est, completion_est, None)
-            cost = self._cost(*used[:2])
-            self.spent["prompt_tokens"] += used[0]
-            self.spent["completion_tokens"] += used[1]
-            self.spent["cost"] += cost
-            outcome = {"ok": "ok", "bad_request": "failed", "fatal": "failed"}.get(kind, "retry")
-            attempts.append(Attempt(h, endpoint.url, sent_at, time.perf_counter() - start, outcome, status, reason,
-                                    used[0], used[1], cost, used[2], row.attempt_id))
-            if (why := self._in_a_row(kind, reason, first=attempt == 0)):
-                self.stop(f"{endpoint.url}: {why}")
-                return None, (h, f"{reason} (not retried)") if kind == "bad_request" else None
-            if kind == "ok":
-                return completion, None
-            if kind == "fatal":
-                self.stop(f"{endpoint.url}: {reason} (not retried)")
-                return None, (h, reason)
-            if kind == "bad_request":
-                return None, (h, f"{reason} (not retried)")
-            malformed += kind == "malformed"
-            if malformed > MALFORMED_RETRIES or attempt + 1 >= self.spec.max_attempts:
-                return None, (h, f"gave up after {len(attempts)} attempts: {reason}")
-            if asked is not None and asked > self.spec.max_retry_wait:
-                self.stop(f"{endpoint.url} asks to wait {asked:.0f} s (Retry-After), more than teacher.max_retry_wait="
-                          f"{self.spec.max_retry_wait:g} s: rerun later to resume")
+            sent = await self._send(request, endpoint, body, extra, estimate)
+            if sent is None:  # the ledger failed before the send: the writer has stopped the run
                 return None, None
-            delay = (asked if asked is not None else min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt)) \
-                * (1 + random.uniform(0, 0.25))
-            if asked is not None and status == 429:
-                endpoint.paused_until = max(endpoint.paused_until, time.monotonic() + delay)
-            if delay > 10:
-                self.bar.note(f"{endpoint.url}: {reason}; waiting {delay:.0f} s")
+            attempts.append(sent.row)
+            malformed += sent.kind == "malformed"
+            if (why := self._in_a_row(sent.kind, sent.reason, first=attempt == 0)):
+                self.stop(f"{endpoint.url}: {why}")
+                return None, (h, f"{sent.reason} (not retried)") if sent.kind == "bad_request" else None
+            then = decide(sent.kind, sent.status, sent.reason, sent.asked, attempt=attempt, malformed=malformed,
+                          max_attempts=self.spec.max_attempts, max_retry_wait=self.spec.max_retry_wait,
+                          jitter=random.uniform(0, 0.25))
+            if then.stop:
+                self.stop(f"{endpoint.url}: {then.stop}")
+            if then.retry_in is None:  # answered, failed for good, or the run stops
+                return (sent.completion, None) if sent.kind == "ok" else (None, (h, then.fail) if then.fail else None)
+            if then.pause:
+                endpoint.paused_until = max(endpoint.paused_until, time.monotonic() + then.retry_in)
+            if then.retry_in > 10:
+                self.bar.note(f"{endpoint.url}: {sent.reason}; waiting {then.retry_in:.0f} s")
             self.counts["retrying"] += 1
             self._refresh()
-            await asyncio.sleep(delay)
+            await asyncio.sleep(then.retry_in)
             self.counts["retrying"] -= 1
-        return None, None  # not reached: the last attempt returns above
+        return None, None  # not reached: the last attempt decides above
+
+    async def _send(self, request: Request, endpoint: Endpoint, body: dict, extra: dict, estimate: tuple[int, int]):
+        """One attempt at ``endpoint``: written to the ledger at its worst case before it leaves, sent
+        with one deadline, parsed, classified, and settled with what was billed. None when the
+        ledger could not record the send (nothing was sent)."""
+        held = self.budget.reserve(*estimate)
+        endpoint.in_flight += 1
+        sent_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        # the send is in the ledger, at its worst case, before it leaves: a crash cannot hide it from the budget
+        row = Attempt(request.request_hash, endpoint.url, sent_at, 0.0, "retry", None, UNSETTLED, *estimate, held[1])
+        opened = await self._open(row)
+        start = time.perf_counter()
+        completion = used = None
+        kind, status, reason, asked, reached = "ok", None, None, None, True
+        try:
+            if not opened:
+                return None
+            client = endpoint.clients[endpoint.sends % len(endpoint.clients)]
+            endpoint.sends += 1
+            # the whole attempt (connect, headers, body) has one deadline: the client's timeout is per read,
+            # and a server trickling a byte at a time would hold the slot forever
+            async with asyncio.timeout(self.spec.timeout):
+                response = await client.post(endpoint_path(self.spec), body=body, cast_to=_raw(),
+                                             options={"extra_json": extra} if extra else {})
+            status = response.status_code
+            data = response.json()
+            used = counted_usage(data, *estimate)  # billed even if we cannot store it
+            completion = parse_response(request, data, self.params, self.spec, time.perf_counter() - start,
+                                        used[:2], self.vocab)
+            if (problem := completion_problem(completion)):
+                raise Malformed(problem)
+        except Exception as exc:  # classified; anything unknown re-raises there
+            kind, status, reason, asked = classify(exc, self.key)
+            reached = not _never_sent(exc)
+            status = status or (200 if kind == "malformed" else None)
+            completion = None
+        finally:
+            endpoint.in_flight -= 1
+            self.budget.release(held)
+        if used is None and (status is not None and status >= 300 or not reached):
+            used = (0, 0, None)  # an error status, or nothing reached the server: not billed
+        elif used is None:  # a reset, a timeout, a body that was not JSON: it may be billed, count the worst case
+            used = (*estimate, None)
+        cost = self.budget.spend(*used[:2])
+        outcome = {"ok": "ok", "bad_request": "failed", "fatal": "failed"}.get(kind, "retry")
+        settled = Attempt(request.request_hash, endpoint.url, sent_at, time.perf_counter() - start, outcome, status,
+                          reason, used[0], used[1], cost, used[2], row.attempt_id)
+        return Sent(settled, kind, status, reason, asked, completion)
 
     # -- the ledger writer: group commit, slots freed after their rows are durable ----------------
 
@@ -471,9 +492,9 @@ class Dispatcher:
         self.pending_writes = []
 
     def _refresh(self) -> None:
-        s, c = self.spent, self.counts
+        b, c = self.budget, self.counts
         self.bar.status(f"{c['done']} done, {c['failed']} failed, {c['retrying']} retrying, "
-                        f"{s['prompt_tokens'] + s['completion_tokens']:,} tok, ${s['cost']:.4f}")
+                        f"{b.tokens:,.0f} tok, ${b.cost:.4f}")
 
 
 def _never_sent(exc: BaseException) -> bool:
