@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import asyncio
 import time
 from pathlib import Path
 
@@ -636,3 +637,49 @@ def test_text_that_is_not_unicode_is_malformed():
     with pytest.raises(Malformed, match="not valid Unicode"):
         parse_response(Request("ab" * 32, [{"role": "user", "content": "q"}], 0, 0), data,
                        {"top_logprobs": 0, "max_new_tokens": 4}, recipe.teacher, 0.0, (1, 1))
+
+
+def test_the_retry_rules_as_a_table():
+    """decide(): what follows one attempt, from its classification alone (the rules in dispatch's docstring)."""
+    from potstill.teachers.openai.dispatch import BACKOFF_CAP, Next, decide
+
+    rule = dict(attempt=0, malformed=0, max_attempts=6, max_retry_wait=120.0, jitter=0.0)
+    assert decide("ok", 200, None, None, **rule) == Next()
+    assert decide("fatal", 401, "HTTP 401", None, **rule) == Next(fail="HTTP 401", stop="HTTP 401 (not retried)")
+    assert decide("bad_request", 400, "HTTP 400", None, **rule) == Next(fail="HTTP 400 (not retried)")
+    assert decide("retry", 500, "HTTP 500", None, **rule) == Next(retry_in=0.5)  # backoff 0.5 * 2^0
+    assert decide("retry", 500, "HTTP 500", None, **{**rule, "attempt": 3, "jitter": 0.2}).retry_in == pytest.approx(4.8)
+    assert decide("unreachable", None, "timeout", None, **{**rule, "attempt": 4}).retry_in == 8.0
+    assert decide("retry", 503, "x", None, **{**rule, "attempt": 4, "max_attempts": 50}).retry_in == 8.0
+    assert decide("retry", 503, "x", None, **{**rule, "attempt": 9, "max_attempts": 50}).retry_in == BACKOFF_CAP
+    # a 429 that says how long pauses the whole endpoint; a 503 that says so only waits
+    assert decide("retry", 429, "HTTP 429", 7.0, **rule) == Next(retry_in=7.0, pause=True)
+    assert decide("retry", 503, "HTTP 503", 7.0, **rule) == Next(retry_in=7.0)
+    # a wait longer than teacher.max_retry_wait stops the run; the request stays pending (no fail)
+    stop = decide("retry", 429, "HTTP 429", 3600.0, **rule)
+    assert stop.fail is None and stop.retry_in is None and "asks to wait 3600 s" in stop.stop
+    # the last attempt, or one malformed body too many, fails the request
+    assert decide("retry", 500, "HTTP 500", None, **{**rule, "attempt": 5}) == \
+        Next(fail="gave up after 6 attempts: HTTP 500")
+    assert decide("malformed", 200, "bad", None, **{**rule, "malformed": 3}).fail == "gave up after 1 attempts: bad"
+    assert decide("malformed", 200, "bad", None, **{**rule, "malformed": 2}).retry_in == 0.5
+
+
+def test_rate_limit_buckets_pace_requests_and_tokens():
+    """teacher.requests_per_minute / tokens_per_minute: a burst of one second's worth, then the rate."""
+    from potstill.teachers.openai.dispatch import TokenBucket
+
+    async def paced(bucket, units, n):
+        start = time.monotonic()
+        for _ in range(n):
+            await bucket.take(units)
+        return time.monotonic() - start
+
+    assert asyncio.run(paced(TokenBucket(None), 1, 1000)) < 0.1  # no limit: no wait
+    # 600 requests a minute = 10 a second: a burst of 10, then 10 more take about one second
+    assert 0.8 < asyncio.run(paced(TokenBucket(600), 1, 20)) < 1.6
+    # 6,000 tokens a minute = 100 a second: five sends of 50 tokens after a burst of 100 take ~1.5 s
+    assert 1.2 < asyncio.run(paced(TokenBucket(6000), 50, 5)) < 2.2
+    # a send bigger than the bucket waits for a full bucket, then leaves it in debt
+    big = TokenBucket(6000)
+    assert 2.3 < asyncio.run(paced(big, 250, 2)) < 3.4 and big.level < 0  # the second waits (100 + 150) / 100 s
