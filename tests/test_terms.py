@@ -160,3 +160,109 @@ def test_registry_is_package_data():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"potstill.receipts.terms" = ["registry.yaml"]' in text
     json.dumps([f.__dict__ for f in registry().values()])  # plain data: it goes into potstill.json
+
+
+# -- the gate in train, and the obligations in the export -------------------------------------------
+
+def _imported_run(tmp_path: Path, rows: int = 32, *overrides: str):
+    """A recipe whose teacher is a file of answers (generate imports it): no model runs to make rows."""
+    from conftest import QUICKSTART, TEACHER, tiny_overrides
+    from potstill.generate import generate
+    from potstill.recipe import load_recipe
+
+    prompts = [json.loads(line) for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:rows]
+    data = tmp_path / "answers.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["answer"]}) + "\n" for r in prompts))
+    args = [*tiny_overrides(tmp_path / "run"), "prompts=null", "teacher.backend=imported", f"teacher.data={data}",
+            f"student.tokenizer={TEACHER}", "train.objective=sft", "baseline=null", *overrides]
+    recipe = load_recipe(QUICKSTART / "recipe.yaml", args)
+    generate(recipe)
+    return recipe, args
+
+
+def test_train_refuses_competing_on_openai_rows_and_the_override_is_kept(tmp_path, capsys):
+    from conftest import QUICKSTART
+    from potstill.cli import main
+    from potstill.ledger import Ledger
+
+    recipe, args = _imported_run(tmp_path, 32, "teacher.id=openai", "teacher.terms_family=openai-api", "use=competing")
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "teacher 'openai' (32 rows)" in err and "compete with our products" in err and "not legal advice" in err
+    assert "https://openai.com/policies/services-agreement/" in err and err.count("\n") == 1
+    assert not (recipe.run_dir / "student").exists()
+
+    reason = "internal benchmark only; counsel approved (ticket 7)"
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args, "--accept-terms-risk", reason]) == 0
+    assert "trained past the gate" in capsys.readouterr().out
+    with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
+        (kept,) = ledger.terms_overrides()
+    assert kept["reason"] == reason and kept["use"] == "competing" and "'openai' (32 rows)" in kept["problems"][0]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(recipe.run_dir / "student" / "README.md")
+    block = card.data.to_dict()["distillation"]
+    assert block["terms"]["accepted_risk"] == reason and block["teachers"][0]["terms_verdict"] == "forbidden"
+    assert reason in card.text and "not legal advice" in card.text
+    assert reason in (recipe.run_dir / "student" / "TERMS.md").read_text()
+
+
+def test_unknown_terms_need_a_declaration(tmp_path, capsys):
+    from conftest import QUICKSTART
+    from potstill.cli import main
+
+    recipe, args = _imported_run(tmp_path, 16, "teacher.id=someone", "teacher.terms_family=unknown")
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 2
+    assert "does not know its terms" in capsys.readouterr().err
+    declared = "we wrote these answers ourselves"
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args, f"teacher.terms_declared={declared}"]) == 0
+    info = json.loads((recipe.run_dir / "student" / "potstill.json").read_text())
+    assert info["terms"]["teachers"][0]["declared"] == declared and info["terms"]["accepted_risk"] is None
+    assert declared in (recipe.run_dir / "student" / "README.md").read_text()
+
+
+def test_llama_teacher_forces_prefix_notice_and_licence_copy(tmp_path):
+    """A Llama 3.3 folder (recognised by its README licence field) as the teacher: the exported
+    student is named Llama-..., carries "Built with Llama", the folder's LICENSE and a NOTICE."""
+    import shutil
+
+    from conftest import TEACHER
+    from huggingface_hub import ModelCard
+
+    llama = tmp_path / "big-teacher"
+    shutil.copytree(TEACHER, llama)
+    text = (llama / "README.md").read_text().replace("license: apache-2.0", "license: llama3.3")
+    (llama / "README.md").write_text(text)
+    (llama / "LICENSE").write_text("LLAMA 3.3 COMMUNITY LICENSE AGREEMENT (test copy)\n")
+    from conftest import QUICKSTART, tiny_overrides
+    from potstill.generate import generate
+    from potstill.recipe import load_recipe
+    from potstill.train import train
+
+    recipe = load_recipe(QUICKSTART / "recipe.yaml", [
+        *tiny_overrides(tmp_path / "run", n_prompts=16), f"teacher.path={llama}", "teacher.id=big-teacher",
+        "teacher.terms_family=unknown", "use=commercial", "train.objective=sft", "baseline=null"])
+    generate(recipe)
+
+    student = train(recipe, recipe.train)
+    info = json.loads((student / "potstill.json").read_text())
+    assert info["terms"]["teachers"][0]["family"] == "llama-3"
+    assert info["terms"]["teachers"][0]["matched_by"] == "folder licence llama3.3"
+    assert info["model_name"] == "Llama-student"
+    card = ModelCard.load(student / "README.md")
+    assert card.text.startswith("\n# Llama-student") or "# Llama-student" in card.text
+    assert "Built with Llama" in card.text and "700 million" in card.text
+    assert (student / "LICENSE").read_text().startswith("LLAMA 3.3")
+    assert "Llama 3.3 is licensed under the Llama 3.3 Community License" in (student / "NOTICE").read_text()
+    assert {"LICENSE", "NOTICE", "TERMS.md"} <= set(info["files"])
+    assert "USE_POLICY.md" not in info["files"]  # not in the teacher's folder, so not invented
+
+
+def test_a_ledger_from_before_the_gate_gets_the_override_table(tmp_path):
+    from potstill.ledger import Ledger
+
+    with Ledger(tmp_path / "old.sqlite") as ledger:
+        ledger.db.execute("DROP TABLE terms_overrides")  # as a ledger written by an older potstill
+    with Ledger(tmp_path / "old.sqlite") as ledger:
+        ledger.record_terms_override("student", "commercial", "reason", ["problem"])
+        assert ledger.terms_overrides()[0]["problems"] == ["problem"]

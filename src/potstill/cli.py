@@ -179,7 +179,7 @@ def cmd_train(args) -> None:
     for name, _ in _students(recipe):  # before the first student trains, not after
         check_outputs(recipe.run_dir, name)
     for name, spec in _students(recipe):
-        print(f"train: wrote {train(recipe, spec, name)}")
+        print(f"train: wrote {train(recipe, spec, name, args.accept_terms_risk)}")
 
 
 def cmd_eval(args) -> None:
@@ -209,7 +209,7 @@ def refuse_unusable_logit_kd(recipe) -> None:
                          need_logits=True)
 
 
-def run_all(recipe) -> dict:
+def run_all(recipe, accept_terms_risk: str | None = None) -> dict:
     """Every stage in order; a student already trained from the same recipe and ledger is kept."""
     from potstill.evaluate import evaluate
     from potstill.generate import generate, recipe_requests
@@ -234,7 +234,7 @@ def run_all(recipe) -> dict:
                     and info.get("student") == recipe.student.model_dump():
                 print(f"train: {name} is up to date, kept")
                 continue
-        train(recipe, spec, name)
+        train(recipe, spec, name, accept_terms_risk)
         changed = True
     eval_path = recipe.run_dir / "eval.json"
     if changed or not eval_path.is_file() or json.loads(eval_path.read_text())["provenance"]["recipe_sha256"] != recipe.sha256():
@@ -247,7 +247,7 @@ def run_all(recipe) -> dict:
 
 
 def cmd_run(args) -> None:
-    print_summary(run_all(_recipe(args)))
+    print_summary(run_all(_recipe(args), args.accept_terms_risk))
 
 
 def cmd_quickstart(args) -> None:
@@ -285,11 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the bundled recipe "
                    "(examples/quickstart/recipe.yaml, installed as potstill/quickstart/recipe.yaml)")
     q.set_defaults(func=cmd_quickstart)
-    with_recipe("run", cmd_run, "run every stage, resuming whatever is already done")
+    def accept_risk(p):
+        p.add_argument("--accept-terms-risk", metavar="REASON", default=None,
+                       help="train although the terms gate refuses (a teacher's terms forbid the recipe's `use`, or "
+                            "are unknown); REASON is kept in the ledger and the model card. The gate is a "
+                            "record-keeping aid, not legal advice")
+        return p
+
+    accept_risk(with_recipe("run", cmd_run, "run every stage, resuming whatever is already done"))
     g = with_recipe("generate", cmd_generate, "ask the teacher for every prompt not yet in the ledger")
     g.add_argument("--shard", default=None, metavar="i/n", help="only shard i of n (from 0) of the requests, into "
                    "RUN/ledger-shard-i-of-n.sqlite, e.g. --shard $SLURM_ARRAY_TASK_ID/8")
-    with_recipe("train", cmd_train, "train the student (and the baseline, if the recipe has one) on the ledger")
+    accept_risk(with_recipe("train", cmd_train, "train the student (and the baseline, if the recipe has one) on the "
+                                                "ledger, after checking the teacher's terms against the recipe's use"))
     with_recipe("eval", cmd_eval, "evaluate teacher, student and baseline on the held-out prompts")
     d = verbs.add_parser("doctor", help="can STUDENT learn from TEACHER's logits? (tokenizers, vocabulary, chat template)")
     d.add_argument("teacher", help="teacher model folder")

@@ -104,6 +104,14 @@ CREATE TABLE IF NOT EXISTS batches (       -- OpenAI Batch API jobs
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS terms_overrides (  -- --accept-terms-risk: who trained past the terms gate, and why
+    override_id INTEGER PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    student TEXT NOT NULL,                 -- the student's folder name in the run
+    use TEXT NOT NULL,                     -- the recipe's intended use
+    reason TEXT NOT NULL,                  -- as given on the command line
+    problems TEXT NOT NULL                 -- JSON list: what the gate would have stopped for
+);
 CREATE TABLE IF NOT EXISTS batch_requests (
     local_id TEXT NOT NULL REFERENCES batches,
     request_hash TEXT NOT NULL REFERENCES requests,
@@ -250,6 +258,18 @@ class Ledger:
         self.close()
 
     # -- writing ------------------------------------------------------------------------------
+
+    def record_terms_override(self, student: str, use: str, reason: str, problems: list[str]) -> None:
+        """Keep the reason a run trained past the terms gate (an additive table: a ledger written
+        before it gets the table when opened, and older potstills ignore it)."""
+        self.db.execute("INSERT INTO terms_overrides (created_at, student, use, reason, problems) VALUES (?,?,?,?,?)",
+                        (_now(), student, use, reason, json.dumps(problems)))
+
+    def terms_overrides(self) -> list[dict]:
+        rows = self.db.execute("SELECT created_at, student, use, reason, problems FROM terms_overrides "
+                               "ORDER BY override_id").fetchall()
+        return [dict(zip(("created_at", "student", "use", "reason", "problems"), r[:4] + (json.loads(r[4]),)))
+                for r in rows]
 
     def register_teacher(self, description: dict) -> str:
         key = teacher_key(description)

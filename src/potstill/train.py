@@ -34,10 +34,11 @@ from potstill.devices import resolve_mixed_precision
 from potstill.errors import PotstillError
 from potstill.generate import recipe_requests
 from potstill.heads import model_heads
-from potstill.ledger import Ledger
+from potstill.ledger import Ledger, teacher_key
 from potstill.losses import kd_loss
 from potstill.losses.chunked import Head, chunked_kd_loss
 from potstill.progress import progress
+from potstill.receipts.terms.export import gate_training, model_name, write_obligation_files
 from potstill.recipe import Recipe, TrainSpec
 from potstill.teachers.local import folder_defaults_off, load_model_dir
 
@@ -218,8 +219,10 @@ def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: i
     return samples
 
 
-def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
-    """Train one student on the run's ledger and write it to ``<run>/<name>/`` (HF format)."""
+def train(recipe: Recipe, spec: TrainSpec, name: str = "student", accept_terms_risk: str | None = None) -> Path:
+    """Train one student on the run's ledger and write it to ``<run>/<name>/`` (HF format).
+    Every teacher's terms are checked against ``recipe.use`` first; ``accept_terms_risk`` (a reason,
+    kept in the ledger and the card) trains past a refusal."""
     run = recipe.run_dir
     check_outputs(run, name)
     ledger_path = run / "ledger.sqlite"
@@ -230,6 +233,8 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
         examples = list(ledger.examples(hashes))
         ledger_sha = ledger.content_sha256(hashes)
         failed = ledger.failed_count(hashes)
+        terms = gate_training(ledger, examples, {teacher_key(teacher_desc): teacher_desc}, use=recipe.use,
+                              declared=recipe.teacher.terms_declared, accept_risk=accept_terms_risk, student=name)
     # requests that failed for good (a refused prompt, an imported refusal) are left out, and said so;
     # requests never answered mean generate has not finished
     if len(examples) + failed < len(hashes):
@@ -376,7 +381,8 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
             "steps": plan.total, "resumed_from": start, "seconds": round(seconds, 2),
             "processes": accelerator.num_processes, "device": str(accelerator.device),
             "mixed_precision": mixed_precision, "tokenizers": compat.kind, "teachers": [teacher_desc],
-            "license": recipe.student.license, "completion_tokens": tokens,
+            "license": recipe.student.license, "completion_tokens": tokens, "terms": terms,
+            "model_name": model_name(name, terms),
         }
         save_student(_unwrap(model), tokenizer, run / name, info)
     accelerator.wait_for_everyone()
@@ -415,6 +421,7 @@ def save_student(model, tokenizer, out: Path, info: dict) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_obligation_files(tmp, info.get("terms"))
         info["parameters"] = sum(p.numel() for p in model.parameters())
         info["files"] = sorted({p.name for p in tmp.iterdir()} | {"potstill.json", "README.md"})
         (tmp / "potstill.json").write_text(json.dumps(info, indent=2) + "\n")
