@@ -262,6 +262,39 @@ def cmd_quickstart(args) -> None:
     print(f"open {recipe.run_dir / 'report.html'} for plots and samples")
 
 
+def cmd_verify(args) -> int:
+    from potstill.receipts import manifest
+
+    folder = Path(args.run) / args.student
+    if args.row is not None:
+        rows = manifest.read(folder)
+        hits = [i for i, (h, _) in enumerate(rows) if h.startswith(args.row.lower())]
+        if len(hits) != 1:
+            raise PotstillError(f"--row {args.row}: {'no' if not hits else len(hits)} rows of {folder / manifest.MANIFEST} "
+                                f"have a request hash starting so; give more of the hash")
+        leaves = [leaf for _, leaf in rows]
+        path = manifest.inclusion_proof(leaves, hits[0])
+        root = manifest.merkle_root(leaves)
+        print(f"row {hits[0]} of {len(rows)}: request {rows[hits[0]][0]}\nleaf    {leaves[hits[0]].hex()}")
+        for side, sibling in path:
+            print(f"{side:<7} {sibling.hex()}")
+        ok = manifest.proof_root(leaves[hits[0]], path) == root
+        recorded = json.loads((folder / "potstill.json").read_text()).get("manifest_merkle_root")
+        print(f"root    {root.hex()} ({'the path leads to it' if ok else 'THE PATH DOES NOT LEAD TO IT'}; "
+              f"{'matches' if root.hex() == recorded else 'DOES NOT MATCH'} potstill.json)")
+        return 0 if ok and root.hex() == recorded else 1
+    problems, notes = manifest.verify(folder, Path(args.run) / "ledger.sqlite")
+    for line in notes:
+        print(f"verify: note: {line}")
+    for line in problems:
+        print(f"verify: FAILED: {line}")
+    if not problems:
+        info = json.loads((folder / "potstill.json").read_text())
+        print(f"verify: ok: {info['manifest_rows']:,} ledger rows match Merkle root {info['manifest_merkle_root']}; "
+              f"weights and model card agree")
+    return 1 if problems else 0
+
+
 def cmd_doctor(args) -> None:
     from potstill.compat import doctor
 
@@ -299,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     accept_risk(with_recipe("train", cmd_train, "train the student (and the baseline, if the recipe has one) on the "
                                                 "ledger, after checking the teacher's terms against the recipe's use"))
     with_recipe("eval", cmd_eval, "evaluate teacher, student and baseline on the held-out prompts")
+    v = verbs.add_parser("verify", help="check a trained student against its ledger: Merkle manifest, weights, card",
+                         description="Recompute the Merkle root of the ledger rows STUDENT was trained on and name the "
+                                     "first row that differs; check the weights' hash and that the model card agrees "
+                                     "with the ledger (teachers, shares, terms). Exit 1 if anything differs.")
+    v.add_argument("run", help="run directory")
+    v.add_argument("--student", default="student", help="the student's folder in the run (default: student)")
+    v.add_argument("--row", metavar="HASH", default=None, help="print the inclusion proof of the row with this "
+                   "request hash (or a unique prefix): its path to the root, without any other row's content")
+    v.set_defaults(func=cmd_verify)
     d = verbs.add_parser("doctor", help="can STUDENT learn from TEACHER's logits? (tokenizers, vocabulary, chat template)")
     d.add_argument("teacher", help="teacher model folder")
     d.add_argument("student", help="student model folder (or any folder with a tokenizer and config.json)")

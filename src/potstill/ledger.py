@@ -486,6 +486,21 @@ class Ledger:
                 h.update(b"\x1f")
         return h.hexdigest()
 
+    def manifest_rows(self, request_hashes: list[str]) -> Iterator[tuple]:
+        """What each done row of ``request_hashes`` was asked and answered, in request-hash order:
+        (request hash, teacher key, messages, params, sample index, text, token ids, top_k, top-k
+        ids, top-k logprobs, finish reason). The Merkle manifest hashes these."""
+        return self.db.execute(
+            f"""SELECT c.request_hash, r.teacher_key, p.messages, r.params, r.sample_index, c.text, c.token_ids,
+                       c.top_k, c.topk_ids, c.topk_logprobs, c.finish_reason
+                FROM {self._select(request_hashes)} JOIN requests r USING (request_hash)
+                JOIN prompts p USING (prompt_sha256) ORDER BY c.request_hash""")
+
+    def teacher_rows(self, request_hashes: list[str]) -> dict[str, int]:
+        """How many done rows of ``request_hashes`` each teacher key answered."""
+        return dict(self.db.execute(f"SELECT r.teacher_key, count(*) FROM {self._select(request_hashes)} "
+                                    f"JOIN requests r USING (request_hash) GROUP BY r.teacher_key"))
+
     def bytes_per_token(self) -> float:
         """Stored bytes of token ids + top-k ids + top-k logprobs, per completion token."""
         row = self.db.execute(

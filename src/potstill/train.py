@@ -38,6 +38,8 @@ from potstill.ledger import Ledger, teacher_key
 from potstill.losses import kd_loss
 from potstill.losses.chunked import Head, chunked_kd_loss
 from potstill.progress import progress
+from potstill.provenance import weights_sha256
+from potstill.receipts import manifest
 from potstill.receipts.terms.export import gate_training, model_name, write_obligation_files
 from potstill.recipe import Recipe, TrainSpec
 from potstill.teachers.local import folder_defaults_off, load_model_dir
@@ -384,7 +386,10 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student", accept_terms_r
             "license": recipe.student.license, "completion_tokens": tokens, "terms": terms,
             "model_name": model_name(name, terms),
         }
-        save_student(_unwrap(model), tokenizer, run / name, info)
+        with Ledger(ledger_path) as ledger:  # the rows trained on, hashed into the manifest
+            rows = manifest.ledger_leaves(ledger, [ex.request_hash for ex in examples],
+                                          {t["teacher_key"]: t["verdict"] for t in terms["teachers"]})
+        save_student(_unwrap(model), tokenizer, run / name, info, rows)
     accelerator.wait_for_everyone()
     return run / name
 
@@ -411,9 +416,11 @@ def check_outputs(run: Path, name: str) -> None:
                             f"{run / 'checkpoints' / name}: move it elsewhere; nothing was deleted")
 
 
-def save_student(model, tokenizer, out: Path, info: dict) -> None:
+def save_student(model, tokenizer, out: Path, info: dict, manifest_rows: list[tuple[str, bytes]] | None = None) -> None:
     """Write to a temporary folder, then rename: a half-written student never looks finished.
-    potstill.json lists the files, so that only a folder of these is ever replaced (check_outputs)."""
+    potstill.json lists the files, so that only a folder of these is ever replaced (check_outputs).
+    ``manifest_rows`` (request hash, leaf) of the rows trained on become manifest.bin, its root and
+    the weights' hash go into potstill.json and the card."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
@@ -422,6 +429,10 @@ def save_student(model, tokenizer, out: Path, info: dict) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_obligation_files(tmp, info.get("terms"))
+        info["weights_sha256"] = weights_sha256(tmp)
+        if manifest_rows is not None:
+            info["manifest_merkle_root"] = manifest.write(tmp, manifest_rows)
+            info["manifest_rows"] = len(manifest_rows)
         info["parameters"] = sum(p.numel() for p in model.parameters())
         info["files"] = sorted({p.name for p in tmp.iterdir()} | {"potstill.json", "README.md"})
         (tmp / "potstill.json").write_text(json.dumps(info, indent=2) + "\n")
