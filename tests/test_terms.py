@@ -266,3 +266,35 @@ def test_a_ledger_from_before_the_gate_gets_the_override_table(tmp_path):
     with Ledger(tmp_path / "old.sqlite") as ledger:
         ledger.record_terms_override("student", "commercial", "reason", ["problem"])
         assert ledger.terms_overrides()[0]["problems"] == ["problem"]
+
+
+def test_terms_list_and_check(tmp_path, capsys):
+    from potstill.cli import main
+
+    assert main(["terms", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "openai-api" in out and "llama-3" in out and "not legal advice" in out
+    recipe, _ = _imported_run(tmp_path, 8, "teacher.id=gpt-4o-mini", "teacher.terms_family=unknown")
+    assert main(["terms", "check", str(recipe.run_dir), "--use", "competing"]) == 1
+    out = capsys.readouterr().out
+    assert "gpt-4o-mini" in out and "openai-api" in out and "forbidden" in out
+    assert main(["terms", "check", str(tmp_path / "nowhere")]) == 2
+
+
+def test_report_has_a_terms_section(tmp_path):
+    from test_report import make_run, parse
+
+    from potstill.report import write_report
+
+    run = make_run(tmp_path / "run", "add")
+    info = json.loads((run / "student" / "potstill.json").read_text())
+    reason = "<b>counsel</b> approved"
+    info["terms"] = {"use": "competing", "accepted_risk": reason, "overridden": ["x"], "declared": None,
+                     "teachers": [{"teacher": "openai", "rows": 12, "family": "openai-api", "verdict": "forbidden",
+                                   "matched_by": "endpoint host api.openai.com", "declared": None}]}
+    info["manifest_merkle_root"] = "ab" * 32
+    (run / "student" / "potstill.json").write_text(json.dumps(info))
+    page = write_report(run).read_text()
+    text = " ".join(parse(page).text)
+    assert "Terms" in text and "not legal" in text and "openai-api" in text and "forbidden" in text
+    assert reason in text and "<b>counsel" not in page and "ab" * 32 in text

@@ -11,6 +11,9 @@ Examples:
   potstill eval my_recipe.yaml
   potstill report runs/quickstart
   potstill report runs/a runs/b --out compare.html
+  potstill terms list
+  potstill terms check runs/quickstart --use commercial
+  potstill verify runs/quickstart                      (--row HASH: one row's inclusion proof)
   potstill doctor path/to/teacher path/to/student
 """
 
@@ -262,6 +265,46 @@ def cmd_quickstart(args) -> None:
     print(f"open {recipe.run_dir / 'report.html'} for plots and samples")
 
 
+def cmd_terms(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from potstill.receipts.terms.gate import NOT_ADVICE, USES, check, registry
+
+    console = Console(width=max(Console().width, 120))
+    if args.action == "list":
+        table = Table(title="potstill terms registry: may a teacher's outputs train a student for this use?")
+        for col in ("family", "name", *USES, "licence", "verified", "url"):
+            table.add_column(col)
+        for f in registry().values():
+            table.add_row(f.key, f.name, *(f.uses[u] for u in USES), f.licence, "yes" if f.verified else "no",
+                          f.url or "-")
+        console.print(table)
+        console.print("review: allowed only under the condition in the registry, declared in the recipe "
+                      f"(teacher.terms_declared). Unmatched teachers are unknown. {NOT_ADVICE}.")
+        return 0
+    if args.run is None:
+        raise PotstillError("potstill terms check RUN --use USE: give the run directory")
+    from potstill.ledger import Ledger
+
+    ledger_path = Path(args.run) / "ledger.sqlite"
+    if not ledger_path.is_file():
+        raise PotstillError(f"{ledger_path} not found: give a run directory that has a ledger")
+    with Ledger(ledger_path) as ledger:
+        described = ledger.teachers()
+        teachers = [(described.get(k, {"id": k[:12]}), n) for k, n in sorted(ledger.teacher_rows(None).items())]
+    terms = check(teachers, args.use)
+    table = Table(title=f"{args.run}: every teacher with rows in the ledger, for use {args.use}")
+    for col in ("teacher", "rows", "family", "matched by", "verdict", "clause", "url"):
+        table.add_column(col)
+    for t in terms:
+        f = registry()[t.family]
+        table.add_row(t.teacher_id, f"{t.rows:,}", t.family, t.matched_by, t.verdict, f.clause, f.url or "-")
+    console.print(table)
+    console.print(NOT_ADVICE + ".")
+    return 0 if all(t.passes for t in terms) else 1
+
+
 def cmd_verify(args) -> int:
     from potstill.receipts import manifest
 
@@ -332,6 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     accept_risk(with_recipe("train", cmd_train, "train the student (and the baseline, if the recipe has one) on the "
                                                 "ledger, after checking the teacher's terms against the recipe's use"))
     with_recipe("eval", cmd_eval, "evaluate teacher, student and baseline on the held-out prompts")
+    t = verbs.add_parser("terms", help="the terms registry (list), or the verdict for every teacher of a run (check)",
+                         description="potstill terms list: every terms family and its verdict per intended use. "
+                                     "potstill terms check RUN --use USE: the verdict for each teacher with rows in "
+                                     "RUN's ledger (exit 1 when one would stop train). A record-keeping aid, not "
+                                     "legal advice.")
+    t.add_argument("action", choices=["list", "check"])
+    t.add_argument("run", nargs="?", default=None, help="check: the run directory")
+    t.add_argument("--use", default="commercial", choices=["research", "internal", "commercial", "competing"],
+                   help="check: the intended use of the student (default: commercial)")
+    t.set_defaults(func=cmd_terms)
     v = verbs.add_parser("verify", help="check a trained student against its ledger: Merkle manifest, weights, card",
                          description="Recompute the Merkle root of the ledger rows STUDENT was trained on and name the "
                                      "first row that differs; check the weights' hash and that the model card agrees "
