@@ -39,7 +39,7 @@ from potstill.losses import kd_loss
 from potstill.losses.chunked import Head, chunked_kd_loss
 from potstill.progress import progress
 from potstill.provenance import weights_sha256
-from potstill.receipts import manifest
+from potstill.receipts import manifest, spdx
 from potstill.receipts.terms.export import gate_training, model_name, write_obligation_files
 from potstill.recipe import Recipe, TrainSpec
 from potstill.teachers.local import folder_defaults_off, load_model_dir
@@ -433,6 +433,7 @@ def save_student(model, tokenizer, out: Path, info: dict, manifest_rows: list[tu
         if manifest_rows is not None:
             info["manifest_merkle_root"] = manifest.write(tmp, manifest_rows)
             info["manifest_rows"] = len(manifest_rows)
+        spdx.write(tmp, info)
         info["parameters"] = sum(p.numel() for p in model.parameters())
         info["files"] = sorted({p.name for p in tmp.iterdir()} | {"potstill.json", "README.md"})
         (tmp / "potstill.json").write_text(json.dumps(info, indent=2) + "\n")
