@@ -298,3 +298,16 @@ def test_report_has_a_terms_section(tmp_path):
     text = " ".join(parse(page).text)
     assert "Terms" in text and "not legal" in text and "openai-api" in text and "forbidden" in text
     assert reason in text and "<b>counsel" not in page and "ab" * 32 in text
+
+
+def test_run_checks_the_terms_again_when_the_use_changes(tmp_path, capsys):
+    """A student trained for research is not "up to date" for use=competing: the gate runs again."""
+    from conftest import QUICKSTART
+    from potstill.cli import main
+
+    recipe, args = _imported_run(tmp_path, 16, "teacher.id=openai", "teacher.terms_family=openai-api",
+                                 "teacher.terms_declared=a research probe that competes with nothing", "eval.limit=8")
+    assert main(["run", str(QUICKSTART / "recipe.yaml"), *args, "use=research"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(QUICKSTART / "recipe.yaml"), *args, "use=competing"]) == 2
+    assert "forbid training a model for use 'competing'" in capsys.readouterr().err

@@ -233,8 +233,10 @@ def run_all(recipe, accept_terms_risk: str | None = None) -> dict:
         info_path = recipe.run_dir / name / "potstill.json"
         if info_path.is_file():
             info = json.loads(info_path.read_text())
+            terms = info.get("terms") or {}
             if info["train"] == spec.model_dump() and info["ledger_sha256"] == ledger_sha \
-                    and info.get("student") == recipe.student.model_dump():
+                    and info.get("student") == recipe.student.model_dump() and terms.get("use") == recipe.use \
+                    and terms.get("declared") == recipe.teacher.terms_declared:  # else the terms gate runs again
                 print(f"train: {name} is up to date, kept")
                 continue
         train(recipe, spec, name, accept_terms_risk)
