@@ -6,7 +6,7 @@ Each row is like the quickstart's: a 40-character prompt, a 12-token completion 
 and the teacher's top-20 ids and logprobs (1,488 bytes of blobs). Rows are written straight into a
 ledger (one transaction); build = reading them back, hashing each into a leaf and building the tree
 (``ledger_leaves`` + ``merkle_root``, what train does); verify = what `potstill verify` does with
-the ledger (leaves again, compared row by row with manifest.bin, plus the root of manifest.bin).
+the ledger (leaves again, compared row by row with manifest.merkle, plus the root of manifest.merkle).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
             verify = time.perf_counter() - t
         size = (tmp / manifest.MANIFEST).stat().st_size
     per_m = 1_000_000 / args.rows
-    print(f"| rows | write synthetic ledger | build manifest | verify | manifest.bin |\n|---:|---:|---:|---:|---:|\n"
+    print(f"| rows | write synthetic ledger | build manifest | verify | manifest.merkle |\n|---:|---:|---:|---:|---:|\n"
           f"| {args.rows:,} | {made:.1f} s | {build:.1f} s | {verify:.1f} s | {size / 2**20:.1f} MiB |\n"
           f"| per million (scaled) | - | {build * per_m:.0f} s | {verify * per_m:.0f} s | {size * per_m / 2**20:.1f} MiB |")
 

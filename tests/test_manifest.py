@@ -78,7 +78,7 @@ def test_an_untouched_run_verifies_and_records_the_root(trained, capsys):
     assert info["manifest_rows"] == 32 and len(info["manifest_merkle_root"]) == 64
     card = (trained / "student" / "README.md").read_text()
     assert info["manifest_merkle_root"] in card and info["weights_sha256"] in card
-    assert (trained / "student" / "manifest.bin").stat().st_size == 32 * manifest.ROW_BYTES
+    assert (trained / "student" / "manifest.merkle").stat().st_size == 32 * manifest.ROW_BYTES
 
 
 def test_one_changed_byte_of_one_ledger_row_is_named(trained, capsys):

@@ -419,7 +419,7 @@ def check_outputs(run: Path, name: str) -> None:
 def save_student(model, tokenizer, out: Path, info: dict, manifest_rows: list[tuple[str, bytes]] | None = None) -> None:
     """Write to a temporary folder, then rename: a half-written student never looks finished.
     potstill.json lists the files, so that only a folder of these is ever replaced (check_outputs).
-    ``manifest_rows`` (request hash, leaf) of the rows trained on become manifest.bin, its root and
+    ``manifest_rows`` (request hash, leaf) of the rows trained on become manifest.merkle, its root and
     the weights' hash go into potstill.json and the card."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,8 @@ Inner nodes are ``sha256(0x01 || left || right)``; a level's unpaired last node 
 is. This is the tree of RFC 6962 (Certificate Transparency) §2.1, so its inclusion proofs are the
 familiar audit paths.
 
-``<student>/manifest.bin`` stores, per row, its request hash and leaf (32 + 32 bytes); the root
+``<student>/manifest.merkle`` stores, per row, its request hash and leaf (32 + 32 bytes; not
+``.bin``, which a model folder reads as pickled weights); the root
 goes into potstill.json, the model card and the report. ``verify`` recomputes every leaf from
 the ledger and names the first that differs, checks the weights' hash and that the card agrees
 with the ledger; ``inclusion_proof`` shows one row belongs without sharing any other.
@@ -26,7 +27,7 @@ import yaml
 from potstill.errors import PotstillError
 
 ROW_BYTES = 64  # request hash (32) + leaf (32)
-MANIFEST = "manifest.bin"
+MANIFEST = "manifest.merkle"
 
 
 def row_digest(fields: list) -> bytes:
@@ -96,7 +97,7 @@ def ledger_leaves(ledger, request_hashes: list[str], verdicts: dict[str, str]) -
 
 
 def write(folder: Path, rows: list[tuple[str, bytes]]) -> str:
-    """Write ``manifest.bin``; return the root (hex)."""
+    """Write ``manifest.merkle``; return the root (hex)."""
     with open(folder / MANIFEST, "wb") as f:
         for h, leaf in rows:
             f.write(bytes.fromhex(h) + leaf)

@@ -50,7 +50,7 @@ def spdx_document(info: dict) -> dict:
     }
     if info.get("manifest_merkle_root"):
         dataset["verifiedUsing"].append({"type": "Hash", "algorithm": "other", "hashValue": info["manifest_merkle_root"],
-                                         "comment": "RFC 6962 Merkle root of the rows (manifest.bin, potstill verify)"})
+                                         "comment": "RFC 6962 Merkle root of the rows (manifest.merkle, potstill verify)"})
     graph = [{"type": "CreationInfo", "@id": ci, "specVersion": "3.0.1", "created": created,
               "createdBy": [agent["spdxId"]]}, agent, student, dataset]
     relationships = [("trainedOn", student_id, [dataset_id])]
