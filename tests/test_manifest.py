@@ -145,6 +145,9 @@ def test_inclusion_proof_of_one_row(trained, capsys):
     from potstill.cli import main
 
     assert main(["verify", str(trained), "--row", "zz"]) == 2
+    for args in (["verify", str(trained.parent)], ["verify", str(trained.parent), "--row", "ab"]):
+        assert main(args) == 2  # not a run: one line, no ledger created
+    assert not (trained.parent / "ledger.sqlite").exists()
 
 
 def test_spdx_document_validates_against_the_spdx_3_0_1_schema(trained):

@@ -324,7 +324,8 @@ def cmd_verify(args) -> int:
         for side, sibling in path:
             print(f"{side:<7} {sibling.hex()}")
         ok = manifest.proof_root(leaves[hits[0]], path) == root
-        recorded = json.loads((folder / "potstill.json").read_text()).get("manifest_merkle_root")
+        info_path = folder / "potstill.json"
+        recorded = json.loads(info_path.read_text()).get("manifest_merkle_root") if info_path.is_file() else None
         print(f"root    {root.hex()} ({'the path leads to it' if ok else 'THE PATH DOES NOT LEAD TO IT'}; "
               f"{'matches' if root.hex() == recorded else 'DOES NOT MATCH'} potstill.json)")
         return 0 if ok and root.hex() == recorded else 1

@@ -105,6 +105,9 @@ def write(folder: Path, rows: list[tuple[str, bytes]]) -> str:
 
 
 def read(folder: Path) -> list[tuple[str, bytes]]:
+    if not (folder / MANIFEST).is_file():
+        raise PotstillError(f"{folder / MANIFEST} not found: give a run folder whose student was trained by a potstill "
+                            f"that writes a manifest (or retrain it)")
     data = (folder / MANIFEST).read_bytes()
     if len(data) % ROW_BYTES:
         raise PotstillError(f"{folder / MANIFEST}: {len(data)} bytes is not a whole number of {ROW_BYTES}-byte rows; "
@@ -137,6 +140,9 @@ def verify(folder: Path, ledger_path: Path) -> tuple[list[str], list[str]]:
     info = json.loads(info_path.read_text())
     if not info.get("manifest_merkle_root"):
         raise PotstillError(f"{info_path} records no manifest (trained by an older potstill): retrain to get one")
+    if not ledger_path.is_file():
+        raise PotstillError(f"{ledger_path} not found: verify needs the run's ledger (the manifest alone proves single "
+                            f"rows: --row HASH)")
     problems, notes = [], []
     rows = read(folder)
     root = merkle_root([leaf for _, leaf in rows]).hex()
