@@ -306,7 +306,8 @@ def test_run_checks_the_terms_again_when_the_use_changes(tmp_path, capsys):
     from potstill.cli import main
 
     recipe, args = _imported_run(tmp_path, 16, "teacher.id=openai", "teacher.terms_family=openai-api",
-                                 "teacher.terms_declared=a research probe that competes with nothing", "eval.limit=8")
+                                 "teacher.terms_declared=a research probe that competes with nothing", "eval.limit=8",
+                                 "eval.verifier=exact")
     assert main(["run", str(QUICKSTART / "recipe.yaml"), *args, "use=research"]) == 0
     capsys.readouterr()
     assert main(["run", str(QUICKSTART / "recipe.yaml"), *args, "use=competing"]) == 2

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from potstill.card import card_text
+from potstill.receipts.card import card_text
 from potstill.cli import main
 from potstill.recipe import load_recipe
 

@@ -152,7 +152,7 @@ def port_number(text: str) -> int:
 
 
 def cmd_merge(args) -> None:
-    from potstill.merge import merge_ledgers
+    from potstill.ledger.merge import merge_ledgers
 
     counts = merge_ledgers(Path(args.out), [Path(p) for p in args.inputs])
     print("merge: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -162,7 +162,7 @@ def cmd_merge(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from potstill.importers import import_file
+    from potstill.teachers.imported import import_file
     from potstill.ledger import Ledger, exclusive
     from potstill.teachers.local import load_tokenizer_dir
 
@@ -200,8 +200,8 @@ def cmd_report(args) -> None:
 def refuse_unusable_logit_kd(recipe) -> None:
     """Logit KD across tokenizers is refused before the teacher is asked anything: an HTTP teacher
     is paid for every answer, and these could not be trained on."""
-    from potstill.compat import check_tokenizers, logit_rows
-    from potstill.train import load_student_tokenizer
+    from potstill.train.tokenizer_match import check_tokenizers, logit_rows
+    from potstill.train.loop import load_student_tokenizer
 
     teacher_dir = recipe.teacher.tokenizer_dir
     if teacher_dir is not None and not Path(teacher_dir).is_dir():
@@ -215,7 +215,8 @@ def refuse_unusable_logit_kd(recipe) -> None:
 def run_all(recipe, accept_terms_risk: str | None = None) -> dict:
     """Every stage in order; a student already trained from the same recipe and ledger is kept."""
     from potstill.evaluate import evaluate
-    from potstill.generate import generate, recipe_requests
+    from potstill.generate import generate
+    from potstill.ledger.requests import recipe_requests
     from potstill.ledger import Ledger
     from potstill.report import write_report
     from potstill.train import train
@@ -342,7 +343,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_doctor(args) -> None:
-    from potstill.compat import doctor
+    from potstill.train.tokenizer_match import doctor
 
     for line in doctor(args.teacher, args.student):
         print(line)

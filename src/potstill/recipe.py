@@ -190,6 +190,8 @@ class TrainSpec(Section):
     batch_size: int = Field(32, ge=1)  # examples per optimizer step, over all processes
     micro_batch_size: int | None = Field(None, ge=1)  # examples per forward pass per process; default: all
     chunk_size: int = Field(0, ge=0)  # > 0: loss computed from hidden states this many tokens at a time
+    # with chunk_size > 0: run each chunk's step through torch.compile; auto = on for CUDA, off elsewhere
+    compile: Literal["auto", "on", "off"] = "auto"
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
@@ -235,13 +237,13 @@ class EvalSpec(Section):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
     device: str | None = Field(None, pattern=DEVICE_PATTERN)  # every model and the judge; default: top-level
-    judge: JudgeSpec | None = None  # judge win rate of each student against the teacher (prompt: potstill/judge.py)
+    judge: JudgeSpec | None = None  # judge win rate of each student against the teacher (prompt: potstill/evaluate/judge.py)
     lm_eval: LmEvalSpec | None = None
 
 
     @model_validator(mode="after")
     def _verifier_exists(self) -> EvalSpec:
-        from potstill.verifiers import available
+        from potstill.evaluate.verifiers import available
 
         if self.verifier not in available():
             raise ValueError(f"eval.verifier {self.verifier!r} is not installed; available: {', '.join(sorted(available()))}")

@@ -57,11 +57,11 @@ def _png(fig, path: Path) -> str:
 
 
 def _template(name: str):
-    """A page template shipped in ``potstill/templates``, autoescaped: a run folder's name, a teacher
+    """A page template shipped in ``potstill/report/templates``, autoescaped: a run folder's name, a teacher
     id, a sample's text are all written as text, whatever characters they hold."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("potstill", "templates"), autoescape=True,
+    env = jinja2.Environment(loader=jinja2.PackageLoader("potstill.report", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True)
     return env.get_template(name)
 
