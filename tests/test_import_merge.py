@@ -409,6 +409,7 @@ def test_a_recipe_with_an_imported_teacher_trains_a_student(tmp_path):
     recipe = load_recipe(QUICKSTART / "recipe.yaml", [
         *tiny_overrides(tmp_path / "run"), "prompts=null", "teacher.backend=imported", f"teacher.data={data}",
         "teacher.id=someone-else", "teacher.terms_family=cc-by-4.0", f"student.tokenizer={TEACHER}",
+        "teacher.terms_declared=cc-by-4.0 permits this use",
         "train.objective=sft", "baseline=null"])
     counts = generate(recipe)
     assert counts["imported"]["new"] == 40 and counts["imported"]["skipped"] == 1

@@ -56,6 +56,9 @@ class TeacherSpec(Section):
     revision: str | None = None  # e.g. a git commit or hub revision, recorded as given
     terms_family: str = "unknown"  # licence / terms family of the teacher's outputs, e.g. apache-2.0
     terms_url: str | None = None  # where those terms are written, for the student's model card
+    # why these outputs may train the student when the terms registry says "review" (allowed only
+    # under a condition potstill cannot check) or "unknown"; printed in the model card
+    terms_declared: str | None = Field(None, min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = Field(None, pattern=DEVICE_PATTERN)  # generate's device; default: the top-level device
     # local: also apply the folder's generation_config.json settings beyond generation.* (repetition
@@ -253,6 +256,10 @@ class Recipe(Section):
     # where every stage runs unless its section names another: auto (CUDA, else MPS, else CPU),
     # cpu, mps, cuda or cuda:N
     device: str = Field("auto", pattern=DEVICE_PATTERN)
+    # what the student is for: research, internal, commercial or competing (with the teacher's
+    # provider). train checks the teacher's terms against it (`potstill terms list`); a record-
+    # keeping aid, not legal advice
+    use: Literal["research", "internal", "commercial", "competing"] = "research"
     teacher: TeacherSpec
     prompts: PromptsSpec | None = None  # required, except for an imported teacher (its file holds the prompts)
     generation: GenerationSpec = GenerationSpec()

@@ -104,6 +104,14 @@ CREATE TABLE IF NOT EXISTS batches (       -- OpenAI Batch API jobs
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS terms_overrides (  -- --accept-terms-risk: who trained past the terms gate, and why
+    override_id INTEGER PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    student TEXT NOT NULL,                 -- the student's folder name in the run
+    use TEXT NOT NULL,                     -- the recipe's intended use
+    reason TEXT NOT NULL,                  -- as given on the command line
+    problems TEXT NOT NULL                 -- JSON list: what the gate would have stopped for
+);
 CREATE TABLE IF NOT EXISTS batch_requests (
     local_id TEXT NOT NULL REFERENCES batches,
     request_hash TEXT NOT NULL REFERENCES requests,
@@ -250,6 +258,18 @@ class Ledger:
         self.close()
 
     # -- writing ------------------------------------------------------------------------------
+
+    def record_terms_override(self, student: str, use: str, reason: str, problems: list[str]) -> None:
+        """Keep the reason a run trained past the terms gate (an additive table: a ledger written
+        before it gets the table when opened, and older potstills ignore it)."""
+        self.db.execute("INSERT INTO terms_overrides (created_at, student, use, reason, problems) VALUES (?,?,?,?,?)",
+                        (_now(), student, use, reason, json.dumps(problems)))
+
+    def terms_overrides(self) -> list[dict]:
+        rows = self.db.execute("SELECT created_at, student, use, reason, problems FROM terms_overrides "
+                               "ORDER BY override_id").fetchall()
+        return [dict(zip(("created_at", "student", "use", "reason", "problems"), r[:4] + (json.loads(r[4]),)))
+                for r in rows]
 
     def register_teacher(self, description: dict) -> str:
         key = teacher_key(description)
@@ -434,8 +454,14 @@ class Ledger:
         if request_hashes is None:
             return "completions c"
         self.db.execute("CREATE TEMP TABLE IF NOT EXISTS selected (request_hash TEXT PRIMARY KEY)")
+        # in one transaction: in autocommit each insert is its own, about 50 us a row once the table was filled before
+        own = not self.db.in_transaction
+        if own:
+            self.db.execute("BEGIN")
         self.db.execute("DELETE FROM selected")
         self.db.executemany("INSERT OR IGNORE INTO selected VALUES (?)", ((h,) for h in request_hashes))
+        if own:
+            self.db.execute("COMMIT")
         return "selected JOIN completions c USING (request_hash)"
 
     def examples(self, request_hashes: list[str] | None = None) -> Iterator[Example]:
@@ -465,6 +491,21 @@ class Ledger:
                 h.update(b"\x00" if field is None else (field.encode() if isinstance(field, str) else field))
                 h.update(b"\x1f")
         return h.hexdigest()
+
+    def manifest_rows(self, request_hashes: list[str]) -> Iterator[tuple]:
+        """What each done row of ``request_hashes`` was asked and answered, in request-hash order:
+        (request hash, teacher key, messages, params, sample index, text, token ids, top_k, top-k
+        ids, top-k logprobs, finish reason). The Merkle manifest hashes these."""
+        return self.db.execute(
+            f"""SELECT c.request_hash, r.teacher_key, p.messages, r.params, r.sample_index, c.text, c.token_ids,
+                       c.top_k, c.topk_ids, c.topk_logprobs, c.finish_reason
+                FROM {self._select(request_hashes)} JOIN requests r USING (request_hash)
+                JOIN prompts p USING (prompt_sha256) ORDER BY c.request_hash""")
+
+    def teacher_rows(self, request_hashes: list[str]) -> dict[str, int]:
+        """How many done rows of ``request_hashes`` each teacher key answered."""
+        return dict(self.db.execute(f"SELECT r.teacher_key, count(*) FROM {self._select(request_hashes)} "
+                                    f"JOIN requests r USING (request_hash) GROUP BY r.teacher_key"))
 
     def bytes_per_token(self) -> float:
         """Stored bytes of token ids + top-k ids + top-k logprobs, per completion token."""

@@ -35,10 +35,13 @@ from potstill.devices import resolve_compile, resolve_mixed_precision
 from potstill.errors import PotstillError
 from potstill.ledger.requests import recipe_requests
 from potstill.train.heads import model_heads
-from potstill.ledger import Ledger
+from potstill.ledger import Ledger, teacher_key
 from potstill.losses import kd_loss
 from potstill.losses.chunked import Head, chunked_kd_loss
 from potstill.progress import progress
+from potstill.provenance import weights_sha256
+from potstill.receipts import manifest, spdx
+from potstill.receipts.terms.export import gate_training, model_name, write_obligation_files
 from potstill.recipe import Recipe, TrainSpec
 from potstill.teachers.local import folder_defaults_off, left_pad, load_model_dir, load_tokenizer_dir
 
@@ -215,9 +218,11 @@ def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: i
 OVERFLOW = "fp16 gradient overflow"  # a skipped step that is the scaler's business, not a bad step
 
 
-def ledger_examples(recipe: Recipe, name: str) -> tuple[list, str, dict]:
-    """The recipe's examples in the ledger, the ledger's content hash over them, and the teacher's
-    description; refused when generate has not finished."""
+def ledger_examples(recipe: Recipe, name: str, accept_terms_risk: str | None = None) -> tuple[list, str, dict, dict]:
+    """The recipe's examples in the ledger, the ledger's content hash over them, the teacher's
+    description and its terms (checked against ``recipe.use``: a refusal stops here unless
+    ``accept_terms_risk`` gives a reason, kept in the ledger and the card); refused when generate
+    has not finished."""
     ledger_path = recipe.run_dir / "ledger.sqlite"
     if not ledger_path.is_file():
         raise PotstillError(f"{ledger_path} not found: run `potstill generate` first")
@@ -226,6 +231,8 @@ def ledger_examples(recipe: Recipe, name: str) -> tuple[list, str, dict]:
         examples = list(ledger.examples(hashes))
         ledger_sha = ledger.content_sha256(hashes)
         failed = ledger.failed_count(hashes)
+        terms = gate_training(ledger, examples, {teacher_key(teacher_desc): teacher_desc}, use=recipe.use,
+                              declared=recipe.teacher.terms_declared, accept_risk=accept_terms_risk, student=name)
     # requests that failed for good (a refused prompt, an imported refusal) are left out, and said so;
     # requests never answered mean generate has not finished
     if len(examples) + failed < len(hashes):
@@ -234,7 +241,7 @@ def ledger_examples(recipe: Recipe, name: str) -> tuple[list, str, dict]:
     if failed:
         print(f"train {name}: {failed} of {len(hashes)} requests failed in generate (reasons in the ledger's "
               f"requests.error); training on the other {len(examples)}")
-    return examples, ledger_sha, teacher_desc
+    return examples, ledger_sha, teacher_desc, terms
 
 
 @dataclass
@@ -261,12 +268,14 @@ class Setup:
     signature: dict  # what a checkpoint must match to be resumed
     ckpt_root: Path
     start: int  # the first step to run: 0, or the step of the checkpoint resumed
+    terms: dict | None = None  # the terms gate's record (potstill.json "terms")
+    request_hashes: list[str] | None = None  # the ledger rows trained on: the Merkle manifest's rows
 
 
-def setup(recipe: Recipe, spec: TrainSpec, name: str) -> Setup:
-    """Ledger examples, accelerate, student, tokenizer match, optional online teacher, LoRA,
-    optimizer, and the checkpoint to resume from when one matches."""
-    examples, ledger_sha, teacher_desc = ledger_examples(recipe, name)
+def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | None = None) -> Setup:
+    """Ledger examples (after the terms gate), accelerate, student, tokenizer match, optional online
+    teacher, LoRA, optimizer, and the checkpoint to resume from when one matches."""
+    examples, ledger_sha, teacher_desc, terms = ledger_examples(recipe, name, accept_terms_risk)
     if spec.objective == "kd" and spec.teacher_signal == "cached" and any(ex.topk_ids is None for ex in examples):
         raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; " + (
             "teacher.token_ids is false, so the HTTP teacher's logprobs were not asked for: set teacher.token_ids=true "
@@ -323,7 +332,7 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str) -> Setup:
             checkpoint.clear(ckpt_root)
     return Setup(spec, accelerator, model, optimizer, tokenizer, teacher, compat, heads, data, plan, pad_id,
                  recipe.generation.max_new_tokens, mixed_precision, compile, ledger_sha, teacher_desc, signature, ckpt_root,
-                 start)
+                 start, terms, [ex.request_hash for ex in examples])
 
 
 def train_step(s: Setup, step: int) -> dict:
@@ -369,11 +378,13 @@ def train_step(s: Setup, step: int) -> dict:
             "lr": optimizer.param_groups[0]["lr"], "on_policy": on_policy}
 
 
-def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
-    """Train one student on the run's ledger and write it to ``<run>/<name>/`` (HF format)."""
+def train(recipe: Recipe, spec: TrainSpec, name: str = "student", accept_terms_risk: str | None = None) -> Path:
+    """Train one student on the run's ledger and write it to ``<run>/<name>/`` (HF format).
+    Every teacher's terms are checked against ``recipe.use`` first; ``accept_terms_risk`` (a reason,
+    kept in the ledger and the card) trains past a refusal."""
     run = recipe.run_dir
     check_outputs(run, name)
-    s = setup(recipe, spec, name)
+    s = setup(recipe, spec, name, accept_terms_risk)
     acc, plan = s.accelerator, s.plan
     log_path = run / "logs" / f"{name}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -427,9 +438,12 @@ def export(s: Setup, recipe: Recipe, name: str, seconds: float) -> None:
             "examples": len(s.data), "steps": s.plan.total, "resumed_from": s.start, "seconds": round(seconds, 2),
             "processes": acc.num_processes, "device": str(acc.device), "mixed_precision": s.mixed_precision,
             "compile": s.compile, "tokenizers": s.compat.kind, "teachers": [teacher_desc], "license": recipe.student.license,
-            "completion_tokens": tokens,
+            "completion_tokens": tokens, "terms": s.terms, "model_name": model_name(name, s.terms),
         }
-        save_student(_unwrap(s.model), s.tokenizer, recipe.run_dir / name, info)
+        with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:  # the rows trained on, hashed into the manifest
+            rows = manifest.ledger_leaves(ledger, s.request_hashes,
+                                          {t["teacher_key"]: t["verdict"] for t in s.terms["teachers"]})
+        save_student(_unwrap(s.model), s.tokenizer, recipe.run_dir / name, info, rows)
     acc.wait_for_everyone()
 
 
@@ -455,9 +469,11 @@ def check_outputs(run: Path, name: str) -> None:
                             f"{run / 'checkpoints' / name}: move it elsewhere; nothing was deleted")
 
 
-def save_student(model, tokenizer, out: Path, info: dict) -> None:
+def save_student(model, tokenizer, out: Path, info: dict, manifest_rows: list[tuple[str, bytes]] | None = None) -> None:
     """Write to a temporary folder, then rename: a half-written student never looks finished.
-    potstill.json lists the files, so that only a folder of these is ever replaced (check_outputs)."""
+    potstill.json lists the files, so that only a folder of these is ever replaced (check_outputs).
+    ``manifest_rows`` (request hash, leaf) of the rows trained on become manifest.merkle; its root and
+    the weights' hash go into potstill.json and the card."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
@@ -465,6 +481,12 @@ def save_student(model, tokenizer, out: Path, info: dict) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_obligation_files(tmp, info.get("terms"))
+        info["weights_sha256"] = weights_sha256(tmp)
+        if manifest_rows is not None:
+            info["manifest_merkle_root"] = manifest.write(tmp, manifest_rows)
+            info["manifest_rows"] = len(manifest_rows)
+        spdx.write(tmp, info)
         info["parameters"] = sum(p.numel() for p in model.parameters())
         info["files"] = sorted({p.name for p in tmp.iterdir()} | {"potstill.json", "README.md"})
         (tmp / "potstill.json").write_text(json.dumps(info, indent=2) + "\n")
