@@ -36,7 +36,7 @@ from potstill.audit import Watermark  # noqa: E402
 from potstill.audit.power import plan  # noqa: E402
 from potstill.audit.radioactivity import local_samples, sampling_pairs, score_keys  # noqa: E402
 from potstill.prompts import load_prompts  # noqa: E402
-from potstill.skillmix import verify  # noqa: E402
+from potstill.tasks.skillmix import verify  # noqa: E402
 from potstill.teachers.local import generate_ids, load_model_dir, prompt_ids  # noqa: E402
 
 CTX = 3

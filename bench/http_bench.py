@@ -3,6 +3,8 @@
     python bench/http_bench.py throughput   # C/L scaling: requests/s against C / latency, C = 1..64
     python bench/http_bench.py faults       # 30 % 429 with Retry-After; 10 % transient faults
     python bench/http_bench.py kills        # SIGKILL at 20 random moments in a 2,000-prompt run
+    python bench/http_bench.py independent  # bench/fault_server.py: spend vs billed, kills x 10 within
+                                            # max_requests, the canary scan
 
 Each prints one JSON line per measurement.
 """
@@ -163,5 +165,113 @@ def kills() -> None:
                       "seconds": round(time.perf_counter() - start, 1)}), flush=True)
 
 
+def fault_server(*args: str):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fault_server.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)  # a client that gives up is a broken pipe there
+    port = int(proc.stdout.readline())
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def server_stats(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/stats") as r:
+        return json.loads(r.read())
+
+
+def cli_args(out: str, url: str, n: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "potstill.cli", "generate", str(RECIPE), f"output_dir={out}", f"prompts.limit={n}",
+            "teacher.backend=openai", "teacher.model=fault", f"teacher.endpoints=[{url}]", "generation.top_logprobs=5",
+            "teacher.token_ids=true", "teacher.timeout=2", "teacher.prices.prompt=1000",
+            "teacher.prices.completion=1000", *extra]
+
+
+def independent() -> None:
+    """Against bench/fault_server.py, which bills as a provider does."""
+    env = {**os.environ, "POTSTILL_QUIET": "1", "PYTHONPATH": str(ROOT / "src")}
+    # 1. spend recorded vs spend billed, attempts per prompt: 10 % faults of 15 kinds, a run and a rerun
+    n = 300
+    proc, url = fault_server("--faults", "0.1", "--latency", "0.02")
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            runs = [subprocess.run(cli_args(out, url, n, "teacher.concurrency=16"), env=env, capture_output=True,
+                                   text=True) for _ in range(2)]
+            with sqlite3.connect(Path(out) / "ledger.sqlite") as db:
+                ledger = db.execute("SELECT count(*), sum(prompt_tokens), sum(completion_tokens), sum(cost), "
+                                    "sum(usage_claimed IS NOT NULL) FROM attempts").fetchone()
+                status = dict(db.execute("SELECT status, count(*) FROM requests GROUP BY status"))
+                reasons = Counter(r.split(":")[0] if not r.startswith("gave up") else r.split(": ", 1)[1][:60]
+                                  for (r,) in db.execute("SELECT error FROM requests WHERE status='failed'"))
+        billed = server_stats(url)
+    finally:
+        proc.terminate()
+    billed_cost = (billed["billed_prompt_tokens"] + billed["billed_completion_tokens"]) * 1000 / 1e6
+    print(json.dumps({"bench": "independent-spend", "prompts": n, "rcs": [r.returncode for r in runs],
+                      "status": status, "failed_reasons": dict(reasons), "server": billed,
+                      "ledger_sends": ledger[0], "ledger_prompt_tokens": ledger[1],
+                      "ledger_completion_tokens": ledger[2], "ledger_cost": round(ledger[3], 4),
+                      "server_cost": round(billed_cost, 4), "ledger_over_server": round(ledger[3] / billed_cost, 3),
+                      "claims_not_taken": ledger[4], "sends_per_prompt": round(billed["sends"] / n, 3),
+                      "stderr_tail": runs[0].stderr.strip().splitlines()[-3:]}), flush=True)
+
+    # 2. kill -9 x 10 with max_requests: the endpoint never receives more
+    n, budget = 1000, 400
+    proc, url = fault_server("--faults", "0.05", "--latency", "0.3")
+    rng = random.Random(1)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            args = cli_args(out, url, n, "teacher.concurrency=16", f"teacher.budget.max_requests={budget}")
+            kills = 0
+            for _ in range(10):
+                before = server_stats(url)["sends"]
+                p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                while server_stats(url)["sends"] == before and p.poll() is None:
+                    time.sleep(0.02)
+                time.sleep(rng.uniform(0.1, 0.8))
+                if p.poll() is not None:
+                    break
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                kills += 1
+            final = subprocess.run(args, env=env, capture_output=True, text=True)
+            with sqlite3.connect(Path(out) / "ledger.sqlite") as db:
+                recorded = db.execute("SELECT count(*) FROM attempts").fetchone()[0]
+                dangling = db.execute("SELECT count(*) FROM attempts WHERE error LIKE 'sent (or about to be)%'"
+                                      ).fetchone()[0]
+                done = db.execute("SELECT count(*) FROM completions").fetchone()[0]
+        sent = server_stats(url)["sends"]
+    finally:
+        proc.terminate()
+    print(json.dumps({"bench": "independent-kills", "prompts": n, "max_requests": budget, "kills": kills,
+                      "server_received": sent, "ledger_sends": recorded, "sends_killed_in_flight": dangling,
+                      "done": done, "final_rc": final.returncode, "final_stderr": final.stderr.strip()[-200:]}),
+          flush=True)
+
+    # 3. the canary: a key of no known shape, echoed masked and as a prefix by 401s
+    rng = random.Random(2)
+    key = "s4CANARY" + "".join(rng.choice("abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789")
+                               for _ in range(24)) + "dEzz"
+    grams = {key[i:i + 8] for i in range(len(key) - 7)}
+    proc, url = fault_server("--faults", "0.05", "--latency", "0.01", "--kinds", "401_echo")
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            # each 401 stops a run: rerun until the prompts are done, as a user would
+            runs = [subprocess.run(cli_args(out, url, 200, "teacher.api_key_env=CANARY_KEY"),
+                                   env={**env, "CANARY_KEY": key}, capture_output=True, text=True) for _ in range(8)]
+            run = runs[0]
+            files = [f for f in Path(out).rglob("*") if f.is_file()]
+            leaks = [str(f.name) for f in files if any(g.encode() in f.read_bytes() for g in grams)]
+            leaks += [f"{name} of run {i}" for i, r in enumerate(runs) for name, text in
+                      (("stdout", r.stdout), ("stderr", r.stderr)) if any(g in text for g in grams)]
+            with sqlite3.connect(Path(out) / "ledger.sqlite") as db:
+                echoed = db.execute("SELECT count(*) FROM attempts WHERE http_status=401").fetchone()[0]
+        echoes = server_stats(url)["faults"].get("401_echo", 0)
+    finally:
+        proc.terminate()
+    print(json.dumps({"bench": "independent-canary", "rcs": [r.returncode for r in runs], "echoes_sent": echoes,
+                      "attempt_rows_with_401": echoed, "files_scanned": len(files), "substrings": len(grams),
+                      "leaks": leaks, "stderr": run.stderr.strip()[-160:]}), flush=True)
+
+
 if __name__ == "__main__":
-    {"throughput": throughput, "faults": faults, "kills": kills}[sys.argv[1]]()
+    {"throughput": throughput, "faults": faults, "kills": kills, "independent": independent}[sys.argv[1]]()

@@ -8,7 +8,10 @@ by bench/http_bench.py (run it as a separate process there: ``python tests/mock_
 Faults are drawn per (body without its seed, attempt) from a seeded hash, so a run is reproducible:
 
     429 with Retry-After (seconds or ms), 500/503, reset, timeout (sleep past the client's),
-    truncated body, invalid JSON, NaN logprobs, and the fatal ones 400, 401, insufficient_quota.
+    trickle (the body a byte at a time), truncated body, invalid JSON, NaN logprobs, no logprobs,
+    a token id outside the vocabulary, FastAPI's 422 ``{"detail": ...}``, and the fatal ones 400,
+    401 (echoing the key, masked and as a prefix), insufficient_quota. ``usage`` replaces the
+    honest usage of every answer.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+
+
+VOCAB = 41  # the bundled teacher's tokenizer (examples/quickstart/teacher)
 
 
 def body_sha256(body: dict) -> str:
@@ -32,7 +38,7 @@ def request_shas(recipe) -> dict[str, str]:
     from potstill.ledger import requests_for, teacher_key
     from potstill.prompts import load_prompts
     from potstill.teachers.base import Request
-    from potstill.teachers.openai_api import request_body, split_extras
+    from potstill.teachers.openai.wire import request_body, split_extras
 
     desc, _ = recipe_requests(recipe)
     params = sampling_params(recipe)
@@ -56,9 +62,16 @@ class Faults:
     truncated: float = 0.0
     invalid_json: float = 0.0
     nan: float = 0.0
+    trickle: float = 0.0
+    no_logprobs: float = 0.0
+    bad_id: float = 0.0
+    detail: float = 0.0
     fatal: dict[str, float] = field(default_factory=dict)  # "400" / "401" / "insufficient_quota" -> probability
     timeout_seconds: float = 30.0
+    trickle_seconds: float = 0.05  # between two bytes of a trickled body
+    usage: dict | None = None
     seed: int = 0
+    sticky: bool = False  # a body's fault is the same at every attempt (a prompt that always fails)
 
 
 class MockEndpoint:
@@ -75,11 +88,13 @@ class MockEndpoint:
     # -- what to answer ------------------------------------------------------------------------
 
     def _draw(self, sha: str, attempt: int) -> str:
+        attempt = 0 if self.faults.sticky else attempt
         u = int(hashlib.sha256(f"{self.faults.seed}:{sha}:{attempt}".encode()).hexdigest()[:12], 16) / 16 ** 12
         f = self.faults
         for name, p in [("rate_limit", f.rate_limit), ("server_error", f.server_error), ("reset", f.reset),
                         ("timeout", f.timeout), ("truncated", f.truncated), ("invalid_json", f.invalid_json),
-                        ("nan", f.nan), *f.fatal.items()]:
+                        ("nan", f.nan), ("trickle", f.trickle), ("no_logprobs", f.no_logprobs), ("bad_id", f.bad_id),
+                        ("detail", f.detail), *f.fatal.items()]:
             if u < p:
                 return name
             u -= p
@@ -88,7 +103,8 @@ class MockEndpoint:
     @staticmethod
     def completion(body: dict, nan: bool = False) -> dict:
         """A deterministic answer: the last message reversed, one token per character; with
-        ``return_tokens_as_token_ids`` tokens read ``token_id:N`` (N = the character's code)."""
+        ``return_tokens_as_token_ids`` tokens read ``token_id:N`` (N = the character's code modulo
+        ``VOCAB``: an id the bundled teacher's tokenizer has)."""
         prompt = body["messages"][-1]["content"] if "messages" in body else str(body.get("prompt"))
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
         text = prompt[::-1][:limit]
@@ -100,7 +116,7 @@ class MockEndpoint:
         k = body.get("top_logprobs") or 0
 
         def token(ch: str) -> str:
-            return f"token_id:{ord(ch)}" if ids else ch
+            return f"token_id:{ord(ch) % VOCAB}" if ids else ch
 
         content = []
         for ch in text:
@@ -138,11 +154,22 @@ class MockEndpoint:
         if what == "400":
             return 400, {}, _error("bad request", None), what
         if what == "401":
-            # as OpenAI does: the message echoes the key, masked
-            return 401, {}, _error(f"Incorrect API key provided: {key[:8]}****{key[-4:]}", "invalid_api_key"), what
+            # as OpenAI does: the message echoes the key, masked; and as others do, a long prefix of it
+            return 401, {}, _error(f"Incorrect API key provided: {key[:8]}{'*' * 20}{key[-4:]}. The key starting "
+                                   f"{key[:20]} was revoked", "invalid_api_key"), what
+        if what == "detail":  # FastAPI's HTTPException, as transformers serve sends a wrong model name
+            return 422, {}, json.dumps({"detail": f"Server is pinned to 'mock-7b'; requested '{body.get('model')}'"}
+                                       ).encode(), what
         if what == "insufficient_quota":
             return 429, {}, _error("You exceeded your current quota", "insufficient_quota"), what
-        payload = json.dumps(self.completion(body, nan=what == "nan")).encode()
+        answer = self.completion(body, nan=what == "nan")
+        if what == "no_logprobs":
+            answer["choices"][0]["logprobs"] = None
+        if what == "bad_id" and answer["choices"][0]["logprobs"] and answer["choices"][0]["logprobs"]["content"]:
+            answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"][-1]["token"] = "token_id:99999"
+        if self.faults.usage is not None:
+            answer["usage"] = self.faults.usage
+        payload = json.dumps(answer).encode()
         if what == "invalid_json":
             payload = payload[: len(payload) // 2] + b" " * (len(payload) - len(payload) // 2)
         return 200, {}, payload, what
@@ -175,6 +202,13 @@ class MockEndpoint:
                 if what == "reset":
                     writer.transport.abort()
                     return
+                if what == "trickle":
+                    writer.write(_head(200, {}, len(payload)))
+                    for i in range(len(payload)):
+                        writer.write(payload[i:i + 1])
+                        await writer.drain()
+                        await asyncio.sleep(self.faults.trickle_seconds)
+                    continue
                 if what == "truncated":
                     head = _head(200, {}, len(payload))
                     writer.write(head + payload[: len(payload) // 2])
@@ -217,13 +251,20 @@ class MockEndpoint:
         return self
 
     def stop_thread(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
+        async def shutdown():  # end the handlers still sleeping (timeouts, latency) while the loop runs
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
 
 def _head(status: int, extra: dict, length: int) -> bytes:
-    reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 429: "Too Many Requests",
+    reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 422: "Unprocessable Entity", 429: "Too Many Requests",
               503: "Service Unavailable"}.get(status, "Error")
     lines = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {length}",
              *(f"{k}: {v}" for k, v in extra.items())]

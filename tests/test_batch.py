@@ -18,7 +18,7 @@ pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-import potstill.batch  # noqa: E402
+import potstill.teachers.openai.batch  # noqa: E402
 from potstill.errors import PotstillError  # noqa: E402
 from potstill.generate import generate  # noqa: E402
 from potstill.ledger import Ledger  # noqa: E402
@@ -216,7 +216,7 @@ def ledger_of(r) -> Ledger:
 
 
 def test_every_request_is_answered_once_and_joined_on_its_custom_id(tmp_path, fake, monkeypatch):
-    monkeypatch.setattr(potstill.batch, "MAX_LINES", 16)  # 40 requests -> batches of 16, 16, 8
+    monkeypatch.setattr(potstill.teachers.openai.batch, "MAX_LINES", 16)  # 40 requests -> batches of 16, 16, 8
     r = recipe(tmp_path, fake)
     counts = generate(r)
     sent = fake.sent()
@@ -382,7 +382,7 @@ def test_token_ids_and_top_k_come_through_a_batch(tmp_path, fake):
 
 
 def test_a_crash_part_way_through_collecting_stores_each_answer_once(tmp_path, fake, monkeypatch):
-    monkeypatch.setattr(potstill.batch, "COLLECT_CHUNK", 7)  # 40 lines -> 6 transactions
+    monkeypatch.setattr(potstill.teachers.openai.batch, "COLLECT_CHUNK", 7)  # 40 lines -> 6 transactions
     r = recipe(tmp_path, fake)
     real, calls = Ledger.record, []
 

@@ -38,7 +38,7 @@ def test_chunked_equals_unchunked(name, teacher_kind, chunk):
     got, ce, kd = chunked_kd_loss(h2, w2, labels, name=name, kd_ratio=0.7, temperature=2.0, chunk_size=chunk, **chunk_teacher)
     got.backward()
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
-    assert ce == pytest.approx(ref_ce.item(), rel=1e-5) and kd == pytest.approx(ref_kd.item(), rel=1e-5, abs=1e-7)
+    assert ce.item() == pytest.approx(ref_ce.item(), rel=1e-5) and kd.item() == pytest.approx(ref_kd.item(), rel=1e-5, abs=1e-7)
     assert torch.allclose(h2.grad, h1.grad, atol=1e-5) and torch.allclose(w2.grad, w1.grad, atol=1e-5)
 
 
@@ -49,3 +49,34 @@ def test_no_rows_and_cross_entropy_only():
     assert loss.item() == 0.0 and torch.isfinite(w.grad).all()
     with pytest.raises(ValueError, match="needs a teacher"):
         chunked_kd_loss(torch.zeros(2, 4), w, torch.zeros(2, dtype=torch.long), kd_ratio=0.5)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd", "skew_reverse_kl"])
+@pytest.mark.parametrize("teacher_kind", ["sparse", "dense"])
+def test_the_compiled_step_traces_whole_and_gives_the_same_loss(name, teacher_kind):
+    """torch.compile's tracer (the eager backend: no code generation, so seconds, not minutes) takes
+    each chunk's step as one graph (fullgraph: a graph break would raise) and changes nothing."""
+    from potstill.losses.chunked import Head
+
+    g = torch.Generator().manual_seed(1)
+    n, h, v = 29, 8, 53
+    hidden, labels = torch.randn(n, h, generator=g), torch.randint(0, v, (n,), generator=g)
+    head = Head(torch.randn(v, h, generator=g) * 0.3, torch.randn(v, generator=g), scale=0.5, softcap=5.0)
+    t_hidden = torch.randn(n, 12, generator=g)
+    t_head = Head(torch.randn(v, 12, generator=g) * 0.5, None, 1.0, 3.0)
+    teacher = ({"teacher_hidden": t_hidden, "teacher_head": t_head} if teacher_kind == "dense" else
+               dict(zip(("topk_logprobs", "topk_ids"), t_head.logits(t_hidden).log_softmax(-1).topk(6, -1))))
+    torch._dynamo.reset()  # each parametrization is a new spec: start from an empty compile cache
+    results = []
+    for compile in (False, "eager"):
+        x, w, b = (t.clone().requires_grad_(True) for t in (hidden, head.weight, head.bias))
+        loss, ce, kd = chunked_kd_loss(x, Head(w, b, head.scale, head.softcap), labels, name=name, chunk_size=8,
+                                       temperature=2.0, compile=compile, **teacher)
+        loss.backward()
+        results.append([loss, ce, kd, x.grad, w.grad, b.grad])
+    for plain, compiled in zip(*results):
+        assert torch.allclose(plain, compiled, atol=1e-6)
+    # micro-batches of other sizes reuse the graph: the row count becomes dynamic after one recompile
+    for rows in (5, 11, 17, 23):
+        chunked_kd_loss(hidden[:rows].clone().requires_grad_(True), head, labels[:rows], name=name, chunk_size=8,
+                        compile="eager", **{k: v[:rows] if k != "teacher_head" else v for k, v in teacher.items()})

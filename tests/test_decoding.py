@@ -133,7 +133,7 @@ def test_training_data_with_an_id_outside_the_tokenizer_names_the_ledger_row(tmp
     the student's embedding does not have: one clear error, not an IndexError mid-training."""
     import numpy as np
 
-    from potstill.data import build_examples
+    from potstill.train.examples import build_examples
     from potstill.ledger import Ledger, requests_for
     from potstill.prompts import Prompt
     from potstill.teachers.base import Completion
@@ -158,8 +158,8 @@ def test_training_data_with_an_id_outside_the_tokenizer_names_the_ledger_row(tmp
 
 
 def test_on_policy_samples_ignore_a_student_checkpoints_generation_config(tmp_path):
-    from potstill.data import TrainExample
-    from potstill.train import sample_from_student
+    from potstill.train.examples import TrainExample
+    from potstill.train.loop import sample_from_student
 
     tok = AutoTokenizer.from_pretrained(TEACHER)
     plain = load_model_dir(tiny_teacher(tmp_path / "plain", "llama"))[0]

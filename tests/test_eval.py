@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
-from potstill import skillmix
+from potstill.tasks import skillmix
 from potstill.cli import main
-from potstill.evaluate import bootstrap_ci, rouge_l
-from potstill.judge import JUDGE_PROMPT, judge_pairs, parse_verdict
+from potstill.evaluate.run import bootstrap_ci, rouge_l
+from potstill.evaluate.judge import JUDGE_PROMPT, judge_pairs, parse_verdict
 from potstill.teachers.base import Completion
 
 from conftest import QUICKSTART, tiny_overrides
@@ -76,7 +76,7 @@ def test_unparseable_verdicts_are_counted_not_scored():
 
 
 def test_verifiers_are_found_by_name():
-    from potstill import verifiers
+    from potstill.evaluate import verifiers
 
     assert verifiers.load("exact")("add 1 2", " 3 ", {"answer": 3}) is True
     assert verifiers.load("exact")("add 1 2", "3", {}) is None  # nothing to check against: not a zero
@@ -145,7 +145,7 @@ def test_student_with_another_chat_template_is_scored_in_its_own(trained_run, tm
 
 
 def test_teacher_scored_against_itself_has_zero_kl():
-    from potstill.evaluate import greedy, score_teacher_text
+    from potstill.evaluate.run import greedy, score_teacher_text
     from potstill.prompts import load_prompts
     from potstill.teachers.local import LocalTeacher
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
-from potstill.compat import Compat
+from potstill.train.tokenizer_match import Compat
 from potstill.errors import PotstillError
-from potstill.heads import model_heads, output_head
+from potstill.train.heads import model_heads, output_head
 from potstill.recipe import TrainSpec
-from potstill.train import loss_sums
+from potstill.train.loop import loss_sums
 
 V = 97
 BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -8,14 +8,15 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import asyncio
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import QUICKSTART, ROOT
-from mock_endpoint import Faults, MockEndpoint, request_shas
-from potstill.dispatch import retry_after
+from mock_endpoint import VOCAB, Faults, MockEndpoint, request_shas
+from potstill.teachers.openai.dispatch import retry_after
 from potstill.errors import PotstillError
 from potstill.generate import generate, recipe_requests, sampling_params
 from potstill.ledger import Ledger
@@ -69,7 +70,7 @@ def test_token_ids_give_topk_rows(mock, tmp_path):
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
         for ex in ledger.examples():
             assert ex.topk_ids.shape == (len(ex.token_ids), 5)
-            assert [chr(i) for i in ex.token_ids] == list(ex.text)
+            assert list(ex.token_ids) == [ord(ch) % VOCAB for ch in ex.text]
             assert (ex.topk_ids[:, 0] == ex.token_ids).all()
             assert (ex.topk_logprobs[:, :-1] >= ex.topk_logprobs[:, 1:]).all()
 
@@ -103,7 +104,9 @@ def test_transient_faults_cost_few_extra_attempts(mock, tmp_path):
 
 
 def test_malformed_bodies_are_never_stored(mock, tmp_path):
-    m = mock(nan=0.5, invalid_json=0.2)
+    # sticky: some bodies are bad at every attempt (so some requests fail for good), and the others
+    # never, so the run is not stopped by five bad first answers in a row (test_a_broken_endpoint_...)
+    m = mock(nan=0.15, invalid_json=0.1, sticky=True)
     recipe = http_recipe(tmp_path, [m], 30, "teacher.token_ids=true")
     counts = generate(recipe)
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
@@ -126,7 +129,7 @@ def test_fatal_error_stops_cleanly_and_never_leaks_the_key(mock, tmp_path, monke
     recipe = http_recipe(tmp_path, [m], 200, "teacher.api_key_env=CANARY_KEY")
     with pytest.raises(PotstillError, match="HTTP 401") as err:
         generate(recipe)
-    assert CANARY[:8] not in str(err.value) and "sk-***" in str(err.value)  # the echoed, masked key is redacted too
+    assert CANARY[:8] not in str(err.value) and "provided: ***" in str(err.value)  # the masked echo too
     first = next(i for i, (_, _, what) in enumerate(m.log) if what == "401")
     assert len(m.log) - first - 1 <= 8  # at most the window was in flight after the first 401
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
@@ -208,7 +211,8 @@ def test_shards_partition_the_requests(mock, tmp_path):
     assert sorted(seen) == sorted(recipe_requests(recipe)[1]) and len(m.log) == 60
 
 
-@pytest.mark.parametrize("value,expected", [("2", 2.0), ("0.5", 0.5), ("garbage", None), ("", None)])
+@pytest.mark.parametrize("value,expected", [("2", 2.0), ("0.5", None), ("garbage", None), ("", None), ("1e9", None),
+                                            ("inf", None), ("nan", None), ("-5", None), (" 7 ", 7.0)])
 def test_retry_after_parsing(value, expected):
     assert retry_after({"retry-after": value}) == expected
 
@@ -364,10 +368,11 @@ def test_an_unexpected_body_shape_is_malformed_not_a_hang(mock, tmp_path, monkey
         lambda body, nan=False: {"choices": [{"message": {"content": "x"}, "finish_reason": "stop",
                                               "logprobs": {"content": [{"token": None, "top_logprobs": 3}]}}],
                                  "usage": [1]}))
-    counts = generate(http_recipe(tmp_path, [m], 6, "teacher.token_ids=true"))
-    assert counts["failed"] == 6
+    with pytest.raises(PotstillError, match=r"could not be stored.*unexpected response shape"):
+        generate(http_recipe(tmp_path, [m], 40, "teacher.token_ids=true"))
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
-        assert all("unexpected response shape" in r for r in ledger.failures().values())
+        assert ledger.counts()["done"] == 0
+    assert len(m.log) < 5 + 8 * 2  # five first answers, then what was in flight and its retries
 
 
 def test_rate_limited_senders_do_not_overrun_the_budget(mock, tmp_path):
@@ -380,7 +385,7 @@ def test_rate_limited_senders_do_not_overrun_the_budget(mock, tmp_path):
 
 def test_legacy_completions_keep_the_k_likeliest():
     from potstill.teachers.base import Request
-    from potstill.teachers.openai_api import parse_response
+    from potstill.teachers.openai.wire import parse_response
 
     recipe = load_recipe(QUICKSTART / "recipe.yaml", ["teacher.backend=openai", "teacher.model=m",
                                                       "teacher.endpoints=[http://x/v1]", "teacher.api=completions",
@@ -391,7 +396,7 @@ def test_legacy_completions_keep_the_k_likeliest():
         "top_logprobs": [{"token_id:7": -3.0, "token_id:1": -0.2, "token_id:2": -1.9}]}}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
     c = parse_response(Request("ab" * 32, [{"role": "user", "content": "q"}], 0, 0), data,
-                       {"top_logprobs": 2, "max_new_tokens": 1}, recipe.teacher, 0.0)
+                       {"top_logprobs": 2, "max_new_tokens": 1}, recipe.teacher, 0.0, (3, 1))
     assert c.token_ids == [7] and c.topk_ids.tolist() == [[1, 2]]
 
 
@@ -433,3 +438,248 @@ def test_two_generates_on_one_ledger_are_refused(mock, tmp_path):
         with pytest.raises(PotstillError, match="another potstill process is generating"):
             generate(recipe)
     assert generate(recipe)["done"] == 4
+
+
+# -- issue 10: never hang, never leak a key, never store a wrong row, never overspend ---------------
+
+
+def test_an_attempt_has_one_deadline_even_for_a_trickling_body(mock, tmp_path):
+    m = mock(trickle=1.0, trickle_seconds=0.05)  # ~700-byte bodies: 35 s each at a byte per 0.05 s
+    recipe = http_recipe(tmp_path, [m], 4, "teacher.timeout=1", "teacher.max_attempts=2")
+    start = time.monotonic()
+    counts = generate(recipe)
+    assert time.monotonic() - start < 12
+    assert counts["done"] == 0 and counts["failed"] == 4
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        rows = db.execute("SELECT seconds, outcome, error FROM attempts").fetchall()
+    assert len(rows) == 8 and all(s < 1.5 and o == "retry" and e.startswith("timeout") for s, o, e in rows)
+
+
+def test_an_endpoint_that_never_answers_stops_the_run(mock, tmp_path):
+    m = mock(timeout=1.0, timeout_seconds=60)
+    recipe = http_recipe(tmp_path, [m], 16, "teacher.timeout=1", "teacher.concurrency=16")
+    with pytest.raises(PotstillError, match="unreachable: the first send of 5 requests.*raise teacher.timeout"):
+        generate(recipe)
+    assert len(m.log) <= 16  # once each (was 96: six attempts each, and rc 0)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.counts()["pending"] == 16
+
+
+def test_an_endpoint_that_ignores_logprobs_stops_the_run(mock, tmp_path):
+    m = mock(no_logprobs=1.0)
+    recipe = http_recipe(tmp_path, [m], 20, "teacher.token_ids=true")
+    with pytest.raises(PotstillError, match="5 requests in a row could not be stored.*the response has none"):
+        generate(recipe)
+    assert len(m.log) <= 8  # the window's first sends (was 60: three each)
+
+
+def test_generate_exits_1_and_says_why_requests_failed(mock, tmp_path, capsys):
+    from potstill.cli import main
+
+    m = mock(fatal={"400": 0.1}, sticky=True)
+    args = ["generate", str(QUICKSTART / "recipe.yaml"), f"output_dir={tmp_path}", "prompts.limit=40",
+            "teacher.backend=openai", "teacher.model=mock", f"teacher.endpoints=[{m.url}]"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    failed = sum(what == "400" for _, _, what in m.log)
+    assert failed > 0 and f"{failed} requests failed for good" in err and f"{failed} x HTTP 400: bad request" in err
+    good = mock()
+    assert main([*args[:-1], f"output_dir={tmp_path / 'b'}", f"teacher.endpoints=[{good.url}]"]) == 0
+
+
+def test_the_endpoints_own_reason_is_kept_from_fastapi_detail(mock, tmp_path):
+    m = mock(detail=1.0)
+    with pytest.raises(PotstillError, match=r"HTTP 422: Server is pinned to 'mock-7b'; requested 'mock'"):
+        generate(http_recipe(tmp_path, [m], 20))
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert all("Server is pinned to" in r for r in ledger.failures().values())
+
+
+def test_fastapi_validation_detail_is_read():
+    import httpx
+    import openai
+
+    from potstill.teachers.openai.dispatch import classify
+
+    request = httpx.Request("POST", "http://x/v1/chat/completions")
+    body = {"detail": [{"loc": ["body", "max_tokens"], "msg": "Input should be a valid integer", "type": "int"}]}
+    exc = openai.UnprocessableEntityError("422", response=httpx.Response(422, json=body, request=request), body=body)
+    assert classify(exc)[2] == "HTTP 422: body.max_tokens: Input should be a valid integer"
+
+
+def test_kd_refusal_names_token_ids_as_the_cause(mock, tmp_path):
+    from potstill.train import train
+
+    recipe = http_recipe(tmp_path, [mock()], 8, "train.objective=kd")
+    generate(recipe)
+    with pytest.raises(PotstillError, match="teacher.token_ids is false"):
+        train(recipe, recipe.train)
+
+
+def test_a_key_of_any_shape_never_leaks(mock, tmp_path, monkeypatch, capfd):
+    key = "s4CANARYq7Lm2Zx9Vb3Nc8Kd1Rt6Wy5HdEzz"
+    monkeypatch.setenv("ODD_KEY", key)
+    m = mock(fatal={"401": 0.2})
+    recipe = http_recipe(tmp_path, [m], 60, "teacher.api_key_env=ODD_KEY")
+    with pytest.raises(PotstillError, match="HTTP 401") as err:
+        generate(recipe)
+    grams = {key[i:i + 8] for i in range(len(key) - 7)}
+    out, errs = capfd.readouterr()
+    for text in (str(err.value), out, errs):
+        assert not any(g in text for g in grams), text
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "ledger.sqlite" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert not any(g.encode() in data for g in grams), path
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM attempts WHERE error LIKE '%provided: ***%'").fetchone()[0] > 0
+
+
+def test_token_ids_outside_the_tokenizer_are_malformed(mock, tmp_path):
+    m = mock(bad_id=0.2, sticky=True)
+    counts = generate(http_recipe(tmp_path, [m], 30, "teacher.token_ids=true"))
+    assert counts["failed"] == sum(what == "bad_id" for _, _, what in m.log) // 3 > 0  # three sends each
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert all(ex.topk_ids.max() < VOCAB and ex.token_ids.max() < VOCAB for ex in ledger.examples())
+        assert all("outside the teacher tokenizer's 41 tokens" in r for r in ledger.failures().values())
+
+
+@pytest.mark.parametrize("claim", [10**30, 10**9, -10**6])
+def test_usage_claims_are_clamped_and_recorded(mock, tmp_path, claim):
+    m = mock(usage={"prompt_tokens": claim, "completion_tokens": claim, "total_tokens": 2 * claim})
+    recipe = http_recipe(tmp_path, [m], 12, "teacher.prices.prompt=1000", "teacher.prices.completion=1000")
+    counts = generate(recipe)
+    assert counts["done"] == 12  # no good answer lost to a bad number
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        rows = db.execute("SELECT prompt_tokens, completion_tokens, cost, usage_claimed FROM attempts").fetchall()
+    max_new = recipe.generation.max_new_tokens
+    for prompt, completion, cost, claimed in rows:
+        assert 0 < prompt < 1000 and 0 <= completion <= max_new and 0 < cost
+        assert json.loads(claimed) == {"prompt_tokens": claim, "completion_tokens": claim}
+
+
+def test_honest_usage_is_counted_as_claimed(mock, tmp_path):
+    generate(http_recipe(tmp_path, [mock()], 8))
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM attempts WHERE usage_claimed IS NULL").fetchone()[0] == 8
+
+
+def test_unparseable_bodies_count_the_estimate(mock, tmp_path):
+    m = mock(invalid_json=0.3, truncated=0.2, sticky=True)
+    recipe = http_recipe(tmp_path, [m], 30, "teacher.prices.prompt=1000", "teacher.prices.completion=1000",
+                         "teacher.max_attempts=2")
+    generate(recipe)
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        bad = db.execute("SELECT completion_tokens, cost FROM attempts WHERE outcome != 'ok'").fetchall()
+    # max_new_tokens: the worst case (was 0 tokens, $0)
+    assert bad and all(c == recipe.generation.max_new_tokens and cost > 0 for c, cost in bad)
+
+
+def test_sends_in_flight_at_a_kill_count_against_the_budget(mock, tmp_path):
+    """SIGKILL while sends are in flight, twice: every send was in the ledger before it left, so
+    the reruns' budget counts it and the endpoint never receives more than max_requests."""
+    m = mock(latency=30)
+    args = [sys.executable, "-m", "potstill.cli", "generate", str(QUICKSTART / "recipe.yaml"),
+            f"output_dir={tmp_path}", "prompts.limit=40", "teacher.backend=openai", "teacher.model=mock",
+            f"teacher.endpoints=[{m.url}]", "teacher.concurrency=8", "teacher.budget.max_requests=12",
+            "teacher.timeout=60"]
+    env = {**os.environ, "POTSTILL_QUIET": "1", "PYTHONPATH": str(ROOT / "src")}
+    for expect in (8, 12):
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while len(m.log) < expect and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert len(m.log) == expect
+    final = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert final.returncode == 2 and "max_requests=12" in final.stderr
+    assert len(m.log) == 12
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.spend()["requests"] == 12
+
+
+def test_a_retry_after_that_is_not_rfc_9110_backs_off_normally(mock, tmp_path):
+    m = mock(rate_limit=0.3, retry_after="1e9")
+    assert generate(http_recipe(tmp_path, [m], 20))["done"] == 20  # was: "asks to wait 1000000000 s", every run
+
+
+def test_one_row_sqlite_cannot_hold_fails_alone(mock, tmp_path, monkeypatch):
+    """A value SQLite cannot store (here a seed past 64 bits) fails its request with the reason;
+    the good answers committed with it are kept (they were all lost, and the run stopped)."""
+    import potstill.teachers.openai.dispatch as dispatch
+
+    real, bad = dispatch.parse_response, []
+
+    def one_unstorable(*args, **kwargs):
+        completion = real(*args, **kwargs)
+        if not bad:
+            bad.append(completion.request_hash)
+            completion.seed = 10**30
+        return completion
+
+    monkeypatch.setattr(dispatch, "parse_response", one_unstorable)
+    counts = generate(http_recipe(tmp_path, [mock(latency=0.05)], 24))
+    assert counts["done"] == 23 and counts["failed"] == 1
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.failures()[bad[0]].startswith("could not be stored: OverflowError")
+
+
+def test_text_that_is_not_unicode_is_malformed():
+    from potstill.teachers.base import Request
+    from potstill.teachers.openai.wire import Malformed, parse_response
+
+    recipe = load_recipe(QUICKSTART / "recipe.yaml", ["teacher.backend=openai", "teacher.model=m",
+                                                      "teacher.endpoints=[http://x/v1]"])
+    data = json.loads('{"choices": [{"message": {"content": "a\\ud800"}, "finish_reason": "stop"}]}')
+    with pytest.raises(Malformed, match="not valid Unicode"):
+        parse_response(Request("ab" * 32, [{"role": "user", "content": "q"}], 0, 0), data,
+                       {"top_logprobs": 0, "max_new_tokens": 4}, recipe.teacher, 0.0, (1, 1))
+
+
+def test_the_retry_rules_as_a_table():
+    """decide(): what follows one attempt, from its classification alone (the rules in dispatch's docstring)."""
+    from potstill.teachers.openai.dispatch import BACKOFF_CAP, Next, decide
+
+    rule = dict(attempt=0, malformed=0, max_attempts=6, max_retry_wait=120.0, jitter=0.0)
+    assert decide("ok", 200, None, None, **rule) == Next()
+    assert decide("fatal", 401, "HTTP 401", None, **rule) == Next(fail="HTTP 401", stop="HTTP 401 (not retried)")
+    assert decide("bad_request", 400, "HTTP 400", None, **rule) == Next(fail="HTTP 400 (not retried)")
+    assert decide("retry", 500, "HTTP 500", None, **rule) == Next(retry_in=0.5)  # backoff 0.5 * 2^0
+    assert decide("retry", 500, "HTTP 500", None, **{**rule, "attempt": 3, "jitter": 0.2}).retry_in == pytest.approx(4.8)
+    assert decide("unreachable", None, "timeout", None, **{**rule, "attempt": 4}).retry_in == 8.0
+    assert decide("retry", 503, "x", None, **{**rule, "attempt": 4, "max_attempts": 50}).retry_in == 8.0
+    assert decide("retry", 503, "x", None, **{**rule, "attempt": 9, "max_attempts": 50}).retry_in == BACKOFF_CAP
+    # a 429 that says how long pauses the whole endpoint; a 503 that says so only waits
+    assert decide("retry", 429, "HTTP 429", 7.0, **rule) == Next(retry_in=7.0, pause=True)
+    assert decide("retry", 503, "HTTP 503", 7.0, **rule) == Next(retry_in=7.0)
+    # a wait longer than teacher.max_retry_wait stops the run; the request stays pending (no fail)
+    stop = decide("retry", 429, "HTTP 429", 3600.0, **rule)
+    assert stop.fail is None and stop.retry_in is None and "asks to wait 3600 s" in stop.stop
+    # the last attempt, or one malformed body too many, fails the request
+    assert decide("retry", 500, "HTTP 500", None, **{**rule, "attempt": 5}) == \
+        Next(fail="gave up after 6 attempts: HTTP 500")
+    assert decide("malformed", 200, "bad", None, **{**rule, "malformed": 3}).fail == "gave up after 1 attempts: bad"
+    assert decide("malformed", 200, "bad", None, **{**rule, "malformed": 2}).retry_in == 0.5
+
+
+def test_rate_limit_buckets_pace_requests_and_tokens():
+    """teacher.requests_per_minute / tokens_per_minute: a burst of one second's worth, then the rate."""
+    from potstill.teachers.openai.dispatch import TokenBucket
+
+    async def paced(bucket, units, n):
+        start = time.monotonic()
+        for _ in range(n):
+            await bucket.take(units)
+        return time.monotonic() - start
+
+    assert asyncio.run(paced(TokenBucket(None), 1, 1000)) < 0.1  # no limit: no wait
+    # 600 requests a minute = 10 a second: a burst of 10, then 10 more take about one second
+    assert 0.8 < asyncio.run(paced(TokenBucket(600), 1, 20)) < 1.6
+    # 6,000 tokens a minute = 100 a second: five sends of 50 tokens after a burst of 100 take ~1.5 s
+    assert 1.2 < asyncio.run(paced(TokenBucket(6000), 50, 5)) < 2.2
+    # a send bigger than the bucket waits for a full bucket, then leaves it in debt
+    big = TokenBucket(6000)
+    assert 2.3 < asyncio.run(paced(big, 250, 2)) < 3.4 and big.level < 0  # the second waits (100 + 150) / 100 s

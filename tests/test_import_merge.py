@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from potstill.errors import PotstillError
-from potstill.importers import LOGPROBS_DROPPED, import_file, imported_requests
+from potstill.teachers.imported import LOGPROBS_DROPPED, import_file, imported_requests
 from potstill.ledger import Attempt, Ledger, requests_for, teacher_key
-from potstill.merge import merge_ledgers
+from potstill.ledger.merge import merge_ledgers
 from potstill.prompts import Prompt
 from potstill.teachers.base import Completion
 
@@ -48,7 +48,7 @@ def chat_completion(contents, model="gpt-4o-mini-2024-07-18", finish="stop", log
 
 
 def test_openai_finetuning_lines_import_once_and_hash_like_imported_requests(tmp_path, monkeypatch):
-    import potstill.importers as importers
+    import potstill.teachers.imported as importers
 
     monkeypatch.setattr(importers, "CHUNK_ROWS", 2)  # repeated messages across transactions
     user = {"role": "user", "content": "add 1 2"}
@@ -180,7 +180,7 @@ def test_generic_jsonl_top_k_round_trip(tmp_path):
 
 def test_parquet_top_k_round_trip_in_record_batches(tmp_path, monkeypatch):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
-    import potstill.importers as importers
+    import potstill.teachers.imported as importers
 
     monkeypatch.setattr(importers, "PARQUET_BATCH_ROWS", 2)  # several record batches
     monkeypatch.setattr(importers, "CHUNK_ROWS", 3)  # several transactions
@@ -409,6 +409,7 @@ def test_a_recipe_with_an_imported_teacher_trains_a_student(tmp_path):
     recipe = load_recipe(QUICKSTART / "recipe.yaml", [
         *tiny_overrides(tmp_path / "run"), "prompts=null", "teacher.backend=imported", f"teacher.data={data}",
         "teacher.id=someone-else", "teacher.terms_family=cc-by-4.0", f"student.tokenizer={TEACHER}",
+        "teacher.terms_declared=cc-by-4.0 permits this use",
         "train.objective=sft", "baseline=null"])
     counts = generate(recipe)
     assert counts["imported"]["new"] == 40 and counts["imported"]["skipped"] == 1

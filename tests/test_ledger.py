@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from potstill.errors import PotstillError
-from potstill.generate import generate, make_teacher
+from potstill.generate import generate
+from potstill.teachers.backends import make_teacher
 from potstill.ledger import Ledger
 from potstill.prompts import load_prompts
 from potstill.recipe import load_recipe

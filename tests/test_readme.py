@@ -41,6 +41,7 @@ def test_the_quickstart_command_runs(tmp_path):
 
 def test_every_verb_has_help():
     script = Path(sys.executable).parent / "potstill"
-    for verb in ("quickstart", "run", "generate", "train", "eval", "report", "doctor", "serve", "merge", "import"):
+    for verb in ("quickstart", "run", "generate", "train", "eval", "report", "doctor", "serve", "merge", "import",
+                "terms", "verify"):
         done = subprocess.run([str(script), verb, "--help"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "usage: potstill " + verb in done.stdout

@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 
 from markdown_it import MarkdownIt
 
-from potstill.card import card_text
+from potstill.receipts.card import card_text
 from potstill.report import write_report
 
 HOSTILE_RUN = "x<svg onload=alert(1)>'\"$"  # a folder name Linux allows

@@ -4,7 +4,7 @@ not a look-alike that splits on whitespace and keeps case and punctuation."""
 import pytest
 from rouge_score.rouge_scorer import RougeScorer
 
-from potstill.evaluate import rouge_l
+from potstill.evaluate.run import rouge_l
 
 PAIRS = [  # (candidate, reference)
     ("Paris.", "paris"),  # case and punctuation are not tokens: 1.0 (a whitespace split said 0)

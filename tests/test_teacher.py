@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from potstill import skillmix
-from potstill.evaluate import greedy
+from potstill.tasks import skillmix
+from potstill.evaluate.run import greedy
 from potstill.prompts import load_prompts
 from potstill.teachers.local import LocalTeacher
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from potstill import checkpoint
+from potstill.train import checkpoint
 from potstill.cli import main
 from potstill.errors import PotstillError
 from potstill.generate import generate
@@ -150,7 +150,7 @@ def test_tampered_checkpoint_is_refused_and_keep_last_prunes(tmp_path, ledger):
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, ledger, monkeypatch):
-    import potstill.train as engine
+    import potstill.train.loop as engine
 
     real = engine.loss_sums
     calls = {"n": 0}
@@ -270,7 +270,7 @@ GPT2_STUDENT = "student.config={model_type: gpt2, n_embd: 32, n_layer: 2, n_head
 @pytest.mark.parametrize("student", [[], [GPT2_STUDENT]], ids=["llama", "gpt2"])
 def test_lora_adapts_every_linear_layer_by_default(tmp_path, ledger, student):
     pytest.importorskip("peft")
-    from potstill.train import linear_names, load_student, load_student_tokenizer
+    from potstill.train.loop import linear_names, load_student, load_student_tokenizer
 
     d = run_dir(tmp_path, ledger)
     args = overrides(d, "train.lora={r: 4}", *student)

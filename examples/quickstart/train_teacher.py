@@ -1,4 +1,4 @@
-"""Train the bundled quickstart teacher: a small Llama on the skill mix (potstill.skillmix).
+"""Train the bundled quickstart teacher: a small Llama on the skill mix (potstill.tasks.skillmix).
 
     python examples/quickstart/train_teacher.py            # writes examples/quickstart/teacher/
 
@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from potstill import skillmix
+from potstill.tasks import skillmix
 
 HERE = Path(__file__).resolve().parent
 SPECIALS = ["<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -130,14 +130,14 @@ tags: [potstill, quickstart, toy]
 
 A {info['parameters']:,}-parameter Llama-architecture model (4 layers, hidden size 192, tied
 embeddings, character-level tokenizer of {info['vocab_size']} tokens) trained from scratch on the
-procedurally generated skill mix in `potstill.skillmix`: addition, multiplication, reversing,
+procedurally generated skill mix in `potstill.tasks.skillmix`: addition, multiplication, reversing,
 sorting, counting, and shuffling (a skill with many valid answers). It exists so that the
 quickstart can show distillation end to end on a laptop CPU; it knows nothing else.
 
 ## Held-out accuracy
 
 Greedy decoding on the {info['heldout_prompts']:,} prompts of `examples/quickstart/prompts/heldout.jsonl`,
-none of which was seen in training. An answer counts when `potstill.skillmix.verify` accepts it
+none of which was seen in training. An answer counts when `potstill.tasks.skillmix.verify` accepts it
 (any permutation of the letters, for shuffle).
 
 | skill | accuracy |

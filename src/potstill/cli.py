@@ -11,6 +11,9 @@ Examples:
   potstill eval my_recipe.yaml
   potstill report runs/quickstart
   potstill report runs/a runs/b --out compare.html
+  potstill terms list
+  potstill terms check runs/quickstart --use commercial
+  potstill verify runs/quickstart                      (--row HASH: one row's inclusion proof)
   potstill doctor path/to/teacher path/to/student
 """
 
@@ -96,7 +99,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def cmd_generate(args) -> None:
+def cmd_generate(args) -> int:
     from potstill.generate import generate
 
     counts = generate(_recipe(args), shard=parse_shard(args.shard))
@@ -106,6 +109,21 @@ def cmd_generate(args) -> None:
           f"(of {counts['planned']} planned){paid}")
     for note in counts.get("notes", []):
         print(f"generate: note: {note}")
+    return print_failures(counts)
+
+
+def print_failures(counts: dict) -> int:
+    """Requests that failed for good, grouped by reason, on stderr; 1 if there were any (a rerun
+    sends them again), else 0."""
+    failures = counts.get("failures") or []
+    if failures:
+        print(f"generate: {sum(n for _, n in failures)} requests failed for good (kept out of training; a rerun "
+              f"sends them again):", file=sys.stderr)
+        for reason, n in failures[:5]:
+            print(f"  {n} x {reason}", file=sys.stderr)
+        if len(failures) > 5:
+            print(f"  ... and {len(failures) - 5} other reasons (the ledger's requests.error)", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_serve(args) -> None:
@@ -141,7 +159,7 @@ def port_number(text: str) -> int:
 
 
 def cmd_merge(args) -> None:
-    from potstill.merge import merge_ledgers
+    from potstill.ledger.merge import merge_ledgers
 
     counts = merge_ledgers(Path(args.out), [Path(p) for p in args.inputs])
     print("merge: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -151,7 +169,7 @@ def cmd_merge(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from potstill.importers import import_file
+    from potstill.teachers.imported import import_file
     from potstill.ledger import Ledger, exclusive
     from potstill.teachers.local import load_tokenizer_dir
 
@@ -171,7 +189,7 @@ def cmd_train(args) -> None:
     for name, _ in _students(recipe):  # before the first student trains, not after
         check_outputs(recipe.run_dir, name)
     for name, spec in _students(recipe):
-        print(f"train: wrote {train(recipe, spec, name)}")
+        print(f"train: wrote {train(recipe, spec, name, args.accept_terms_risk)}")
 
 
 def cmd_eval(args) -> None:
@@ -189,8 +207,8 @@ def cmd_report(args) -> None:
 def refuse_unusable_logit_kd(recipe) -> None:
     """Logit KD across tokenizers is refused before the teacher is asked anything: an HTTP teacher
     is paid for every answer, and these could not be trained on."""
-    from potstill.compat import check_tokenizers, logit_rows
-    from potstill.train import load_student_tokenizer
+    from potstill.train.tokenizer_match import check_tokenizers, logit_rows
+    from potstill.train.loop import load_student_tokenizer
 
     teacher_dir = recipe.teacher.tokenizer_dir
     if teacher_dir is not None and not Path(teacher_dir).is_dir():
@@ -201,10 +219,11 @@ def refuse_unusable_logit_kd(recipe) -> None:
                          need_logits=True)
 
 
-def run_all(recipe) -> dict:
+def run_all(recipe, accept_terms_risk: str | None = None) -> dict:
     """Every stage in order; a student already trained from the same recipe and ledger is kept."""
     from potstill.evaluate import evaluate
-    from potstill.generate import generate, recipe_requests
+    from potstill.generate import generate
+    from potstill.ledger.requests import recipe_requests
     from potstill.ledger import Ledger
     from potstill.report import write_report
     from potstill.train import train
@@ -214,6 +233,7 @@ def run_all(recipe) -> dict:
     print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']}")
     for note in counts.get("notes", []):
         print(f"generate: note: {note}")
+    print_failures(counts)  # and go on: train leaves them out and says so
     with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
         ledger_sha = ledger.content_sha256(recipe_requests(recipe)[1])
     changed = False
@@ -221,11 +241,13 @@ def run_all(recipe) -> dict:
         info_path = recipe.run_dir / name / "potstill.json"
         if info_path.is_file():
             info = json.loads(info_path.read_text())
+            terms = info.get("terms") or {}
             if info["train"] == spec.model_dump() and info["ledger_sha256"] == ledger_sha \
-                    and info.get("student") == recipe.student.model_dump():
+                    and info.get("student") == recipe.student.model_dump() and terms.get("use") == recipe.use \
+                    and terms.get("declared") == recipe.teacher.terms_declared:  # else the terms gate runs again
                 print(f"train: {name} is up to date, kept")
                 continue
-        train(recipe, spec, name)
+        train(recipe, spec, name, accept_terms_risk)
         changed = True
     eval_path = recipe.run_dir / "eval.json"
     if changed or not eval_path.is_file() or json.loads(eval_path.read_text())["provenance"]["recipe_sha256"] != recipe.sha256():
@@ -238,7 +260,7 @@ def run_all(recipe) -> dict:
 
 
 def cmd_run(args) -> None:
-    print_summary(run_all(_recipe(args)))
+    print_summary(run_all(_recipe(args), args.accept_terms_risk))
 
 
 def cmd_quickstart(args) -> None:
@@ -253,8 +275,82 @@ def cmd_quickstart(args) -> None:
     print(f"open {recipe.run_dir / 'report.html'} for plots and samples")
 
 
+def cmd_terms(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from potstill.receipts.terms.gate import NOT_ADVICE, USES, check, registry
+
+    console = Console(width=max(Console().width, 120))
+    if args.action == "list":
+        table = Table(title="potstill terms registry: may a teacher's outputs train a student for this use?")
+        for col in ("family", "name", *USES, "licence", "verified", "url"):
+            table.add_column(col)
+        for f in registry().values():
+            table.add_row(f.key, f.name, *(f.uses[u] for u in USES), f.licence, "yes" if f.verified else "no",
+                          f.url or "-")
+        console.print(table)
+        console.print("review: allowed only under the condition in the registry, declared in the recipe "
+                      f"(teacher.terms_declared). Unmatched teachers are unknown. {NOT_ADVICE}.")
+        return 0
+    if args.run is None:
+        raise PotstillError("potstill terms check RUN --use USE: give the run directory")
+    from potstill.ledger import Ledger
+
+    ledger_path = Path(args.run) / "ledger.sqlite"
+    if not ledger_path.is_file():
+        raise PotstillError(f"{ledger_path} not found: give a run directory that has a ledger")
+    with Ledger(ledger_path) as ledger:
+        described = ledger.teachers()
+        teachers = [(described.get(k, {"id": k[:12]}), n) for k, n in sorted(ledger.teacher_rows(None).items())]
+    terms = check(teachers, args.use)
+    table = Table(title=f"{args.run}: every teacher with rows in the ledger, for use {args.use}")
+    for col in ("teacher", "rows", "family", "matched by", "verdict", "clause", "url"):
+        table.add_column(col)
+    for t in terms:
+        f = registry()[t.family]
+        table.add_row(t.teacher_id, f"{t.rows:,}", t.family, t.matched_by, t.verdict, f.clause, f.url or "-")
+    console.print(table)
+    console.print(NOT_ADVICE + ".")
+    return 0 if all(t.passes for t in terms) else 1
+
+
+def cmd_verify(args) -> int:
+    from potstill.receipts import manifest
+
+    folder = Path(args.run) / args.student
+    if args.row is not None:
+        rows = manifest.read(folder)
+        hits = [i for i, (h, _) in enumerate(rows) if h.startswith(args.row.lower())]
+        if len(hits) != 1:
+            raise PotstillError(f"--row {args.row}: {'no' if not hits else len(hits)} rows of {folder / manifest.MANIFEST} "
+                                f"have a request hash starting so; give more of the hash")
+        leaves = [leaf for _, leaf in rows]
+        path = manifest.inclusion_proof(leaves, hits[0])
+        root = manifest.merkle_root(leaves)
+        print(f"row {hits[0]} of {len(rows)}: request {rows[hits[0]][0]}\nleaf    {leaves[hits[0]].hex()}")
+        for side, sibling in path:
+            print(f"{side:<7} {sibling.hex()}")
+        ok = manifest.proof_root(leaves[hits[0]], path) == root
+        info_path = folder / "potstill.json"
+        recorded = json.loads(info_path.read_text()).get("manifest_merkle_root") if info_path.is_file() else None
+        print(f"root    {root.hex()} ({'the path leads to it' if ok else 'THE PATH DOES NOT LEAD TO IT'}; "
+              f"{'matches' if root.hex() == recorded else 'DOES NOT MATCH'} potstill.json)")
+        return 0 if ok and root.hex() == recorded else 1
+    problems, notes = manifest.verify(folder, Path(args.run) / "ledger.sqlite")
+    for line in notes:
+        print(f"verify: note: {line}")
+    for line in problems:
+        print(f"verify: FAILED: {line}")
+    if not problems:
+        info = json.loads((folder / "potstill.json").read_text())
+        print(f"verify: ok: {info['manifest_rows']:,} ledger rows match Merkle root {info['manifest_merkle_root']}; "
+              f"weights and model card agree")
+    return 1 if problems else 0
+
+
 def cmd_doctor(args) -> None:
-    from potstill.compat import doctor
+    from potstill.train.tokenizer_match import doctor
 
     for line in doctor(args.teacher, args.student):
         print(line)
@@ -276,12 +372,39 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the bundled recipe "
                    "(examples/quickstart/recipe.yaml, installed as potstill/quickstart/recipe.yaml)")
     q.set_defaults(func=cmd_quickstart)
-    with_recipe("run", cmd_run, "run every stage, resuming whatever is already done")
+    def accept_risk(p):
+        p.add_argument("--accept-terms-risk", metavar="REASON", default=None,
+                       help="train although the terms gate refuses (a teacher's terms forbid the recipe's `use`, or "
+                            "are unknown); REASON is kept in the ledger and the model card. The gate is a "
+                            "record-keeping aid, not legal advice")
+        return p
+
+    accept_risk(with_recipe("run", cmd_run, "run every stage, resuming whatever is already done"))
     g = with_recipe("generate", cmd_generate, "ask the teacher for every prompt not yet in the ledger")
     g.add_argument("--shard", default=None, metavar="i/n", help="only shard i of n (from 0) of the requests, into "
                    "RUN/ledger-shard-i-of-n.sqlite, e.g. --shard $SLURM_ARRAY_TASK_ID/8")
-    with_recipe("train", cmd_train, "train the student (and the baseline, if the recipe has one) on the ledger")
+    accept_risk(with_recipe("train", cmd_train, "train the student (and the baseline, if the recipe has one) on the "
+                                                "ledger, after checking the teacher's terms against the recipe's use"))
     with_recipe("eval", cmd_eval, "evaluate teacher, student and baseline on the held-out prompts")
+    t = verbs.add_parser("terms", help="the terms registry (list), or the verdict for every teacher of a run (check)",
+                         description="potstill terms list: every terms family and its verdict per intended use. "
+                                     "potstill terms check RUN --use USE: the verdict for each teacher with rows in "
+                                     "RUN's ledger (exit 1 when one would stop train). A record-keeping aid, not "
+                                     "legal advice.")
+    t.add_argument("action", choices=["list", "check"])
+    t.add_argument("run", nargs="?", default=None, help="check: the run directory")
+    t.add_argument("--use", default="commercial", choices=["research", "internal", "commercial", "competing"],
+                   help="check: the intended use of the student (default: commercial)")
+    t.set_defaults(func=cmd_terms)
+    v = verbs.add_parser("verify", help="check a trained student against its ledger: Merkle manifest, weights, card",
+                         description="Recompute the Merkle root of the ledger rows STUDENT was trained on and name the "
+                                     "first row that differs; check the weights' hash and that the model card agrees "
+                                     "with the ledger (teachers, shares, terms). Exit 1 if anything differs.")
+    v.add_argument("run", help="run directory")
+    v.add_argument("--student", default="student", help="the student's folder in the run (default: student)")
+    v.add_argument("--row", metavar="HASH", default=None, help="print the inclusion proof of the row with this "
+                   "request hash (or a unique prefix): its path to the root, without any other row's content")
+    v.set_defaults(func=cmd_verify)
     d = verbs.add_parser("doctor", help="can STUDENT learn from TEACHER's logits? (tokenizers, vocabulary, chat template)")
     d.add_argument("teacher", help="teacher model folder")
     d.add_argument("student", help="student model folder (or any folder with a tokenizer and config.json)")
@@ -368,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        args.func(args)
+        rc = args.func(args)
     except PotstillError as e:
         print(f"potstill: error: {e}", file=sys.stderr)
         return 2
@@ -380,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("potstill: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

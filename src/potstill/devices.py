@@ -40,3 +40,11 @@ def resolve_mixed_precision(choice: str, device: str) -> str:
     if choice != "auto":
         return choice
     return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "no"
+
+
+def resolve_compile(choice: str, device: str) -> bool:
+    """``auto`` -> compile the chunked loss's step on CUDA (where inductor's fused kernels pay for
+    their compile time); off on the CPU and MPS, where compiling costs more than a short run gains."""
+    if choice != "auto":
+        return choice == "on"
+    return device.startswith("cuda")

@@ -1,141 +1,25 @@
 """The generate stage: ask the teacher for every prompt not yet answered, and store each answer
 in the ledger before counting it done. Rerunning sends nothing already done.
 
-Backends: ``local`` (transformers, batched here), ``openai`` (any OpenAI-compatible endpoint,
-through ``potstill.dispatch``), ``openai_batch`` (OpenAI's Batch API, through ``potstill.batch``).
+The teacher answers through its backend (``potstill.teachers.backends``): ``local``
+(transformers), ``openai`` (any OpenAI-compatible endpoint), ``openai_batch`` (OpenAI's Batch API);
+an ``imported`` teacher's file is read into the ledger instead.
 ``shard=(i, n)`` keeps only the requests of shard i of n, in a ledger of its own
 (``ledger-shard-i-of-n.sqlite``) for ``potstill merge`` to combine.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from potstill.errors import PotstillError
-from potstill.ledger import Ledger, exclusive, requests_for, teacher_key
-from potstill.progress import progress
-from potstill.prompts import Prompt, load_prompts
+from potstill.ledger import Ledger, exclusive
+from potstill.ledger.requests import fitting_prompts, n_tokens, recipe_requests, sampling_params  # noqa: F401 (public)
+from potstill.prompts import load_prompts
 from potstill.recipe import Recipe, save_recipe
+from potstill.teachers.backends import ask, for_recipe
 from potstill.teachers.base import Teacher
-
-
-def make_teacher(recipe: Recipe) -> Teacher:
-    from potstill.teachers.local import LocalTeacher
-
-    spec = recipe.teacher
-    return LocalTeacher(spec.path, id=recipe.teacher_id(), revision=spec.revision, terms_family=spec.terms_family,
-                        terms_url=spec.terms_url, dtype=spec.dtype, device=recipe.device_for("teacher"),
-                        use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code,
-                        watermark=recipe_watermark(recipe))
-
-
-def recipe_watermark(recipe: Recipe):
-    from potstill.audit.watermark import load_watermark
-
-    w = recipe.teacher.watermark
-    return load_watermark(w.key_file, w.gamma, w.delta, w.context) if w else None
-
-
-def teacher_tokenizer(recipe: Recipe):
-    spec = recipe.teacher
-    if spec.http:
-        from potstill.teachers.openai_api import load_tokenizer
-
-        return load_tokenizer(spec)
-    from potstill.teachers.local import check_model_dir, load_tokenizer_dir
-
-    # the folder is checked first: a folder without safetensors is refused for that, whatever its tokenizer
-    return load_tokenizer_dir(check_model_dir(spec.path, "teacher"), "teacher tokenizer", spec.trust_remote_code)
-
-
-def n_tokens(recipe: Recipe) -> int | None:
-    """How many ids the teacher's tokenizer has, when the recipe says where it is."""
-    from potstill.teachers.openai_api import load_tokenizer
-
-    tokenizer = load_tokenizer(recipe.teacher)
-    return None if tokenizer is None else len(tokenizer)
-
-
-def teacher_description(recipe: Recipe, tokenizer) -> dict:
-    """The teacher's provenance, computed without loading weights or calling an endpoint. Its hash
-    is part of every request hash."""
-    spec = recipe.teacher
-    if spec.http:
-        from potstill.teachers.openai_api import describe_openai
-
-        return describe_openai(spec, tokenizer, recipe.teacher_id())
-    from potstill.teachers.local import describe_local
-
-    return describe_local(Path(spec.path), tokenizer, id=recipe.teacher_id(), revision=spec.revision,
-                          terms_family=spec.terms_family, dtype=spec.dtype, terms_url=spec.terms_url,
-                          use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code,
-                          watermark=recipe_watermark(recipe).describe() if spec.watermark else None)
-
-
-def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
-    """The teacher's description and the request hashes this recipe asks for: what `train` reads
-    from the ledger."""
-    spec = recipe.teacher
-    if spec.backend == "imported":
-        from potstill.importers import imported_requests
-
-        return imported_requests(spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
-                                 terms_family=spec.terms_family, terms_url=spec.terms_url, n_tokens=n_tokens(recipe))
-    tokenizer = teacher_tokenizer(recipe)
-    desc = teacher_description(recipe, tokenizer)
-    prompts, _ = fitting_prompts(recipe, load_prompts(recipe.prompts.path, recipe.prompts.limit), tokenizer)
-    planned = requests_for(teacher_key(desc), prompts, sampling_params(recipe), recipe.generation.samples_per_prompt)
-    return desc, [h for h, _, _ in planned]
-
-
-def context_length(recipe: Recipe, tokenizer) -> int | None:
-    """The teacher's context in tokens: its config's max_position_embeddings (the model folder, or
-    an HTTP teacher's tokenizer folder when it holds a config), else the tokenizer's
-    model_max_length when it states one; None when unknown."""
-    from transformers import AutoConfig
-
-    folder = recipe.teacher.tokenizer_dir
-    if folder and (Path(folder) / "config.json").is_file():
-        try:
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=recipe.teacher.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise PotstillError(f"{folder}/config.json could not be read: {str(e).splitlines()[0]}") from None
-        n = getattr(config.get_text_config(), "max_position_embeddings", None)
-        if isinstance(n, int):
-            return n
-    n = getattr(tokenizer, "model_max_length", None)
-    return n if isinstance(n, int) and n < 10**8 else None  # transformers says 1e30 when it does not know
-
-
-def fitting_prompts(recipe: Recipe, prompts: list[Prompt], tokenizer) -> tuple[list[Prompt], int]:
-    """The prompts whose tokens leave generation.max_new_tokens of the teacher's context, and how
-    many were left out (generation.long_prompts=skip); with long_prompts=error the first that does
-    not fit stops the run, naming its file:line. Unchecked without a tokenizer or a known context."""
-    limit = None if tokenizer is None else context_length(recipe, tokenizer)
-    if limit is None:
-        return prompts, 0
-    from potstill.teachers.local import prompt_ids
-
-    room = limit - recipe.generation.max_new_tokens
-    kept = []
-    for p in prompts:
-        n = len(prompt_ids(tokenizer, p.chat))
-        if n <= room:
-            kept.append(p)
-        elif recipe.generation.long_prompts == "error":
-            raise PotstillError(f"{p.source}: the prompt is {n} tokens; the teacher's context of {limit} leaves {room} "
-                                f"with generation.max_new_tokens={recipe.generation.max_new_tokens}: shorten it, or "
-                                f"set generation.long_prompts=skip to leave such prompts out")
-    return kept, len(prompts) - len(kept)
-
-
-def sampling_params(recipe: Recipe) -> dict:
-    g = recipe.generation
-    params = {"max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
-              "top_logprobs": g.top_logprobs, "seed": g.seed}
-    if g.stop:  # only when set: the params are part of every request hash
-        params["stop"] = list(g.stop)
-    return params
 
 
 def ledger_path(recipe: Recipe, shard: tuple[int, int] | None = None) -> Path:
@@ -163,36 +47,17 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
         raise PotstillError(f"generation.top_logprobs={recipe.generation.top_logprobs}: OpenAI-compatible endpoints "
                             f"return at most 20")
     with exclusive(ledger_path(recipe, shard)), Ledger(ledger_path(recipe, shard)) as ledger:
-        tokenizer = teacher_tokenizer(recipe)
-        if spec.http:
-            desc = teacher_description(recipe, tokenizer)
-        else:
-            teacher = teacher or make_teacher(recipe)
-            desc = teacher.describe()
-        prompts, skipped = fitting_prompts(recipe, prompts, tokenizer)
+        backend = for_recipe(recipe, teacher)
+        prompts, skipped = fitting_prompts(recipe, prompts, backend.tokenizer)
         notes = [f"left out {skipped} prompts longer than the teacher's context allows "
                  f"(generation.long_prompts=skip)"] if skipped else []
-        key = ledger.register_teacher(desc)
-        planned = requests_for(key, prompts, params, recipe.generation.samples_per_prompt, shard)
-        todo = ledger.add_requests(key, planned, params)
-        stopped = None
-        if todo:
-            session = ledger.start_session(recipe.sha256())
-            if spec.backend == "openai":
-                from potstill.dispatch import dispatch
-
-                stopped = dispatch(spec, params, todo, ledger, session, key, tokenizer)
-            elif spec.backend == "openai_batch":
-                from potstill.batch import run_batches
-
-                stopped = run_batches(spec, params, todo, ledger, session, key, tokenizer)
-            else:
-                local_generate(teacher, todo, params, ledger, session, recipe.generation.batch_size)
-        counts = {"planned": len(planned), "sent": len(todo), **ledger.counts(), "spend": ledger.spend(key),
+        asked = ask(backend, ledger, prompts, params, recipe.sha256(), recipe.generation.samples_per_prompt, shard)
+        stopped = asked.stopped
+        counts = {"planned": len(asked.planned), "sent": asked.sent, **ledger.counts(), "spend": ledger.spend(asked.key),
                   "skipped_long_prompts": skipped}
         g = recipe.generation
         if g.samples_per_prompt > 1 and g.temperature > 0:
-            same = counts["identical_samples"] = ledger.identical_samples([h for h, _, _ in planned])
+            same = counts["identical_samples"] = ledger.identical_samples(asked.hashes)
             if same["identical"]:
                 notes.append(f"{same['identical']} of {same['prompts']} prompts got the same answer in all "
                              f"{g.samples_per_prompt} samples at temperature {g.temperature}" + (
@@ -200,6 +65,9 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
                                  "decodes greedily, and the ledger records the temperature asked for"
                                  if same["identical"] == same["prompts"] else ""))
         counts["notes"] = notes
+        # why the recipe's requests failed for good, most common first: the CLI prints it and exits 1
+        mine = set(asked.hashes)
+        counts["failures"] = Counter(r for h, r in ledger.failures().items() if h in mine).most_common()
     if stopped:
         raise PotstillError(f"generation stopped: {stopped}. Saved: {counts['done']} done, {counts['failed']} failed; "
                             f"rerun the same command to resume")
@@ -208,20 +76,10 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
 
 def import_stage(recipe: Recipe) -> dict:
     """The generate stage of an ``imported`` teacher: its file goes into the ledger (idempotent)."""
-    from potstill.importers import import_file
+    from potstill.teachers.imported import import_file
 
     spec = recipe.teacher
     with exclusive(ledger_path(recipe)), Ledger(ledger_path(recipe)) as ledger:
         counts = import_file(ledger, spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
                              terms_family=spec.terms_family, terms_url=spec.terms_url, n_tokens=n_tokens(recipe))
         return {"planned": counts["read"], "sent": 0, **ledger.counts(), "spend": ledger.spend(), "imported": counts}
-
-
-def local_generate(teacher: Teacher, todo, params: dict, ledger: Ledger, session: int, batch_size: int) -> None:
-    # similar lengths together: less padding per batch
-    todo = sorted(todo, key=lambda r: (sum(len(m["content"]) for m in r.messages), r.request_hash))
-    with progress("generate", len(todo)) as advance:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i:i + batch_size]
-            ledger.record(session, teacher.complete(batch, params))
-            advance(len(batch))

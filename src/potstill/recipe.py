@@ -66,6 +66,9 @@ class TeacherSpec(Section):
     revision: str | None = None  # e.g. a git commit or hub revision, recorded as given
     terms_family: str = "unknown"  # licence / terms family of the teacher's outputs, e.g. apache-2.0
     terms_url: str | None = None  # where those terms are written, for the student's model card
+    # why these outputs may train the student when the terms registry says "review" (allowed only
+    # under a condition potstill cannot check) or "unknown"; printed in the model card
+    terms_declared: str | None = Field(None, min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = Field(None, pattern=DEVICE_PATTERN)  # generate's device; default: the top-level device
     # local: also apply the folder's generation_config.json settings beyond generation.* (repetition
@@ -201,6 +204,8 @@ class TrainSpec(Section):
     batch_size: int = Field(32, ge=1)  # examples per optimizer step, over all processes
     micro_batch_size: int | None = Field(None, ge=1)  # examples per forward pass per process; default: all
     chunk_size: int = Field(0, ge=0)  # > 0: loss computed from hidden states this many tokens at a time
+    # with chunk_size > 0: run each chunk's step through torch.compile; auto = on for CUDA, off elsewhere
+    compile: Literal["auto", "on", "off"] = "auto"
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
@@ -246,13 +251,13 @@ class EvalSpec(Section):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
     device: str | None = Field(None, pattern=DEVICE_PATTERN)  # every model and the judge; default: top-level
-    judge: JudgeSpec | None = None  # judge win rate of each student against the teacher (prompt: potstill/judge.py)
+    judge: JudgeSpec | None = None  # judge win rate of each student against the teacher (prompt: potstill/evaluate/judge.py)
     lm_eval: LmEvalSpec | None = None
 
 
     @model_validator(mode="after")
     def _verifier_exists(self) -> EvalSpec:
-        from potstill.verifiers import available
+        from potstill.evaluate.verifiers import available
 
         if self.verifier not in available():
             raise ValueError(f"eval.verifier {self.verifier!r} is not installed; available: {', '.join(sorted(available()))}")
@@ -265,6 +270,10 @@ class Recipe(Section):
     # where every stage runs unless its section names another: auto (CUDA, else MPS, else CPU),
     # cpu, mps, cuda or cuda:N
     device: str = Field("auto", pattern=DEVICE_PATTERN)
+    # what the student is for: research, internal, commercial or competing (with the teacher's
+    # provider). train checks the teacher's terms against it (`potstill terms list`); a record-
+    # keeping aid, not legal advice
+    use: Literal["research", "internal", "commercial", "competing"] = "research"
     teacher: TeacherSpec
     prompts: PromptsSpec | None = None  # required, except for an imported teacher (its file holds the prompts)
     generation: GenerationSpec = GenerationSpec()

@@ -3,7 +3,7 @@ r"""Chunked KD + CE from hidden states: the (N, V) logits never exist all at onc
     loss = kd_ratio * T^2 * D(p_T || q_T) + (1 - kd_ratio) * CE(labels),   mean over N rows
 
 The student's logits are its output head applied to its hidden states, exactly as the model
-computes them (``Head``: weight, optional bias, scale, soft-cap; ``potstill.heads.output_head``
+computes them (``Head``: weight, optional bias, scale, soft-cap; ``potstill.train.heads.output_head``
 reads them off a model and checks them against its own logits). Rows are processed
 ``chunk_size`` at a time: each chunk's logits (chunk, V) are built, its loss and its gradients
 with respect to the chunk's hidden states and to the head's weight and bias are computed at once
@@ -75,6 +75,29 @@ def _chunk_loss(student_logits, labels, teacher, spec):
     return spec["kd_ratio"] * kd + (1 - spec["kd_ratio"]) * ce, ce, kd
 
 
+def _chunk_step(head, h, w, b, labels, part, spec):
+    """One chunk: the student's logits from its head, the dense teacher's from its own (inputs
+    detached, so no graph), then the summed loss, CE and KD. The unit ``torch.compile`` fuses."""
+    if "teacher_hidden" in part:
+        part = {"teacher_logits": spec["teacher_head"].logits(part["teacher_hidden"])}
+    return _chunk_loss(head.logits(h, w, b), labels, part, spec)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _step_function(compile: bool | str):
+    """``_chunk_step``, or its ``torch.compile``d form (compile: True = inductor, or a backend name).
+    Compiled once per process and backend; a chunk of another size (the last one) compiles once more,
+    with the row count dynamic from then on, so micro-batches of any size reuse that graph."""
+    if not compile:
+        return _chunk_step
+    backend = "inductor" if compile is True else compile
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_chunk_step, backend=backend, fullgraph=True)
+    return _COMPILED[backend]
+
+
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, head, labels, teacher_tensors, teacher_keys, spec, chunk_size, stats):
@@ -83,8 +106,9 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight)
         grad_bias = None if bias is None else torch.zeros_like(bias)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        ce_sum, kd_sum = 0.0, 0.0
+        # (3,) running sums of loss, CE and KD, kept on the device: no host sync inside the loop
+        sums = hidden.new_zeros(3, dtype=torch.float32)
+        step = _step_function(spec["compile"])
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             with torch.enable_grad():
@@ -92,24 +116,19 @@ class _ChunkedLoss(torch.autograd.Function):
                 w = weight.detach().requires_grad_(True)
                 b = None if bias is None else bias.detach().requires_grad_(True)
                 part = {k: v[start:end] for k, v in teacher.items()}
-                if "teacher_hidden" in teacher:  # dense teacher: its logits are chunked too, no grad
-                    with torch.no_grad():
-                        part = {"teacher_logits": spec["teacher_head"].logits(part.pop("teacher_hidden"))}
-                logits = head.logits(h, w, b)  # (chunk, V), freed at the end of this iteration
-                loss, ce, kd = _chunk_loss(logits, labels[start:end], part, spec)
+                # the chunk's (chunk, V) logits live only inside this call and its backward
+                loss, ce, kd = step(head, h, w, b, labels[start:end], part, spec)
                 grads = torch.autograd.grad(loss, (h, w) if b is None else (h, w, b))
             grad_hidden[start:end] = grads[0]
             grad_weight += grads[1]
             if b is not None:
                 grad_bias += grads[2]
-            total += loss.detach()
-            ce_sum += ce.item()
-            kd_sum += kd.item()
+            sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).float()
         scale = 1.0 / max(n, 1)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(grad_hidden * scale, grad_weight * scale, *([grad_bias * scale] if bias is not None else []))
-        stats["ce"], stats["kd"] = ce_sum * scale, kd_sum * scale  # for logging: plain floats
-        return total * scale
+        stats["ce"], stats["kd"] = sums[1] * scale, sums[2] * scale  # for logging: 0-dim tensors, no grad
+        return sums[0] * scale
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -122,12 +141,15 @@ def chunked_kd_loss(hidden: Tensor, head: Head | Tensor, labels: Tensor, *, name
                     topk_ids: Tensor | None = None, topk_logprobs: Tensor | None = None,
                     teacher_hidden: Tensor | None = None, teacher_head: Head | Tensor | None = None,
                     kd_ratio: float = 0.5, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-                    chunk_size: int = 1024) -> tuple[Tensor, float, float]:
+                    chunk_size: int = 1024, compile: bool | str = False) -> tuple[Tensor, Tensor, Tensor]:
     """hidden (N, H) of completion tokens, the student's head (a ``Head``, or a plain weight (V, H)),
     labels (N,). Returns (loss, ce, kd): the loss (a mean over N, differentiable in hidden and the
-    head's weight and bias) and the mean CE and KD terms."""
+    head's weight and bias) and the mean CE and KD terms (0-dim tensors without grad: reading them
+    is the caller's one host sync). ``compile`` runs each chunk's step through ``torch.compile``
+    (True: inductor; or a backend name), which fuses the (chunk, V) softmaxes and divergences."""
     head = head if isinstance(head, Head) else Head(head)
-    spec = {"name": name, "kd_ratio": kd_ratio, "temperature": temperature, "beta": beta, "alpha": alpha}
+    spec = {"name": name, "kd_ratio": kd_ratio, "temperature": temperature, "beta": beta, "alpha": alpha,
+            "compile": compile}
     if topk_ids is not None:
         teacher = {"topk_ids": topk_ids, "topk_logprobs": topk_logprobs}
     elif teacher_hidden is not None:

@@ -33,6 +33,12 @@ class Completion:
     token_logprobs: np.ndarray | None = None  # (T,) float32: each generated id's log-probability at temperature 1
 
 
+def greedy_params(max_new_tokens: int) -> dict:
+    """The sampling params of every greedy answer (eval's models and HTTP teacher, the judge). For an
+    HTTP teacher they are part of the request hashes, so they are written once, here."""
+    return {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0, "seed": 0}
+
+
 class Teacher(Protocol):
     def describe(self) -> dict:
         """Provenance: id, backend, weights or endpoint, tokenizer and chat-template hashes, terms."""

@@ -189,6 +189,18 @@ def folder_defaults_off(model):
         model.generation_config = folder_config
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of token ids as one (B, W) batch padded on the left, so every row's generation starts
+    at column W; returns (input_ids, attention_mask)."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        attention[i, width - len(ids):] = 1
+    return input_ids, attention
+
+
 @torch.no_grad()
 def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: int, hashes: list[str],
                  token_logprobs: bool = False, settings: dict | None = None, watermark=None) -> list[Completion]:
@@ -207,13 +219,8 @@ def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: in
     """
     tok = tokenizer
     start = time.perf_counter()
-    width = max(map(len, rows))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        attention[i, width - len(ids):] = 1
+    input_ids, attention = left_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    width = input_ids.shape[1]
     k = params["top_logprobs"]
     config = stated_config(params, tok, model.get_output_embeddings().weight.shape[0], settings)
     config.output_logits, config.return_dict_in_generate = bool(k) or token_logprobs, True

@@ -79,10 +79,6 @@ def generate(n: int, seed: int, skills: tuple[str, ...] = SKILLS, exclude: set[s
     return out
 
 
-def skill_of(prompt: str) -> str:
-    return prompt.split(" ", 1)[0]
-
-
 def verify(prompt: str, answer: str) -> bool:
     """True when ``answer`` is a correct answer to ``prompt`` (any valid one, for shuffle)."""
     answer = answer.strip()

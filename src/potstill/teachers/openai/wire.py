@@ -3,7 +3,7 @@
 This file knows the wire format only: the request body for a potstill ``Request`` (the same body
 goes online and into a Batch API line), and the parse of a response body into a ``Completion``,
 or a ``Malformed`` error naming what was wrong. Sending, retries, limits and budgets live in
-``potstill.dispatch``; the Batch API in ``potstill.batch``.
+``potstill.teachers.openai.dispatch``; the Batch API in ``potstill.teachers.openai.batch``.
 
 Token ids: OpenAI returns logprobs keyed by token *strings*, which cannot be mapped back to ids
 reliably, so potstill does not ask for them: such completions keep their text (sequence-level KD)
@@ -14,6 +14,7 @@ the top-k like the local backend does, so logit KD works over HTTP.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -71,12 +72,34 @@ def api_key(spec) -> str:
     return key
 
 
+KEY_ECHO = 8  # characters: an echo sharing this many consecutive characters with the key is redacted
+KEYISH = re.compile(r"[\w\-*.~+/=]")  # what a key, or a masked echo of one, is made of
+
+
 def redact(text: str, key: str | None = None) -> str:
-    """``text`` on one line without the API key, nor anything shaped like an OpenAI key (sk-...),
-    even masked: error bodies such as 401s echo part of the key."""
+    """``text`` on one line without the API key or any echo of it: a run of key-like characters
+    that shares ``KEY_ECHO`` consecutive characters with the key (a prefix, a suffix, a masked
+    ``s4CANARY****dEzz``: error bodies such as OpenAI's 401 echo part of the key, whatever its
+    shape), nor anything shaped like an OpenAI key (sk-...)."""
+    text = " ".join(text.split())
     if key and key != "none":
         text = text.replace(key, "***")
-    return re.sub(r"\bsk-[\w*\-]{6,}", "sk-***", " ".join(text.split()))
+        grams = {key[i:i + KEY_ECHO] for i in range(len(key) - KEY_ECHO + 1)}
+        spans, i = [], 0
+        while i <= len(text) - KEY_ECHO:
+            if text[i:i + KEY_ECHO] not in grams:
+                i += 1
+                continue
+            start, end = i, i + KEY_ECHO
+            while start > 0 and KEYISH.match(text[start - 1]):
+                start -= 1
+            while end < len(text) and (KEYISH.match(text[end]) or text[end - KEY_ECHO + 1:end + 1] in grams):
+                end += 1
+            spans.append((start, end))
+            i = end
+        for start, end in reversed(spans):
+            text = text[:start] + "***" + text[end:]
+    return re.sub(r"\bsk-[\w*\-]{6,}", "sk-***", text)
 
 
 def request_seed(request: Request) -> int:
@@ -124,6 +147,30 @@ def estimate_tokens(request: Request, params: dict, tokenizer) -> tuple[int, int
     return prompt, params["max_new_tokens"]
 
 
+def counted_usage(data, prompt_est: int, max_tokens: int) -> tuple[int, int, str | None]:
+    """(prompt, completion) tokens to count for a billed body, and the endpoint's claim (JSON) when
+    it was not counted as is. A claim is not trusted blindly: completion tokens must lie in
+    [0, max_tokens] and prompt tokens in [estimate / 4, 2 x estimate + 16] (the estimate is exact
+    with the teacher's tokenizer, about twice the truth from characters); a claim outside is
+    clamped to the range, and a missing or unreadable one counts the estimate (the worst case)."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    claim = usage if isinstance(usage, dict) else None
+
+    def count(name: str, low: int, high: int) -> int:
+        value = claim.get(name) if claim is not None else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            return high
+        return int(min(max(value, low), high))
+
+    prompt = count("prompt_tokens", prompt_est // 4, 2 * prompt_est + 16)
+    completion = count("completion_tokens", 0, max_tokens)
+    taken = claim is not None and claim.get("prompt_tokens") == prompt and claim.get("completion_tokens") == completion
+    if taken:
+        return prompt, completion, None
+    said = None if claim is None else {k: claim.get(k) for k in ("prompt_tokens", "completion_tokens")}
+    return prompt, completion, json.dumps(said, default=str)[:200]
+
+
 EXTRAS = ("return_tokens_as_token_ids",)  # vLLM fields the openai client sends through extra_body
 
 
@@ -131,16 +178,23 @@ def split_extras(body: dict) -> tuple[dict, dict]:
     return ({k: v for k, v in body.items() if k not in EXTRAS}, {k: v for k, v in body.items() if k in EXTRAS})
 
 
-def _token_id(token: str) -> int:
+def _token_id(token: str, vocab: int | None) -> int:
+    """The id in ``token_id:N``; it must name a token of the teacher's tokenizer (``vocab`` of them):
+    an id outside it would be stored, then crash training."""
     if not isinstance(token, str) or not token.startswith("token_id:"):
-        raise Malformed(f"token {token[:20]!r} is not token_id:N; does the endpoint support return_tokens_as_token_ids?")
+        raise Malformed(f"token {str(token)[:20]!r} is not token_id:N; does the endpoint support "
+                        f"return_tokens_as_token_ids?")
     try:
-        return int(token[9:])
+        i = int(token[9:])
     except ValueError:
         raise Malformed(f"token {token[:20]!r} is not token_id:N") from None
+    if i < 0 or (vocab is not None and i >= vocab):
+        raise Malformed(f"token id {i} is outside the teacher tokenizer's {vocab} tokens: is teacher.tokenizer the "
+                        f"one the endpoint serves?")
+    return i
 
 
-def _topk_rows(rows: list[list[tuple[str, float]]], k: int) -> tuple[np.ndarray, np.ndarray]:
+def _topk_rows(rows: list[list[tuple[str, float]]], k: int, vocab: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(T, k) ids and logprobs, descending; every row must have k entries and finite logprobs. A
     row may hold more than k (vLLM's legacy completions add the sampled token): the k likeliest stay."""
     if any(len(row) < k for row in rows):
@@ -152,24 +206,27 @@ def _topk_rows(rows: list[list[tuple[str, float]]], k: int) -> tuple[np.ndarray,
                 raise Malformed(f"position {t}: logprob {lp!r} is not a finite log-probability")
     rows = [sorted(row, key=lambda e: -e[1])[:k] for row in rows]
     lps = np.array([[lp for _, lp in row] for row in rows], np.float32)  # (T, k), descending
-    ids = np.array([[_token_id(tok) for tok, _ in row] for row in rows], np.int32)
+    ids = np.array([[_token_id(tok, vocab) for tok, _ in row] for row in rows], np.int32)
     # -inf (or OpenAI's -9999 sentinel) becomes -1e4: finite, and zero mass after exp
     return ids, np.maximum(lps, -1e4)
 
 
-def parse_response(request: Request, data: dict, params: dict, spec, seconds: float) -> Completion:
+def parse_response(request: Request, data: dict, params: dict, spec, seconds: float, used: tuple[int, int],
+                   vocab: int | None = None) -> Completion:
     """A chat or completions response body -> ``Completion``; raise ``Malformed`` with the reason,
-    whatever the shape of the body."""
+    whatever the shape of the body. ``used``: the (prompt, completion) tokens counted for it
+    (``counted_usage``: the body's own ``usage`` is not trusted); ``vocab``: the teacher
+    tokenizer's size, which every returned id must be under."""
     try:
-        return _parse_response(request, data, params, spec, seconds)
+        return _parse_response(request, data, params, spec, seconds, used, vocab)
     except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
         raise Malformed(f"unexpected response shape ({type(e).__name__}: {str(e)[:100]})") from None
 
 
-def _parse_response(request: Request, data: dict, params: dict, spec, seconds: float) -> Completion:
+def _parse_response(request: Request, data: dict, params: dict, spec, seconds: float, used: tuple[int, int],
+                    vocab: int | None) -> Completion:
     try:
         choice = data["choices"][0]
-        usage = data.get("usage") or {}
         finish = choice.get("finish_reason")
         text = choice["message"].get("content") if spec.api == "chat" else choice["text"]
     except (KeyError, IndexError, TypeError, AttributeError) as e:
@@ -178,6 +235,10 @@ def _parse_response(request: Request, data: dict, params: dict, spec, seconds: f
         raise Malformed(f"finish_reason {finish!r} (not stop or length)")
     if not isinstance(text, str):
         raise Malformed("response text is missing")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON allows "\ud800"): SQLite could not store it
+        raise Malformed("response text is not valid Unicode") from None
     k = params["top_logprobs"] if spec.token_ids else 0  # as request_body asked
     token_ids = topk_ids = topk_lps = None
     if k:
@@ -193,12 +254,11 @@ def _parse_response(request: Request, data: dict, params: dict, spec, seconds: f
             rows = [list((d or {}).items()) for d in (lp.get("top_logprobs") or [])]
         if len(rows) != len(chosen) or not chosen:
             raise Malformed(f"{len(chosen)} tokens but {len(rows)} top-logprob rows")
-        token_ids = [_token_id(t) for t in chosen]
-        topk_ids, topk_lps = _topk_rows(rows, k)
+        token_ids = [_token_id(t, vocab) for t in chosen]
+        topk_ids, topk_lps = _topk_rows(rows, k, vocab)
     return Completion(request_hash=request.request_hash, text=text, token_ids=token_ids, topk_ids=topk_ids,
-                      topk_logprobs=topk_lps, finish_reason=finish, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                      seed=request_seed(request), seconds=seconds,
-                      completion_tokens=int(usage.get("completion_tokens") or 0))
+                      topk_logprobs=topk_lps, finish_reason=finish, prompt_tokens=used[0],
+                      seed=request_seed(request), seconds=seconds, completion_tokens=used[1])
 
 
 def make_client(base_url: str, key: str, timeout: float):

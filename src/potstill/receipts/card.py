@@ -75,8 +75,20 @@ def card_text(info: dict, eval_report: dict | None = None, name: str = "student"
         "teachers": teachers, "ledger_sha256": info["ledger_sha256"], "examples": info["examples"],
         "recipe_sha256": info["recipe_sha256"],
     }
+    terms = info.get("terms")
+    if terms:
+        by_id = {r["teacher"]: r for r in terms["teachers"]}
+        for t in teachers:  # the verdict beside each teacher; the merged obligations once
+            if (r := by_id.get(t["id"])) is not None:
+                t.update(terms_registry=r["family"], terms_verdict=r["verdict"], licence=r["licence"],
+                         terms_url=t["terms_url"] or r["url"])
+        meta["distillation"]["terms"] = {k: terms[k] for k in ("use", "declared", "accepted_risk", "overridden")}
+        meta["distillation"]["terms"]["obligations"] = {k: v for k, v in terms["obligations"].items() if v}
+    for key in ("manifest_merkle_root", "manifest_rows", "weights_sha256"):
+        if info.get(key) is not None:
+            meta["distillation"][key] = info[key]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {md_text(name)}: distilled with potstill", "",
+             f"# {md_text(info.get('model_name') or name)}: distilled with potstill", "",
              f"A {info.get('parameters', 0):,}-parameter student trained by {method_of(train)} on "
              f"{info['examples']:,} completions of its teacher{'s' if len(teachers) > 1 else ''}:", ""]
     for t in teachers:
@@ -85,11 +97,17 @@ def card_text(info: dict, eval_report: dict | None = None, name: str = "student"
                      f"{md_text(t['access'])}, terms: {md_text(t['terms_family'])}{url}; "
                      f"{t['share_of_examples']:.0%} of examples, {t['share_of_tokens']:.0%} of tokens")
     lines += ["", "Anyone using this model must also honour the terms under which its teachers' outputs were "
-              "obtained; the `distillation:` block above records them.", "", "## Training", "",
+              "obtained; the `distillation:` block above records them.", ""]
+    if terms:
+        lines += terms_lines(terms)
+    lines += ["## Training", "",
               f"{info['steps']:,} optimizer steps, batch {train['batch_size']}, lr {train['lr']}, "
               f"loss `{meta['distillation']['loss']}`, T = {train['temperature']}, kd_ratio = "
               f"{meta['distillation']['kd_ratio']}, seed {train['seed']}. Training data: the ledger rows whose "
               f"content hash is `{info['ledger_sha256']}`."]
+    if info.get("manifest_merkle_root"):
+        lines += ["", f"Merkle root of those {info['manifest_rows']:,} rows: `{info['manifest_merkle_root']}` "
+                      f"(`potstill verify RUN` recomputes it; `--row HASH` proves one row belongs)."]
     if eval_report and name in eval_report.get("models", {}):
         m, t = eval_report["models"][name], eval_report["models"].get("teacher", {})
         lines += ["", "## Evaluation", "",
@@ -101,6 +119,29 @@ def card_text(info: dict, eval_report: dict | None = None, name: str = "student"
                 fmt = (lambda v: f"{v:,}") if key == "parameters" else (lambda v: f"{v:.3f}")
                 lines.append(f"| {label} | {fmt(m[key])} | {fmt(t[key]) if t.get(key) is not None else '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def terms_lines(terms: dict) -> list[str]:
+    """The card's terms section: the intended use, each teacher's verdict, the obligations, and
+    any override with its reason."""
+    ob = terms["obligations"]
+    lines = ["## Terms", "", f"Intended use: **{md_text(terms['use'])}**. Checked against potstill's terms registry, "
+             f"a record-keeping aid, not legal advice.", ""]
+    for r in terms["teachers"]:
+        url = f" ({md_url(r['url'])})" if r.get("url") else ""
+        lines.append(f"- {md_text(r['teacher'])}: {md_text(r['family'])}{url}, {md_text(r['verdict'])}"
+                     f"{' (declared: ' + md_text(r['declared']) + ')' if r.get('declared') and r['verdict'] in ('review', 'unknown') else ''}")
+    for line in ob.get("attribution", []):
+        lines += ["", f"**{md_text(line)}**"]
+    if ob.get("flow_down"):
+        lines += ["", "Restrictions that pass to every user of this model:", ""]
+        lines += [f"- {md_text(x)}" for x in ob["flow_down"]]
+    if ob.get("thresholds"):
+        lines += ["", "Thresholds:", ""] + [f"- {md_text(x)}" for x in ob["thresholds"]]
+    if terms.get("accepted_risk"):
+        lines += ["", f"Trained past the terms gate (`--accept-terms-risk`). Reason given: "
+                      f"{md_text(terms['accepted_risk'])}", ""] + [f"- {md_text(p)}" for p in terms["overridden"]]
+    return lines + [""]
 
 
 def write_card(model_dir: Path, eval_report: dict | None = None) -> Path:

@@ -58,11 +58,11 @@ def _png(fig, path: Path) -> str:
 
 
 def _template(name: str):
-    """A page template shipped in ``potstill/templates``, autoescaped: a run folder's name, a teacher
+    """A page template shipped in ``potstill/report/templates``, autoescaped: a run folder's name, a teacher
     id, a sample's text are all written as text, whatever characters they hold."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("potstill", "templates"), autoescape=True,
+    env = jinja2.Environment(loader=jinja2.PackageLoader("potstill.report", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True)
     return env.get_template(name)
 
@@ -125,6 +125,22 @@ def _plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     return images
 
 
+def terms_rows(loaded: list[dict], several: bool) -> list[list[str]]:
+    """One row per student and teacher: the terms verdict train recorded, and the manifest root."""
+    rows = []
+    for r in loaded:
+        for name, info in r["students"].items():
+            terms = info.get("terms")
+            if not terms:
+                continue
+            for t in terms["teachers"]:
+                why = terms.get("accepted_risk") or (t.get("declared") if t["verdict"] in ("review", "unknown") else None)
+                rows.append(([r["name"]] if several else []) + [
+                    name, t["teacher"], f"{t['rows']:,}", t["family"], t["matched_by"], terms["use"], t["verdict"],
+                    why or "-", info.get("manifest_merkle_root") or "-"])
+    return rows
+
+
 def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = None) -> Path:
     """One page for ``runs``; written to ``out`` (default: ``<run>/report.html``, or, for several
     runs, ``report.html`` in the first run's parent folder)."""
@@ -168,6 +184,10 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
     students_head = (["run"] if several else []) + ["student", "objective", "loss", "signal", "T", "kd_ratio", "steps",
                                                     "examples", "teachers (terms)", "ledger"]
 
+    terms = terms_rows(loaded, several)
+    terms_head = (["run"] if several else []) + ["student", "teacher", "rows", "terms family", "matched by", "use",
+                                                 "verdict", "declared / override reason", "Merkle root of its rows"]
+
     first = loaded[0]["eval"]["models"]
     names = [n for n in first if first[n].get("samples")]
     samples = [[s["prompt"]] + [first[n]["samples"][i]["answer"] for n in names]
@@ -178,7 +198,7 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
         identical=[(r["name"], r["identical_samples"]) for r in loaded
                    if r["identical_samples"] and r["identical_samples"]["identical"]],
         summary_head=head, summary=summary, extra_head=extra_head, extra=extra,
-        students_head=students_head, students=students, figures=list(images.items()),
+        students_head=students_head, students=students, terms_head=terms_head, terms=terms, figures=list(images.items()),
         samples_of=loaded[0]["name"] if several else None, samples_head=["prompt"] + names, samples=samples,
         provenance=[(r["name"], json.dumps(r["eval"]["provenance"], indent=2)) for r in loaded],
         audit_head=(["run"] if several else []) + ["test", "target", "statistic", "p-value", "tokens", "verdict"],

@@ -1,6 +1,6 @@
 """Pairwise judging: another model says which of two answers to a prompt is better.
 
-The judge is any teacher backend (the same ``complete`` interface), asked with ``JUDGE_PROMPT``
+The judge is a local model folder (``LocalTeacher``, through its ``complete``), asked with ``JUDGE_PROMPT``
 at temperature 0. Every pair is judged twice, with the answers in both orders, so a judge that
 prefers a position gains nothing from it. A verdict is parsed from the first non-empty line of
 the judge's reply (``parse_verdict``); a reply that says neither A, B nor tie is counted as
@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from potstill.teachers.base import Request
+from potstill.teachers.base import Request, greedy_params
 
 JUDGE_PROMPT = """You are judging two answers to the same request. Decide which answer is better: more correct, \
 more helpful, more to the point. Reply with one line: "A" if answer A is better, "B" if answer B is better, or \
@@ -73,7 +73,7 @@ def judge_pairs(judge, prompts: list[str], candidate: list[str], reference: list
             text = JUDGE_PROMPT.format(prompt=p, a=a, b=b)
             requests.append(Request(f"judge-{i}-{int(cand_is_a)}", [{"role": "user", "content": text}], 0, 0))
             meaning.append(cand_is_a)
-    params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0, "seed": 0}
+    params = greedy_params(max_new_tokens)
     replies = []
     for s in range(0, len(requests), batch_size):
         replies += [c.text for c in judge.complete(requests[s:s + batch_size], params)]

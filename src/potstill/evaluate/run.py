@@ -26,22 +26,21 @@ from pathlib import Path
 
 import torch
 
-from potstill import verifiers
-from potstill.card import write_card
+from potstill.evaluate import verifiers
+from potstill.receipts.card import write_card
 from potstill.errors import PotstillError
-from potstill.judge import judge_pairs
+from potstill.evaluate.judge import judge_pairs
 from potstill.progress import progress
 from potstill.prompts import Prompt, load_prompts
 from potstill.provenance import git_commit, library_versions
 from potstill.recipe import Recipe
-from potstill.ledger import requests_for
-from potstill.teachers.base import Request
+from potstill.teachers.base import Request, greedy_params
 from potstill.teachers.local import LocalTeacher
 
 
 def greedy(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, batch_size: int):
     """Greedy completions (text, token ids) and generation tokens/s over the whole set."""
-    params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0, "seed": 0}
+    params = greedy_params(max_new_tokens)
     requests = [Request(p.sha256, p.chat, 0, 0) for p in prompts]
     out = []
     start = time.perf_counter()
@@ -159,27 +158,18 @@ def lm_eval_scores(path: Path, spec, batch_size: int, device: str) -> dict:
 
 
 def http_teacher_answers(recipe: Recipe, prompts: list[Prompt]) -> list:
-    """The HTTP teacher's greedy answers to the held-out prompts, through the same dispatcher and
+    """The HTTP teacher's greedy answers to the held-out prompts, asked as generate asks (``ask``) and
     into a ledger of their own (``eval-ledger.sqlite``): a rerun pays for none of them again."""
-    from potstill.dispatch import dispatch
-    from potstill.generate import teacher_description, teacher_tokenizer
     from potstill.ledger import Ledger
+    from potstill.teachers.backends import ask, for_recipe
 
-    spec = recipe.teacher
-    if spec.backend == "openai_batch":
-        spec = spec.model_copy(update={"backend": "openai"})  # a few hundred prompts: online is fine
-    params = {"max_new_tokens": recipe.eval.max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0,
-              "seed": 0}
-    tokenizer = teacher_tokenizer(recipe)
+    params = greedy_params(recipe.eval.max_new_tokens)
     with Ledger(recipe.run_dir / "eval-ledger.sqlite") as ledger:
-        key = ledger.register_teacher(teacher_description(recipe, tokenizer))
-        planned = requests_for(key, prompts, params)
-        todo = ledger.add_requests(key, planned, params)
-        if todo:
-            stopped = dispatch(spec, params, todo, ledger, ledger.start_session(recipe.sha256()), key, tokenizer)
-            if stopped:
-                raise PotstillError(f"the teacher's held-out answers stopped: {stopped}; rerun eval to resume")
-        hashes = [h for h, _, _ in planned]
+        # online even for an openai_batch teacher: a few hundred prompts do not need a day's batch
+        asked = ask(for_recipe(recipe, online=True), ledger, prompts, params, recipe.sha256())
+        if asked.stopped:
+            raise PotstillError(f"the teacher's held-out answers stopped: {asked.stopped}; rerun eval to resume")
+        hashes = asked.hashes
         answers = {ex.request_hash: ex for ex in ledger.examples(hashes)}
     missing = [h for h in hashes if h not in answers]
     if missing:

@@ -74,7 +74,7 @@ def logit_rows(student, tokenizer) -> int:
 def check_tokenizers(teacher_path: str | Path | None, student_tok, student_rows: int, *, need_logits: bool) -> Compat:
     """Compare the teacher at ``teacher_path`` with the student; refuse logit KD across tokenizers.
     No path: an HTTP teacher whose tokenizer is unknown, so its text is all a student can learn from."""
-    from transformers import AutoTokenizer
+    from potstill.teachers.local import load_tokenizer_dir
 
     if teacher_path is None:
         if need_logits:
@@ -84,8 +84,8 @@ def check_tokenizers(teacher_path: str | Path | None, student_tok, student_rows:
         return Compat("different", 0, False, ["the teacher's tokenizer is unknown (HTTP teacher without "
                                               "teacher.tokenizer): the student learns from its text"])
 
+    teacher_tok = load_tokenizer_dir(teacher_path, "teacher tokenizer")
     try:
-        teacher_tok = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=False)
         teacher_rows = _rows(teacher_path, teacher_tok)
     except (OSError, ValueError) as e:
         raise PotstillError(f"teacher {teacher_path} could not be read: {str(e).splitlines()[0]}") from None
@@ -98,11 +98,11 @@ def check_tokenizers(teacher_path: str | Path | None, student_tok, student_rows:
 
 def doctor(teacher_path: str | Path, student_path: str | Path) -> list[str]:
     """A human-readable report for ``potstill doctor``."""
-    from transformers import AutoTokenizer
+    from potstill.teachers.local import load_tokenizer_dir
 
     lines = []
+    student_tok = load_tokenizer_dir(student_path, "student tokenizer")
     try:
-        student_tok = AutoTokenizer.from_pretrained(student_path, trust_remote_code=False)
         compat = check_tokenizers(teacher_path, student_tok, _rows(student_path), need_logits=False)
     except (OSError, ValueError) as e:
         raise PotstillError(f"student {student_path} could not be read: {str(e).splitlines()[0]}") from None

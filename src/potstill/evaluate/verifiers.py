@@ -9,7 +9,7 @@ installed packages through the ``potstill.verifiers`` entry-point group, so a ta
 ships with the task, e.g. in its pyproject.toml:
 
     [project.entry-points."potstill.verifiers"]
-    skillmix = "potstill.skillmix:verify_example"
+    skillmix = "potstill.tasks.skillmix:verify_example"
 """
 
 from __future__ import annotations

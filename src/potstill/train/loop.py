@@ -19,6 +19,7 @@ import random
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,20 +27,23 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from potstill import checkpoint
-from potstill.card import write_card
-from potstill.compat import Compat, check_tokenizers
-from potstill.data import TrainExample, build_examples, collate
-from potstill.devices import resolve_mixed_precision
+from potstill.train import checkpoint
+from potstill.receipts.card import write_card
+from potstill.train.tokenizer_match import Compat, check_tokenizers
+from potstill.train.examples import TrainExample, build_examples, collate
+from potstill.devices import resolve_compile, resolve_mixed_precision
 from potstill.errors import PotstillError
-from potstill.generate import recipe_requests
-from potstill.heads import model_heads
-from potstill.ledger import Ledger
+from potstill.ledger.requests import recipe_requests
+from potstill.train.heads import model_heads
+from potstill.ledger import Ledger, teacher_key
 from potstill.losses import kd_loss
 from potstill.losses.chunked import Head, chunked_kd_loss
 from potstill.progress import progress
+from potstill.provenance import weights_sha256
+from potstill.receipts import manifest, spdx
+from potstill.receipts.terms.export import gate_training, model_name, write_obligation_files
 from potstill.recipe import Recipe, TrainSpec
-from potstill.teachers.local import folder_defaults_off, load_model_dir
+from potstill.teachers.local import folder_defaults_off, left_pad, load_model_dir, load_tokenizer_dir
 
 MAX_BAD_STEPS = 3  # consecutive non-finite steps before the run stops
 
@@ -66,15 +70,10 @@ def load_student(recipe: Recipe, tokenizer):
 
 
 def load_student_tokenizer(recipe: Recipe):
-    from transformers import AutoTokenizer
-
     path = recipe.student.tokenizer or recipe.student.path or recipe.teacher.tokenizer_dir
     if path is None:
         raise PotstillError("the student needs a tokenizer: set student.tokenizer (the HTTP teacher has none here)")
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise PotstillError(f"student tokenizer {path} could not be loaded: {str(e).splitlines()[0]}") from None
+    return load_tokenizer_dir(path, "student tokenizer")
 
 
 def linear_names(model) -> list[str]:
@@ -108,14 +107,15 @@ def add_lora(model, spec: TrainSpec):
 
 
 def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None, on_policy: bool = False,
-              heads: dict[str, Head] | None = None):
+              heads: dict[str, Head] | None = None, compile: bool = False):
     """(loss, ce, kd) summed over the completion tokens of one micro-batch; only loss has a grad.
 
     Cached signal: sparse KD against the ledger's top-k. Online signal: dense KD against the
     teacher's full distribution. On-policy batches (student samples) train on KD alone: CE on
     the student's own samples would only reinforce them. With ``spec.chunk_size`` the logits are
     built from hidden states by ``heads["student"]`` (and ``heads["teacher"]``), checked once
-    against the models' own logits by ``output_head``; found here when not given.
+    against the models' own logits by ``output_head``; found here when not given; ``compile`` as in
+    ``chunked_kd_loss``.
     """
     if spec.chunk_size and heads is None:
         heads = model_heads(model, teacher)
@@ -145,8 +145,8 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
                     output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][:, :-1][mask]  # (N, H)
         loss, ce, kd = chunked_kd_loss(hidden, heads["student"].rows(vocab), labels[mask], kd_ratio=kd_ratio, chunk_size=spec.chunk_size,
-                                       **kd_args, **targets)
-        return loss * n, torch.tensor(ce * n), torch.tensor(kd * n)
+                                       compile=compile, **kd_args, **targets)
+        return loss * n, ce * n, kd * n
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     student = logits[mask][:, :vocab].float()  # (N, V_shared)
     if kd_ratio == 1.0:  # CE is only logged: no graph, no (N, V) log-softmax kept for backward
@@ -198,11 +198,8 @@ class Plan:
 def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: int, max_new_tokens: int) -> list[TrainExample]:
     """Replace each example's completion with one sampled from the student (temperature 1)."""
     prompts = [ex.input_ids[:ex.n_prompt] for ex in batch]
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id)
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], att[i, width - len(p):] = torch.tensor(p), 1
+    ids, att = left_pad(prompts, pad_id)
+    width = ids.shape[1]
     m = _unwrap(model)
     was_training = m.training
     m.eval()
@@ -218,11 +215,15 @@ def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: i
     return samples
 
 
-def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
-    """Train one student on the run's ledger and write it to ``<run>/<name>/`` (HF format)."""
-    run = recipe.run_dir
-    check_outputs(run, name)
-    ledger_path = run / "ledger.sqlite"
+OVERFLOW = "fp16 gradient overflow"  # a skipped step that is the scaler's business, not a bad step
+
+
+def ledger_examples(recipe: Recipe, name: str, accept_terms_risk: str | None = None) -> tuple[list, str, dict, dict]:
+    """The recipe's examples in the ledger, the ledger's content hash over them, the teacher's
+    description and its terms (checked against ``recipe.use``: a refusal stops here unless
+    ``accept_terms_risk`` gives a reason, kept in the ledger and the card); refused when generate
+    has not finished."""
+    ledger_path = recipe.run_dir / "ledger.sqlite"
     if not ledger_path.is_file():
         raise PotstillError(f"{ledger_path} not found: run `potstill generate` first")
     teacher_desc, hashes = recipe_requests(recipe)
@@ -230,6 +231,8 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
         examples = list(ledger.examples(hashes))
         ledger_sha = ledger.content_sha256(hashes)
         failed = ledger.failed_count(hashes)
+        terms = gate_training(ledger, examples, {teacher_key(teacher_desc): teacher_desc}, use=recipe.use,
+                              declared=recipe.teacher.terms_declared, accept_risk=accept_terms_risk, student=name)
     # requests that failed for good (a refused prompt, an imported refusal) are left out, and said so;
     # requests never answered mean generate has not finished
     if len(examples) + failed < len(hashes):
@@ -238,15 +241,53 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     if failed:
         print(f"train {name}: {failed} of {len(hashes)} requests failed in generate (reasons in the ledger's "
               f"requests.error); training on the other {len(examples)}")
+    return examples, ledger_sha, teacher_desc, terms
+
+
+@dataclass
+class Setup:
+    """What one student's training holds between steps: built by ``setup``, read by ``train_step``
+    and ``export``."""
+
+    spec: TrainSpec
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared by accelerate (wrapped under DDP)
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    teacher: torch.nn.Module | None  # online and on-policy KD: the teacher's weights, frozen
+    compat: Compat
+    heads: dict[str, Head] | None  # chunk_size > 0: the output heads the loss rebuilds logits from
+    data: list[TrainExample]
+    plan: Plan
+    pad_id: int
+    on_policy_max_new_tokens: int
+    mixed_precision: str
+    compile: bool  # the chunked loss's step through torch.compile (train.compile, resolved for the device)
+    ledger_sha: str
+    teacher_desc: dict
+    signature: dict  # what a checkpoint must match to be resumed
+    ckpt_root: Path
+    start: int  # the first step to run: 0, or the step of the checkpoint resumed
+    terms: dict | None = None  # the terms gate's record (potstill.json "terms")
+    request_hashes: list[str] | None = None  # the ledger rows trained on: the Merkle manifest's rows
+
+
+def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | None = None) -> Setup:
+    """Ledger examples (after the terms gate), accelerate, student, tokenizer match, optional online
+    teacher, LoRA, optimizer, and the checkpoint to resume from when one matches."""
+    examples, ledger_sha, teacher_desc, terms = ledger_examples(recipe, name, accept_terms_risk)
     if spec.objective == "kd" and spec.teacher_signal == "cached" and any(ex.topk_ids is None for ex in examples):
-        raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; generate with "
-                            "generation.top_logprobs > 0, or use train.teacher_signal=online")
+        raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; " + (
+            "teacher.token_ids is false, so the HTTP teacher's logprobs were not asked for: set teacher.token_ids=true "
+            "(vLLM, potstill serve) and generate again" if recipe.teacher.http and not recipe.teacher.token_ids else
+            "generate with generation.top_logprobs > 0") + ", or use train.teacher_signal=online")
 
     # accelerate keeps one state per process; a second student (the baseline) in the same process may
     # ask for another mixed precision, so forget the previous setting but keep the process group
     AcceleratorState._reset_state(reset_partial_state=False)
     device = recipe.device_for("train")
     mixed_precision = resolve_mixed_precision(spec.mixed_precision, device)
+    compile = bool(spec.chunk_size) and resolve_compile(spec.compile, device)
     if device.startswith("cuda:"):  # one process on a chosen GPU; under `accelerate launch` each rank has its own
         torch.cuda.set_device(int(device.partition(":")[2]))
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
@@ -277,7 +318,7 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
     signature = {"examples": len(data), "ledger_sha256": ledger_sha, "train": spec.model_dump(exclude={"resume"}),
                  "processes": accelerator.num_processes}
 
-    ckpt_root = run / "checkpoints" / name
+    ckpt_root = recipe.run_dir / "checkpoints" / name
     start = 0
     found = checkpoint.latest(ckpt_root) if spec.resume else None
     if found is not None and json.loads((found / "trainer.json").read_text())["signature"] == signature:
@@ -289,96 +330,121 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student") -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             checkpoint.clear(ckpt_root)
+    return Setup(spec, accelerator, model, optimizer, tokenizer, teacher, compat, heads, data, plan, pad_id,
+                 recipe.generation.max_new_tokens, mixed_precision, compile, ledger_sha, teacher_desc, signature, ckpt_root,
+                 start, terms, [ex.request_hash for ex in examples])
 
+
+def train_step(s: Setup, step: int) -> dict:
+    """One optimizer step (global number ``step``); returns its log row, with ``skipped`` set when
+    the loss or gradient was not finite and nothing was learned."""
+    spec, acc, model, optimizer = s.spec, s.accelerator, s.model, s.optimizer
+    ids = s.plan.batch(step)
+    n_tokens = sum(len(s.data[i].input_ids) - s.data[i].n_prompt for i in ids)  # all processes together
+    on_policy = (spec.objective == "kd" and spec.teacher_signal == "on_policy"
+                 and random.Random(spec.seed * 7919 + step).random() < spec.lmbda)
+    torch.manual_seed(spec.seed * 1_000_003 + step * 1009 + acc.process_index)  # dropout, sampling
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, s.plan.total, spec)
+    micro = [[s.data[i] for i in chunk] for chunk in s.plan.micro_batches(ids, acc.process_index)]
+    if on_policy:  # completions sampled from the student; their tokens are counted afresh
+        micro = [sample_from_student(model, batch, s.pad_id, s.tokenizer.eos_token_id, s.on_policy_max_new_tokens)
+                 for batch in micro]
+        mine = sum(len(ex.input_ids) - ex.n_prompt for batch in micro for ex in batch)
+        n_tokens = int(acc.reduce(torch.tensor(mine, device=acc.device), "sum"))
+    sums = torch.zeros(3)  # (loss, ce, kd) per token of the step
+    for j, batch in enumerate(micro):
+        tensors = {k: v.to(acc.device) for k, v in collate(batch, s.pad_id).items()}
+        sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
+        with sync, acc.autocast():
+            loss, ce, kd = loss_sums(model, tensors, spec, s.compat, s.teacher, on_policy, s.heads, s.compile)
+            # a sum over this micro-batch's tokens / all tokens of the step; DDP averages the
+            # gradients over processes, so multiply by their number to get a plain sum
+            acc.backward(loss * acc.num_processes / n_tokens)
+        sums += torch.stack([loss.detach().float(), ce.float(), kd.float()]).cpu() / n_tokens
+    grad_norm = acc.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
+    sums = acc.reduce(sums.to(acc.device), "sum").cpu()  # per-token means of the step
+    loss_ok = bool(torch.isfinite(sums).all())
+    if not (loss_ok and torch.isfinite(torch.as_tensor(grad_norm))):
+        if acc.scaler is not None:  # fp16: the scaler skips this step itself and lowers its scale
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"step": step + 1, "skipped": OVERFLOW if loss_ok and acc.scaler is not None
+                else "non-finite loss or gradient"}
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "epoch": step // s.plan.steps_per_epoch, "loss": sums[0].item(), "ce": sums[1].item(),
+            "kd": sums[2].item() if spec.objective == "kd" else None, "grad_norm": float(grad_norm),
+            "lr": optimizer.param_groups[0]["lr"], "on_policy": on_policy}
+
+
+def train(recipe: Recipe, spec: TrainSpec, name: str = "student", accept_terms_risk: str | None = None) -> Path:
+    """Train one student on the run's ledger and write it to ``<run>/<name>/`` (HF format).
+    Every teacher's terms are checked against ``recipe.use`` first; ``accept_terms_risk`` (a reason,
+    kept in the ledger and the card) trains past a refusal."""
+    run = recipe.run_dir
+    check_outputs(run, name)
+    s = setup(recipe, spec, name, accept_terms_risk)
+    acc, plan = s.accelerator, s.plan
     log_path = run / "logs" / f"{name}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = contextlib.nullcontext()
-    if accelerator.is_main_process:  # only the main process reads and rewrites the log
-        kept = [line for line in (log_path.read_text().splitlines() if start and log_path.exists() else [])
-                if json.loads(line)["step"] <= start]
+    if acc.is_main_process:  # only the main process reads and rewrites the log
+        kept = [line for line in (log_path.read_text().splitlines() if s.start and log_path.exists() else [])
+                if json.loads(line)["step"] <= s.start]
         log = open(log_path, "w")
     began, bad = time.perf_counter(), 0
-    model.train()
-    with log, progress(f"train {name}", plan.total - start) as advance:
-        if accelerator.is_main_process:
+    s.model.train()
+    with log, progress(f"train {name}", plan.total - s.start) as advance:
+        if acc.is_main_process:
             log.write("".join(line + "\n" for line in kept))
-        for step in range(start, plan.total):
-            ids = plan.batch(step)
-            n_tokens = sum(len(data[i].input_ids) - data[i].n_prompt for i in ids)  # all processes together
-            on_policy = (spec.objective == "kd" and spec.teacher_signal == "on_policy"
-                         and random.Random(spec.seed * 7919 + step).random() < spec.lmbda)
-            torch.manual_seed(spec.seed * 1_000_003 + step * 1009 + accelerator.process_index)  # dropout, sampling
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, plan.total, spec)
-            micro = [[data[i] for i in chunk] for chunk in plan.micro_batches(ids, accelerator.process_index)]
-            if on_policy:  # completions sampled from the student; their tokens are counted afresh
-                micro = [sample_from_student(model, batch, pad_id, tokenizer.eos_token_id,
-                                             recipe.generation.max_new_tokens) for batch in micro]
-                mine = sum(len(ex.input_ids) - ex.n_prompt for batch in micro for ex in batch)
-                n_tokens = int(accelerator.reduce(torch.tensor(mine, device=accelerator.device), "sum"))
-            sums = torch.zeros(3)
-            for j, batch in enumerate(micro):
-                tensors = {k: v.to(accelerator.device) for k, v in collate(batch, pad_id).items()}
-                sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    loss, ce, kd = loss_sums(model, tensors, spec, compat, teacher, on_policy, heads)
-                    # a sum over this micro-batch's tokens / all tokens of the step; DDP averages the
-                    # gradients over processes, so multiply by their number to get a plain sum
-                    accelerator.backward(loss * accelerator.num_processes / n_tokens)
-                sums += torch.stack([loss.detach().float(), ce.float(), kd.float()]).cpu() / n_tokens
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
-            sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()  # per-token means of the step
-            loss_ok = bool(torch.isfinite(sums).all())
-            if not (loss_ok and torch.isfinite(torch.as_tensor(grad_norm))):
-                if accelerator.scaler is not None:  # fp16: the scaler skips this step itself and lowers its scale
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                overflow = loss_ok and accelerator.scaler is not None  # the scaler's business, not a bad step
-                bad = 0 if overflow else bad + 1
-                if accelerator.is_main_process:
-                    why = "fp16 gradient overflow" if overflow else "non-finite loss or gradient"
-                    log.write(json.dumps({"step": step + 1, "skipped": why}) + "\n")
+        for step in range(s.start, plan.total):
+            row = train_step(s, step)
+            advance(1)
+            done = row["step"]
+            if "skipped" in row:
+                bad = 0 if row["skipped"] == OVERFLOW else bad + 1
+                if acc.is_main_process:
+                    log.write(json.dumps(row) + "\n")
                 if bad >= MAX_BAD_STEPS:
-                    raise PotstillError(f"{bad} non-finite steps in a row (last: step {step + 1}); lower train.lr, "
+                    raise PotstillError(f"{bad} non-finite steps in a row (last: step {done}); lower train.lr, "
                                         f"use train.mixed_precision=no, or check the ledger's logprobs")
-                advance(1)
                 continue
             bad = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            advance(1)
-            done = step + 1
             checkpoint.crash_point(f"step-{done}")
-            if accelerator.is_main_process and (done % spec.log_every == 0 or done == plan.total):
-                log.write(json.dumps({
-                    "step": done, "epoch": step // plan.steps_per_epoch, "loss": sums[0].item(),
-                    "ce": sums[1].item(), "kd": sums[2].item() if spec.objective == "kd" else None,
-                    "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"], "on_policy": on_policy,
-                    "seconds": round(time.perf_counter() - began, 3),
-                }) + "\n")
+            if acc.is_main_process and (done % spec.log_every == 0 or done == plan.total):
+                log.write(json.dumps({**row, "seconds": round(time.perf_counter() - began, 3)}) + "\n")
                 log.flush()
             if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < plan.total:
-                if accelerator.is_main_process:
-                    checkpoint.save_checkpoint(ckpt_root, done, _unwrap(model), optimizer, {"signature": signature},
-                                               spec.keep_checkpoints)
-                accelerator.wait_for_everyone()
-    seconds = time.perf_counter() - began
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tokens = sum(len(ex.input_ids) - ex.n_prompt for ex in data)
-        # a recipe has one teacher, so it supplied every example and token
-        teacher_desc = {**teacher_desc, "share_of_examples": 1.0, "share_of_tokens": 1.0}
-        info = {
-            "name": name, "objective": spec.objective, "train": spec.model_dump(), "student": recipe.student.model_dump(),
-            "recipe_sha256": recipe.sha256(), "ledger_sha256": ledger_sha, "examples": len(data),
-            "steps": plan.total, "resumed_from": start, "seconds": round(seconds, 2),
-            "processes": accelerator.num_processes, "device": str(accelerator.device),
-            "mixed_precision": mixed_precision, "tokenizers": compat.kind, "teachers": [teacher_desc],
-            "license": recipe.student.license, "completion_tokens": tokens,
-        }
-        save_student(_unwrap(model), tokenizer, run / name, info)
-    accelerator.wait_for_everyone()
+                if acc.is_main_process:
+                    checkpoint.save_checkpoint(s.ckpt_root, done, _unwrap(s.model), s.optimizer,
+                                               {"signature": s.signature}, spec.keep_checkpoints)
+                acc.wait_for_everyone()
+    export(s, recipe, name, time.perf_counter() - began)
     return run / name
+
+
+def export(s: Setup, recipe: Recipe, name: str, seconds: float) -> None:
+    """The trained student, its potstill.json (what made it) and its model card, to ``<run>/<name>/``."""
+    acc = s.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tokens = sum(len(ex.input_ids) - ex.n_prompt for ex in s.data)
+        # a recipe has one teacher, so it supplied every example and token
+        teacher_desc = {**s.teacher_desc, "share_of_examples": 1.0, "share_of_tokens": 1.0}
+        info = {
+            "name": name, "objective": s.spec.objective, "train": s.spec.model_dump(),
+            "student": recipe.student.model_dump(), "recipe_sha256": recipe.sha256(), "ledger_sha256": s.ledger_sha,
+            "examples": len(s.data), "steps": s.plan.total, "resumed_from": s.start, "seconds": round(seconds, 2),
+            "processes": acc.num_processes, "device": str(acc.device), "mixed_precision": s.mixed_precision,
+            "compile": s.compile, "tokenizers": s.compat.kind, "teachers": [teacher_desc], "license": recipe.student.license,
+            "completion_tokens": tokens, "terms": s.terms, "model_name": model_name(name, s.terms),
+        }
+        with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:  # the rows trained on, hashed into the manifest
+            rows = manifest.ledger_leaves(ledger, s.request_hashes,
+                                          {t["teacher_key"]: t["verdict"] for t in s.terms["teachers"]})
+        save_student(_unwrap(s.model), s.tokenizer, recipe.run_dir / name, info, rows)
+    acc.wait_for_everyone()
 
 
 def check_outputs(run: Path, name: str) -> None:
@@ -403,9 +469,11 @@ def check_outputs(run: Path, name: str) -> None:
                             f"{run / 'checkpoints' / name}: move it elsewhere; nothing was deleted")
 
 
-def save_student(model, tokenizer, out: Path, info: dict) -> None:
+def save_student(model, tokenizer, out: Path, info: dict, manifest_rows: list[tuple[str, bytes]] | None = None) -> None:
     """Write to a temporary folder, then rename: a half-written student never looks finished.
-    potstill.json lists the files, so that only a folder of these is ever replaced (check_outputs)."""
+    potstill.json lists the files, so that only a folder of these is ever replaced (check_outputs).
+    ``manifest_rows`` (request hash, leaf) of the rows trained on become manifest.merkle; its root and
+    the weights' hash go into potstill.json and the card."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
@@ -413,6 +481,12 @@ def save_student(model, tokenizer, out: Path, info: dict) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_obligation_files(tmp, info.get("terms"))
+        info["weights_sha256"] = weights_sha256(tmp)
+        if manifest_rows is not None:
+            info["manifest_merkle_root"] = manifest.write(tmp, manifest_rows)
+            info["manifest_rows"] = len(manifest_rows)
+        spdx.write(tmp, info)
         info["parameters"] = sum(p.numel() for p in model.parameters())
         info["files"] = sorted({p.name for p in tmp.iterdir()} | {"potstill.json", "README.md"})
         (tmp / "potstill.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -47,7 +47,9 @@ from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Completion, Request
-from potstill.teachers.openai_api import Malformed, api_key, estimate_tokens, parse_response, request_body
+from potstill.teachers.openai.budget import Budget, price
+from potstill.teachers.openai.wire import (Malformed, api_key, counted_usage, estimate_tokens, parse_response,
+                                          request_body)
 
 MAX_LINES = 50_000  # requests per batch input file (API limit)
 MAX_BYTES = 200_000_000  # bytes per batch input file (API limit: 200 MB)
@@ -171,37 +173,28 @@ def chunks(lines: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
 # -- budgets ----------------------------------------------------------------------------------------
 
 
-def batch_cost(prices, prompt_tokens: int, completion_tokens: int) -> float:
-    """USD for one line: list prices per million tokens, times ``BATCH_DISCOUNT``."""
-    return (prompt_tokens * prices.prompt + completion_tokens * prices.completion) / 1e6 * BATCH_DISCOUNT
+def budget_of(run: Run) -> Budget:
+    """The teacher's budget at Batch prices, with the ledger's spend."""
+    return Budget(run.spec.budget, run.spec.prices, run.ledger.spend(run.teacher_key), BATCH_DISCOUNT)
 
 
 def affordable(run: Run, fresh: list[Request], jobs: list[Job]) -> tuple[int, str | None]:
     """How many of ``fresh`` (in order) fit the budget at worst case, on top of the ledger's spend
     and the worst case of the open batches' pending requests; and why the rest does not."""
-    b = run.spec.budget
-    if b.max_requests is None and b.max_tokens is None and b.max_cost is None:
+    budget = budget_of(run)
+    if not budget.limited:
         return len(fresh), None
-
-    def worst(r: Request) -> tuple[int, float]:
-        prompt, completion = estimate_tokens(r, run.params, run.tokenizer)
-        return prompt + completion, batch_cost(run.spec.prices, prompt, completion)
-
-    s = run.ledger.spend(run.teacher_key)
-    requests, tokens, cost = s["requests"], s["prompt_tokens"] + s["completion_tokens"], s["cost"]
+    # an open batch's pending requests count as spent at their worst case until it is collected
     for h in set().union(*(j.hashes for j in jobs)) & run.requests.keys():
-        t, c = worst(run.requests[h])
-        requests, tokens, cost = requests + 1, tokens + t, cost + c
+        budget.reserve(*estimate_tokens(run.requests[h], run.params, run.tokenizer))
     for i, r in enumerate(fresh):
-        t, c = worst(r)
-        limit = ("max_requests", b.max_requests) if b.max_requests is not None and requests + 1 > b.max_requests else \
-            ("max_tokens", b.max_tokens) if b.max_tokens is not None and tokens + t > b.max_tokens else \
-            ("max_cost", b.max_cost) if b.max_cost is not None and cost + c > b.max_cost else None
-        if limit:
-            return i, (f"budget reached: teacher.budget.{limit[0]}={limit[1]:g} leaves room for {i} of {len(fresh)} "
-                       f"new requests at their worst case (spent and reserved: {requests} requests, {tokens:,} tokens, "
-                       f"${cost:.4f}); rerun once open batches are collected, or raise the budget")
-        requests, tokens, cost = requests + 1, tokens + t, cost + c
+        worst = estimate_tokens(r, run.params, run.tokenizer)
+        if (over := budget.over(*worst)):
+            return i, (f"budget reached: teacher.budget.{over[0]}={over[1]:g} leaves room for {i} of {len(fresh)} "
+                       f"new requests at their worst case (spent and reserved: {budget.requests} requests, "
+                       f"{budget.tokens + budget.reserved_tokens:,.0f} tokens, ${budget.cost + budget.reserved_cost:.4f}); "
+                       f"rerun once open batches are collected, or raise the budget")
+        budget.reserve(*worst)
     return len(fresh), None
 
 
@@ -367,12 +360,11 @@ def collect(run: Run, job: Job, batch) -> None:
             already.add(h)
             continue
         seen.add(h)
-        completion, reason, status, usage = read_line(line, request, params, run.spec, per_line)
-        used = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-        cost = batch_cost(run.spec.prices, *used)
+        completion, reason, status, used = read_line(line, request, params, run.spec, per_line, run.tokenizer)
+        cost = price(run.spec.prices, *used[:2], BATCH_DISCOUNT)
         run.cost += cost
         attempts.append(Attempt(h, run.url, sent_at, per_line, "ok" if completion else "failed", status, reason,
-                                used[0], used[1], cost))
+                                used[0], used[1], cost, used[2]))
         if completion:
             completions.append(completion)
         else:
@@ -400,13 +392,18 @@ def _unrun(line: dict) -> bool:
     return isinstance(error, dict) and error.get("code") in UNRUN
 
 
-def read_line(line: dict, request: Request, params: dict, spec, seconds: float
-              ) -> tuple[Completion | None, str | None, int | None, dict]:
-    """One output or error line -> (completion, None, 200, usage) or (None, reason, HTTP status, usage)."""
+def read_line(line: dict, request: Request, params: dict, spec, seconds: float, tokenizer=None
+              ) -> tuple[Completion | None, str | None, int | None, tuple[int, int, str | None]]:
+    """One output or error line -> (completion, None, 200, used) or (None, reason, HTTP status,
+    used); used: (prompt, completion) tokens counted and the line's claim when not taken as is
+    (``counted_usage``). An error line without usage is not billed."""
     response = line.get("response") or {}
     status = response.get("status_code")
     body = response.get("body")
-    usage = (body.get("usage") if isinstance(body, dict) else None) or {}
+    if status == 200 or isinstance(body, dict) and isinstance(body.get("usage"), dict):
+        usage = counted_usage(body, estimate_tokens(request, params, tokenizer)[0], params["max_new_tokens"])
+    else:
+        usage = (0, 0, None)
     error = line.get("error")
     if error:
         what = f"{error.get('code') or 'error'}: {error.get('message')}" if isinstance(error, dict) else str(error)
@@ -416,7 +413,8 @@ def read_line(line: dict, request: Request, params: dict, spec, seconds: float
         message = (detail.get("message") if isinstance(detail, dict) else None) or str(body)[:200]
         return None, f"HTTP {status}: {message}"[:300], status, usage
     try:
-        completion = parse_response(request, body, params, spec, seconds)
+        completion = parse_response(request, body, params, spec, seconds, usage[:2],
+                                    None if tokenizer is None else len(tokenizer))
         if (problem := completion_problem(completion)):
             raise Malformed(problem)
     except Malformed as e:
@@ -427,7 +425,7 @@ def read_line(line: dict, request: Request, params: dict, spec, seconds: float
 def api_reason(exc, key: str) -> tuple[str, str]:
     """(kind, reason) of an API error as the online path classifies it (retry or fatal), the reason
     on one line without the API key, nor anything shaped like an OpenAI key (sk-...), even masked."""
-    from potstill.dispatch import classify
+    from potstill.teachers.openai.dispatch import classify
 
     kind, _, reason, _ = classify(exc, key)
     return {"unreachable": "retry", "malformed": "retry", "bad_request": "fatal"}.get(kind, kind), reason

@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS completions (
     seconds REAL,
     created_at TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS attempts (      -- one row per HTTP send that got an answer or an error
+CREATE TABLE IF NOT EXISTS attempts (      -- one row per HTTP send, written before it is sent
     attempt_id INTEGER PRIMARY KEY,
     request_hash TEXT NOT NULL,
     session_id INTEGER NOT NULL REFERENCES sessions,
@@ -90,7 +90,8 @@ CREATE TABLE IF NOT EXISTS attempts (      -- one row per HTTP send that got an 
     error TEXT,
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
-    cost REAL NOT NULL DEFAULT 0           -- USD, from the recipe's prices
+    cost REAL NOT NULL DEFAULT 0,          -- USD, from the recipe's prices
+    usage_claimed TEXT                     -- JSON: the endpoint's usage when it was not counted as is
 );
 CREATE INDEX IF NOT EXISTS attempts_request ON attempts (request_hash);
 CREATE TABLE IF NOT EXISTS batches (       -- OpenAI Batch API jobs
@@ -102,6 +103,14 @@ CREATE TABLE IF NOT EXISTS batches (       -- OpenAI Batch API jobs
     error TEXT,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS terms_overrides (  -- --accept-terms-risk: who trained past the terms gate, and why
+    override_id INTEGER PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    student TEXT NOT NULL,                 -- the student's folder name in the run
+    use TEXT NOT NULL,                     -- the recipe's intended use
+    reason TEXT NOT NULL,                  -- as given on the command line
+    problems TEXT NOT NULL                 -- JSON list: what the gate would have stopped for
 );
 CREATE TABLE IF NOT EXISTS batch_requests (
     local_id TEXT NOT NULL REFERENCES batches,
@@ -193,6 +202,8 @@ class Attempt:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
+    usage_claimed: str | None = None  # the endpoint's usage (JSON) when it was not counted as is
+    attempt_id: int | None = None  # set once ``open_attempts`` wrote it; ``record`` then settles that row
 
 
 @dataclass
@@ -232,6 +243,8 @@ class Ledger:
             self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
         elif version[0] != SCHEMA_VERSION:
             raise PotstillError(f"{self.path}: ledger schema {version[0]}, this potstill reads {SCHEMA_VERSION}")
+        if "usage_claimed" not in {r[1] for r in self.db.execute("PRAGMA table_info(attempts)")}:
+            self.db.execute("ALTER TABLE attempts ADD COLUMN usage_claimed TEXT")  # additive: older potstills read it
 
     def close(self) -> None:
         self.db.close()
@@ -245,6 +258,18 @@ class Ledger:
         self.close()
 
     # -- writing ------------------------------------------------------------------------------
+
+    def record_terms_override(self, student: str, use: str, reason: str, problems: list[str]) -> None:
+        """Keep the reason a run trained past the terms gate (an additive table: a ledger written
+        before it gets the table when opened, and older potstills ignore it)."""
+        self.db.execute("INSERT INTO terms_overrides (created_at, student, use, reason, problems) VALUES (?,?,?,?,?)",
+                        (_now(), student, use, reason, json.dumps(problems)))
+
+    def terms_overrides(self) -> list[dict]:
+        rows = self.db.execute("SELECT created_at, student, use, reason, problems FROM terms_overrides "
+                               "ORDER BY override_id").fetchall()
+        return [dict(zip(("created_at", "student", "use", "reason", "problems"), r[:4] + (json.loads(r[4]),)))
+                for r in rows]
 
     def register_teacher(self, description: dict) -> str:
         key = teacher_key(description)
@@ -294,11 +319,14 @@ class Ledger:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             for a in attempts:
-                self.db.execute(
-                    "INSERT INTO attempts (request_hash, session_id, endpoint, sent_at, seconds, outcome, http_status,"
-                    " error, prompt_tokens, completion_tokens, cost) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (a.request_hash, session_id, a.endpoint, a.sent_at, a.seconds, a.outcome, a.http_status,
-                     a.error, a.prompt_tokens, a.completion_tokens, a.cost))
+                if a.attempt_id is not None:
+                    self.db.execute(
+                        "UPDATE attempts SET seconds=?, outcome=?, http_status=?, error=?, prompt_tokens=?, "
+                        "completion_tokens=?, cost=?, usage_claimed=? WHERE attempt_id=?",
+                        (a.seconds, a.outcome, a.http_status, a.error, a.prompt_tokens, a.completion_tokens, a.cost,
+                         a.usage_claimed, a.attempt_id))
+                    continue
+                self._insert_attempt(session_id, a)
             for h, reason in (failures or {}).items():
                 self.db.execute("UPDATE requests SET status='failed', error=?, updated_at=? WHERE request_hash=?"
                                 " AND status != 'done'", (reason, now, h))
@@ -326,6 +354,21 @@ class Ledger:
                 self.db.execute("UPDATE batches SET status='collected', updated_at=? WHERE local_id=?",
                                 (now, collected_batch))
         return valid
+
+    def open_attempts(self, session_id: int, attempts: list[Attempt]) -> list[int]:
+        """Write sends about to happen, at their worst case, and return their row ids: a send the
+        process dies in is still counted (spend, budgets) when the ledger is next opened. ``record``
+        settles each row with what came back."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            return [self._insert_attempt(session_id, a) for a in attempts]
+
+    def _insert_attempt(self, session_id: int, a: Attempt) -> int:
+        return self.db.execute(
+            "INSERT INTO attempts (request_hash, session_id, endpoint, sent_at, seconds, outcome, http_status,"
+            " error, prompt_tokens, completion_tokens, cost, usage_claimed) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (a.request_hash, session_id, a.endpoint, a.sent_at, a.seconds, a.outcome, a.http_status,
+             a.error, a.prompt_tokens, a.completion_tokens, a.cost, a.usage_claimed)).lastrowid
 
     # -- Batch API jobs -----------------------------------------------------------------------
 
@@ -411,8 +454,14 @@ class Ledger:
         if request_hashes is None:
             return "completions c"
         self.db.execute("CREATE TEMP TABLE IF NOT EXISTS selected (request_hash TEXT PRIMARY KEY)")
+        # in one transaction: in autocommit each insert is its own, about 50 us a row once the table was filled before
+        own = not self.db.in_transaction
+        if own:
+            self.db.execute("BEGIN")
         self.db.execute("DELETE FROM selected")
         self.db.executemany("INSERT OR IGNORE INTO selected VALUES (?)", ((h,) for h in request_hashes))
+        if own:
+            self.db.execute("COMMIT")
         return "selected JOIN completions c USING (request_hash)"
 
     def examples(self, request_hashes: list[str] | None = None) -> Iterator[Example]:
@@ -442,6 +491,21 @@ class Ledger:
                 h.update(b"\x00" if field is None else (field.encode() if isinstance(field, str) else field))
                 h.update(b"\x1f")
         return h.hexdigest()
+
+    def manifest_rows(self, request_hashes: list[str]) -> Iterator[tuple]:
+        """What each done row of ``request_hashes`` was asked and answered, in request-hash order:
+        (request hash, teacher key, messages, params, sample index, text, token ids, top_k, top-k
+        ids, top-k logprobs, finish reason). The Merkle manifest hashes these."""
+        return self.db.execute(
+            f"""SELECT c.request_hash, r.teacher_key, p.messages, r.params, r.sample_index, c.text, c.token_ids,
+                       c.top_k, c.topk_ids, c.topk_logprobs, c.finish_reason
+                FROM {self._select(request_hashes)} JOIN requests r USING (request_hash)
+                JOIN prompts p USING (prompt_sha256) ORDER BY c.request_hash""")
+
+    def teacher_rows(self, request_hashes: list[str]) -> dict[str, int]:
+        """How many done rows of ``request_hashes`` each teacher key answered."""
+        return dict(self.db.execute(f"SELECT r.teacher_key, count(*) FROM {self._select(request_hashes)} "
+                                    f"JOIN requests r USING (request_hash) GROUP BY r.teacher_key"))
 
     def bytes_per_token(self) -> float:
         """Stored bytes of token ids + top-k ids + top-k logprobs, per completion token."""

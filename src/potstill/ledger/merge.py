@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from potstill.errors import PotstillError
-from potstill.ledger import SCHEMA_VERSION, Ledger, exclusive
+from potstill.ledger.store import SCHEMA_VERSION, Ledger, exclusive
 
 TABLES = ("meta", "teachers", "prompts", "sessions", "requests", "completions", "attempts", "batches",
           "batch_requests")

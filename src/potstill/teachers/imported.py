@@ -53,7 +53,7 @@ from potstill.teachers.base import Completion
 
 FORMATS = ("openai_chat", "jsonl", "parquet")
 MAX_LINE_BYTES = 64 << 20  # a line with T x k top-k lists can be MBs; longer lines are refused unread
-CHUNK_ROWS = 4096  # rows planned and recorded per transaction (Ledger.plan reads every done hash per call)
+CHUNK_ROWS = 4096  # rows planned and recorded per transaction (one transaction each in Ledger.add_requests and Ledger.record)
 CHUNK_BYTES = 64 << 20  # ... or fewer, once their top-k arrays hold this many bytes
 PARQUET_BATCH_ROWS = 256
 LOGPROBS_DROPPED = "dropped: token strings without ids"

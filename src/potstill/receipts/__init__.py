@@ -1,0 +1,1 @@
+"""What a run hands over besides weights: the model card."""

@@ -1,0 +1,156 @@
+"""One way to ask a teacher. ``for_recipe`` picks the backend the recipe names; ``ask`` plans the
+requests, keeps those the ledger lacks, and has the backend answer them into the ledger. generate
+and eval both call ``ask``; neither knows which backend answers.
+
+A backend has a ``tokenizer`` (None for an HTTP teacher without one), ``describe()`` (provenance,
+computed without loading weights or calling an endpoint: its hash is part of every request hash)
+and ``answer(requests, params, ledger, session, key)``, which stores each answer in the ledger and
+returns why sending stopped early (budget, a non-retryable error), or None.
+
+An ``imported`` teacher has no backend: its file holds the requests and the answers at once
+(``teachers/imported.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from potstill.ledger.store import Ledger, requests_for
+from potstill.progress import progress
+from potstill.prompts import Prompt
+from potstill.recipe import Recipe
+from potstill.teachers.base import Request, Teacher
+
+
+class Backend(Protocol):
+    tokenizer: object | None
+
+    def describe(self) -> dict:
+        """The teacher's provenance: id, backend, weights or endpoint, tokenizer and template hashes, terms."""
+
+    def answer(self, requests: list[Request], params: dict, ledger: Ledger, session: int, key: str) -> str | None:
+        """Answer ``requests`` into ``ledger``; why sending stopped early, or None."""
+
+
+def make_teacher(recipe: Recipe) -> Teacher:
+    from potstill.teachers.local import LocalTeacher
+
+    spec = recipe.teacher
+    return LocalTeacher(spec.path, id=recipe.teacher_id(), revision=spec.revision, terms_family=spec.terms_family,
+                        terms_url=spec.terms_url, dtype=spec.dtype, device=recipe.device_for("teacher"),
+                        use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code,
+                        watermark=recipe_watermark(recipe))
+
+
+def recipe_watermark(recipe: Recipe):
+    """teacher.watermark's Watermark (its key read from key_file), or None."""
+    from potstill.audit.watermark import load_watermark
+
+    w = recipe.teacher.watermark
+    return load_watermark(w.key_file, w.gamma, w.delta, w.context) if w else None
+
+
+class LocalBackend:
+    """A Hugging Face model folder, generated from here in batches; the weights load on the first
+    answer, so a rerun with nothing to ask never loads them."""
+
+    def __init__(self, recipe: Recipe, teacher: Teacher | None = None):
+        from potstill.teachers.local import check_model_dir, load_tokenizer_dir
+
+        self.recipe, self._teacher = recipe, teacher
+        spec = recipe.teacher
+        # the folder is checked first: a folder without safetensors is refused for that, whatever its tokenizer
+        self.tokenizer = load_tokenizer_dir(check_model_dir(spec.path, "teacher"), "teacher tokenizer",
+                                            spec.trust_remote_code)
+
+    def describe(self) -> dict:
+        if self._teacher is not None:
+            return self._teacher.describe()
+        from potstill.teachers.local import describe_local
+
+        spec = self.recipe.teacher
+        return describe_local(Path(spec.path), self.tokenizer, id=self.recipe.teacher_id(), revision=spec.revision,
+                              terms_family=spec.terms_family, dtype=spec.dtype, terms_url=spec.terms_url,
+                              use_generation_config=spec.use_generation_config,
+                              trust_remote_code=spec.trust_remote_code,
+                              watermark=recipe_watermark(self.recipe).describe() if spec.watermark else None)
+
+    def answer(self, requests: list[Request], params: dict, ledger: Ledger, session: int, key: str) -> None:
+        teacher = self._teacher = self._teacher or make_teacher(self.recipe)
+        batch_size = self.recipe.generation.batch_size
+        # similar lengths together: less padding per batch
+        requests = sorted(requests, key=lambda r: (sum(len(m["content"]) for m in r.messages), r.request_hash))
+        with progress("generate", len(requests)) as advance:
+            for i in range(0, len(requests), batch_size):
+                batch = requests[i:i + batch_size]
+                ledger.record(session, teacher.complete(batch, params))
+                advance(len(batch))
+        return None
+
+
+class HTTPBackend:
+    """An OpenAI-compatible endpoint, one request at a time with retries (``potstill.teachers.openai.dispatch``)."""
+
+    def __init__(self, recipe: Recipe, spec=None):
+        from potstill.teachers.openai.wire import load_tokenizer
+
+        self.recipe, self.spec = recipe, spec or recipe.teacher  # spec: how to send, which may differ from the recipe's
+        self.tokenizer = load_tokenizer(recipe.teacher)
+
+    def describe(self) -> dict:
+        from potstill.teachers.openai.wire import describe_openai
+
+        return describe_openai(self.recipe.teacher, self.tokenizer, self.recipe.teacher_id())
+
+    def answer(self, requests: list[Request], params: dict, ledger: Ledger, session: int, key: str) -> str | None:
+        from potstill.teachers.openai.dispatch import dispatch
+
+        return dispatch(self.spec, params, requests, ledger, session, key, self.tokenizer)
+
+
+class BatchBackend(HTTPBackend):
+    """OpenAI's Batch API: files of requests, collected when done (``potstill.teachers.openai.batch``)."""
+
+    def answer(self, requests: list[Request], params: dict, ledger: Ledger, session: int, key: str) -> str | None:
+        from potstill.teachers.openai.batch import run_batches
+
+        return run_batches(self.spec, params, requests, ledger, session, key, self.tokenizer)
+
+
+def for_recipe(recipe: Recipe, teacher: Teacher | None = None, online: bool = False) -> Backend:
+    """The recipe's teacher backend. ``teacher``: an already loaded local teacher; ``online``: an
+    ``openai_batch`` teacher answers one request at a time (a few hundred held-out prompts do not
+    need a day's batch)."""
+    spec = recipe.teacher
+    if spec.backend == "openai_batch":
+        return HTTPBackend(recipe, spec.model_copy(update={"backend": "openai"})) if online else BatchBackend(recipe)
+    if spec.http:
+        return HTTPBackend(recipe)
+    if spec.backend == "imported":
+        raise ValueError("an imported teacher has no backend: its file is read into the ledger (teachers/imported.py)")
+    return LocalBackend(recipe, teacher)
+
+
+@dataclass
+class Asked:
+    key: str  # the teacher's key in the ledger
+    planned: list[tuple]  # (request_hash, prompt, sample_index) for every request asked for
+    sent: int  # requests the ledger lacked, sent this time
+    stopped: str | None  # why sending stopped early, or None
+
+    @property
+    def hashes(self) -> list[str]:
+        return [h for h, _, _ in self.planned]
+
+
+def ask(backend: Backend, ledger: Ledger, prompts: list[Prompt], params: dict, recipe_sha256: str,
+        samples_per_prompt: int = 1, shard: tuple[int, int] | None = None) -> Asked:
+    """Plan the requests for ``prompts``, keep those ``ledger`` has no answer for, and have the
+    backend answer them into it (one session, recorded with the recipe's hash)."""
+    key = ledger.register_teacher(backend.describe())
+    planned = requests_for(key, prompts, params, samples_per_prompt, shard)
+    todo = ledger.add_requests(key, planned, params)
+    stopped = backend.answer(todo, params, ledger, ledger.start_session(recipe_sha256), key) if todo else None
+    return Asked(key, planned, len(todo), stopped)

@@ -1,0 +1,182 @@
+"""The Merkle manifest: the tree equals RFC 6962's, inclusion proofs check, and `potstill verify`
+names the ledger row, weights or card field that changed."""
+
+import hashlib
+import json
+import shutil
+import sqlite3
+
+import pytest
+
+from potstill.receipts import manifest
+
+
+def rfc6962_root(leaves: list[bytes]) -> bytes:
+    """MTH of RFC 6962 §2.1, written from the RFC's recursion: split at the largest power of two
+    smaller than n."""
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    return hashlib.sha256(b"\x01" + rfc6962_root(leaves[:k]) + rfc6962_root(leaves[k:])).digest()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 8, 9, 16, 17, 33])
+def test_root_is_rfc6962_and_every_inclusion_proof_checks(n):
+    leaves = [manifest.leaf_hash(manifest.row_digest([i, "row"])) for i in range(n)]
+    root = manifest.merkle_root(leaves)
+    assert root == rfc6962_root(leaves)
+    for i in range(n):
+        path = manifest.inclusion_proof(leaves, i)
+        assert manifest.proof_root(leaves[i], path) == root
+        assert len(path) <= max(n - 1, 0).bit_length()
+        forged = manifest.leaf_hash(manifest.row_digest([i, "other"]))
+        assert manifest.proof_root(forged, path) != root
+
+
+def test_fields_cannot_run_into_each_other():
+    d = manifest.row_digest
+    assert d(["ab", "c"]) != d(["a", "bc"]) and d([None, "x"]) != d(["", "x"]) and d([b"\x00"]) != d([None])
+
+
+def test_empty_tree_has_the_rfc_root():
+    assert manifest.merkle_root([]) == hashlib.sha256(b"").digest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import QUICKSTART, TEACHER, tiny_overrides
+    from potstill.generate import generate
+    from potstill.recipe import load_recipe
+    from potstill.train import train
+
+    tmp = tmp_path_factory.mktemp("m")
+    prompts = [json.loads(line) for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:32]
+    data = tmp / "answers.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["answer"]}) + "\n" for r in prompts))
+    recipe = load_recipe(QUICKSTART / "recipe.yaml", [
+        *tiny_overrides(tmp / "run"), "prompts=null", "teacher.backend=imported", f"teacher.data={data}",
+        f"student.tokenizer={TEACHER}", "train.objective=sft", "baseline=null", "teacher.id=deepseek-ai/DeepSeek-R1",
+        "teacher.terms_family=unknown"])
+    generate(recipe)
+    train(recipe, recipe.train)
+    return recipe.run_dir
+
+
+def _verify(run, capsys, *extra):
+    from potstill.cli import main
+
+    rc = main(["verify", str(run), *extra])
+    return rc, capsys.readouterr().out
+
+
+def test_an_untouched_run_verifies_and_records_the_root(trained, capsys):
+    rc, out = _verify(trained, capsys)
+    assert rc == 0 and "verify: ok: 32 ledger rows" in out, out
+    info = json.loads((trained / "student" / "potstill.json").read_text())
+    assert info["manifest_rows"] == 32 and len(info["manifest_merkle_root"]) == 64
+    card = (trained / "student" / "README.md").read_text()
+    assert info["manifest_merkle_root"] in card and info["weights_sha256"] in card
+    assert (trained / "student" / "manifest.merkle").stat().st_size == 32 * manifest.ROW_BYTES
+
+
+def test_one_changed_byte_of_one_ledger_row_is_named(trained, capsys):
+    rows = manifest.read(trained / "student")
+    victim = rows[5][0]
+    db = sqlite3.connect(trained / "ledger.sqlite")
+    (text,) = db.execute("SELECT text FROM completions WHERE request_hash=?", (victim,)).fetchone()
+    changed = chr(ord(text[0]) ^ 1) + text[1:]
+    with db:
+        db.execute("UPDATE completions SET text=? WHERE request_hash=?", (changed, victim))
+    try:
+        rc, out = _verify(trained, capsys)
+        assert rc == 1 and f"row 5 (request {victim}) differs" in out, out
+    finally:
+        with db:
+            db.execute("UPDATE completions SET text=? WHERE request_hash=?", (text, victim))
+        db.close()
+    assert _verify(trained, capsys)[0] == 0
+
+
+def test_changed_weights_are_named(trained, capsys):
+    weights = trained / "student" / "model.safetensors"
+    backup = trained / "weights.bak"
+    shutil.copyfile(weights, backup)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    try:
+        rc, out = _verify(trained, capsys)
+        assert rc == 1 and "weights: the sha256 of model.safetensors" in out, out
+    finally:
+        shutil.copyfile(backup, weights)
+    assert _verify(trained, capsys)[0] == 0
+
+
+def test_a_teacher_share_changed_in_the_card_is_named(trained, capsys):
+    card = trained / "student" / "README.md"
+    text = card.read_text()
+    assert "share_of_examples: 1.0" in text
+    card.write_text(text.replace("share_of_examples: 1.0", "share_of_examples: 0.5", 1))
+    try:
+        rc, out = _verify(trained, capsys)
+        assert rc == 1 and "teacher deepseek-ai/DeepSeek-R1 has share_of_examples 0.5, the ledger says 1" in out, out
+    finally:
+        card.write_text(text)
+
+
+def test_a_changed_terms_verdict_in_the_card_is_named(trained, capsys):
+    card = trained / "student" / "README.md"
+    text = card.read_text()
+    card.write_text(text.replace("terms_verdict: allowed", "terms_verdict: forbidden", 1))
+    try:
+        rc, out = _verify(trained, capsys)
+        assert rc == 1 and "terms_verdict forbidden, potstill.json records allowed" in out, out
+    finally:
+        card.write_text(text)
+
+
+def test_inclusion_proof_of_one_row(trained, capsys):
+    rows = manifest.read(trained / "student")
+    rc, out = _verify(trained, capsys, "--row", rows[7][0][:12])
+    assert rc == 0 and f"row 7 of 32: request {rows[7][0]}" in out and "matches potstill.json" in out
+    assert sum(line.split()[0] in ("left", "right") for line in out.splitlines()) == 5  # log2(32) siblings
+    from potstill.cli import main
+
+    assert main(["verify", str(trained), "--row", "zz"]) == 2
+    for args in (["verify", str(trained.parent)], ["verify", str(trained.parent), "--row", "ab"]):
+        assert main(args) == 2  # not a run: one line, no ledger created
+    assert not (trained.parent / "ledger.sqlite").exists()
+
+
+def test_spdx_document_validates_against_the_spdx_3_0_1_schema(trained):
+    """tests/fixtures/spdx-3.0.1-json-schema.json: the schema published for SPDX 3.0.1 (generated by
+    shacl2code; sha256 582c64e8..., the hash other projects pin for the official file)."""
+    import jsonschema
+
+    from conftest import ROOT
+    from huggingface_hub import ModelCard
+
+    schema_path = ROOT / "tests" / "fixtures" / "spdx-3.0.1-json-schema.json"
+    assert hashlib.sha256(schema_path.read_bytes()).hexdigest().startswith("582c64e809d5b3ef")
+    schema = json.loads(schema_path.read_text())
+    doc = json.loads((trained / "student" / "model.spdx3.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = [f"{e.json_path}: {e.message[:200]}" for e in validator.iter_errors(doc)]
+    assert not errors, errors
+    graph = {e.get("spdxId", e.get("@id")): e for e in doc["@graph"]}
+    rels = {(r["relationshipType"], graph[r["from"]]["type"], graph[r["to"][0]]["type"])
+            for r in doc["@graph"] if r["type"] == "Relationship"}
+    assert ("trainedOn", "ai_AIPackage", "dataset_DatasetPackage") in rels
+    assert ("generates", "ai_AIPackage", "dataset_DatasetPackage") in rels
+    assert ("hasConcludedLicense", "ai_AIPackage", "simplelicensing_LicenseExpression") in rels
+    assert ("hasConcludedLicense", "dataset_DatasetPackage", "simplelicensing_LicenseExpression") in rels
+    info = json.loads((trained / "student" / "potstill.json").read_text())
+    hashes = {h["hashValue"] for e in doc["@graph"] for h in e.get("verifiedUsing", [])}
+    assert {info["weights_sha256"], info["manifest_merkle_root"], info["ledger_sha256"]} <= hashes
+    # a document the schema must refuse: the validation is not vacuous
+    broken = json.loads(json.dumps(doc))
+    next(e for e in broken["@graph"] if e["type"] == "Relationship")["relationshipType"] = "distilledFrom"
+    assert list(validator.iter_errors(broken))
+    ModelCard.load(trained / "student" / "README.md")  # the card still parses
