@@ -105,3 +105,14 @@ def test_plan_needs_more_tokens_for_less_watermarked_data():
     assert rows[0]["tokens"] > rows[1]["tokens"] > rows[2]["tokens"] > 0
     assert all(r["queries"] * 8 >= r["tokens"] for r in rows)
     assert plan(0.25, 0.25, shares=(1.0,))[0]["tokens"] is None  # no bias: no number of tokens is enough
+
+
+def test_plan_verb_prints_the_planner_and_refuses_rates_outside_0_1(capsys):
+    from potstill.cli import main
+
+    assert main(["audit", "plan", "--green-rate", "0.35", "--share", "0.25", "--share", "1"]) == 0
+    out = capsys.readouterr().out
+    for row in plan(0.25, 0.35, shares=(0.25, 1.0)):
+        assert f"{row['tokens']:,} pairs" in out
+    assert main(["audit", "plan", "--green-rate", "1.5"]) == 2
+    assert "--green-rate must be between 0 and 1" in capsys.readouterr().err

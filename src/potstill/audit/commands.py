@@ -59,6 +59,17 @@ def add_parser(verbs) -> None:
     keys(r), common(r)
     r.set_defaults(func=cmd_radioactivity)
 
+    n = tests.add_parser("plan", help="how many distinct tokens a radioactivity test needs (exact binomial power)")
+    n.add_argument("--gamma", type=float, default=0.25, help="the key's green share (default 0.25)")
+    n.add_argument("--green-rate", type=float, required=True, help="green share of the pairs of a suspect trained on "
+                   "100%% watermarked data (measure it once, e.g. with `audit radioactivity` on such a student)")
+    n.add_argument("--share", type=float, action="append", help="share of watermarked training data (repeatable; "
+                   "default 0.05 0.1 0.25 1)")
+    n.add_argument("--p", type=float, default=1e-5, help="the p-value to reach (default 1e-5)")
+    n.add_argument("--power", type=float, default=0.9, help="the probability of reaching it (default 0.9)")
+    n.add_argument("--pairs-per-query", type=float, default=None, help="distinct pairs one answer adds, for queries")
+    n.set_defaults(func=cmd_plan)
+
     g = tests.add_parser("lineage", help="does a suspect agree with a teacher beyond unrelated reference models?")
     g.add_argument("--teacher", required=True, help="model folder, or URL#MODEL for an OpenAI-compatible endpoint")
     g.add_argument("--suspect", required=True, help="model folder, or URL#MODEL")
@@ -138,9 +149,8 @@ def cmd_watermark(args) -> None:
     marks, tok = _watermarks(args), _tokenizer(args.tokenizer)
     seqs, starts = _texts(Path(args.texts), tok)
     skip = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
-    result = score_keys(scored_pairs(seqs, args.context, starts, skip), marks, "text")
-    result.update(test="watermark", texts=str(args.texts), sequences=len(seqs))
-    del result["mode"]
+    result = score_keys(scored_pairs(seqs, args.context, starts, skip), marks)
+    result.update(texts=str(args.texts), sequences=len(seqs))
     finish(args, [result], _key_rows(result, args.alpha))
 
 
@@ -179,6 +189,23 @@ def cmd_radioactivity(args) -> None:
     result = ra.score_keys(pairs, marks, args.mode)
     result.update(suspect=suspect, prompts=len(prompts) // args.samples, samples=args.samples)
     finish(args, [result], _key_rows(result, args.alpha))
+
+
+def cmd_plan(args) -> None:
+    from potstill.audit.power import plan
+
+    for name, value in (("--gamma", args.gamma), ("--green-rate", args.green_rate), ("--p", args.p),
+                        ("--power", args.power), *(("--share", v) for v in args.share or [])):
+        if not 0 < value < 1 and not (name == "--share" and value == 1):
+            raise PotstillError(f"{name} must be between 0 and 1, not {value}")
+    rows = plan(args.gamma, args.green_rate, shares=args.share or (0.05, 0.1, 0.25, 1.0), alpha=args.p,
+                target=args.power, tokens_per_query=args.pairs_per_query)
+    print(f"share of watermarked data -> distinct pairs for p < {args.p:g} with power {args.power:g} "
+          f"(green rate assumed linear in the share)")
+    for r in rows:
+        need = "never (no bias)" if r["tokens"] is None else f"{r['tokens']:,} pairs" + (
+            f", {r['queries']:,} queries" if r["queries"] else "")
+        print(f"  {r['share']:>6.1%}  green rate {r['green_rate']:.4f}  {need}")
 
 
 def _responder(spec: str):

@@ -56,16 +56,17 @@ def sampling_pairs(prompts: list[list[int]], answers: list[list[int]], context: 
                         skip=skip)
 
 
-def score_keys(pairs, watermarks: list[Watermark], mode: str) -> dict:
-    """One exact p-value per key, Holm-adjusted across the keys; the pairs are shared by all keys."""
+def score_keys(pairs, watermarks: list[Watermark], mode: str | None = None) -> dict:
+    """One exact p-value per key, Holm-adjusted across the keys; the pairs are shared by all keys.
+    ``mode``: how a suspect's pairs were collected (reading, sampling); None for text."""
     contexts = {w.context for w in watermarks}
     if len(contexts) != 1:
         raise ValueError("keys tested together need one context width (the pairs depend on it)")
     scores = [score_pairs(pairs, w.is_green, w.gamma) for w in watermarks]
     adjusted = holm([s.p_value for s in scores])
     return {
-        "test": "radioactivity",
-        "mode": mode,
+        "test": "radioactivity" if mode else "watermark",
+        **({"mode": mode} if mode else {}),
         "keys": [{**w.describe(), **s.as_dict(), "p_holm": a} for w, s, a in zip(watermarks, scores, adjusted)],
     }
 
