@@ -138,7 +138,8 @@ def _texts(path: Path, tokenizer) -> tuple[list[list[int]], list[int]]:
 
 def _key_rows(result: dict, alpha: float) -> list[dict]:
     return [{"test": result["test"] + (f" ({result['mode']})" if "mode" in result else ""), "target": k["key_id"],
-             "statistic": f"{k['green']}/{k['tokens']} green (gamma {k['gamma']}, z {k['z']:.1f})",
+             "statistic": f"{k['green']}/{k['tokens']} green (gamma {k['gamma']}, z {k['z']:.1f})"
+                          + (f", log10 p {k['log10_p']:.1f} before Holm" if k["p_value"] < 1e-300 else ""),
              "p_value": k["p_holm"], "tokens": k["tokens"], "flagged": k["p_holm"] < alpha} for k in result["keys"]]
 
 
