@@ -184,7 +184,7 @@ def server():
     holder = SimpleNamespace(fake=None)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(make_app(holder), log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(make_app(holder), log_level="warning", log_config=None))  # see test_serve.running
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not srv.started:

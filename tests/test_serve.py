@@ -36,7 +36,9 @@ def server():
 
 def running(app):
     sock = bind("127.0.0.1", 0)
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    # log_config=None: uvicorn would otherwise re-run logging.dictConfig, which closes every handler
+    # in the process (absl's, imported by rouge_score, then closes pytest's captured stderr)
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
