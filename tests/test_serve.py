@@ -16,7 +16,7 @@ import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from potstill.errors import PotstillError
-import potstill.serve.app as potstill_serve
+import potstill.serve.batcher as potstill_serve
 from potstill.serve import bind, build_app
 from potstill.teachers.base import Request
 from potstill.teachers.local import LocalTeacher
@@ -301,13 +301,13 @@ def test_served_teacher_distills_like_the_local_one(server, tmp_path):
 
 
 def test_prompt_scores_are_the_same_chunked(server, monkeypatch):
-    import potstill.serve.app
+    import potstill.serve.batcher
 
     served = server[0].state.served
     ids = served.tokenizer(PROMPTS[0] + " " + PROMPTS[1])["input_ids"]
-    whole = potstill.serve.app.score_prompt(served, ids, 5)
-    monkeypatch.setattr(potstill.serve.app, "SCORE_CHUNK", 3)
-    chunked = potstill.serve.app.score_prompt(served, ids, 5)
+    whole = potstill.serve.batcher.score_prompt(served, ids, 5)
+    monkeypatch.setattr(potstill.serve.batcher, "SCORE_CHUNK", 3)
+    chunked = potstill.serve.batcher.score_prompt(served, ids, 5)
     for field in ("logprobs", "ranks", "top_ids", "top_logprobs"):
         assert (getattr(whole, field) == getattr(chunked, field)).all()
     assert len(whole.logprobs) == len(ids) - 1
