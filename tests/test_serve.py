@@ -431,3 +431,31 @@ def test_a_padded_vocabulary_is_never_served_nor_scored(tmp_path):
     with pytest.raises(openai.BadRequestError, match="outside the model's vocabulary"):
         c.completions.create(model="padded", prompt=[n_tok + 3], max_tokens=1)
     next(serving, None)
+
+
+def test_serve_options_are_one_spec_checked_before_the_port_and_the_model(capsys):
+    """The `serve` flags fill one ServeSpec, with the same defaults, and a bad value is one line
+    (exit 2) before anything is bound or loaded: the port given is taken, and the folder does not exist."""
+    import dataclasses
+
+    from potstill.cli import build_parser, main
+    from potstill.serve import ServeSpec
+
+    args = build_parser().parse_args(["serve", "folder"])
+    for f in dataclasses.fields(ServeSpec):
+        if f.name not in ("device", "api_key", "watermark"):  # device: "auto" is resolved; the last two have other flags
+            assert getattr(args, f.name) == f.default, f.name
+    taken = bind("127.0.0.1", 0)
+    port = str(taken.getsockname()[1])
+    try:
+        for flags, said in ((["--batch-wait-ms", "-1"], "batch wait must be 0 ms or more"),
+                            (["--max-batch-size", "0"], "max batch size must be at least 1"),
+                            (["--max-body-mb", "0"], "max body size must be more than 0 MB"),
+                            (["--api-key", " "], "the API key is empty")):
+            assert main(["serve", "no-such-folder", "--port", port, *flags]) == 2
+            err = capsys.readouterr().err
+            assert said in err and "cannot listen" not in err and "no-such-folder" not in err, err
+    finally:
+        taken.close()
+    with pytest.raises(PotstillError, match="dtype 'int8'"):
+        ServeSpec(dtype="int8")

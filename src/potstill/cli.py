@@ -128,17 +128,18 @@ def print_failures(counts: dict) -> int:
 
 def cmd_serve(args) -> None:
     from potstill.devices import resolve_device
-    from potstill.serve import serve
+    from potstill.serve import ServeSpec, serve
 
     api_key = args.api_key
     if args.api_key_env is not None:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise PotstillError(f"--api-key-env names {args.api_key_env}, which is not set: export it first")
-    serve(args.model_dir, host=args.host, port=args.port, model_name=args.model_name, dtype=args.dtype,
-          device=resolve_device(args.device, "--device"), max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-          exact_seeds=args.exact_seeds, api_key=api_key, max_body_mb=args.max_body_mb,
-          watermark=watermark_of(args) if args.watermark_key_file else None)
+    spec = ServeSpec(host=args.host, port=args.port, model_name=args.model_name, dtype=args.dtype,
+                     device=resolve_device(args.device, "--device"), max_batch_size=args.max_batch_size,
+                     batch_wait_ms=args.batch_wait_ms, exact_seeds=args.exact_seeds, api_key=api_key,
+                     max_body_mb=args.max_body_mb, watermark=watermark_of(args) if args.watermark_key_file else None)
+    serve(args.model_dir, spec)
 
 
 def watermark_of(args):

@@ -65,6 +65,7 @@ import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +77,57 @@ try:  # the serve extra; FastAPI reads the handlers' annotations from this modul
     from starlette.requests import Request as HTTPRequest
 except ImportError:  # pragma: no cover - build_app says what to install
     HTTPRequest = Any
-from potstill.serve.batcher import Batcher, Job, Served, load_served, run_batch
+from potstill.serve.batcher import Batcher, Job, Served, run_batch
 from potstill.serve.formats import (chat_logprobs, completion_choice, make_choice, sse, stop_strings,
                                     usage)
 from potstill.serve.schema import (UNSUPPORTED, APIError, ChatRequest, CompletionRequest, Message, Sampling,
-                                   validation_message)
-from potstill.teachers.local import prompt_ids
+                                   error_body, validation_message)
+from potstill.teachers.local import DTYPES, load_model_dir, prompt_ids
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """How a server runs: the options of ``potstill serve``, held once (the CLI builds one from its
+    flags; ``serve`` and ``build_app`` take one), checked when made."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None  # the model id clients ask for (default: the folder name)
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_batch_size: int = 32  # rows per batched generate call; a request's prompts x n must fit in one
+    batch_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    exact_seeds: bool = False  # a seeded sampled request runs alone, so its seed alone decides its samples
+    api_key: str | None = None  # wanted on every route (Authorization: Bearer)
+    max_body_mb: float = 16  # bodies over this are refused unread
+    watermark: Any = None  # a potstill.audit.Watermark on every generated token
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise PotstillError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.max_batch_size < 1:
+            raise PotstillError(f"max batch size must be at least 1 (got {self.max_batch_size})")
+        if self.batch_wait_ms < 0:
+            raise PotstillError(f"batch wait must be 0 ms or more (got {self.batch_wait_ms})")
+        if not self.max_body_mb > 0:
+            raise PotstillError(f"max body size must be more than 0 MB (got {self.max_body_mb})")
+        if self.api_key is not None and not self.api_key.strip():
+            raise PotstillError("the API key is empty: give one, or leave --api-key out")
+
+
+def load_served(model_dir: str | Path, spec: ServeSpec) -> Served:
+    model, tokenizer = load_model_dir(model_dir, "model", spec.dtype, spec.device)
+    # A fast tokenizer resets its padding and truncation settings on its first encode; done here,
+    # before the tokenizing and the generating threads use it at once ("Already borrowed").
+    tokenizer("")
+    # a token's vocabulary string has at least as many characters as its text (byte-level BPE
+    # spells each byte as a character, SentencePiece each space as "▁")
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    return Served(model, tokenizer, spec.model_name or Path(model_dir).resolve().name,
+                  getattr(model.config, "max_position_embeddings", None),
+                  getattr(model.generation_config, "max_new_tokens", None),
+                  min(model.get_input_embeddings().num_embeddings, len(tokenizer)), spec.max_batch_size,
+                  max(longest, 1), spec.exact_seeds, spec.watermark)
 
 
 def check_request(served: Served, body: Sampling) -> None:
@@ -284,35 +330,25 @@ except ImportError:  # pragma: no cover - build_app says what to install
 
 
 async def reply(send, status: int, message: str, code: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
+    body = json.dumps(error_body(message, status, code=code)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
-def build_app(model_dir: str | Path, *, model_name: str | None = None, dtype: str = "float32", device: str = "cpu",
-              max_batch_size: int = 32, batch_wait_ms: float = 5.0, exact_seeds: bool = False,
-              api_key: str | None = None, max_body_mb: float = 16, watermark=None):
-    """The FastAPI app serving the model in ``model_dir``, its samples watermarked with ``watermark``
-    when given. ``app.state.batcher.batches`` counts the
-    batches run: one generate call each (and the prompt scorings its requests asked for). With
-    ``api_key``, every route wants it; bodies over ``max_body_mb`` are refused unread."""
+def build_app(model_dir: str | Path, spec: ServeSpec | None = None, **options):
+    """The FastAPI app serving the model in ``model_dir`` as ``spec`` says (or a ServeSpec of
+    ``options``). ``app.state.batcher.batches`` counts the batches run: one generate call each (and
+    the prompt scorings its requests asked for)."""
     require_server_libraries()
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    if batch_wait_ms < 0:
-        raise PotstillError(f"batch wait must be 0 ms or more (got {batch_wait_ms})")
-    if not max_body_mb > 0:
-        raise PotstillError(f"max body size must be more than 0 MB (got {max_body_mb})")
-    if api_key is not None and not api_key.strip():
-        raise PotstillError("the API key is empty: give one, or leave --api-key out")
-    served = load_served(model_dir, model_name, dtype, device, max_batch_size)
-    served.exact_seeds, served.watermark = exact_seeds, watermark
-    batcher = Batcher(lambda jobs: run_batch(served, jobs), max_batch_size, batch_wait_ms / 1000)
+    spec = spec or ServeSpec(**options)
+    served = load_served(model_dir, spec)
+    batcher = Batcher(lambda jobs: run_batch(served, jobs), spec.max_batch_size, spec.batch_wait_ms / 1000)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -323,11 +359,10 @@ def build_app(model_dir: str | Path, *, model_name: str | None = None, dtype: st
 
     app = FastAPI(title="potstill serve", lifespan=lifespan)
     app.state.served, app.state.batcher = served, batcher
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=int(max_body_mb * 2**20))
+    app.add_middleware(Guard, api_key=spec.api_key, max_body_bytes=int(spec.max_body_mb * 2**20))
 
     def error(status: int, message: str, param: str | None = None, code: str | None = None):
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+        return JSONResponse(error_body(message, status, param, code), status_code=status)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -375,8 +410,7 @@ def build_app(model_dir: str | Path, *, model_name: str | None = None, dtype: st
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
             task.cancel()
-            return JSONResponse({"error": {"message": "client disconnected", "type": "server_error", "param": None,
-                                           "code": None}}, status_code=499)
+            return error(499, "client disconnected")
         watcher.cancel()
         return respond(task.result())
 
@@ -404,27 +438,25 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          dtype: str = "float32", device: str = "cpu", max_batch_size: int = 32, batch_wait_ms: float = 5.0,
-          exact_seeds: bool = False, api_key: str | None = None, max_body_mb: float = 16, watermark=None) -> None:
-    """Serve the model in ``model_dir`` until interrupted (Ctrl-C)."""
+def serve(model_dir: str | Path, spec: ServeSpec | None = None, **options) -> None:
+    """Serve the model in ``model_dir`` as ``spec`` says (or a ServeSpec of ``options``) until
+    interrupted (Ctrl-C)."""
     require_server_libraries()
     import uvicorn
 
-    sock = bind(host, port)  # before the model loads: a taken port fails at once
-    if api_key is None and not loopback(host):
-        print(f"potstill serve: warning: listening on {host} without an API key: anyone who can reach this port "
-              "can use the model (set --api-key-env or --api-key)", file=sys.stderr, flush=True)
+    spec = spec or ServeSpec(**options)
+    sock = bind(spec.host, spec.port)  # before the model loads: a taken port fails at once
+    if spec.api_key is None and not loopback(spec.host):
+        print(f"potstill serve: warning: listening on {spec.host} without an API key: anyone who can reach this "
+              "port can use the model (set --api-key-env or --api-key)", file=sys.stderr, flush=True)
     try:
-        app = build_app(model_dir, model_name=model_name, dtype=dtype, device=device, max_batch_size=max_batch_size,
-                        batch_wait_ms=batch_wait_ms, exact_seeds=exact_seeds, api_key=api_key, max_body_mb=max_body_mb,
-                        watermark=watermark)
+        app = build_app(model_dir, spec)
     except BaseException:
         sock.close()
         raise
-    marked = f", watermarked (key id {watermark.key_id})" if watermark else ""
-    print(f"potstill serve: {app.state.served.name} at http://{host}:{sock.getsockname()[1]}/v1{marked} (Ctrl-C stops)",
-          flush=True)
+    marked = f", watermarked (key id {spec.watermark.key_id})" if spec.watermark else ""
+    print(f"potstill serve: {app.state.served.name} at http://{spec.host}:{sock.getsockname()[1]}/v1{marked} "
+          "(Ctrl-C stops)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 

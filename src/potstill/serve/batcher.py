@@ -10,16 +10,14 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from potstill.errors import PotstillError
 from potstill.serve.schema import APIError
 from potstill.teachers.base import Completion
-from potstill.teachers.local import DTYPES, generate_ids, load_model_dir
+from potstill.teachers.local import generate_ids
 
 SCORE_CHUNK = 512  # prompt positions scored per step of echo / prompt_logprobs
 
@@ -181,20 +179,3 @@ def score_prompt(served: Served, ids: list[int], k: int) -> Scores:
     chosen, ranks, top_ids, top_lp = (torch.cat(p).cpu().numpy() for p in zip(*parts))
     return Scores(chosen, ranks, top_ids, top_lp)
 
-
-def load_served(model_dir: str | Path, model_name: str | None, dtype: str, device: str, max_batch_size: int) -> Served:
-    if dtype not in DTYPES:
-        raise PotstillError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if max_batch_size < 1:
-        raise PotstillError(f"max batch size must be at least 1 (got {max_batch_size})")
-    model, tokenizer = load_model_dir(model_dir, "model", dtype, device)
-    # A fast tokenizer resets its padding and truncation settings on its first encode; done here,
-    # before the tokenizing and the generating threads use it at once ("Already borrowed").
-    tokenizer("")
-    # a token's vocabulary string has at least as many characters as its text (byte-level BPE
-    # spells each byte as a character, SentencePiece each space as "▁")
-    longest = max(map(len, tokenizer.get_vocab()), default=1)
-    return Served(model, tokenizer, model_name or Path(model_dir).resolve().name,
-                  getattr(model.config, "max_position_embeddings", None),
-                  getattr(model.generation_config, "max_new_tokens", None),
-                  min(model.get_input_embeddings().num_embeddings, len(tokenizer)), max_batch_size, max(longest, 1))

@@ -25,6 +25,12 @@ class APIError(Exception):
         self.message, self.param, self.code, self.status = message, param, code, status
 
 
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error JSON: a status under 500 is the request's fault, 500 and over the server's."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 class Sampling(BaseModel):
     """What both endpoints take. Unknown fields are accepted, as OpenAI clients send extras; a null
     means the default, as in OpenAI's API (the official client sends null for None)."""
