@@ -348,3 +348,13 @@ def test_a_checkpoint_never_loads_a_pickle(tmp_path, ledger, capsys, planted):
     assert err.count("\n") == 1 and f"checkpoint {step}" in err and "weights_only" not in err
     assert not marker.exists() and not (d / "student").exists()
     assert (step / planted).read_bytes() == pickle.dumps({"state": _Payload(marker)})
+
+
+def test_on_policy_samples_are_as_long_as_train_says_else_as_generation(tmp_path, ledger):
+    from potstill.train.loop import setup
+
+    d = run_dir(tmp_path, ledger)
+    for extra, longest in (([], 12), (["train.on_policy_max_new_tokens=3"], 3)):  # generation.max_new_tokens: 12
+        recipe = load_recipe(RECIPE, overrides(d, "train.teacher_signal=on_policy", *extra))
+        assert recipe.generation.max_new_tokens == 12
+        assert setup(recipe, recipe.train, "student").on_policy_max_new_tokens == longest

@@ -331,8 +331,8 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
         if accelerator.is_main_process:
             checkpoint.clear(ckpt_root)
     return Setup(spec, accelerator, model, optimizer, tokenizer, teacher, compat, heads, data, plan, pad_id,
-                 recipe.generation.max_new_tokens, mixed_precision, compile, ledger_sha, teacher_desc, signature, ckpt_root,
-                 start, terms, [ex.request_hash for ex in examples])
+                 spec.on_policy_max_new_tokens or recipe.generation.max_new_tokens, mixed_precision, compile,
+                 ledger_sha, teacher_desc, signature, ckpt_root, start, terms, [ex.request_hash for ex in examples])
 
 
 def train_step(s: Setup, step: int) -> dict:
