@@ -19,6 +19,8 @@ from potstill.ledger.merge import merge_ledgers
 from potstill.prompts import Prompt
 from potstill.teachers.base import Completion
 
+from conftest import done_hashes, plan
+
 
 def write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
@@ -171,7 +173,7 @@ def test_generic_jsonl_top_k_round_trip(tmp_path):
         counts = import_file(ledger, path)
         desc, hashes = imported_requests(path)
         assert counts["new"] == len(rows) + 1 and counts["skipped"] == 0 and desc["format"] == "jsonl"
-        assert stored_requests(ledger, counts["teacher_key"]) == set(hashes) == ledger.done_hashes()
+        assert stored_requests(ledger, counts["teacher_key"]) == set(hashes) == done_hashes(ledger)
         examples = list(ledger.examples(hashes))
     check_topk_round_trip([e for e in examples if e.text != "again"], rows)
     again = next(e for e in examples if e.text == "again")
@@ -283,7 +285,7 @@ def fill(path, shard=None, fail=(), text=None, batch=None) -> list[str]:
     ``fail`` (marked failed); one attempt per request and one batch. Returns the done hashes."""
     with Ledger(path) as ledger:
         key = ledger.register_teacher(TEACHER)
-        todo = [r.request_hash for r in ledger.plan(key, PROMPTS, PARAMS, SAMPLES, shard)]
+        todo = [r.request_hash for r in plan(ledger, key, PROMPTS, PARAMS, SAMPLES, shard)]
         session = ledger.start_session("recipe-sha")
         done = [h for h in todo if h not in fail]
         attempts = [Attempt(h, "http://teacher", f"2025-01-01T00:00:{i:02d}", 0.1, "ok", 200, None, 4, 3, 0.001)
@@ -479,3 +481,32 @@ def test_import_refuses_ids_outside_the_teachers_tokenizer(tmp_path, capsys):
     with Ledger(ledger) as l:
         assert l.counts() == {"pending": 0, "done": 0, "failed": 0}
     assert main(["import", str(path), str(ledger)]) == 0  # without a tokenizer nothing can be checked
+
+
+def test_a_failed_batch_line_gives_the_same_reason_imported_or_collected(tmp_path):
+    """An error line and a non-200 line of a Batch output file: the importer records the reason the
+    Batch backend gives when it collects the same lines."""
+    from potstill.teachers.openai.batch import read_line
+
+    lines = [{"custom_id": "a", "response": None, "error": {"code": "batch_expired", "message": "not run"}},
+             {"custom_id": "b", "response": {"status_code": 429, "body": {"error": {"message": "slow down"}}},
+              "error": None}]
+    path = write_jsonl(tmp_path / "out.jsonl", [{**line, "messages": [{"role": "user", "content": f"add {i} 2"}]}
+                                               for i, line in enumerate(lines)])
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        import_file(ledger, path, format="openai_chat")
+        imported = sorted(r.split(": ", 1)[1] for r in ledger.failures().values())  # after "file:line: "
+    collected = sorted(read_line(line, None, {}, None, 0.0)[1] for line in lines)
+    assert collected == ["HTTP 429: slow down", "batch line error batch_expired: not run"]
+    assert imported == collected
+
+
+def test_an_imported_line_over_the_cap_is_refused_unread(tmp_path, monkeypatch):
+    import potstill.teachers.imported
+
+    monkeypatch.setattr(potstill.teachers.imported, "MAX_LINE_BYTES", 1 << 20)
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "response": "x" * (2 << 20)}) + "\n")
+    with Ledger(tmp_path / "l.sqlite") as ledger, pytest.raises(
+            PotstillError, match="big.jsonl:1: line longer than 1 MiB; split the file or drop the top-k lists"):
+        import_file(ledger, path, format="jsonl")

@@ -14,7 +14,7 @@ from potstill.prompts import load_prompts
 from potstill.recipe import load_recipe
 from potstill.teachers.base import Completion
 
-from conftest import QUICKSTART, tiny_overrides
+from conftest import QUICKSTART, plan, tiny_overrides
 
 
 class Counting:
@@ -91,7 +91,7 @@ def test_non_finite_logprobs_are_flagged_not_stored(tmp_path, teacher):
     recipe = recipe_in(tmp_path, 2)
     with Ledger(tmp_path / "l.sqlite") as ledger:
         key = ledger.register_teacher(teacher.describe())
-        requests = ledger.plan(key, load_prompts(recipe.prompts.path, 2), {"seed": 0})
+        requests = plan(ledger, key, load_prompts(recipe.prompts.path, 2), {"seed": 0})
         session = ledger.start_session(None)
         bad = Completion(requests[0].request_hash, "x", [5], np.array([[5]]), np.array([[np.nan]]), "stop", 3, 0, 0.1)
         good = Completion(requests[1].request_hash, "y", [6], np.array([[6]]), np.array([[-0.1]]), "stop", 3, 0, 0.1)
@@ -100,7 +100,7 @@ def test_non_finite_logprobs_are_flagged_not_stored(tmp_path, teacher):
         error = ledger.db.execute("SELECT error FROM requests WHERE status='failed'").fetchone()[0]
         assert "non-finite" in error
         # a failed request is asked for again on the next plan
-        again = ledger.plan(key, load_prompts(recipe.prompts.path, 2), {"seed": 0})
+        again = plan(ledger, key, load_prompts(recipe.prompts.path, 2), {"seed": 0})
         assert [r.request_hash for r in again] == [requests[0].request_hash]
 
 

@@ -84,3 +84,27 @@ def test_hostile_teacher_and_name_in_the_card_stay_text():
     assert "main*bold*" in text and HOSTILE_TEACHER["terms_family"] in text and "javascript:alert(1)" in text
     plain = card_text(student_info({**HOSTILE_TEACHER, "terms_url": "https://example.com/terms_of_use"}))
     assert MarkdownIt("commonmark").render(plain).count('<a href="https://example.com/terms_of_use">') == 1
+
+
+EVAL = {"prompts": {"n": 48}, "models": {"student": {"accuracy": 0.5, "agreement": 0.25, "kl_per_token": 0.125,
+                                                     "parameters": 1000},
+                                         "teacher": {"accuracy": 0.75, "parameters": 12000}}}
+
+
+def test_eval_adds_its_results_to_the_card_train_wrote(tmp_path):
+    """Train writes the card; eval's add_results leaves every line of it and appends the results,
+    a table whose rows keep their three columns (a `||` in a label would split it)."""
+    from huggingface_hub import ModelCard
+
+    from potstill.receipts.card import add_results, write_card
+
+    (tmp_path / "potstill.json").write_text(json.dumps(student_info(HOSTILE_TEACHER)))
+    trained = write_card(tmp_path).read_text()
+    assert "## Evaluation" not in trained
+    evaluated = add_results(tmp_path, EVAL).read_text()
+    assert evaluated.startswith(trained) and evaluated[len(trained):].startswith("\n## Evaluation")
+    assert ModelCard.load(tmp_path / "README.md").data.to_dict()["distillation"]["examples"] == 8
+    tokens = MarkdownIt("commonmark").enable("table").parse(evaluated.split("\n---\n", 1)[1])
+    cells = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type in ("th_open", "td_open")]
+    rows = [cells[i:i + 3] for i in range(0, len(cells), 3)]
+    assert ["KL(teacher || model) per token", "0.125", "-"] in rows and ["parameters", "1,000", "12,000"] in rows

@@ -16,7 +16,7 @@ import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from potstill.errors import PotstillError
-import potstill.serve.app as potstill_serve
+import potstill.serve.batcher as potstill_serve
 from potstill.serve import bind, build_app
 from potstill.teachers.base import Request
 from potstill.teachers.local import LocalTeacher
@@ -303,13 +303,13 @@ def test_served_teacher_distills_like_the_local_one(server, tmp_path):
 
 
 def test_prompt_scores_are_the_same_chunked(server, monkeypatch):
-    import potstill.serve.app
+    import potstill.serve.batcher
 
     served = server[0].state.served
     ids = served.tokenizer(PROMPTS[0] + " " + PROMPTS[1])["input_ids"]
-    whole = potstill.serve.app.score_prompt(served, ids, 5)
-    monkeypatch.setattr(potstill.serve.app, "SCORE_CHUNK", 3)
-    chunked = potstill.serve.app.score_prompt(served, ids, 5)
+    whole = potstill.serve.batcher.score_prompt(served, ids, 5)
+    monkeypatch.setattr(potstill.serve.batcher, "SCORE_CHUNK", 3)
+    chunked = potstill.serve.batcher.score_prompt(served, ids, 5)
     for field in ("logprobs", "ranks", "top_ids", "top_logprobs"):
         assert (getattr(whole, field) == getattr(chunked, field)).all()
     assert len(whole.logprobs) == len(ids) - 1
@@ -433,3 +433,31 @@ def test_a_padded_vocabulary_is_never_served_nor_scored(tmp_path):
     with pytest.raises(openai.BadRequestError, match="outside the model's vocabulary"):
         c.completions.create(model="padded", prompt=[n_tok + 3], max_tokens=1)
     next(serving, None)
+
+
+def test_serve_options_are_one_spec_checked_before_the_port_and_the_model(capsys):
+    """The `serve` flags fill one ServeSpec, with the same defaults, and a bad value is one line
+    (exit 2) before anything is bound or loaded: the port given is taken, and the folder does not exist."""
+    import dataclasses
+
+    from potstill.cli import build_parser, main
+    from potstill.serve import ServeSpec
+
+    args = build_parser().parse_args(["serve", "folder"])
+    for f in dataclasses.fields(ServeSpec):
+        if f.name not in ("device", "api_key", "watermark"):  # device: "auto" is resolved; the last two have other flags
+            assert getattr(args, f.name) == f.default, f.name
+    taken = bind("127.0.0.1", 0)
+    port = str(taken.getsockname()[1])
+    try:
+        for flags, said in ((["--batch-wait-ms", "-1"], "batch wait must be 0 ms or more"),
+                            (["--max-batch-size", "0"], "max batch size must be at least 1"),
+                            (["--max-body-mb", "0"], "max body size must be more than 0 MB"),
+                            (["--api-key", " "], "the API key is empty")):
+            assert main(["serve", "no-such-folder", "--port", port, *flags]) == 2
+            err = capsys.readouterr().err
+            assert said in err and "cannot listen" not in err and "no-such-folder" not in err, err
+    finally:
+        taken.close()
+    with pytest.raises(PotstillError, match="dtype 'int8'"):
+        ServeSpec(dtype="int8")

@@ -183,9 +183,6 @@ def test_a_tiny_model_overfits_one_batch(tmp_path, ledger):
 
 
 @pytest.mark.parametrize("extra", [
-    ["train.mixed_precision=bf16"],
-    ["train.teacher_signal=online", "student.config.vocab_size=48"],  # padded rows: KD on the shared 41
-    ["student.config.vocab_size=48"],
     ["train.teacher_signal=online", "train.chunk_size=5", "train.loss=jsd", "train.beta=0.3"],
     ["train.teacher_signal=on_policy", "train.lmbda=0.5", "train.loss=reverse_kl"],
 ])
@@ -197,6 +194,42 @@ def test_online_and_on_policy_teachers(tmp_path, ledger, extra):
     assert all(r["kd"] > 0 and r["loss"] == r["loss"] for r in rows)
     if "on_policy" in extra[0]:
         assert 0 < sum(r["on_policy"] for r in rows) < len(rows)
+
+
+def test_bf16_changes_the_arithmetic_within_bf16_rounding(tmp_path, ledger):
+    """train.mixed_precision=bf16 runs the forward pass under bf16 autocast: the first step's loss
+    (same weights, same batch) differs from float32's, by about bf16's rounding (8 mantissa bits)."""
+    first = {}
+    for precision in ("no", "bf16"):
+        d = run_dir(tmp_path, ledger, precision)
+        recipe = load_recipe(RECIPE, overrides(d, "train.log_every=1", f"train.mixed_precision='{precision}'"))
+        train(recipe, recipe.train)
+        assert json.loads((d / "student" / "potstill.json").read_text())["mixed_precision"] == precision
+        first[precision] = json.loads((d / "logs" / "student.jsonl").open().readline())
+    for term in ("loss", "ce", "kd"):
+        fp32, bf16 = first["no"][term], first["bf16"][term]
+        assert fp32 != bf16 and abs(bf16 - fp32) < 2e-2 * abs(fp32), (term, fp32, bf16)
+
+
+@pytest.mark.parametrize("signal", ["cached", "online"])
+def test_a_padded_student_learns_only_on_the_shared_rows(tmp_path, ledger, signal):
+    """A student with 48 logit rows and the teacher's 41-token tokenizer (Qwen-style padding): CE and
+    KD, from the ledger's top-k or the online teacher's 41 rows, are over the 41 shared rows, so the
+    7 padding rows of the (tied) embedding and head get no gradient: without weight decay they end
+    where they started, while the shared rows learn."""
+    from potstill.train.loop import load_student, load_student_tokenizer
+
+    d = run_dir(tmp_path, ledger)
+    recipe = load_recipe(RECIPE, overrides(d, "train.log_every=1", f"train.teacher_signal={signal}",
+                                          "student.config.vocab_size=48", "train.weight_decay=0", "train.kd_ratio=0.5"))
+    torch.manual_seed(recipe.train.seed)  # as train seeds the fresh student
+    start = load_student(recipe, load_student_tokenizer(recipe)).get_input_embeddings().weight.detach()
+    train(recipe, recipe.train)
+    rows = [json.loads(line) for line in (d / "logs" / "student.jsonl").open()]
+    assert all(r["kd"] > 0 for r in rows)
+    end = weights(d)["model.embed_tokens.weight"]  # (48, H), tied to the head
+    assert end.shape[0] == 48 and torch.equal(end[41:], start[41:])
+    assert (end[:41] - start[:41]).abs().max() > 1e-3
 
 
 def test_an_sft_baseline_ignores_the_on_policy_signal(tmp_path, ledger):
@@ -348,3 +381,13 @@ def test_a_checkpoint_never_loads_a_pickle(tmp_path, ledger, capsys, planted):
     assert err.count("\n") == 1 and f"checkpoint {step}" in err and "weights_only" not in err
     assert not marker.exists() and not (d / "student").exists()
     assert (step / planted).read_bytes() == pickle.dumps({"state": _Payload(marker)})
+
+
+def test_on_policy_samples_are_as_long_as_train_says_else_as_generation(tmp_path, ledger):
+    from potstill.train.loop import setup
+
+    d = run_dir(tmp_path, ledger)
+    for extra, longest in (([], 12), (["train.on_policy_max_new_tokens=3"], 3)):  # generation.max_new_tokens: 12
+        recipe = load_recipe(RECIPE, overrides(d, "train.teacher_signal=on_policy", *extra))
+        assert recipe.generation.max_new_tokens == 12
+        assert setup(recipe, recipe.train, "student").on_policy_max_new_tokens == longest

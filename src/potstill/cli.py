@@ -50,22 +50,6 @@ def _recipe(args):
     return recipe
 
 
-def baseline_spec(recipe):
-    from potstill.recipe import TrainSpec
-
-    if recipe.baseline is None:
-        return None
-    fields = {k: v for k, v in recipe.baseline.model_dump().items() if v is not None}
-    return TrainSpec(**{**recipe.train.model_dump(), **fields})
-
-
-def _students(recipe):
-    out = [("student", recipe.train)]
-    if (b := baseline_spec(recipe)) is not None:
-        out.append(("baseline", b))
-    return out
-
-
 def print_summary(eval_report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -102,7 +86,11 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 def cmd_generate(args) -> int:
     from potstill.generate import generate
 
-    counts = generate(_recipe(args), shard=parse_shard(args.shard))
+    return print_generated(generate(_recipe(args), shard=parse_shard(args.shard)))
+
+
+def print_generated(counts: dict) -> int:
+    """generate's counts, notes and failures; 1 if a request failed for good, else 0."""
     spend = counts["spend"]
     paid = f"; {spend['requests']} HTTP sends, ${spend['cost']:.4f}" if spend["requests"] else ""
     print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']} "
@@ -128,17 +116,18 @@ def print_failures(counts: dict) -> int:
 
 def cmd_serve(args) -> None:
     from potstill.devices import resolve_device
-    from potstill.serve import serve
+    from potstill.serve import ServeSpec, serve
 
     api_key = args.api_key
     if args.api_key_env is not None:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise PotstillError(f"--api-key-env names {args.api_key_env}, which is not set: export it first")
-    serve(args.model_dir, host=args.host, port=args.port, model_name=args.model_name, dtype=args.dtype,
-          device=resolve_device(args.device, "--device"), max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-          exact_seeds=args.exact_seeds, api_key=api_key, max_body_mb=args.max_body_mb,
-          watermark=watermark_of(args) if args.watermark_key_file else None)
+    spec = ServeSpec(host=args.host, port=args.port, model_name=args.model_name, dtype=args.dtype,
+                     device=resolve_device(args.device, "--device"), max_batch_size=args.max_batch_size,
+                     batch_wait_ms=args.batch_wait_ms, exact_seeds=args.exact_seeds, api_key=api_key,
+                     max_body_mb=args.max_body_mb, watermark=watermark_of(args) if args.watermark_key_file else None)
+    serve(args.model_dir, spec)
 
 
 def watermark_of(args):
@@ -183,12 +172,13 @@ def cmd_import(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from potstill.pipeline import students
     from potstill.train import check_outputs, train
 
     recipe = _recipe(args)
-    for name, _ in _students(recipe):  # before the first student trains, not after
+    for name, _ in students(recipe):  # before the first student trains, not after
         check_outputs(recipe.run_dir, name)
-    for name, spec in _students(recipe):
+    for name, spec in students(recipe):
         print(f"train: wrote {train(recipe, spec, name, args.accept_terms_risk)}")
 
 
@@ -204,66 +194,14 @@ def cmd_report(args) -> None:
     print(f"report: wrote {write_report(args.runs, args.out)}")
 
 
-def refuse_unusable_logit_kd(recipe) -> None:
-    """Logit KD across tokenizers is refused before the teacher is asked anything: an HTTP teacher
-    is paid for every answer, and these could not be trained on."""
-    from potstill.train.tokenizer_match import check_tokenizers, logit_rows
-    from potstill.train.loop import load_student_tokenizer
-
-    teacher_dir = recipe.teacher.tokenizer_dir
-    if teacher_dir is not None and not Path(teacher_dir).is_dir():
-        return  # generate stops at once, naming the missing folder, before asking the teacher anything
-    if any(spec.objective == "kd" for _, spec in _students(recipe)):
-        tokenizer = load_student_tokenizer(recipe)
-        check_tokenizers(teacher_dir, tokenizer, logit_rows(recipe.student, tokenizer),
-                         need_logits=True)
-
-
-def run_all(recipe, accept_terms_risk: str | None = None) -> dict:
-    """Every stage in order; a student already trained from the same recipe and ledger is kept."""
-    from potstill.evaluate import evaluate
-    from potstill.generate import generate
-    from potstill.ledger.requests import recipe_requests
-    from potstill.ledger import Ledger
-    from potstill.report import write_report
-    from potstill.train import train
-
-    refuse_unusable_logit_kd(recipe)
-    counts = generate(recipe)
-    print(f"generate: sent {counts['sent']}, done {counts['done']}, failed {counts['failed']}")
-    for note in counts.get("notes", []):
-        print(f"generate: note: {note}")
-    print_failures(counts)  # and go on: train leaves them out and says so
-    with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
-        ledger_sha = ledger.content_sha256(recipe_requests(recipe)[1])
-    changed = False
-    for name, spec in _students(recipe):
-        info_path = recipe.run_dir / name / "potstill.json"
-        if info_path.is_file():
-            info = json.loads(info_path.read_text())
-            terms = info.get("terms") or {}
-            if info["train"] == spec.model_dump() and info["ledger_sha256"] == ledger_sha \
-                    and info.get("student") == recipe.student.model_dump() and terms.get("use") == recipe.use \
-                    and terms.get("declared") == recipe.teacher.terms_declared:  # else the terms gate runs again
-                print(f"train: {name} is up to date, kept")
-                continue
-        train(recipe, spec, name, accept_terms_risk)
-        changed = True
-    eval_path = recipe.run_dir / "eval.json"
-    if changed or not eval_path.is_file() or json.loads(eval_path.read_text())["provenance"]["recipe_sha256"] != recipe.sha256():
-        report = evaluate(recipe)
-    else:
-        print("eval: up to date, kept")
-        report = json.loads(eval_path.read_text())
-    print(f"report: wrote {write_report(recipe.run_dir)}")
-    return report
-
-
 def cmd_run(args) -> None:
-    print_summary(run_all(_recipe(args), args.accept_terms_risk))
+    from potstill.pipeline import run_all
+
+    print_summary(run_all(_recipe(args), args.accept_terms_risk, generated=print_generated))
 
 
 def cmd_quickstart(args) -> None:
+    from potstill.pipeline import run_all
     from potstill.recipe import load_recipe
 
     found = [d / "recipe.yaml" for d in QUICKSTART_DIRS if (d / "recipe.yaml").is_file()]
@@ -271,7 +209,7 @@ def cmd_quickstart(args) -> None:
         raise PotstillError(f"the bundled quickstart is missing (looked in {', '.join(map(str, QUICKSTART_DIRS))}): "
                             f"reinstall potstill")
     recipe = load_recipe(found[0], [f"output_dir={args.out}", *args.overrides])
-    print_summary(run_all(recipe))
+    print_summary(run_all(recipe, generated=print_generated))
     print(f"open {recipe.run_dir / 'report.html'} for plots and samples")
 
 

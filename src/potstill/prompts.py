@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,25 @@ def parse_prompt(obj: object, where: str) -> Prompt:
     return Prompt(messages, meta, where)
 
 
+def jsonl_objects(path: Path, max_line_bytes: int = MAX_LINE_BYTES, advice: str = "split or shorten it"
+                  ) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed JSON) for each non-blank line. A line is read at most ``max_line_bytes``
+    at a time, so a longer one is refused (with ``advice``) without being held whole in memory."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b""), start=1):
+            where = f"{path}:{lineno}"
+            if len(raw) > max_line_bytes:
+                raise PotstillError(f"{where}: line longer than {max_line_bytes >> 20} MiB; {advice}")
+            if not raw.strip():
+                continue
+            try:
+                yield where, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise PotstillError(f"{where}: not UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise PotstillError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
 def load_prompts(path: str | Path, limit: int | None = None, need_user: bool = False) -> list[Prompt]:
     """Read a prompt file; duplicates (same messages) are kept once, in first-seen order.
     ``need_user``: every prompt must have a user message (eval checks answers to it: ``Prompt.text``)."""
@@ -70,27 +90,15 @@ def load_prompts(path: str | Path, limit: int | None = None, need_user: bool = F
         raise PotstillError(f"prompt file {path} not found")
     prompts: list[Prompt] = []
     seen: set[tuple] = set()
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
-            where = f"{path}:{lineno}"
-            if len(raw) > MAX_LINE_BYTES:
-                raise PotstillError(f"{where}: line longer than {MAX_LINE_BYTES} bytes; split or shorten it")
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise PotstillError(f"{where}: not UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise PotstillError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            prompt = parse_prompt(obj, where)
-            if need_user and not any(role == "user" for role, _ in prompt.messages):
-                raise PotstillError(f"{where}: no user message; a held-out prompt needs the question as a user turn")
-            if prompt.messages not in seen:
-                seen.add(prompt.messages)
-                prompts.append(prompt)
-            if limit is not None and len(prompts) >= limit:
-                break
+    for where, obj in jsonl_objects(path):
+        prompt = parse_prompt(obj, where)
+        if need_user and not any(role == "user" for role, _ in prompt.messages):
+            raise PotstillError(f"{where}: no user message; a held-out prompt needs the question as a user turn")
+        if prompt.messages not in seen:
+            seen.add(prompt.messages)
+            prompts.append(prompt)
+        if limit is not None and len(prompts) >= limit:
+            break
     if not prompts:
         raise PotstillError(f"{path}: no prompts in the file")
     return prompts

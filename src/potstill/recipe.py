@@ -200,6 +200,8 @@ class TrainSpec(Section):
     # probability lmbda a step's completions are sampled from the student first (GKD)
     teacher_signal: Literal["cached", "online", "on_policy"] = "cached"
     lmbda: float = Field(0.5, ge=0.0, le=1.0)  # on_policy: fraction of steps on student samples
+    # on_policy: the longest student sample, in tokens; default: generation.max_new_tokens
+    on_policy_max_new_tokens: int | None = Field(None, ge=1)
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)  # examples per optimizer step, over all processes
     micro_batch_size: int | None = Field(None, ge=1)  # examples per forward pass per process; default: all

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from potstill.evaluate import verifiers
-from potstill.receipts.card import write_card
+from potstill.receipts.card import add_results
 from potstill.errors import PotstillError
 from potstill.evaluate.judge import judge_pairs
 from potstill.progress import progress
@@ -262,7 +262,7 @@ def evaluate(recipe: Recipe) -> dict:
     (run / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     for name, path in models.items():
         if name != "teacher":
-            write_card(path, report)  # the card now states the measured results
+            add_results(path, report)
     return report
 
 

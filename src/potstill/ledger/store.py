@@ -285,12 +285,6 @@ class Ledger:
         )
         return cur.lastrowid
 
-    def plan(self, teacher_key: str, prompts: list[Prompt], params: dict, samples_per_prompt: int = 1,
-             shard: tuple[int, int] | None = None) -> list[Request]:
-        """Record the requests for ``prompts`` (idempotent) and return those not yet done."""
-        return self.add_requests(teacher_key, requests_for(teacher_key, prompts, params, samples_per_prompt, shard),
-                                 params)
-
     def add_requests(self, teacher_key: str, planned: list[tuple[str, Prompt, int]], params: dict) -> list[Request]:
         """Record (request hash, prompt, sample index) triples (idempotent); return those not done."""
         now = _now()
@@ -408,9 +402,6 @@ class Ledger:
         return {r[0] for r in self.db.execute("SELECT request_hash FROM batch_requests WHERE local_id=?", (local_id,))}
 
         # -- reading ------------------------------------------------------------------------------
-
-    def done_hashes(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT request_hash FROM completions")}
 
     def counts(self) -> dict[str, int]:
         out = {"pending": 0, "done": 0, "failed": 0}

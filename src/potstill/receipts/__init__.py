@@ -1,1 +1,1 @@
-"""What a run hands over besides weights: the model card."""
+"""What a run hands over besides weights: the model card, terms, the Merkle manifest, SPDX."""

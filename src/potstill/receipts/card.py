@@ -4,7 +4,10 @@ Hugging Face metadata (license, base_model when the student started from a check
 including ``distillation``) plus a ``distillation:`` block that the Hub has no field for:
 teachers (id, revision, access route, terms family and URL, weights hash, share of the training
 examples and tokens), method, loss, teacher signal, and the content hash of the ledger rows the
-student was trained on. Written by ``train``; rewritten by ``eval`` with the measured results.
+student was trained on. The page is ``templates/model_card.md.j2``, the metadata a
+``huggingface_hub.ModelCardData`` (as TRL's ``generate_model_card`` builds its cards). Written by
+``train`` (:func:`write_card`); ``eval`` adds its results through :func:`add_results`, which renders
+the same card from the same ``potstill.json`` with an evaluation section.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from __future__ import annotations
 import html
 import json
 import re
+from functools import cache
 from pathlib import Path
 
-import yaml
+import jinja2
 
 
 # what can open markup in the middle of a line (values never start one: "- **id**", "# name: ...")
@@ -30,11 +34,33 @@ def md_text(value) -> str:
     return "".join(f"\\{c}" if c in MARKDOWN_PUNCTUATION else html.escape(c, quote=False) for c in text)
 
 
-def md_url(url: str) -> str:
+class Markdown(str):
+    """Text that is markdown already, written into the card as it is."""
+
+
+def md_url(url: str) -> Markdown:
     """A terms URL as a link when it is a plain http(s) URL, else as escaped text."""
     if re.fullmatch(r"https?://[^\s<>\\`\"']+", url):
-        return f"<{url}>"
-    return md_text(url)
+        return Markdown(f"<{url}>")
+    return Markdown(md_text(url))
+
+
+def md_code(value) -> Markdown:
+    """A hash or a name as inline code (a backtick in it would end the span: it becomes a quote)."""
+    text = " ".join(str(value).replace("`", "'").split())
+    return Markdown(f"`{text}`")
+
+
+@cache
+def template() -> jinja2.Template:
+    """The card's page, shipped in ``potstill/receipts/templates``. Every ``{{ value }}`` is written
+    as literal text (:func:`md_text`) unless it is :class:`Markdown`, so no teacher id, terms or run
+    name can open markup, as the report's HTML template is autoescaped."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("potstill.receipts", "templates"), trim_blocks=True,
+                             keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
+                             finalize=lambda v: v if isinstance(v, Markdown) else md_text(v))
+    env.filters.update(url=md_url, code=md_code)
+    return env.get_template("model_card.md.j2")
 
 
 def method_of(train: dict) -> str:
@@ -47,6 +73,8 @@ def method_of(train: dict) -> str:
 
 def card_text(info: dict, eval_report: dict | None = None, name: str = "student") -> str:
     """README.md for a student from its ``potstill.json`` (and the run's eval.json, if any)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     train = info["train"]
     teachers = []
     for t in info["teachers"]:
@@ -67,11 +95,12 @@ def card_text(info: dict, eval_report: dict | None = None, name: str = "student"
     if info.get("student", {}).get("path"):
         meta["base_model"] = info["student"].get("base_model") or Path(info["student"]["path"]).name
         meta["base_model_relation"] = "finetune"
-    meta["distillation"] = {
+    kd = train["objective"] == "kd"
+    distillation = meta["distillation"] = {
         "method": method_of(train), "objective": train["objective"],
-        "loss": train["loss"] if train["objective"] == "kd" else "cross_entropy",
-        "teacher_signal": train["teacher_signal"] if train["objective"] == "kd" else "teacher text",
-        "temperature": train["temperature"], "kd_ratio": train["kd_ratio"] if train["objective"] == "kd" else 0.0,
+        "loss": train["loss"] if kd else "cross_entropy",
+        "teacher_signal": train["teacher_signal"] if kd else "teacher text",
+        "temperature": train["temperature"], "kd_ratio": train["kd_ratio"] if kd else 0.0,
         "teachers": teachers, "ledger_sha256": info["ledger_sha256"], "examples": info["examples"],
         "recipe_sha256": info["recipe_sha256"],
     }
@@ -82,69 +111,46 @@ def card_text(info: dict, eval_report: dict | None = None, name: str = "student"
             if (r := by_id.get(t["id"])) is not None:
                 t.update(terms_registry=r["family"], terms_verdict=r["verdict"], licence=r["licence"],
                          terms_url=t["terms_url"] or r["url"])
-        meta["distillation"]["terms"] = {k: terms[k] for k in ("use", "declared", "accepted_risk", "overridden")}
-        meta["distillation"]["terms"]["obligations"] = {k: v for k, v in terms["obligations"].items() if v}
+        distillation["terms"] = {k: terms[k] for k in ("use", "declared", "accepted_risk", "overridden")}
+        distillation["terms"]["obligations"] = {k: v for k, v in terms["obligations"].items() if v}
     for key in ("manifest_merkle_root", "manifest_rows", "weights_sha256"):
         if info.get(key) is not None:
-            meta["distillation"][key] = info[key]
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {md_text(info.get('model_name') or name)}: distilled with potstill", "",
-             f"A {info.get('parameters', 0):,}-parameter student trained by {method_of(train)} on "
-             f"{info['examples']:,} completions of its teacher{'s' if len(teachers) > 1 else ''}:", ""]
-    for t in teachers:
-        url = f" ({md_url(t['terms_url'])})" if t.get("terms_url") else ""
-        lines.append(f"- **{md_text(t['id'])}**{' @ ' + md_text(t['revision']) if t.get('revision') else ''}, "
-                     f"{md_text(t['access'])}, terms: {md_text(t['terms_family'])}{url}; "
-                     f"{t['share_of_examples']:.0%} of examples, {t['share_of_tokens']:.0%} of tokens")
-    lines += ["", "Anyone using this model must also honour the terms under which its teachers' outputs were "
-              "obtained; the `distillation:` block above records them.", ""]
-    if terms:
-        lines += terms_lines(terms)
-    lines += ["## Training", "",
-              f"{info['steps']:,} optimizer steps, batch {train['batch_size']}, lr {train['lr']}, "
-              f"loss `{meta['distillation']['loss']}`, T = {train['temperature']}, kd_ratio = "
-              f"{meta['distillation']['kd_ratio']}, seed {train['seed']}. Training data: the ledger rows whose "
-              f"content hash is `{info['ledger_sha256']}`."]
-    if info.get("manifest_merkle_root"):
-        lines += ["", f"Merkle root of those {info['manifest_rows']:,} rows: `{info['manifest_merkle_root']}` "
-                      f"(`potstill verify RUN` recomputes it; `--row HASH` proves one row belongs)."]
-    if eval_report and name in eval_report.get("models", {}):
-        m, t = eval_report["models"][name], eval_report["models"].get("teacher", {})
-        lines += ["", "## Evaluation", "",
-                  f"{eval_report['prompts']['n']:,} held-out prompts, greedy decoding.", "",
-                  "| metric | this model | teacher |", "|---|---:|---:|"]
-        for key, label in (("accuracy", "accuracy"), ("agreement", "agreement with the teacher"),
-                           ("kl_per_token", "KL(teacher || model) per token"), ("parameters", "parameters")):
-            if m.get(key) is not None:
-                fmt = (lambda v: f"{v:,}") if key == "parameters" else (lambda v: f"{v:.3f}")
-                lines.append(f"| {label} | {fmt(m[key])} | {fmt(t[key]) if t.get(key) is not None else '-'} |")
-    return "\n".join(lines) + "\n"
+            distillation[key] = info[key]
+    text = template().render(
+        card_data=Markdown(ModelCardData(**meta).to_yaml()), name=info.get("model_name") or name,
+        parameters=info.get("parameters", 0), method=method_of(train), examples=info["examples"], teachers=teachers,
+        terms=terms, steps=info["steps"], train=train, loss=distillation["loss"], kd_ratio=distillation["kd_ratio"],
+        ledger_sha256=info["ledger_sha256"], manifest_merkle_root=info.get("manifest_merkle_root"),
+        manifest_rows=info.get("manifest_rows"), results=results_of(eval_report, name))
+    return str(ModelCard(text))  # parsed back: a card the Hub would not read fails here, not on upload
 
 
-def terms_lines(terms: dict) -> list[str]:
-    """The card's terms section: the intended use, each teacher's verdict, the obligations, and
-    any override with its reason."""
-    ob = terms["obligations"]
-    lines = ["## Terms", "", f"Intended use: **{md_text(terms['use'])}**. Checked against potstill's terms registry, "
-             f"a record-keeping aid, not legal advice.", ""]
-    for r in terms["teachers"]:
-        url = f" ({md_url(r['url'])})" if r.get("url") else ""
-        lines.append(f"- {md_text(r['teacher'])}: {md_text(r['family'])}{url}, {md_text(r['verdict'])}"
-                     f"{' (declared: ' + md_text(r['declared']) + ')' if r.get('declared') and r['verdict'] in ('review', 'unknown') else ''}")
-    for line in ob.get("attribution", []):
-        lines += ["", f"**{md_text(line)}**"]
-    if ob.get("flow_down"):
-        lines += ["", "Restrictions that pass to every user of this model:", ""]
-        lines += [f"- {md_text(x)}" for x in ob["flow_down"]]
-    if ob.get("thresholds"):
-        lines += ["", "Thresholds:", ""] + [f"- {md_text(x)}" for x in ob["thresholds"]]
-    if terms.get("accepted_risk"):
-        lines += ["", f"Trained past the terms gate (`--accept-terms-risk`). Reason given: "
-                      f"{md_text(terms['accepted_risk'])}", ""] + [f"- {md_text(p)}" for p in terms["overridden"]]
-    return lines + [""]
+def results_of(eval_report: dict | None, name: str) -> dict | None:
+    """The card's evaluation table for model ``name``: (metric, this model, teacher) rows."""
+    if not eval_report or name not in eval_report.get("models", {}):
+        return None
+    m, t = eval_report["models"][name], eval_report["models"].get("teacher", {})
+    rows = []
+    for key, label in (("accuracy", "accuracy"), ("agreement", "agreement with the teacher"),
+                       ("kl_per_token", "KL(teacher || model) per token"), ("parameters", "parameters")):
+        if m.get(key) is not None:
+            fmt = "{:,}" if key == "parameters" else "{:.3f}"
+            rows.append((label, fmt.format(m[key]), fmt.format(t[key]) if t.get(key) is not None else "-"))
+    return {"prompts": eval_report["prompts"]["n"], "rows": rows}
 
 
-def write_card(model_dir: Path, eval_report: dict | None = None) -> Path:
+def write_card(model_dir: Path) -> Path:
+    """The card of the student in ``model_dir``, from its ``potstill.json``: train writes it."""
+    return _write(model_dir, None)
+
+
+def add_results(model_dir: Path, eval_report: dict) -> Path:
+    """The card with eval's results for this model: the same card train wrote (rendered from the
+    same ``potstill.json``) plus its evaluation section."""
+    return _write(model_dir, eval_report)
+
+
+def _write(model_dir: Path, eval_report: dict | None) -> Path:
     info = json.loads((model_dir / "potstill.json").read_text())
     path = model_dir / "README.md"
     path.write_text(card_text(info, eval_report, info.get("name", model_dir.name)), encoding="utf-8")

@@ -36,7 +36,6 @@ batch), never held whole.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,10 +45,10 @@ import numpy as np
 
 from potstill.errors import PotstillError
 from potstill.ledger import Ledger, completion_problem, request_hash, teacher_key
-from potstill.prompts import ROLES, Prompt
-from potstill.prompts import parse_prompt
+from potstill.prompts import ROLES, Prompt, jsonl_objects, parse_prompt
 from potstill.provenance import file_sha256
 from potstill.teachers.base import Completion
+from potstill.teachers.openai.wire import batch_line_problem
 
 FORMATS = ("openai_chat", "jsonl", "parquet")
 MAX_LINE_BYTES = 64 << 20  # a line with T x k top-k lists can be MBs; longer lines are refused unread
@@ -262,20 +261,7 @@ def _detect(path: Path) -> str:
 
 
 def _jsonl_objects(path: Path) -> Iterator[tuple[str, object]]:
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
-            where = f"{path}:{lineno}"
-            if len(raw) > MAX_LINE_BYTES:
-                raise PotstillError(f"{where}: line longer than {MAX_LINE_BYTES >> 20} MiB; split the file or drop "
-                                    f"the top-k lists")
-            if not raw.strip():
-                continue
-            try:
-                yield where, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise PotstillError(f"{where}: not UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise PotstillError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return jsonl_objects(path, MAX_LINE_BYTES, "split the file or drop the top-k lists")
 
 
 def _parquet_objects(path: Path) -> Iterator[tuple[str, dict]]:
@@ -418,18 +404,10 @@ def _openai_rows(obj: object, where: str) -> list[_Row]:
         return [_Row(where, None, problem=str(e))]
     if not prompt.messages:
         raise PotstillError(f"{where}: \"messages\" is empty")
-    response, error = obj.get("response"), obj.get("error")
-    if error:
-        what = f"{error.get('code') or 'error'}: {error.get('message')}" if isinstance(error, dict) else str(error)
-        return [_Row(where, prompt, problem=f"batch line error {what}"[:300])]
-    if isinstance(response, dict) and "status_code" in response:  # a Batch output line
-        completion = response.get("body")
-        if response["status_code"] != 200:
-            detail = completion.get("error") if isinstance(completion, dict) else None
-            message = (detail.get("message") if isinstance(detail, dict) else None) or str(completion)[:200]
-            return [_Row(where, prompt, problem=f"HTTP {response['status_code']}: {message}"[:300])]
-    else:
-        completion = response
+    if problem := batch_line_problem(obj):
+        return [_Row(where, prompt, problem=problem)]
+    response = obj.get("response")
+    completion = response.get("body") if isinstance(response, dict) and "status_code" in response else response
     choices = completion.get("choices") if isinstance(completion, dict) else None
     if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
         raise PotstillError(f"{where}: \"response\" must be a chat.completion object with a non-empty \"choices\" "

@@ -19,6 +19,11 @@ class TrainExample:
     topk_ids: np.ndarray | None  # (n_completion, k): teacher's top-k for each completion token
     topk_logprobs: np.ndarray | None  # (n_completion, k)
 
+    @property
+    def n_completion(self) -> int:
+        """Completion tokens: the ones the loss is over."""
+        return len(self.input_ids) - self.n_prompt
+
 
 def build_examples(examples: list[Example], tokenizer, *, same_tokenizer: bool) -> list[TrainExample]:
     """With the teacher's tokenizer, the teacher's own token ids and top-k are used; otherwise the

@@ -331,8 +331,8 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
         if accelerator.is_main_process:
             checkpoint.clear(ckpt_root)
     return Setup(spec, accelerator, model, optimizer, tokenizer, teacher, compat, heads, data, plan, pad_id,
-                 recipe.generation.max_new_tokens, mixed_precision, compile, ledger_sha, teacher_desc, signature, ckpt_root,
-                 start, terms, [ex.request_hash for ex in examples])
+                 spec.on_policy_max_new_tokens or recipe.generation.max_new_tokens, mixed_precision, compile,
+                 ledger_sha, teacher_desc, signature, ckpt_root, start, terms, [ex.request_hash for ex in examples])
 
 
 def train_step(s: Setup, step: int) -> dict:
@@ -340,7 +340,7 @@ def train_step(s: Setup, step: int) -> dict:
     the loss or gradient was not finite and nothing was learned."""
     spec, acc, model, optimizer = s.spec, s.accelerator, s.model, s.optimizer
     ids = s.plan.batch(step)
-    n_tokens = sum(len(s.data[i].input_ids) - s.data[i].n_prompt for i in ids)  # all processes together
+    n_tokens = sum(s.data[i].n_completion for i in ids)  # all processes together
     on_policy = (spec.objective == "kd" and spec.teacher_signal == "on_policy"
                  and random.Random(spec.seed * 7919 + step).random() < spec.lmbda)
     torch.manual_seed(spec.seed * 1_000_003 + step * 1009 + acc.process_index)  # dropout, sampling
@@ -350,7 +350,7 @@ def train_step(s: Setup, step: int) -> dict:
     if on_policy:  # completions sampled from the student; their tokens are counted afresh
         micro = [sample_from_student(model, batch, s.pad_id, s.tokenizer.eos_token_id, s.on_policy_max_new_tokens)
                  for batch in micro]
-        mine = sum(len(ex.input_ids) - ex.n_prompt for batch in micro for ex in batch)
+        mine = sum(ex.n_completion for batch in micro for ex in batch)
         n_tokens = int(acc.reduce(torch.tensor(mine, device=acc.device), "sum"))
     sums = torch.zeros(3)  # (loss, ce, kd) per token of the step
     for j, batch in enumerate(micro):
@@ -429,7 +429,7 @@ def export(s: Setup, recipe: Recipe, name: str, seconds: float) -> None:
     acc = s.accelerator
     acc.wait_for_everyone()
     if acc.is_main_process:
-        tokens = sum(len(ex.input_ids) - ex.n_prompt for ex in s.data)
+        tokens = sum(ex.n_completion for ex in s.data)
         # a recipe has one teacher, so it supplied every example and token
         teacher_desc = {**s.teacher_desc, "share_of_examples": 1.0, "share_of_tokens": 1.0}
         info = {

@@ -48,7 +48,7 @@ from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
 from potstill.teachers.base import Completion, Request
 from potstill.teachers.openai.budget import Budget, price
-from potstill.teachers.openai.wire import (Malformed, api_key, counted_usage, estimate_tokens, parse_response,
+from potstill.teachers.openai.wire import (Malformed, api_key, batch_line_problem, counted_usage, estimate_tokens, parse_response,
                                           request_body)
 
 MAX_LINES = 50_000  # requests per batch input file (API limit)
@@ -404,14 +404,8 @@ def read_line(line: dict, request: Request, params: dict, spec, seconds: float, 
         usage = counted_usage(body, estimate_tokens(request, params, tokenizer)[0], params["max_new_tokens"])
     else:
         usage = (0, 0, None)
-    error = line.get("error")
-    if error:
-        what = f"{error.get('code') or 'error'}: {error.get('message')}" if isinstance(error, dict) else str(error)
-        return None, f"batch line error {what}"[:300], status, usage
-    if status != 200:
-        detail = body.get("error") if isinstance(body, dict) else None
-        message = (detail.get("message") if isinstance(detail, dict) else None) or str(body)[:200]
-        return None, f"HTTP {status}: {message}"[:300], status, usage
+    if problem := batch_line_problem(line):
+        return None, problem, status, usage
     try:
         completion = parse_response(request, body, params, spec, seconds, usage[:2],
                                     None if tokenizer is None else len(tokenizer))

@@ -273,3 +273,19 @@ def make_client(base_url: str, key: str, timeout: float):
 def endpoint_path(spec) -> str:
     return "/chat/completions" if spec.api == "chat" else "/completions"
 
+
+def batch_line_problem(line: dict) -> str | None:
+    """Why a Batch API output or error line holds no completion, on one line: its error, or the
+    status and message of a response other than 200 (a line without a status is a plain chat
+    completion, as imported files hold). None when it holds one."""
+    error = line.get("error")
+    if error:
+        what = f"{error.get('code') or 'error'}: {error.get('message')}" if isinstance(error, dict) else str(error)
+        return f"batch line error {what}"[:300]
+    response = line.get("response")
+    if isinstance(response, dict) and "status_code" in response and response["status_code"] != 200:
+        body = response.get("body")
+        detail = body.get("error") if isinstance(body, dict) else None
+        message = (detail.get("message") if isinstance(detail, dict) else None) or str(body)[:200]
+        return f"HTTP {response['status_code']}: {message}"[:300]
+    return None

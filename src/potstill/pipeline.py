@@ -1,0 +1,99 @@
+"""`potstill run`: every stage in order, skipping what is up to date.
+
+The rules, in one place: generation sends only the requests without a completion in the ledger (the
+ledger's job); a student is retrained only when its training section, the student section, the
+intended use or terms declaration, or the ledger's content hash changed (recorded in its
+``potstill.json``); eval reruns when a student changed or the recipe hash differs; the report is
+always rewritten (it is cheap).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from potstill.recipe import Recipe, TrainSpec
+
+
+def baseline_spec(recipe: Recipe) -> TrainSpec | None:
+    """The baseline's training section: the student's, with the baseline's fields over it."""
+    if recipe.baseline is None:
+        return None
+    fields = {k: v for k, v in recipe.baseline.model_dump().items() if v is not None}
+    return TrainSpec(**{**recipe.train.model_dump(), **fields})
+
+
+def students(recipe: Recipe) -> list[tuple[str, TrainSpec]]:
+    """The models train writes: the student, and the baseline when the recipe has one."""
+    out = [("student", recipe.train)]
+    if (b := baseline_spec(recipe)) is not None:
+        out.append(("baseline", b))
+    return out
+
+
+def refuse_unusable_logit_kd(recipe: Recipe) -> None:
+    """Logit KD across tokenizers is refused before the teacher is asked anything: an HTTP teacher
+    is paid for every answer, and these could not be trained on."""
+    from potstill.train.loop import load_student_tokenizer
+    from potstill.train.tokenizer_match import check_tokenizers, logit_rows
+
+    teacher_dir = recipe.teacher.tokenizer_dir
+    if teacher_dir is not None and not Path(teacher_dir).is_dir():
+        return  # generate stops at once, naming the missing folder, before asking the teacher anything
+    if any(spec.objective == "kd" for _, spec in students(recipe)):
+        tokenizer = load_student_tokenizer(recipe)
+        check_tokenizers(teacher_dir, tokenizer, logit_rows(recipe.student, tokenizer),
+                         need_logits=True)
+
+
+def student_is_current(recipe: Recipe, name: str, spec: TrainSpec, ledger_sha256: str) -> bool:
+    """Whether ``name`` was trained from this training section, student, ledger content, intended
+    use and terms declaration (else the terms gate, too, must run again)."""
+    info_path = recipe.run_dir / name / "potstill.json"
+    if not info_path.is_file():
+        return False
+    info = json.loads(info_path.read_text())
+    terms = info.get("terms") or {}
+    return (info["train"] == spec.model_dump() and info["ledger_sha256"] == ledger_sha256
+            and info.get("student") == recipe.student.model_dump() and terms.get("use") == recipe.use
+            and terms.get("declared") == recipe.teacher.terms_declared)
+
+
+def eval_is_current(recipe: Recipe) -> bool:
+    """Whether eval.json was written for this recipe (a retrained student makes it stale too)."""
+    path = recipe.run_dir / "eval.json"
+    return path.is_file() and json.loads(path.read_text())["provenance"]["recipe_sha256"] == recipe.sha256()
+
+
+def run_all(recipe: Recipe, accept_terms_risk: str | None = None, *,
+            generated: Callable[[dict], object] = lambda counts: None,
+            say: Callable[[str], object] = print) -> dict:
+    """Every stage in order; returns eval's report. ``generated`` gets generate's counts (failed
+    requests do not stop the run: train leaves them out and says so); ``say`` gets one line per
+    stage kept or written."""
+    from potstill.evaluate import evaluate
+    from potstill.generate import generate
+    from potstill.ledger import Ledger
+    from potstill.ledger.requests import recipe_requests
+    from potstill.report import write_report
+    from potstill.train import train
+
+    refuse_unusable_logit_kd(recipe)
+    generated(generate(recipe))
+    with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
+        ledger_sha256 = ledger.content_sha256(recipe_requests(recipe)[1])
+    changed = False
+    for name, spec in students(recipe):
+        if student_is_current(recipe, name, spec, ledger_sha256):
+            say(f"train: {name} is up to date, kept")
+            continue
+        train(recipe, spec, name, accept_terms_risk)
+        changed = True
+    if changed or not eval_is_current(recipe):
+        report = evaluate(recipe)
+    else:
+        say("eval: up to date, kept")
+        report = json.loads((recipe.run_dir / "eval.json").read_text())
+    say(f"report: wrote {write_report(recipe.run_dir)}")
+    return report
