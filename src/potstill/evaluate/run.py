@@ -183,59 +183,29 @@ def evaluate(recipe: Recipe) -> dict:
     them (an API teacher), the teacher's answers come over HTTP, and what needs its distribution
     (KL, top-1, perplexity of its text) or its weights (size, speed) is left out; an imported
     teacher without weights has no row at all."""
-    run = recipe.run_dir
     spec = recipe.eval
     prompts = load_prompts(spec.prompts, spec.limit, need_user=True)
-    models: dict[str, Path | None] = {}
-    if recipe.teacher.path is not None or recipe.teacher.http:
-        models["teacher"] = None if recipe.teacher.path is None else Path(recipe.teacher.path)
-    for name in ("student", "baseline"):
-        if (run / name / "potstill.json").is_file():
-            models[name] = run / name
-    if not {"student", "baseline"} & models.keys():
-        raise PotstillError(f"no trained student in {run}: run `potstill train` first")
-
-    results: dict[str, dict] = {}
+    models = models_to_score(recipe)
     device = recipe.device_for("eval")
     teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype, device=device,
                            use_generation_config=recipe.teacher.use_generation_config,
                            trust_remote_code=recipe.teacher.trust_remote_code) if models.get("teacher") else None
     judge = LocalTeacher(spec.judge.path, device=device) if spec.judge is not None else None
     verify = verifiers.load(spec.verifier)
-    teacher_out = None
+    results: dict[str, dict] = {}
+    teacher_out = None  # the teacher's answers: scored first, then every other model against them
     with progress("eval", len(models)) as advance:
         for name, path in models.items():
-            if name == "teacher" and teacher is None:
-                completions, model = http_teacher_answers(recipe, prompts), None
-                tokens_per_s = None
+            if name == "teacher" and teacher is None:  # an API teacher: its answers over HTTP, no weights
+                model, completions, tokens_per_s = None, http_teacher_answers(recipe, prompts), None
             else:
                 model = teacher if name == "teacher" else LocalTeacher(path, device=device)
                 completions, tokens_per_s = greedy(model, prompts, spec.max_new_tokens, spec.batch_size)
             if name == "teacher":
                 teacher_out = completions
-            by_cat: dict[str, list[bool]] = {}
-            for p, c in zip(prompts, completions):
-                ok = verify(p.text, c.text, p.meta)
-                if ok is not None:
-                    by_cat.setdefault(str(p.meta.get("skill", "all")), []).append(ok)
-            checked = [float(ok) for v in by_cat.values() for ok in v]
-            agree = None if teacher_out is None else [float(c.text == t.text) for c, t in zip(completions, teacher_out)]
-            refs = [(c.text, str(p.meta["answer"])) for p, c in zip(prompts, completions) if "answer" in p.meta]
-            rouge = [rouge_l(a, r) for a, r in refs]
-            row = {
-                "accuracy": sum(checked) / len(checked) if checked else None,
-                "accuracy_ci95": bootstrap_ci(checked),
-                "accuracy_by_category": {k: sum(v) / len(v) for k, v in sorted(by_cat.items())},
-                "rouge_l": sum(rouge) / len(rouge) if rouge else None,
-                "agreement": None if agree is None else sum(agree) / len(agree),
-                "agreement_ci95": None if agree is None else bootstrap_ci(agree),
-                "parameters": None if model is None else sum(p.numel() for p in model.model.parameters()),
-                "size_bytes": None if model is None else sum(f.stat().st_size for f in Path(path).glob("*.safetensors")),
-                "tokens_per_second": tokens_per_s,
-                "latency_ms": None if model is None else latency_ms(model, prompts, spec.max_new_tokens),
-                "weights_sha256": None if model is None else model.describe()["weights_sha256"],
-                "completion_lengths": [len(c.token_ids) for c in completions if c.token_ids is not None],
-            }
+            row = answer_metrics(prompts, completions, teacher_out, verify)
+            if model is not None:
+                row.update(model_metrics(model, Path(path), prompts, spec.max_new_tokens), tokens_per_second=tokens_per_s)
             if model is not None and teacher is not None:
                 if gap := token_level_gap(name, model, teacher):
                     row.update({key: None for key in TOKEN_METRICS}, not_applicable=dict.fromkeys(TOKEN_METRICS, gap))
@@ -248,22 +218,75 @@ def evaluate(recipe: Recipe) -> dict:
             row["samples"] = [{"prompt": p.text, "answer": c.text} for p, c in zip(prompts[:20], completions[:20])]
             results[name] = row
             advance(1)
-
-    report = {
-        "models": results,
-        "prompts": {"path": spec.prompts, "n": len(prompts),
-                    "sha256": hashlib.sha256("".join(p.sha256 for p in prompts).encode()).hexdigest()},
-        "provenance": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "versions": library_versions(), "git_commit": git_commit(), "machine": platform.machine(),
-                       "device": device, "threads": torch.get_num_threads(), "recipe_sha256": recipe.sha256(), "verifier": spec.verifier,
-                       "seeds": {"train": recipe.train.seed, "generation": recipe.generation.seed, "bootstrap": 0},
-                       "judge": None if judge is None else judge.describe()},
-    }
-    (run / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = {"models": results, "prompts": prompts_record(spec.prompts, prompts),
+              "provenance": eval_provenance(recipe, device, judge)}
+    (recipe.run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     for name, path in models.items():
         if name != "teacher":
             add_results(path, report)
     return report
+
+
+def models_to_score(recipe: Recipe) -> dict[str, Path | None]:
+    """teacher (its folder; None for an API teacher answering over HTTP; absent for an imported
+    teacher without weights), then the students the run has."""
+    run = recipe.run_dir
+    models: dict[str, Path | None] = {}
+    if recipe.teacher.path is not None or recipe.teacher.http:
+        models["teacher"] = None if recipe.teacher.path is None else Path(recipe.teacher.path)
+    for name in ("student", "baseline"):
+        if (run / name / "potstill.json").is_file():
+            models[name] = run / name
+    if not {"student", "baseline"} & models.keys():
+        raise PotstillError(f"no trained student in {run}: run `potstill train` first")
+    return models
+
+
+def answer_metrics(prompts: list[Prompt], completions, teacher_out, verify) -> dict:
+    """What the answers' text says, for any model: accuracy (per category, 95 % bootstrap CI),
+    ROUGE-L against the reference, agreement with the teacher's answers, answer lengths."""
+    by_cat: dict[str, list[bool]] = {}
+    for p, c in zip(prompts, completions):
+        ok = verify(p.text, c.text, p.meta)
+        if ok is not None:
+            by_cat.setdefault(str(p.meta.get("skill", "all")), []).append(ok)
+    checked = [float(ok) for v in by_cat.values() for ok in v]
+    agree = None if teacher_out is None else [float(c.text == t.text) for c, t in zip(completions, teacher_out)]
+    rouge = [rouge_l(c.text, str(p.meta["answer"])) for p, c in zip(prompts, completions) if "answer" in p.meta]
+    return {
+        "accuracy": sum(checked) / len(checked) if checked else None,
+        "accuracy_ci95": bootstrap_ci(checked),
+        "accuracy_by_category": {k: sum(v) / len(v) for k, v in sorted(by_cat.items())},
+        "rouge_l": sum(rouge) / len(rouge) if rouge else None,
+        "agreement": None if agree is None else sum(agree) / len(agree),
+        "agreement_ci95": None if agree is None else bootstrap_ci(agree),
+        "parameters": None, "size_bytes": None, "tokens_per_second": None, "latency_ms": None,
+        "weights_sha256": None,  # filled by model_metrics when the weights are here
+        "completion_lengths": [len(c.token_ids) for c in completions if c.token_ids is not None],
+    }
+
+
+def model_metrics(model: LocalTeacher, path: Path, prompts: list[Prompt], max_new_tokens: int) -> dict:
+    """What only local weights tell: parameters, size on disk, latency, the weights' hash."""
+    return {"parameters": sum(p.numel() for p in model.model.parameters()),
+            "size_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+            "latency_ms": latency_ms(model, prompts, max_new_tokens),
+            "weights_sha256": model.describe()["weights_sha256"]}
+
+
+def prompts_record(path: str, prompts: list[Prompt]) -> dict:
+    return {"path": path, "n": len(prompts),
+            "sha256": hashlib.sha256("".join(p.sha256 for p in prompts).encode()).hexdigest()}
+
+
+def eval_provenance(recipe: Recipe, device: str, judge: LocalTeacher | None) -> dict:
+    """Where eval.json came from: versions, commit, machine, device, seeds, recipe and judge."""
+    return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": library_versions(), "git_commit": git_commit(), "machine": platform.machine(),
+            "device": device, "threads": torch.get_num_threads(), "recipe_sha256": recipe.sha256(),
+            "verifier": recipe.eval.verifier,
+            "seeds": {"train": recipe.train.seed, "generation": recipe.generation.seed, "bootstrap": 0},
+            "judge": None if judge is None else judge.describe()}
 
 
 def judged(judge: LocalTeacher, prompts: list[Prompt], completions, teacher_out, spec) -> dict:

@@ -34,12 +34,9 @@ def load_tokenizer(spec):
     """The teacher's tokenizer, when the recipe says where it is."""
     if not spec.tokenizer_dir:
         return None
-    from transformers import AutoTokenizer
+    from potstill.teachers.local import load_tokenizer_dir
 
-    try:
-        return AutoTokenizer.from_pretrained(spec.tokenizer_dir, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise PotstillError(f"teacher tokenizer {spec.tokenizer_dir} could not be loaded: {str(e).splitlines()[0]}") from None
+    return load_tokenizer_dir(spec.tokenizer_dir, "teacher tokenizer", spec.trust_remote_code)
 
 
 def describe_openai(spec, tokenizer, teacher_id: str) -> dict:
