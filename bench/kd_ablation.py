@@ -42,6 +42,7 @@ ARMS = {  # name: overrides of the quickstart recipe
     "KD, 36 epochs (4,500 steps)": ["train.epochs=36"],
     "KD, lr 0.001": ["train.lr=0.001"],
     "SFT, lr 0.0015": ["train.objective=sft", "train.lr=0.0015"],
+    "SFT, lr 0.001": ["train.objective=sft", "train.lr=0.001"],
 }
 
 
