@@ -4,8 +4,8 @@
 
 Every arm trains the quickstart student from the same ledger (the teacher is never asked
 again) with the quickstart recipe plus the arm's overrides, for each seed, and evaluates it on
-the 1,200 held-out prompts. Arms with fewer prompts get proportionally more epochs, so every
-arm takes the same number of optimizer steps (3,000). Prints a markdown table: held-out
+the 1,200 held-out prompts. Arms with fewer prompts get proportionally more epochs, so they
+take the quickstart's 3,000 optimizer steps; arms that change the steps say so in their name. Prints a markdown table: held-out
 accuracy and KL(teacher || student) per token, mean and sample standard deviation over seeds.
 """
 
@@ -32,6 +32,17 @@ ARMS = {  # name: overrides of the quickstart recipe
     "SFT, 2,000 prompts": ["train.objective=sft", "prompts.limit=2000", "train.epochs=96"],
     "KD, T=1, kd_ratio=1, 2,000 prompts": ["train.kd_ratio=1.0", "train.temperature=1.0", "prompts.limit=2000",
                                            "train.epochs=96"],
+    # issue 15: levers of training efficiency inside the quickstart's time budget
+    "KD, batch 128, lr 0.006 (half the steps)": ["train.batch_size=128", "train.lr=0.006", "train.warmup_steps=25"],
+    "KD, lr 0.006": ["train.lr=0.006"],
+    "KD, lr 0.0015": ["train.lr=0.0015"],
+    "KD, 4 layers of width 56 (156k parameters)": ["student.config.hidden_size=56",
+                                                   "student.config.intermediate_size=154",
+                                                   "student.config.num_hidden_layers=4"],
+    "KD, 36 epochs (4,500 steps)": ["train.epochs=36"],
+    "KD, lr 0.001": ["train.lr=0.001"],
+    "SFT, lr 0.0015": ["train.objective=sft", "train.lr=0.0015"],
+    "SFT, lr 0.001": ["train.objective=sft", "train.lr=0.001"],
 }
 
 

@@ -108,3 +108,17 @@ def test_eval_adds_its_results_to_the_card_train_wrote(tmp_path):
     cells = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type in ("th_open", "td_open")]
     rows = [cells[i:i + 3] for i in range(0, len(cells), 3)]
     assert ["KL(teacher || model) per token", "0.125", "-"] in rows and ["parameters", "1,000", "12,000"] in rows
+
+
+def test_the_summary_shows_each_models_retention_of_the_teachers_accuracy(capsys):
+    from potstill.cli import print_summary
+
+    def model(accuracy):
+        return {"accuracy": accuracy, "agreement": 0.5, "kl_per_token": 0.4, "top1_agreement": 0.8,
+                "parameters": 1000, "tokens_per_second": 10.0}
+    report = {"prompts": {"n": 3}, "models": {"teacher": model(0.8), "student": model(0.6), "baseline": model(0.2)}}
+    print_summary(report)
+    lines = capsys.readouterr().out.replace("┃", "│").splitlines()  # rich draws the header with heavy bars
+    rows = {line.split("│")[1].strip(): line for line in lines if line.count("│") > 2}
+    assert "retention" in rows["model"]
+    assert "100.0%" in rows["teacher"] and "75.0%" in rows["student"] and "25.0%" in rows["baseline"]

@@ -64,7 +64,7 @@ def print_summary(eval_report: dict) -> None:
         table.add_row(*row)
     console = Console(width=max(Console().width, 90))
     console.print(table)
-    console.print("agree: same answer as the teacher; KL/tok: KL(teacher || model) per token of the teacher's "
+    console.print("retention: accuracy / the teacher's accuracy; agree: same answer as the teacher; KL/tok: KL(teacher || model) per token of the teacher's "
                   "answers; top-1: same argmax as the teacher there; tok/s: batched greedy generation")
     for name, m in eval_report["models"].items():
         for why in sorted(set(m.get("not_applicable", {}).values())):

@@ -13,6 +13,7 @@ from potstill.errors import PotstillError
 
 COLUMNS = [  # (key in eval.json, header, format)
     ("accuracy", "accuracy", "{:.1%}"),
+    ("retention", "retention", "{:.1%}"),  # accuracy / the teacher's accuracy: how much of its skill was kept
     ("agreement", "agree", "{:.1%}"),  # same answer as the teacher
     ("kl_per_token", "KL/tok", "{:.3f}"),  # KL(teacher || model) per token of teacher text
     ("top1_agreement", "top-1", "{:.1%}"),  # same argmax as the teacher on teacher text
@@ -25,7 +26,10 @@ CURVES = [("loss", "training loss"), ("kd", "KD term (x T^2)"), ("ce", "cross-en
 
 def summary_rows(eval_report: dict) -> list[list[str]]:
     rows = []
+    teacher = (eval_report["models"].get("teacher") or {}).get("accuracy")
     for name, m in eval_report["models"].items():
+        if teacher and m.get("accuracy") is not None:
+            m = {**m, "retention": m["accuracy"] / teacher}
         rows.append([name] + [fmt.format(m[key]) if m.get(key) is not None
                               else "n/a" if key in m.get("not_applicable", {}) else "-" for key, _, fmt in COLUMNS])
     return rows
