@@ -29,8 +29,8 @@ def load_model_dir(path: str | Path, what: str = "model", dtype: str = "float32"
     path = check_model_dir(path, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                     dtype=DTYPES[dtype], use_safetensors=True).to(device)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         if not trust_remote_code and has_remote_code(path):
             raise PotstillError(f"{what} directory {path} needs its own Python code (auto_map in its config), which "
