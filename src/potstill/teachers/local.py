@@ -99,8 +99,9 @@ def folder_generation_settings(path: Path) -> dict:
     if not (path / "generation_config.json").is_file():
         return {}
     try:
-        config = GenerationConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
+        # the JSON alone: nothing in a folder is run to read its generation settings
+        config = GenerationConfig.from_dict(json.loads((path / "generation_config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
         raise PotstillError(f"{path / 'generation_config.json'} could not be read: {str(e).splitlines()[0]}") from None
     return {k: v for k, v in sorted(config.to_diff_dict().items()) if k not in STATED}
 
