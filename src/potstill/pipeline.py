@@ -78,19 +78,25 @@ def run_all(recipe: Recipe, accept_terms_risk: str | None = None, *,
     from potstill.ledger.requests import recipe_requests
     from potstill.report import write_report
     from potstill.train import train
+    from potstill.train.side_by_side import side_by_side_threads, train_side_by_side
 
     refuse_unusable_logit_kd(recipe)
     generated(generate(recipe))
     with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
         ledger_sha256 = ledger.content_sha256(recipe_requests(recipe)[1])
-    changed = False
+    todo = []
     for name, spec in students(recipe):
         if student_is_current(recipe, name, spec, ledger_sha256):
             say(f"train: {name} is up to date, kept")
-            continue
-        train(recipe, spec, name, accept_terms_risk)
-        changed = True
-    if changed or not eval_is_current(recipe):
+        else:
+            todo.append((name, spec))
+    if threads := side_by_side_threads(recipe, todo):
+        say(f"train: {' and '.join(name for name, _ in todo)} side by side, {threads} thread(s) each")
+        train_side_by_side(recipe, todo, accept_terms_risk, threads)
+    else:
+        for name, spec in todo:
+            train(recipe, spec, name, accept_terms_risk)
+    if todo or not eval_is_current(recipe):
         report = evaluate(recipe)
     else:
         say("eval: up to date, kept")

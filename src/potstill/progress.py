@@ -11,9 +11,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+# Set in a process whose bars another process draws (train/side_by_side.py): called with a bar's
+# description and total, it returns that bar's ``advance``.
+SINK: Callable[[str, int], Callable[[int], None]] | None = None
+
+
 @contextmanager
 def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """``with progress("generate", n) as advance: advance(k)``."""
+    if SINK is not None:
+        yield SINK(description, total)
+        return
     if os.environ.get("POTSTILL_QUIET") or not sys.stderr.isatty():
         yield lambda n: None
         return
@@ -56,3 +64,36 @@ def live_counts(description: str, total: int) -> Iterator[_Counts]:
                TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         yield _Counts(bar, bar.add_task(description, total=total, status=""))
+
+
+class _Bars:
+    """What ``live_bars`` yields: bars added by key as their totals become known, and lines above them."""
+
+    def __init__(self, bar=None):
+        self.bar, self.tasks = bar, {}
+
+    def add(self, key: str, description: str, total: int) -> None:
+        if self.bar is not None:
+            self.tasks[key] = self.bar.add_task(description, total=total)
+
+    def advance(self, key: str, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.tasks[key], n)
+
+    def print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, flush=True)
+
+
+@contextmanager
+def live_bars() -> Iterator[_Bars]:
+    """Several bars at once, for work that other processes do and report here."""
+    if os.environ.get("POTSTILL_QUIET") or not sys.stderr.isatty():
+        yield _Bars()
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        yield _Bars(bar)

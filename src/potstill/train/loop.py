@@ -436,7 +436,8 @@ def export(s: Setup, recipe: Recipe, name: str, seconds: float) -> None:
             "name": name, "objective": s.spec.objective, "train": s.spec.model_dump(),
             "student": recipe.student.model_dump(), "recipe_sha256": recipe.sha256(), "ledger_sha256": s.ledger_sha,
             "examples": len(s.data), "steps": s.plan.total, "resumed_from": s.start, "seconds": round(seconds, 2),
-            "processes": acc.num_processes, "device": str(acc.device), "mixed_precision": s.mixed_precision,
+            "processes": acc.num_processes, "threads": torch.get_num_threads(), "device": str(acc.device),
+            "mixed_precision": s.mixed_precision,
             "compile": s.compile, "tokenizers": s.compat.kind, "teachers": [teacher_desc], "license": recipe.student.license,
             "completion_tokens": tokens, "terms": s.terms, "model_name": model_name(name, s.terms),
         }
