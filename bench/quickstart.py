@@ -7,7 +7,8 @@
 2. For each further seed, copies that ledger (so the teacher is not asked again) and reruns
    with train.seed=S: the students differ only in their initialisation and batch order.
 3. Prints a markdown table: teacher, KD student and SFT student, mean and sample standard
-   deviation over the seeds, plus the wall time of step 1.
+   deviation over the seeds, plus the wall time of step 1; then each seed's accuracies and the
+   paired difference KD - SFT with its 95% t-interval (scipy.stats.t) over the seeds.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 POTSTILL = Path(sys.executable).parent / "potstill"
@@ -48,7 +51,11 @@ def main() -> None:
         run(["quickstart", "--out", str(d), f"train.seed={seed}", *args.overrides])
 
     evals = [json.loads((args.out / f"seed{s}" / "eval.json").read_text()) for s in args.seeds]
-    metrics = [("accuracy", "accuracy", 100, "{:.1f}%"), ("agreement", "agreement", 100, "{:.1f}%"),
+    for e in evals:  # retention: accuracy as a share of the teacher's
+        for m in e["models"].values():
+            m["retention"] = m["accuracy"] / e["models"]["teacher"]["accuracy"]
+    metrics = [("accuracy", "accuracy", 100, "{:.1f}%"), ("retention", "retention", 100, "{:.1f}%"),
+               ("agreement", "agreement", 100, "{:.1f}%"),
                ("kl_per_token", "KL/token", 1, "{:.3f}"), ("top1_agreement", "top-1", 100, "{:.1f}%")]
     print(f"quickstart wall time (seed {args.seeds[0]}, fresh run directory): {wall:.0f} s\n")
     print("| model | params | " + " | ".join(h for _, h, _, _ in metrics) + " |")
@@ -61,6 +68,18 @@ def main() -> None:
             cells.append(fmt.format(statistics.mean(values)) + (f" ± {fmt.format(sd)}" if name != "teacher" else ""))
         label = {"teacher": "teacher", "student": "KD student", "baseline": "SFT student"}[name]
         print(f"| {label} | {evals[0]['models'][name]['parameters']:,} | " + " | ".join(cells) + " |")
+    print("\n| seed | KD student | SFT student | KD - SFT |")
+    print("|---:|---:|---:|---:|")
+    diffs = []
+    for seed, e in zip(args.seeds, evals):
+        kd, sft = (100 * e["models"][n]["accuracy"] for n in ("student", "baseline"))
+        diffs.append(kd - sft)
+        print(f"| {seed} | {kd:.1f}% | {sft:.1f}% | {kd - sft:+.1f} |")
+    if len(diffs) > 1:
+        mean, se = statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+        half = stats.t.ppf(0.975, len(diffs) - 1) * se
+        print(f"\nKD - SFT, paired over {len(diffs)} seeds: {mean:+.1f} points, 95% interval "
+              f"[{mean - half:+.1f}, {mean + half:+.1f}]")
     print("\nper skill (mean over seeds):")
     skills = sorted(evals[0]["models"]["teacher"]["accuracy_by_category"])
     print("| model | " + " | ".join(skills) + " |")

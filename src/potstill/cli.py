@@ -172,14 +172,13 @@ def cmd_import(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from potstill.pipeline import students
-    from potstill.train import check_outputs, train
+    from potstill.pipeline import students, train_students
+    from potstill.train import check_outputs
 
     recipe = _recipe(args)
     for name, _ in students(recipe):  # before the first student trains, not after
         check_outputs(recipe.run_dir, name)
-    for name, spec in students(recipe):
-        print(f"train: wrote {train(recipe, spec, name, args.accept_terms_risk)}")
+    train_students(recipe, students(recipe), args.accept_terms_risk)
 
 
 def cmd_eval(args) -> None:

@@ -66,6 +66,23 @@ def eval_is_current(recipe: Recipe) -> bool:
     return path.is_file() and json.loads(path.read_text())["provenance"]["recipe_sha256"] == recipe.sha256()
 
 
+def train_students(recipe: Recipe, todo: list[tuple[str, TrainSpec]], accept_terms_risk: str | None = None,
+                   say: Callable[[str], object] = print) -> None:
+    """Train each ``(name, spec)``: side by side, one process each, on a CPU with a core per student
+    (train/side_by_side.py says why), else one after the other."""
+    from potstill.train import train
+    from potstill.train.side_by_side import side_by_side_threads, train_side_by_side
+
+    if threads := side_by_side_threads(recipe, todo):
+        say(f"train: {' and '.join(name for name, _ in todo)} side by side, {threads} thread(s) each")
+        train_side_by_side(recipe, todo, accept_terms_risk, threads)
+    else:
+        for name, spec in todo:
+            train(recipe, spec, name, accept_terms_risk)
+    for name, _ in todo:
+        say(f"train: wrote {recipe.run_dir / name}")
+
+
 def run_all(recipe: Recipe, accept_terms_risk: str | None = None, *,
             generated: Callable[[dict], object] = lambda counts: None,
             say: Callable[[str], object] = print) -> dict:
@@ -77,8 +94,6 @@ def run_all(recipe: Recipe, accept_terms_risk: str | None = None, *,
     from potstill.ledger import Ledger
     from potstill.ledger.requests import recipe_requests
     from potstill.report import write_report
-    from potstill.train import train
-    from potstill.train.side_by_side import side_by_side_threads, train_side_by_side
 
     refuse_unusable_logit_kd(recipe)
     generated(generate(recipe))
@@ -90,12 +105,7 @@ def run_all(recipe: Recipe, accept_terms_risk: str | None = None, *,
             say(f"train: {name} is up to date, kept")
         else:
             todo.append((name, spec))
-    if threads := side_by_side_threads(recipe, todo):
-        say(f"train: {' and '.join(name for name, _ in todo)} side by side, {threads} thread(s) each")
-        train_side_by_side(recipe, todo, accept_terms_risk, threads)
-    else:
-        for name, spec in todo:
-            train(recipe, spec, name, accept_terms_risk)
+    train_students(recipe, todo, accept_terms_risk, say)
     if todo or not eval_is_current(recipe):
         report = evaluate(recipe)
     else:
