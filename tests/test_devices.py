@@ -69,3 +69,42 @@ def test_asking_for_a_missing_gpu_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["generate", str(RECIPE), "teacher.device=cuda", f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "teacher.device=cuda: torch sees no CUDA GPU" in err and err.count("\n") == 1
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("free_gib, vocab, hidden, dtype_bytes", [(117, 151_936, 896, 2), (60, 151_936, 3584, 4),
+                                                                  (20, 32_000, 2048, 2), (3, 128_256, 4096, 2)])
+def test_the_auto_chunk_is_the_largest_power_of_two_that_fits_its_share(free_gib, vocab, hidden, dtype_bytes):
+    from potstill.devices import CHUNK_SHARE, chunk_bytes_per_row, pick_chunk_size
+
+    chunk = pick_chunk_size(free_gib * GIB, vocab, hidden, dtype_bytes)
+    assert chunk & (chunk - 1) == 0 and 64 <= chunk <= 8192
+
+    def fits(rows):  # the head's float32 gradient and its copy, plus the chunk's rows
+        return 8 * vocab * hidden + rows * chunk_bytes_per_row(vocab, dtype_bytes) <= CHUNK_SHARE * free_gib * GIB
+    assert chunk == 8192 or (fits(chunk) and not fits(2 * chunk)) or (chunk == 64 and not fits(64))
+
+
+def test_the_auto_chunk_grows_with_free_memory_and_shrinks_with_the_vocabulary():
+    from potstill.devices import pick_chunk_size
+
+    # an H200 after setup (0.5B student, 7B teacher in bf16): 4096 rows, ~18 GiB of its 117 free
+    assert pick_chunk_size(117 * GIB, 151_936, 896, 2) == 4096
+    sizes = [pick_chunk_size(g * GIB, 151_936, 896, 2) for g in (1, 4, 16, 64, 256, 1024)]
+    assert sizes == sorted(sizes) and sizes[0] == 64 and sizes[-1] == 8192
+    assert pick_chunk_size(16 * GIB, 32_000, 896, 2) > pick_chunk_size(16 * GIB, 256_000, 896, 2)
+    assert pick_chunk_size(16 * GIB, 151_936, 896, 4) <= pick_chunk_size(16 * GIB, 151_936, 896, 2)
+
+
+def test_auto_chunk_reads_free_cuda_memory_and_is_fixed_elsewhere(monkeypatch):
+    from potstill.devices import CPU_CHUNK, pick_chunk_size, resolve_chunk_size
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (40 * GIB, 80 * GIB))
+    assert resolve_chunk_size("auto", "cuda:1", 151_936, 896, 2) == pick_chunk_size(40 * GIB, 151_936, 896, 2)
+    assert asked == [torch.device("cuda:1")]
+    assert resolve_chunk_size("auto", "cpu", 151_936, 896, 4) == resolve_chunk_size("auto", "mps", 10, 4, 4) == CPU_CHUNK
+    assert resolve_chunk_size(0, "cuda", 151_936, 896, 2) == 0 and resolve_chunk_size(7, "cpu", 10, 4, 4) == 7
+    assert len(asked) == 1

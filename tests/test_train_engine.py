@@ -90,6 +90,19 @@ def test_chunked_loss_trains_the_same_model(tmp_path, ledger):
     assert_same_training(tmp_path / "plain", tmp_path / "chunked")
 
 
+def test_auto_chunk_is_recorded_and_the_student_stays_current(tmp_path, ledger):
+    """chunk_size auto: the chunk used (1024 on the CPU) goes into potstill.json beside the training
+    section as asked, so the pipeline still sees the student as trained from this recipe."""
+    from potstill.pipeline import student_is_current
+
+    d = run_dir(tmp_path, ledger, "auto")
+    recipe = load_recipe(RECIPE, overrides(d, "train.chunk_size=auto", "train.epochs=1"))
+    train(recipe, recipe.train)
+    info = json.loads((d / "student" / "potstill.json").read_text())
+    assert info["chunk_size"] == 1024 and info["train"]["chunk_size"] == "auto"
+    assert student_is_current(recipe, "student", recipe.train, info["ledger_sha256"])
+
+
 def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, ledger):
     trained(tmp_path, ledger, "one", "train.log_every=1", "train.micro_batch_size=8")
     d = run_dir(tmp_path, ledger, "two")

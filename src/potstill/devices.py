@@ -48,3 +48,46 @@ def resolve_compile(choice: str, device: str) -> bool:
     if choice != "auto":
         return choice == "on"
     return device.startswith("cuda")
+
+
+# The chunked loss's working memory per row of a chunk, per vocabulary entry: the student's and the
+# dense teacher's (chunk, V) logits and the logits' gradient in the compute dtype, and six float32
+# (chunk, V) tensors at the peak of the chunk's backward (both log-softmaxes, their exponentials, the
+# divergence's terms, the float32 gradient). bf16: 3 * 2 + 6 * 4 = 30 bytes; an H200 measured 31
+# (issue 14: 5.4 GiB at chunk 1024, 19.3 GiB at 4096, V = 151,936, uncompiled).
+CHUNK_FLOAT32_COPIES = 6
+CHUNK_SHARE = 0.25  # of the memory free after setup; the rest is for activations and optimizer state
+CPU_CHUNK = 1024  # where free memory is not measured: the CPU's caches, not its RAM, set the speed here
+
+
+def chunk_bytes_per_row(vocab: int, dtype_bytes: int) -> int:
+    """Bytes one row of a chunk holds at the loss's peak (see CHUNK_FLOAT32_COPIES)."""
+    return vocab * (3 * dtype_bytes + CHUNK_FLOAT32_COPIES * 4)
+
+
+def pick_chunk_size(free_bytes: int, vocab: int, hidden: int, dtype_bytes: int, *, share: float = CHUNK_SHARE,
+                    smallest: int = 64, largest: int = 8192) -> int:
+    """The largest power of two of rows whose working memory fits ``share`` of ``free_bytes``:
+
+        chunk = 2 ** floor(log2((share * free - 2 * 4 * V * H) / (V * (3 * dtype_bytes + 6 * 4))))
+
+    clamped to [smallest, largest]. 2 * 4 * V * H: the head's float32 gradient (V, H), accumulated
+    over chunks, and its scaled copy kept for backward; they do not grow with the chunk. Past a few
+    thousand rows a larger chunk saves no time (issue 14: 89 ms at 1024, 85 ms at 4096), so ``largest``
+    caps the memory spent for nothing."""
+    budget = share * free_bytes - 2 * 4 * vocab * hidden
+    rows = int(budget // chunk_bytes_per_row(vocab, dtype_bytes)) if budget > 0 else 0
+    if rows < smallest:
+        return smallest
+    return min(largest, 1 << (rows.bit_length() - 1))
+
+
+def resolve_chunk_size(choice: int | str, device: str, vocab: int, hidden: int, dtype_bytes: int) -> int:
+    """``auto`` -> picked from the CUDA device's free memory now (call after the models are on it);
+    ``CPU_CHUNK`` elsewhere. A number is kept as it is (0 = no chunking)."""
+    if choice != "auto":
+        return int(choice)
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return pick_chunk_size(free, vocab, hidden, dtype_bytes)
+    return CPU_CHUNK

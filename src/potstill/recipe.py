@@ -205,7 +205,9 @@ class TrainSpec(Section):
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)  # examples per optimizer step, over all processes
     micro_batch_size: int | None = Field(None, ge=1)  # examples per forward pass per process; default: all
-    chunk_size: int = Field(0, ge=0)  # > 0: loss computed from hidden states this many tokens at a time
+    # > 0: loss computed from hidden states this many tokens at a time; auto: the chunk that fits a
+    # quarter of the GPU's free memory (potstill.devices.pick_chunk_size), 1024 off CUDA
+    chunk_size: int | Literal["auto"] = 0
     # with chunk_size > 0: run each chunk's step through torch.compile; auto = on for CUDA, off elsewhere
     compile: Literal["auto", "on", "off"] = "auto"
     lr: float = Field(1e-3, gt=0.0)
@@ -221,6 +223,14 @@ class TrainSpec(Section):
     keep_checkpoints: int = Field(2, ge=1)
     resume: bool = True  # continue from the newest complete checkpoint of this student, if any
     lora: LoraSpec | None = None
+
+
+    @field_validator("chunk_size", mode="before")
+    @classmethod
+    def _chunk(cls, value: Any) -> Any:
+        if value != "auto" and (type(value) is not int or value < 0):
+            raise ValueError("a number of tokens (0 = no chunking) or auto")
+        return value
 
 
 class BaselineSpec(Section):

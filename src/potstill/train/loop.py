@@ -31,7 +31,7 @@ from potstill.train import checkpoint
 from potstill.receipts.card import write_card
 from potstill.train.tokenizer_match import Compat, check_tokenizers
 from potstill.train.examples import TrainExample, build_examples, collate
-from potstill.devices import resolve_compile, resolve_mixed_precision
+from potstill.devices import resolve_chunk_size, resolve_compile, resolve_mixed_precision
 from potstill.errors import PotstillError
 from potstill.ledger.requests import recipe_requests
 from potstill.train.heads import model_heads
@@ -249,7 +249,7 @@ class Setup:
     """What one student's training holds between steps: built by ``setup``, read by ``train_step``
     and ``export``."""
 
-    spec: TrainSpec
+    spec: TrainSpec  # chunk_size resolved: auto is a number here
     accelerator: Accelerator
     model: torch.nn.Module  # prepared by accelerate (wrapped under DDP)
     optimizer: torch.optim.Optimizer
@@ -287,7 +287,6 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     AcceleratorState._reset_state(reset_partial_state=False)
     device = recipe.device_for("train")
     mixed_precision = resolve_mixed_precision(spec.mixed_precision, device)
-    compile = bool(spec.chunk_size) and resolve_compile(spec.compile, device)
     if device.startswith("cuda:"):  # one process on a chosen GPU; under `accelerate launch` each rank has its own
         torch.cuda.set_device(int(device.partition(":")[2]))
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
@@ -310,12 +309,21 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
                                   weight_decay=spec.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # chunk_size auto: picked from the memory left with the student and the teacher on the device
+    # (CHUNK_SHARE leaves room for activations and the optimizer's state, made at the first step);
+    # the steps and potstill.json see the number, the resume signature what was asked
+    asked = spec
+    head_weight = _unwrap(model).get_output_embeddings().weight
+    v, h = head_weight.shape
+    dtype_bytes = 2 if mixed_precision in ("bf16", "fp16") else head_weight.element_size()
+    spec = spec.model_copy(update={"chunk_size": resolve_chunk_size(spec.chunk_size, device, v, h, dtype_bytes)})
+    compile = bool(spec.chunk_size) and resolve_compile(spec.compile, device)
     heads = None
     if spec.chunk_size:  # checked once, before any step: a head the loss cannot rebuild is refused here
         heads = model_heads(model, teacher)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan = Plan(len(data), spec, accelerator.num_processes)
-    signature = {"examples": len(data), "ledger_sha256": ledger_sha, "train": spec.model_dump(exclude={"resume"}),
+    signature = {"examples": len(data), "ledger_sha256": ledger_sha, "train": asked.model_dump(exclude={"resume"}),
                  "processes": accelerator.num_processes}
 
     ckpt_root = recipe.run_dir / "checkpoints" / name
@@ -433,7 +441,10 @@ def export(s: Setup, recipe: Recipe, name: str, seconds: float) -> None:
         # a recipe has one teacher, so it supplied every example and token
         teacher_desc = {**s.teacher_desc, "share_of_examples": 1.0, "share_of_tokens": 1.0}
         info = {
-            "name": name, "objective": s.spec.objective, "train": s.spec.model_dump(),
+            "name": name, "objective": s.spec.objective,
+            # the training section as the recipe asked (chunk_size auto stays auto: the pipeline compares
+            # it with the recipe); the chunk used beside it
+            "train": {**s.spec.model_dump(), **s.signature["train"]}, "chunk_size": s.spec.chunk_size,
             "student": recipe.student.model_dump(), "recipe_sha256": recipe.sha256(), "ledger_sha256": s.ledger_sha,
             "examples": len(s.data), "steps": s.plan.total, "resumed_from": s.start, "seconds": round(seconds, 2),
             "processes": acc.num_processes, "threads": torch.get_num_threads(), "device": str(acc.device),
