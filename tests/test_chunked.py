@@ -80,3 +80,35 @@ def test_the_compiled_step_traces_whole_and_gives_the_same_loss(name, teacher_ki
     for rows in (5, 11, 17, 23):
         chunked_kd_loss(hidden[:rows].clone().requires_grad_(True), head, labels[:rows], name=name, chunk_size=8,
                         compile="eager", **{k: v[:rows] if k != "teacher_head" else v for k, v in teacher.items()})
+
+
+@pytest.mark.parametrize("teacher_kind", ["sparse", "dense"])
+def test_a_half_precision_chunk_is_widened_to_float32_once(teacher_kind):
+    """CE and KD read the same float32 copy of a bf16 chunk's (chunk, V) student logits: each extra
+    copy is chunk x V x 4 bytes more at the peak, and one more pass over memory."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(2)
+    n, h, v, chunk = 12, 8, 97, 4
+    hidden = torch.randn(n, h, generator=g).bfloat16().requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g) * 0.3).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, v, (n,), generator=g)
+    t_hidden, t_weight = torch.randn(n, 8, generator=g).bfloat16(), torch.randn(v, 8, generator=g).bfloat16()
+    teacher = ({"teacher_hidden": t_hidden, "teacher_head": t_weight} if teacher_kind == "dense" else
+               dict(zip(("topk_logprobs", "topk_ids"), (t_hidden.float() @ t_weight.float().T).log_softmax(-1).topk(5, -1))))
+
+    class Widenings(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if (func is torch.ops.aten._to_copy.default and args[0].dtype == torch.bfloat16
+                    and out.dtype == torch.float32 and tuple(out.shape) == (chunk, v) and args[0].requires_grad):
+                Widenings.count += 1
+            return out
+
+    with Widenings():
+        loss, _, _ = chunked_kd_loss(hidden, weight, labels, kd_ratio=0.5, chunk_size=chunk, **teacher)
+    assert Widenings.count == n // chunk  # the student's logits, once a chunk (the teacher's have no grad)
+    loss.backward()
+    assert torch.isfinite(hidden.grad.float()).all()

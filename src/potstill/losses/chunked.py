@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from potstill.losses import divergence
-from potstill.losses._buckets import dense_logprobs, sparse_logprobs
+from potstill.losses._buckets import _wide, dense_logprobs, sparse_logprobs
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ class Head:
 
 def _chunk_loss(student_logits, labels, teacher, spec):
     """Summed (not averaged) loss, CE and KD of one chunk."""
-    ce = F.cross_entropy(student_logits.float(), labels, reduction="sum")
+    # one float32 copy of the (chunk, V) logits, shared by CE and KD (half precision loses the tail)
+    student_logits = _wide(student_logits)
+    ce = F.cross_entropy(student_logits, labels, reduction="sum")
     if spec["kd_ratio"] == 0.0:
         return (1 - spec["kd_ratio"]) * ce, ce, torch.zeros_like(ce)
     t = spec["temperature"]

@@ -119,9 +119,17 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
     """
     if spec.chunk_size and heads is None:
         heads = model_heads(model, teacher)
-    labels = batch["labels"][:, 1:]  # (B, L-1): the token each position predicts
-    mask = labels != -100
-    n = int(mask.sum())
+    # The completion positions t (their token, at t + 1, carries the loss) as flat indices b * L + t
+    # into (B, L, ...) tensors, found once: nonzero is the micro-batch's one host sync (it sizes every
+    # tensor below), and indexing by them, unlike a boolean mask, syncs no more.
+    has_loss = F.pad(batch["labels"][:, 1:] != -100, (0, 1))  # (B, L): position t predicts a completion token
+    rows = has_loss.flatten().nonzero()[:, 0]  # (N,)
+    n = rows.numel()
+
+    def at(x, shift: int = 0):  # (B, L, ...) -> (N, ...) at the completion positions (+ shift)
+        return x.flatten(0, 1)[rows + shift]
+
+    labels = at(batch["labels"], 1)  # (N,): the token each completion position predicts
     kd_ratio = 1.0 if on_policy else (spec.kd_ratio if spec.objective == "kd" else 0.0)
     targets = {}
     if kd_ratio and teacher is not None:
@@ -129,12 +137,12 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
             t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             output_hidden_states=spec.chunk_size > 0, logits_to_keep=1 if spec.chunk_size else 0)
         if spec.chunk_size:
-            targets = {"teacher_hidden": t_out.hidden_states[-1][:, :-1][mask],
+            targets = {"teacher_hidden": at(t_out.hidden_states[-1]),
                        "teacher_head": heads["teacher"].rows(compat.shared_vocab)}
         else:
-            targets = {"teacher_logits": t_out.logits[:, :-1][mask][:, :compat.shared_vocab]}
+            targets = {"teacher_logits": at(t_out.logits)[:, :compat.shared_vocab]}
     elif kd_ratio:
-        targets = {"topk_ids": batch["topk_ids"][:, 1:][mask], "topk_logprobs": batch["topk_logprobs"][:, 1:][mask]}
+        targets = {"topk_ids": at(batch["topk_ids"], 1), "topk_logprobs": at(batch["topk_logprobs"], 1)}
     kd_args = dict(name=spec.loss, temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha)
     # the logit rows teacher and student share; another tokenizer shares none, and then there is
     # no KD (refused before training) and CE runs over the student's whole vocabulary
@@ -143,17 +151,17 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
     if spec.chunk_size:  # never builds the (N, V) logits
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1][:, :-1][mask]  # (N, H)
-        loss, ce, kd = chunked_kd_loss(hidden, heads["student"].rows(vocab), labels[mask], kd_ratio=kd_ratio, chunk_size=spec.chunk_size,
+        hidden = at(out.hidden_states[-1])  # (N, H)
+        loss, ce, kd = chunked_kd_loss(hidden, heads["student"].rows(vocab), labels, kd_ratio=kd_ratio, chunk_size=spec.chunk_size,
                                        compile=compile, **kd_args, **targets)
         return loss * n, ce * n, kd * n
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    student = logits[mask][:, :vocab].float()  # (N, V_shared)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    student = at(logits)[:, :vocab].float()  # (N, V_shared)
     if kd_ratio == 1.0:  # CE is only logged: no graph, no (N, V) log-softmax kept for backward
         with torch.no_grad():
-            ce = (student.logsumexp(-1) - student.gather(-1, labels[mask][:, None])[:, 0]).sum()
+            ce = (student.logsumexp(-1) - student.gather(-1, labels[:, None])[:, 0]).sum()
     else:
-        ce = F.cross_entropy(student, labels[mask], reduction="sum")
+        ce = F.cross_entropy(student, labels, reduction="sum")
     kd = kd_loss(spec.loss, student, reduction="sum", **{k: v for k, v in kd_args.items() if k != "name"},
                  **targets) if kd_ratio else torch.zeros_like(ce)
     return kd_ratio * kd + (1 - kd_ratio) * ce, ce.detach(), kd.detach()
@@ -360,7 +368,7 @@ def train_step(s: Setup, step: int) -> dict:
                  for batch in micro]
         mine = sum(ex.n_completion for batch in micro for ex in batch)
         n_tokens = int(acc.reduce(torch.tensor(mine, device=acc.device), "sum"))
-    sums = torch.zeros(3)  # (loss, ce, kd) per token of the step
+    sums = torch.zeros(3, device=acc.device)  # (loss, ce, kd) per token of the step; on the device: no sync
     for j, batch in enumerate(micro):
         tensors = {k: v.to(acc.device) for k, v in collate(batch, s.pad_id).items()}
         sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
@@ -369,11 +377,14 @@ def train_step(s: Setup, step: int) -> dict:
             # a sum over this micro-batch's tokens / all tokens of the step; DDP averages the
             # gradients over processes, so multiply by their number to get a plain sum
             acc.backward(loss * acc.num_processes / n_tokens)
-        sums += torch.stack([loss.detach().float(), ce.float(), kd.float()]).cpu() / n_tokens
+        sums += torch.stack([loss.detach().float(), ce.float(), kd.float()]) / n_tokens
     grad_norm = acc.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
-    sums = acc.reduce(sums.to(acc.device), "sum").cpu()  # per-token means of the step
-    loss_ok = bool(torch.isfinite(sums).all())
-    if not (loss_ok and torch.isfinite(torch.as_tensor(grad_norm))):
+    sums = acc.reduce(sums, "sum")  # per-token means of the step
+    # the step's one read of the device (sync point): loss, CE, KD and the gradient norm together
+    norm = torch.as_tensor(grad_norm, dtype=sums.dtype, device=sums.device).reshape(1)
+    loss, ce, kd, norm = torch.cat([sums, norm]).tolist()
+    loss_ok = all(map(math.isfinite, (loss, ce, kd)))
+    if not (loss_ok and math.isfinite(norm)):
         if acc.scaler is not None:  # fp16: the scaler skips this step itself and lowers its scale
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -381,8 +392,8 @@ def train_step(s: Setup, step: int) -> dict:
                 else "non-finite loss or gradient"}
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"step": step + 1, "epoch": step // s.plan.steps_per_epoch, "loss": sums[0].item(), "ce": sums[1].item(),
-            "kd": sums[2].item() if spec.objective == "kd" else None, "grad_norm": float(grad_norm),
+    return {"step": step + 1, "epoch": step // s.plan.steps_per_epoch, "loss": loss, "ce": ce,
+            "kd": kd if spec.objective == "kd" else None, "grad_norm": norm,
             "lr": optimizer.param_groups[0]["lr"], "on_policy": on_policy}
 
 
