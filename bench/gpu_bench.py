@@ -359,7 +359,7 @@ def word_tokenizer(vocab: int):
 def generation_table(b: Bench, teacher_dir: Path | None, rounds: int = 3) -> None:
     """Plain ``generate`` against potstill's ``generate_ids`` with top_logprobs=20, interleaved, the
     same prompts, seed and new tokens; tokens/s = batch x new tokens / seconds."""
-    from potstill.teachers.local import generate_ids, load_model_dir, stated_config
+    from potstill.teachers.local import folder_defaults_off, generate_ids, load_model_dir, stated_config
 
     s = b.shapes
     if teacher_dir is not None:
@@ -378,9 +378,10 @@ def generation_table(b: Bench, teacher_dir: Path | None, rounds: int = 3) -> Non
     ids = torch.tensor(rows, device=b.device)
     plain_t, ours_t, new_tokens = [], [], []
 
-    def plain():
+    def plain():  # the same decoding as ours: the folder's generation_config.json set aside
         torch.manual_seed(0)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        with folder_defaults_off(model):
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
         new_tokens.append(out.shape[1] - ids.shape[1])
 
     def ours():

@@ -57,3 +57,38 @@ def test_committed_prompt_sets_are_what_the_generator_makes():
     train = [json.loads(line) for line in (QUICKSTART / "prompts" / "train.jsonl").open()]
     assert [{k: v for k, v in ex.items() if k != "id"} for ex in heldout] == skillmix.generate(1200, seed=1234)
     assert len(train) == 8000 and not {ex["prompt"] for ex in train} & {ex["prompt"] for ex in heldout}
+
+
+def test_generation_with_logprobs_reads_the_device_a_fixed_number_of_times(monkeypatch):
+    """Top-k logprobs (and each token's own) are gathered on the device and brought to the host once
+    at the end, however many rows and steps: not a sync per row or per step. The numbers equal a
+    plain log-softmax of the logits generate returns."""
+    from host_reads import HostReads
+    from potstill.teachers.local import generate_ids, load_model_dir
+
+    model, tok = load_model_dir(TEACHER)
+    counts = []
+    for batch, new in ((3, 4), (9, 7)):
+        rows = [tok(f"add {i} {i + 1}")["input_ids"] for i in range(batch)]
+        params = {"max_new_tokens": new, "temperature": 1.0, "top_p": 1.0, "top_logprobs": 5}
+        with HostReads(monkeypatch) as reads:
+            out = generate_ids(model, tok, rows, params, 0, [str(i) for i in range(batch)], token_logprobs=True)
+        monkeypatch.undo()
+        counts.append(len(reads.sites))
+    assert counts[0] == counts[1] <= 4, reads.sites  # top-k values, ids, each token's logprob, the ids
+    params = {**params, "max_new_tokens": new}
+    config = {"output_logits": True, "return_dict_in_generate": True}
+    from potstill.teachers.local import folder_defaults_off, left_pad, stated_config
+
+    ids, att = left_pad(rows, tok.pad_token_id)
+    torch.manual_seed(0)
+    with folder_defaults_off(model), torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=att, generation_config=stated_config(params, tok, len(tok)),
+                             **config)
+    logprobs = torch.stack(ref.logits, 1)[..., :len(tok)].log_softmax(-1)  # (B, T, V)
+    for i, c in enumerate(out):
+        n = len(c.token_ids)
+        assert c.token_ids == ref.sequences[i, ids.shape[1]:ids.shape[1] + n].tolist()
+        top, top_ids = logprobs[i, :n].topk(5, -1)
+        assert (c.topk_ids == top_ids.numpy()).all() and (c.topk_logprobs == top.numpy()).all()
+        assert (c.token_logprobs == logprobs[i, :n].gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0].numpy()).all()

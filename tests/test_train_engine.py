@@ -103,48 +103,11 @@ def test_auto_chunk_is_recorded_and_the_student_stays_current(tmp_path, ledger):
     assert student_is_current(recipe, "student", recipe.train, info["ledger_sha256"])
 
 
-class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts what makes the host wait for the device, called from potstill's own code: reading a
-    value (item, bool, float, int, tolist, cpu), nonzero, and indexing by a boolean mask (which
-    needs the mask's count). On the CPU none of these wait, but each is a sync point on a GPU."""
-
-    READS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__")
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.sites = []
-        for name in self.READS:
-            method = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._counted(method))
-
-    def _ours(self) -> str | None:
-        import traceback
-        for frame in reversed(traceback.extract_stack()[:-2]):
-            if "/potstill/" in frame.filename:
-                return f"{Path(frame.filename).name}:{frame.name}:{frame.lineno}"
-            if "/tests/" not in frame.filename and "/torch/" not in frame.filename:
-                return None  # transformers', accelerate's: not ours to count
-        return None
-
-    def _counted(self, method):
-        def read(tensor, *args, **kwargs):
-            if (site := self._ours()) is not None:
-                self.sites.append(site)
-            return method(tensor, *args, **kwargs)
-        return read
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        masked = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
-        if (masked or func in (torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default)) \
-                and (site := self._ours()) is not None:
-            self.sites.append(site)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("extra", [[], ["train.teacher_signal=online", "train.chunk_size=16"]])
 def test_a_step_waits_for_the_device_once_a_micro_batch_and_once_at_its_end(tmp_path, ledger, monkeypatch, extra):
     """A GPU runs ahead of the host only between sync points: one a micro-batch (how many completion
     tokens it has), and one a step (its loss and gradient norm, for the log and the NaN guard)."""
+    from host_reads import HostReads
     from potstill.train.loop import setup, train_step
 
     d = run_dir(tmp_path, ledger)

@@ -229,30 +229,34 @@ def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: in
     with folder_defaults_off(model):
         out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
                              generation_config=config, logits_processor=[watermark] if watermark else None)
-    generated = out.sequences[:, width:].cpu()  # (B, T)
+    generated = out.sequences[:, width:]  # (B, T), on the model's device
     if k or token_logprobs:
-        # a step at a time: never a (B, T, V) float32 copy of the logits, only (B, V) at once
-        tops, chosen_steps = [], []
-        for t, step in enumerate(out.logits):  # (B, V) raw logits at T=1
+        # a step at a time, on the device: never a (B, T, V) copy of the logits, only (B, V) at once;
+        # only ids the tokenizer knows: a model's padding rows (vocab_size > len(tokenizer)) are never
+        # sampled, so they are not in the distribution either, and every cached id exists in a
+        # student of the same tokenizer
+        top_lp, top_ids, chosen = [], [], []
+        for t, step in enumerate(out.logits):  # (B, V) raw logits at T=1, float32
             if watermark:
                 step = watermark(out.sequences[:, :width + t], step)
-            # only ids the tokenizer knows: a model's padding rows (vocab_size > len(tokenizer)) are
-            # never sampled, so they are not in the distribution either, and every cached id exists
-            # in a student of the same tokenizer
             logprobs = step[:, :len(tok)].float().log_softmax(-1)  # (B, len(tokenizer))
             if k:
-                tops.append(logprobs.topk(min(k, logprobs.shape[-1]), dim=-1))
-            if token_logprobs:
-                chosen_steps.append(logprobs.gather(-1, generated[:, t:t + 1].to(logprobs.device))[:, 0])
+                values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (B, k)
+                top_lp.append(values)
+                top_ids.append(ids)
+            if token_logprobs:  # the generated ids are on the device already: no transfer a step
+                chosen.append(logprobs.gather(-1, generated[:, t:t + 1])[:, 0])
+        # one transfer each to the host, at the end (the rows below are numpy views)
         if k:
-            top_lp = torch.stack([v for v, _ in tops], dim=1)  # (B, T, k)
-            top_ids = torch.stack([i for _, i in tops], dim=1)
+            top_lp = torch.stack(top_lp, dim=1).cpu().numpy()  # (B, T, k)
+            top_ids = torch.stack(top_ids, dim=1).cpu().numpy().astype(np.int32)
         if token_logprobs:
-            chosen = torch.stack(chosen_steps, dim=1).cpu()  # (B, T)
+            chosen = torch.stack(chosen, dim=1).cpu().numpy()  # (B, T)
+    generated = generated.tolist()
     seconds = (time.perf_counter() - start) / len(rows)
     completions = []
     for i, (h, prompt) in enumerate(zip(hashes, rows)):
-        ids = generated[i].tolist()
+        ids = generated[i]
         finish = "length"
         if tok.eos_token_id in ids:
             ids = ids[: ids.index(tok.eos_token_id) + 1]
@@ -262,13 +266,13 @@ def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: in
             request_hash=h,
             text=tok.decode(ids, skip_special_tokens=True),
             token_ids=ids,
-            topk_ids=top_ids[i, :n].cpu().numpy().astype(np.int32) if k else None,
-            topk_logprobs=top_lp[i, :n].cpu().numpy() if k else None,
+            topk_ids=top_ids[i, :n] if k else None,
+            topk_logprobs=top_lp[i, :n] if k else None,
             finish_reason=finish,
             prompt_tokens=len(prompt),
             seed=seed,
             seconds=seconds,
-            token_logprobs=chosen[i, :n].numpy() if token_logprobs else None,
+            token_logprobs=chosen[i, :n] if token_logprobs else None,
         ))
     return completions
 

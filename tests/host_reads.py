@@ -1,0 +1,44 @@
+"""Counting the places where potstill's own code makes the host wait for the device."""
+
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what makes the host wait for the device, called from potstill's own code: reading a
+    value (item, bool, float, int, tolist, cpu), nonzero, and indexing by a boolean mask (which
+    needs the mask's count). On the CPU none of these wait, but each is a sync point on a GPU."""
+
+    READS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.sites = []
+        for name in self.READS:
+            method = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counted(method))
+
+    def _ours(self) -> str | None:
+        import traceback
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if "/potstill/" in frame.filename:
+                return f"{Path(frame.filename).name}:{frame.name}:{frame.lineno}"
+            if "/tests/" not in frame.filename and "/torch/" not in frame.filename:
+                return None  # transformers', accelerate's: not ours to count
+        return None
+
+    def _counted(self, method):
+        def read(tensor, *args, **kwargs):
+            if (site := self._ours()) is not None:
+                self.sites.append(site)
+            return method(tensor, *args, **kwargs)
+        return read
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        masked = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if (masked or func in (torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default)) \
+                and (site := self._ours()) is not None:
+            self.sites.append(site)
+        return func(*args, **(kwargs or {}))
