@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +74,7 @@ TINY = {
                     num_key_value_heads=2, tie_word_embeddings=True),
     "teachers": {"tiny": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, tie_word_embeddings=False)},
-    "chunks": (32, 128), "compiled_chunk": 32, "step_chunk": 32,  # whole chunks only: one trace each
+    "chunks": (64, 128), "compiled_chunk": 128, "step_chunk": 32,  # whole chunks only: one trace each
 }
 
 
@@ -124,7 +125,10 @@ class Bench:
         try:
             self.rows.setdefault(table, []).append([name, *run()])
         except (ImportError, torch.OutOfMemoryError) as e:
-            self.skip(table, name, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            self.skip(table, name, f"{type(e).__name__}: {first_line(e)}")
+        except Exception as e:  # noqa: BLE001 - a GPU session is short: one broken arm must not cost the rest
+            traceback.print_exc()
+            self.skip(table, name, f"failed, {type(e).__name__}: {first_line(e)}")
         finally:
             if self.cuda:
                 torch.cuda.empty_cache()
@@ -132,6 +136,10 @@ class Bench:
     def skip(self, table: str, name: str, why: str) -> None:
         print(f"skipped {name}: {why}", flush=True)
         self.rows.setdefault(table, []).append([name, f"skipped ({why})"])
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:120]
 
 
 def gib(x: float | None) -> str:
@@ -326,7 +334,7 @@ def step_table(b: Bench, peak_flops: float) -> None:
         try:
             teacher = build(b, fields, 2, b.dtype).eval().requires_grad_(False)
         except torch.OutOfMemoryError as e:
-            b.skip("step", f"{name} teacher", f"OutOfMemoryError: {str(e).splitlines()[0][:120]}")
+            b.skip("step", f"{name} teacher", f"OutOfMemoryError: {first_line(e)}")
             continue
         online = TrainSpec(**kd, teacher_signal="online")
         for label, spec, compile in (
@@ -473,33 +481,38 @@ def main(argv: list[str] | None = None) -> str:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     began = time.perf_counter()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops(b)
-    if "loss" in args.tables:
-        loss_table(b)
-    if "step" in args.tables:
-        step_table(b, peak)
-    if "generate" in args.tables:
-        generation_table(b, args.teacher)
     s = b.shapes
     t_hidden = next(iter(s["teachers"].values()))["hidden_size"]
     parts = [f"machine: {machine(b)}", "versions: " + ", ".join(versions()) + f", potstill {git_hash()}",
              f"peak: {peak / 1e12:,.4g} TFLOP/s ({'given' if args.peak_tflops else f'measured, {b.dtype} matmul'})"]
-    if "loss" in b.rows:
-        parts.append(f"\nKD loss alone (forward KL, fwd + bwd; student hidden {s['student']['hidden_size']}, teacher "
-                     f"hidden {t_hidden}, V = {s['vocab']:,}, N = {s['rows']:,} tokens, {b.dtype}; median of "
-                     f"{s['reps']} after {s['warmup']} warm-ups):\n")
-        parts.append(table(["arm", "time (ms)", "peak (GiB)", "loss"],
-                           [[r[0], f"{1000 * r[1]:.1f}", gib(r[2]), f"{r[3]:.5f}"] if len(r) == 4 else r
-                            for r in b.rows["loss"]]))
-    if "step" in b.rows:
-        parts.append(f"\nFull training step ({b.rows['step-notes'][0]}):\n")
-        parts.append(table(["arm", "tokens/s", "peak (GiB)", "share of peak"], b.rows["step"]))
-    if "generate" in b.rows:
-        parts.append(f"\nGeneration with top-k logprobs ({b.rows['generate-notes'][0]}):\n")
-        parts.append(table(["arm", "tokens/s", "vs plain"], b.rows["generate"]))
-    parts.append(f"\n{time.perf_counter() - began:.0f} s in all")
-    text = "\n".join(parts)
-    print(text, flush=True)
-    return text
+
+    def say(*text: str) -> None:  # each table as soon as it is measured: a run cut short keeps what it has
+        parts.extend(text)
+        print("\n".join(text), flush=True)
+
+    say(*parts)
+    tables = {"loss": lambda: loss_table(b), "step": lambda: step_table(b, peak),
+              "generate": lambda: generation_table(b, args.teacher)}
+    for name in args.tables:
+        try:
+            tables[name]()
+        except Exception:  # noqa: BLE001 - its setup failed (out of memory, a library): the other tables still run
+            traceback.print_exc()
+        if name == "loss" and "loss" in b.rows:
+            say(f"\nKD loss alone (forward KL, fwd + bwd; student hidden {s['student']['hidden_size']}, teacher "
+                f"hidden {t_hidden}, V = {s['vocab']:,}, N = {s['rows']:,} tokens, {b.dtype}; median of "
+                f"{s['reps']} after {s['warmup']} warm-ups):\n",
+                table(["arm", "time (ms)", "peak (GiB)", "loss"],
+                      [[r[0], f"{1000 * r[1]:.1f}", gib(r[2]), f"{r[3]:.5f}"] if len(r) == 4 else r
+                       for r in b.rows["loss"]]))
+        if name == "step" and "step" in b.rows:
+            say(f"\nFull training step ({b.rows['step-notes'][0]}):\n",
+                table(["arm", "tokens/s", "peak (GiB)", "share of peak"], b.rows["step"]))
+        if name == "generate" and "generate" in b.rows:
+            say(f"\nGeneration with top-k logprobs ({b.rows['generate-notes'][0]}):\n",
+                table(["arm", "tokens/s", "vs plain"], b.rows["generate"]))
+    say(f"\n{time.perf_counter() - began:.0f} s in all")
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":
