@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from potstill.audit.stats import holm, score_pairs
+from potstill.audit.stats import binomial_test, holm
 from potstill.audit.watermark import Watermark, scored_pairs
 
 
@@ -96,7 +96,9 @@ def score_keys(pairs, watermarks: list[Watermark], mode: str | None = None) -> d
     contexts = {w.context for w in watermarks}
     if len(contexts) != 1:
         raise ValueError("keys tested together need one context width (the pairs depend on it)")
-    scores = [score_pairs(pairs, w.is_green, w.gamma) for w in watermarks]
+    distinct = list(dict.fromkeys(pairs))  # each (context, token) pair once: see potstill.audit.stats
+    scores = [binomial_test(w.count_green(distinct), len(distinct), w.gamma, repeats_dropped=len(pairs) - len(distinct))
+              for w in watermarks]
     adjusted = holm([s.p_value for s in scores])
     return {
         "test": "radioactivity" if mode else "watermark",
