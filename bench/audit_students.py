@@ -236,15 +236,15 @@ def main() -> None:
             if args.train_only:
                 continue
             fresh = [b"bench-null-student-%03d-key-%02d" % (seed, i) for i in range(10)]
-            r = cached(audits / f"{name}.json", lambda: radioactivity(students / name / "student", tok,
-                                                                       probes[:args.null_probes], keys_for(fresh), skip))
+            r = cached(audits / f"{name}.json", lambda: radioactivity(
+                students / name / "student", tok, probes[:args.null_probes], keys_for(fresh), skip))
             print(f"{name}: trained {secs:.0f} s; " + ", ".join(f"{m} p(K) {r[m]['keys'][0]['p_value']:.3g}"
                                                                  for m in MODES), flush=True)
     if "gt" in args.stages:
         for name, seed, hidden, inter, layers in GT_MODELS:
             secs = train_student(students / name, data / "truth.jsonl",
-                                 ["train.objective=sft", f"train.seed={seed}", f"train.epochs={args.gt_epochs}", f"student.config.hidden_size={hidden}",
-                                  f"student.config.intermediate_size={inter}",
+                                 ["train.objective=sft", f"train.seed={seed}", f"train.epochs={args.gt_epochs}",
+                                  f"student.config.hidden_size={hidden}", f"student.config.intermediate_size={inter}",
                                   f"student.config.num_hidden_layers={layers}"])
             print(f"{name}: trained {secs:.0f} s", flush=True)
     if "report" in args.stages and not args.train_only:
@@ -294,7 +294,8 @@ def lineage_report(args, out: Path, students: Path) -> None:
     answers = {name: cached(ans_dir / f"{name}.json", lambda: greedy_answers(path, held))
                for name, path in models.items()}
     print(f"\n## Greedy held-out accuracy ({len(held)} prompts)\n")
-    print(" ".join(f"{n}: {np.mean([verify(q.text, a) for q, a in zip(held, ans)]):.1%};" for n, ans in answers.items()))
+    print(" ".join(f"{n}: {np.mean([verify(q.text, a) for q, a in zip(held, ans)]):.1%};"
+                   for n, ans in answers.items()))
     tok = load_model_dir(TEACHER)[1]
 
     def tokenize(t):

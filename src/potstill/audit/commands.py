@@ -197,7 +197,8 @@ def cmd_radioactivity(args) -> None:
         if tokenizer_sha256(own) != tokenizer_sha256(tok):
             raise PotstillError(f"suspect {args.model} has another tokenizer than {args.tokenizer}: its token ids mean "
                                 f"other tokens; use --endpoint-style sampling of its text (serve it), or the same tokenizer")
-        rows, answers = ra.local_samples(model, tok, prompts, args.max_new_tokens, temperature=args.temperature)
+        rows, answers = ra.local_samples(model, tok, prompts, args.max_new_tokens,
+                                         temperature=args.temperature)
         suspect = str(args.model)
     texts = [p + a for p, a in zip(rows, answers)]
     if args.mode == "reading":
