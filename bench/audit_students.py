@@ -1,7 +1,7 @@
 """Radioactivity and lineage on students distilled from scratch, as the quickstart trains them.
 
     OMP_NUM_THREADS=1 python bench/audit_students.py [--out runs/bench-audit-students]
-        [--plain-ledger L] [--null-students 30] [--null-epochs 2] [--gt-epochs 24] [--train-only]
+        [--plain-ledger L] [--null-students 30] [--null-epochs 2] [--gt-epochs 12] [--train-only]
 
 The bundled teacher answers the quickstart's 8,000 training prompts twice (`potstill generate`,
 temperature 1, top-20 logprobs): once plain (or --plain-ledger, copied), once watermarked with
@@ -99,14 +99,19 @@ def mixed_rows(plain: dict, marked: dict, share: float) -> list[dict]:
     return [marked[i] if n in chosen else plain[i] for n, i in enumerate(ids)]
 
 
-def train_student(out: Path, data: Path, overrides: list[str]) -> float:
-    """Import ``data`` and train one student in ``out`` (skipped when done); returns train seconds."""
+def train_student(out: Path, data: Path, overrides: list[str], imported: Path | None = None) -> float:
+    """Import ``data`` (or copy the ledger of ``imported``, a folder that imported the same file)
+    and train one student in ``out`` (skipped when done); returns train seconds."""
     done = out / "train-seconds.json"
     if done.is_file():
         return json.loads(done.read_text())
     recipe = [str(QS / "recipe.yaml"), f"output_dir={out}", "teacher.backend=imported", f"teacher.data={data}",
               f"teacher.tokenizer={TEACHER}", "baseline=null", f"train.lr={LR}", *overrides]
-    cli("generate", *recipe, log=out.parent / f"{out.name}.log")
+    if imported is not None and (imported / "ledger.sqlite").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(imported / "ledger.sqlite", out / "ledger.sqlite")
+    else:
+        cli("generate", *recipe, log=out.parent / f"{out.name}.log")
     start = time.perf_counter()
     cli("train", *recipe, log=out.parent / f"{out.name}.log")
     seconds = time.perf_counter() - start
@@ -179,7 +184,7 @@ def main() -> None:
     p.add_argument("--null-students", type=int, default=30)
     p.add_argument("--epochs", type=int, default=24, help="share students (the quickstart's 24)")
     p.add_argument("--gt-epochs", type=int, default=12, help="ground-truth students (lineage references)")
-    p.add_argument("--null-epochs", type=int, default=4)
+    p.add_argument("--null-epochs", type=int, default=2)
     p.add_argument("--train-only", action="store_true", help="train the students, audit nothing")
     p.add_argument("--stages", nargs="*", default=["shares", "gt", "null", "report"])
     args = p.parse_args()
@@ -232,7 +237,7 @@ def main() -> None:
         for seed in range(1, args.null_students + 1):
             name = f"null-s{seed}"
             secs = train_student(students / name, data / "share0.jsonl",
-                                 [f"train.seed={seed}", f"train.epochs={args.null_epochs}"])
+                                 [f"train.seed={seed}", f"train.epochs={args.null_epochs}"], students / "null-s1")
             if args.train_only:
                 continue
             fresh = [b"bench-null-student-%03d-key-%02d" % (seed, i) for i in range(10)]
@@ -245,7 +250,7 @@ def main() -> None:
             secs = train_student(students / name, data / "truth.jsonl",
                                  ["train.objective=sft", f"train.seed={seed}", f"train.epochs={args.gt_epochs}",
                                   f"student.config.hidden_size={hidden}", f"student.config.intermediate_size={inter}",
-                                  f"student.config.num_hidden_layers={layers}"])
+                                  f"student.config.num_hidden_layers={layers}"], students / GT_MODELS[0][0])
             print(f"{name}: trained {secs:.0f} s", flush=True)
     if "report" in args.stages and not args.train_only:
         report(args, out, students, audits)
