@@ -186,6 +186,7 @@ def main() -> None:
     p.add_argument("--gt-epochs", type=int, default=12, help="ground-truth students (lineage references)")
     p.add_argument("--null-epochs", type=int, default=2)
     p.add_argument("--train-only", action="store_true", help="train the students, audit nothing")
+    p.add_argument("--audit-only", action="store_true", help="audit the students already trained, train nothing")
     p.add_argument("--stages", nargs="*", default=["shares", "gt", "null", "report"])
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -226,6 +227,8 @@ def main() -> None:
     if "shares" in args.stages:
         for share in args.shares:
             name = f"kd-share{share:g}"
+            if args.audit_only and not (students / name / "train-seconds.json").is_file():
+                continue
             secs = train_student(students / name, data / f"share{share:g}.jsonl", [f"train.epochs={args.epochs}"])
             if args.train_only:
                 continue
@@ -236,6 +239,8 @@ def main() -> None:
     if "null" in args.stages:
         for seed in range(1, args.null_students + 1):
             name = f"null-s{seed}"
+            if args.audit_only and not (students / name / "train-seconds.json").is_file():
+                continue
             secs = train_student(students / name, data / "share0.jsonl",
                                  [f"train.seed={seed}", f"train.epochs={args.null_epochs}"], students / "null-s1")
             if args.train_only:
@@ -285,7 +290,39 @@ def report(args, out: Path, students: Path, audits: Path) -> None:
                       f"{sum(r[0]['p_holm'] < 0.01 for r in res)} students; pairs "
                       f"{min(r[0]['tokens'] for r in res):,}-{max(r[0]['tokens'] for r in res):,}")
 
+    fresh = cached(audits / "share-students-fresh-keys.json", lambda: fresh_key_nulls(args, students))
+    if fresh:
+        pv = [v for ps in fresh.values() for v in ps]
+        ks = stats.kstest(pv, "uniform")
+        fp = sum(v < 0.01 for v in pv)
+        ci = stats.binomtest(fp, len(pv), 0.01).proportion_ci(0.95, "exact")
+        print(f"\n- the {len(fresh)} share students (24 epochs), greedy, entropy >= {MIN_ENTROPY}, 100 fresh keys "
+              f"each: "
+              f"{len(pv)} p-values, KS statistic {ks.statistic:.3f}, p = {ks.pvalue:.3g}; below 0.01: {fp}/{len(pv)} "
+              f"(95% CI {ci.low:.3f}-{ci.high:.3f}); mean p {np.mean(pv):.3f}")
+
     lineage_report(args, out, students)
+
+
+def fresh_key_nulls(args, students: Path) -> dict:
+    """Each fully trained share student's greedy, entropy-filtered pairs against 100 keys nobody
+    used: null tests of the headline setting on students as long-trained as the flagged one."""
+    from potstill.audit.radioactivity import next_token_view
+
+    tok = load_model_dir(TEACHER)[1]
+    probes = [q.chat for q in load_prompts(QS / "prompts" / "train.jsonl", args.probes)]
+    out = {}
+    for share in args.shares:
+        d = students / f"kd-share{share:g}" / "student"
+        if not (d / "model.safetensors").is_file():
+            continue
+        model, _ = load_model_dir(d)
+        rows, answers = local_samples(model, tok, probes, 12, temperature=0.0)
+        entropy = next_token_view(model, [p + a for p, a in zip(rows, answers)], vocab=len(tok))[1]
+        pairs = sampling_pairs(rows, answers, CTX, {tok.eos_token_id}, entropy, MIN_ENTROPY)
+        keys = [Watermark(b"bench-fresh-%g-key-%03d-xxxxxx" % (share, i), GAMMA, DELTA, CTX) for i in range(100)]
+        out[str(share)] = [k["p_value"] for k in score_keys(pairs, keys, "sampling")["keys"]]
+    return out
 
 
 def lineage_report(args, out: Path, students: Path) -> None:
