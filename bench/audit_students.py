@@ -348,21 +348,31 @@ def lineage_report(args, out: Path, students: Path) -> None:
     teacher = answers["teacher"]
     if len(refs) < 2:
         return
-    print(f"\n## Lineage against {len(refs)} ground-truth references ({len(held)} held-out prompts)\n")
-    print("| suspect | match with teacher | best reference match | p (largest of the sign tests) |\n|---|---|---|---|")
+    shuffle = [i for i, q in enumerate(held) if q.meta.get("skill") == "shuffle"]
+
+    def test(s, refs, only=None):
+        pick = (lambda xs: [xs[i] for i in only]) if only else (lambda xs: xs)
+        return lineage_test(pick(teacher), pick(answers[s]), {g: pick(answers[g]) for g in refs}, tokenize)
+
+    print(f"\n## Lineage against {len(refs)} ground-truth references ({len(held)} held-out prompts; "
+          f"{len(shuffle)} shuffle prompts, where any permutation is right: matching the teacher there is not "
+          f"competence)\n")
+    print("| suspect | match with teacher | best reference match | p | shuffle only: match | best reference | p |")
+    print("|---|---|---|---|---|---|---|")
     suspects = [n for n in answers if n.startswith("kd-share")] + ["control"] + \
         [n for n in answers if n.startswith("null-s")][:5]
     for s in suspects:
         if s in answers:
-            r = lineage_test(teacher, answers[s], {g: answers[g] for g in refs}, tokenize)
+            r, o = test(s, refs), test(s, refs, shuffle)
             print(f"| {s} | {r['suspect_match']:.3f} | {max(x['match'] for x in r['references']):.3f} | "
-                  f"{r['p_value']:.3g} |")
-    loo = []
-    for s in gts:  # leave one out: every ground-truth model as the suspect, the others as references
-        r = lineage_test(teacher, answers[s], {g: answers[g] for g in gts if g != s}, tokenize)
-        loo.append(r["p_value"])
-    print(f"\nleave-one-out null over {len(gts)} ground-truth models (each against the other {len(gts) - 1}): "
-          f"p = {', '.join(f'{v:.2g}' for v in loo)}; flagged at 0.05: {sum(v < 0.05 for v in loo)}/{len(loo)}")
+                  f"{r['p_value']:.3g} | {o['suspect_match']:.3f} | {max(x['match'] for x in o['references']):.3f} | "
+                  f"{o['p_value']:.3g} |")
+    for only, label in ((None, "all prompts"), (shuffle, "shuffle prompts")):
+        # leave one out: every ground-truth model as the suspect, the others as references
+        loo = [test(s, [g for g in gts if g != s], only)["p_value"] for s in gts]
+        print(f"\nleave-one-out null over {len(gts)} ground-truth models, {label} (each against the other "
+              f"{len(gts) - 1}): p = {', '.join(f'{v:.2g}' for v in loo)}; below 0.05: {sum(v < 0.05 for v in loo)}, "
+              f"below 0.01: {sum(v < 0.01 for v in loo)}")
 
 
 if __name__ == "__main__":
