@@ -179,7 +179,7 @@ def main() -> None:
                    "written); default: generate one")
     p.add_argument("--probes", type=int, default=8000, help="training prompts the suspects answer (radioactivity)")
     p.add_argument("--null-probes", type=int, default=4000, help="training prompts the null students answer")
-    p.add_argument("--lineage-probes", type=int, default=600, help="held-out prompts for lineage")
+    p.add_argument("--lineage-probes", type=int, default=1200, help="held-out prompts for lineage")
     p.add_argument("--shares", type=float, nargs="*", default=[1.0, 0.25, 0.1, 0.05, 0.0])
     p.add_argument("--null-students", type=int, default=30)
     p.add_argument("--epochs", type=int, default=24, help="share students (the quickstart's 24)")
@@ -327,7 +327,7 @@ def fresh_key_nulls(args, students: Path) -> dict:
 
 def lineage_report(args, out: Path, students: Path) -> None:
     held = load_prompts(QS / "prompts" / "heldout.jsonl", args.lineage_probes)
-    ans_dir = out / "answers"
+    ans_dir = out / f"answers-{len(held)}"
     ans_dir.mkdir(exist_ok=True)
     models = {"teacher": TEACHER}
     for d in sorted(students.iterdir()):
@@ -349,25 +349,29 @@ def lineage_report(args, out: Path, students: Path) -> None:
     if len(refs) < 2:
         return
     shuffle = [i for i, q in enumerate(held) if q.meta.get("skill") == "shuffle"]
+    wrong = [i for i, (q, a) in enumerate(zip(held, teacher)) if not verify(q.text, a)]
 
     def test(s, refs, only=None):
         pick = (lambda xs: [xs[i] for i in only]) if only else (lambda xs: xs)
         return lineage_test(pick(teacher), pick(answers[s]), {g: pick(answers[g]) for g in refs}, tokenize)
 
+    subsets = {"all prompts": None, "shuffle prompts": shuffle, "prompts the teacher gets wrong": wrong}
     print(f"\n## Lineage against {len(refs)} ground-truth references ({len(held)} held-out prompts; "
-          f"{len(shuffle)} shuffle prompts, where any permutation is right: matching the teacher there is not "
-          f"competence)\n")
-    print("| suspect | match with teacher | best reference match | p | shuffle only: match | best reference | p |")
-    print("|---|---|---|---|---|---|---|")
+          f"{len(shuffle)} shuffle prompts, where any permutation is right, and {len(wrong)} the teacher gets wrong: "
+          f"matching the teacher on those is not competence)\n")
+    print("| suspect | " + " | ".join(f"{k}: match, best reference, p" for k in subsets) + " |")
+    print("|---|" + "---|" * len(subsets))
     suspects = [n for n in answers if n.startswith("kd-share")] + ["control"] + \
         [n for n in answers if n.startswith("null-s")][:5]
     for s in suspects:
         if s in answers:
-            r, o = test(s, refs), test(s, refs, shuffle)
-            print(f"| {s} | {r['suspect_match']:.3f} | {max(x['match'] for x in r['references']):.3f} | "
-                  f"{r['p_value']:.3g} | {o['suspect_match']:.3f} | {max(x['match'] for x in o['references']):.3f} | "
-                  f"{o['p_value']:.3g} |")
-    for only, label in ((None, "all prompts"), (shuffle, "shuffle prompts")):
+            cells = []
+            for only in subsets.values():
+                r = test(s, refs, only)
+                cells.append(f"{r['suspect_match']:.3f}, {max(x['match'] for x in r['references']):.3f}, "
+                             f"{r['p_value']:.2g}")
+            print(f"| {s} | " + " | ".join(cells) + " |")
+    for label, only in subsets.items():
         # leave one out: every ground-truth model as the suspect, the others as references
         loo = [test(s, [g for g in gts if g != s], only)["p_value"] for s in gts]
         print(f"\nleave-one-out null over {len(gts)} ground-truth models, {label} (each against the other "
