@@ -19,7 +19,7 @@ quickstart's 154k-parameter Llama trained from scratch by logit KD with `train.l
   it); p for K, for the 9 other keys and for 10 fresh keys per student (no two students share a
   fresh key, so those p-values are independent given the students' pairs): Kolmogorov-Smirnov
   against Uniform(0,1) and the rate below 0.01 with its Clopper-Pearson 95 % interval.
-- **lineage** (greedy answers to 600 held-out prompts): references are students trained by SFT
+- **lineage** (greedy answers to 1,200 held-out prompts): references are students trained by SFT
   from scratch on the task's ground-truth answers (seeds and shapes in GT_MODELS, --gt-epochs);
   a control is one more of them; suspects are the distilled students. Leave-one-out over the
   ground-truth models gives null runs.

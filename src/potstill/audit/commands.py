@@ -58,8 +58,10 @@ def add_parser(verbs) -> None:
                    help="with --model: score only tokens the suspect chose from a distribution of at least this "
                         "entropy (nats; default 0, every token); its confident tokens carry no watermark signal "
                         "and dilute it (0.5 on the quickstart, docs/audit.md)")
-    r.add_argument("--temperature", type=float, default=0.0, help="the suspect's sampling temperature (default 0, "
-                   "greedy: its most likely tokens are where a learned green bias shows; docs/benchmarks.md)")
+    r.add_argument("--temperature", type=float, default=None, help="the suspect's temperature for its answers "
+                   "(default: 0 in sampling mode, greedy, as its most likely tokens are where a learned green bias "
+                   "shows, docs/benchmarks.md; 1 in reading mode, whose pairs are where its argmax differs from "
+                   "the text read)")
     r.add_argument("--samples", type=int, default=1, help="answers per prompt, at --temperature > 0 (each adds the "
                    "distinct windows of the suspect's less likely choices; repeats are scored once)")
     keys(r), common(r)
@@ -169,6 +171,8 @@ def cmd_radioactivity(args) -> None:
     marks, tok = _watermarks(args), _tokenizer(args.tokenizer)
     if args.samples < 1:
         raise PotstillError(f"--samples must be at least 1, not {args.samples}")
+    if args.temperature is None:
+        args.temperature = 1.0 if args.mode == "reading" else 0.0
     if not args.temperature >= 0:
         raise PotstillError(f"--temperature must be >= 0, not {args.temperature}")
     if args.samples > 1 and args.temperature == 0:
