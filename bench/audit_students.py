@@ -180,7 +180,7 @@ def main() -> None:
     p.add_argument("--probes", type=int, default=8000, help="training prompts the suspects answer (radioactivity)")
     p.add_argument("--null-probes", type=int, default=4000, help="training prompts the null students answer")
     p.add_argument("--lineage-probes", type=int, default=1200, help="held-out prompts for lineage")
-    p.add_argument("--shares", type=float, nargs="*", default=[1.0, 0.25, 0.1, 0.05, 0.0])
+    p.add_argument("--shares", type=float, nargs="*", default=[1.0, 0.25, 0.1, 0.05])
     p.add_argument("--null-students", type=int, default=30)
     p.add_argument("--epochs", type=int, default=24, help="share students (the quickstart's 24)")
     p.add_argument("--gt-epochs", type=int, default=12, help="ground-truth students (lineage references)")
@@ -212,9 +212,9 @@ def main() -> None:
         shutil.copyfile(args.plain_ledger, plain_ledger)  # opening a ledger may write to it: never the original
     if not (data / "share1.jsonl").is_file():
         cli("generate", *gen, f"output_dir={plain_ledger.parent}", log=out / "generate.log")
-    if not (data / "share1.jsonl").is_file() or not (data / "share0.jsonl").is_file():
+    if not all((data / f"share{share:g}.jsonl").is_file() for share in {*args.shares, 0.0}):
         plain, marked = ledger_rows(plain_ledger), ledger_rows(marked_ledger)
-        for share in args.shares:
+        for share in {*args.shares, 0.0}:  # share 0: the null students' data
             write_jsonl(data / f"share{share:g}.jsonl", mixed_rows(plain, marked, share))
         truth = load_prompts(QS / "prompts" / "train.jsonl")
         write_jsonl(data / "truth.jsonl", ({"id": q.meta["id"], "messages": q.chat, "response": q.meta["answer"]}
