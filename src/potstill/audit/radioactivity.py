@@ -31,7 +31,7 @@ from potstill.audit.watermark import Watermark, scored_pairs
 
 
 @torch.no_grad()
-def next_token_view(model, sequences: list[list[int]], batch_size: int = 64,
+def next_token_view(model, sequences: list[list[int]], batch_size: int = 32,
                     vocab: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """The suspect's view of each sequence: after each prefix ``seq[:t + 1]``, its most likely next
     id and the entropy (nats) of its next-token distribution, both as lists of len(seq).
@@ -45,16 +45,14 @@ def next_token_view(model, sequences: list[list[int]], batch_size: int = 64,
         for r, seq in enumerate(rows):  # right-padded: position t predicts t + 1 in every row
             ids[r, :len(seq)], mask[r, :len(seq)] = torch.tensor(seq), 1
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits  # (B, T, V)
-        logp = logits[..., :vocab].float().log_softmax(-1)
-        ent = -(logp.exp() * logp).sum(-1).cpu()  # (B, T) nats
-        best = logp.argmax(-1).cpu()  # (B, T)
-        for r, seq in enumerate(rows):
-            argmax.append(best[r, :len(seq)].tolist())
-            entropy.append(ent[r, :len(seq)].tolist())
+        for r, seq in enumerate(rows):  # a row at a time: a float32 copy of (T, V), never of (B, T, V)
+            logp = logits[r, :len(seq), :vocab].float().log_softmax(-1)
+            argmax.append(logp.argmax(-1).tolist())
+            entropy.append((-(logp.exp() * logp).sum(-1)).tolist())  # nats
     return argmax, entropy
 
 
-def reading_pairs(model, sequences: list[list[int]], context: int, batch_size: int = 64,
+def reading_pairs(model, sequences: list[list[int]], context: int, batch_size: int = 32,
                   skip: set[int] = frozenset(), vocab: int | None = None,
                   min_entropy: float = 0.0) -> list[tuple[tuple[int, ...], int]]:
     """The suspect's argmax next token after every prefix of ``sequences`` that has ``context`` ids,
