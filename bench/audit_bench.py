@@ -11,9 +11,8 @@
    (Keys vary, not trained students: each key is an independent null test on the same answers.)
 4. The power planner's token counts for an assumed green rate of 0.33 at 100 % watermarked data.
 
-Not here yet: trained students at several shares of watermarked data, 30+ trained null students,
-and lineage with trained references (tests/test_audit_end_to_end.py and tests/test_audit_lineage.py
-cover one flagged and one unflagged case each); see docs/benchmarks.md.
+Trained students (shares of watermarked data, 30 trained null students, lineage with trained
+references): bench/audit_students.py.
 
 Prints markdown tables for docs/benchmarks.md. Everything runs on CPU with tiny models.
 """

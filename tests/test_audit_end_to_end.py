@@ -99,6 +99,11 @@ def test_audit_user_mistakes_are_one_line(tmp_path, capsys):
           *probes, *key], "--mode reading needs the suspect's weights"),
         (["audit", "radioactivity", "--endpoint", "http://127.0.0.1:9/v1", *probes, *key], "needs --model-name"),
         (["audit", "radioactivity", "--model", str(TEACHER), "--samples", "0", *probes, *key], "--samples"),
+        (["audit", "radioactivity", "--endpoint", "http://127.0.0.1:9/v1", "--model-name", "m", "--min-entropy", "0.5",
+          *probes, *key], "--min-entropy needs the suspect's weights"),
+        (["audit", "radioactivity", "--model", str(TEACHER), "--min-entropy", "-1", *probes, *key],
+         "--min-entropy must"),
+        (["audit", "radioactivity", "--model", str(TEACHER), "--samples", "4", *probes, *key], "same greedy answer"),
         (["serve", str(TEACHER), "--port", "0", "--watermark-key-file", str(tmp_path / "nokey")], "watermark key file"),
     ]
     for argv, message in cases:

@@ -7,7 +7,8 @@ from scipy import stats
 
 from potstill.audit import Watermark, binomial_test, score_pairs
 from potstill.audit.power import critical_green, plan, power, tokens_needed
-from potstill.audit.radioactivity import endpoint_samples, local_samples, reading_pairs, sampling_pairs, score_keys
+from potstill.audit.radioactivity import (endpoint_samples, local_samples, next_token_view, reading_pairs,
+                                          sampling_pairs, score_keys)
 from potstill.prompts import load_prompts
 
 from conftest import QUICKSTART, TEACHER
@@ -58,6 +59,46 @@ def test_a_model_that_never_saw_the_key_is_not_flagged(teacher):
                                     vocab=len(tok)), keys, "reading")
     for result in (sampled, read):
         assert all(k["p_value"] > 0.01 and k["tokens"] > 0 for k in result["keys"])
+
+
+def test_entropy_filter_scores_where_the_watermark_acts(teacher):
+    """Text sampled with a weak watermark (delta 2), scored only where the model's own next-token
+    entropy is at least 0.5 nats: fewer tokens, a higher green share and a smaller p-value for K
+    (confident tokens are the same with or without the key), and still nothing for other keys."""
+    from potstill.teachers.local import generate_ids, prompt_ids
+
+    model, tok = teacher
+    wm = Watermark(KEY, gamma=0.25, delta=2.0, context=3)
+    rows = [prompt_ids(tok, [{"role": "user", "content": p}]) for p in heldout(300)]
+    params = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0, "top_logprobs": 0}
+    answers = [c.token_ids for c in generate_ids(model, tok, rows, params, 0, [""] * len(rows), watermark=wm)]
+    entropy = next_token_view(model, [p + a for p, a in zip(rows, answers)], vocab=len(tok))[1]
+    keys = [wm] + [Watermark(k, 0.25, 2.0, 3) for k in OTHERS]
+    skip = {tok.eos_token_id}
+    every = score_keys(sampling_pairs(rows, answers, 3, skip), keys, "sampling")["keys"]
+    hesitant = score_keys(sampling_pairs(rows, answers, 3, skip, entropy, 0.5), keys, "sampling")["keys"]
+    assert 0 < hesitant[0]["tokens"] < every[0]["tokens"] / 2
+    assert hesitant[0]["green"] / hesitant[0]["tokens"] > every[0]["green"] / every[0]["tokens"] + 0.05
+    assert hesitant[0]["log10_p"] < every[0]["log10_p"]
+    assert all(k["p_holm"] > 0.01 for k in hesitant[1:])
+
+
+def test_entropy_filter_keeps_the_null_exact(teacher):
+    """The filter reads the suspect alone, never a key: the unwatermarked teacher's filtered pairs
+    (both modes) tested against 100 fresh keys give p-values whose rate below 0.01 stays within
+    its binomial 99.9 % interval."""
+    model, tok = teacher
+    prompts, answers = local_samples(model, tok, heldout(100), max_new_tokens=12)
+    texts = [p + a for p, a in zip(prompts, answers)]
+    entropy = next_token_view(model, texts, vocab=len(tok))[1]
+    skip = {tok.eos_token_id}
+    _, hi = stats.binom.interval(0.999, 100, 0.01)
+    for pairs in (sampling_pairs(prompts, answers, 3, skip, entropy, 0.5),
+                  reading_pairs(model, texts, 3, skip=skip, vocab=len(tok), min_entropy=0.5)):
+        assert len(set(pairs)) > 50
+        p = [score_pairs(pairs, Watermark(b"entropy-null-key-%04d-xxxx" % i, 0.25, 0.0, 3).is_green, 0.25).p_value
+             for i in range(100)]
+        assert sum(v < 0.01 for v in p) <= hi and 0.35 < np.mean(p) < 0.65
 
 
 def test_reading_mode_drops_the_texts_own_pairs(teacher):

@@ -153,6 +153,19 @@ def test_green_lists_depend_on_the_key_only():
 PINNED = "afc9a39c568a6704"
 
 
+def test_counting_green_pairs_at_once_agrees_with_each_pair():
+    """``count_green`` (one hash per distinct context, what audits use) counts exactly the pairs
+    ``is_green`` and the green masks call green, repeats and longer contexts included."""
+    rng = np.random.default_rng(0)
+    w = Watermark(KEY, gamma=0.25, context=2)
+    pairs = [(tuple(rng.integers(0, 30, size=int(rng.integers(2, 4))).tolist()), int(rng.integers(0, 41)))
+             for _ in range(3000)]
+    pairs += pairs[:500]
+    assert w.count_green(pairs) == sum(w.is_green(c, t) for c, t in pairs)
+    assert w.count_green(pairs) == sum(bool(w.green_mask(c, 41)[t]) for c, t in pairs)
+    assert w.count_green([]) == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (run on a GPU when one is lent)")
 def test_processor_on_cuda_gives_the_cpu_lists():
     w = Watermark(KEY, gamma=0.25, delta=2.0)

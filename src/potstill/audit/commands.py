@@ -54,8 +54,16 @@ def add_parser(verbs) -> None:
                         "predictions on the prompts and its answers")
     r.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--samples", type=int, default=1, help="sampling: answers per prompt (at temperature 1, each "
-                   "adds the distinct windows where the suspect hesitates; repeats are scored once)")
+    r.add_argument("--min-entropy", type=float, default=0.0, metavar="NATS",
+                   help="with --model: score only tokens the suspect chose from a distribution of at least this "
+                        "entropy (nats; default 0, every token); its confident tokens carry no watermark signal "
+                        "and dilute it (0.5 on the quickstart, docs/audit.md)")
+    r.add_argument("--temperature", type=float, default=None, help="the suspect's temperature for its answers "
+                   "(default: 0 in sampling mode, greedy, as its most likely tokens are where a learned green bias "
+                   "shows, docs/benchmarks.md; 1 in reading mode, whose pairs are where its argmax differs from "
+                   "the text read)")
+    r.add_argument("--samples", type=int, default=1, help="answers per prompt, at --temperature > 0 (each adds the "
+                   "distinct windows of the suspect's less likely choices; repeats are scored once)")
     keys(r), common(r)
     r.set_defaults(func=cmd_radioactivity)
 
@@ -163,6 +171,15 @@ def cmd_radioactivity(args) -> None:
     marks, tok = _watermarks(args), _tokenizer(args.tokenizer)
     if args.samples < 1:
         raise PotstillError(f"--samples must be at least 1, not {args.samples}")
+    if args.temperature is None:
+        args.temperature = 1.0 if args.mode == "reading" else 0.0
+    if not args.temperature >= 0:
+        raise PotstillError(f"--temperature must be >= 0, not {args.temperature}")
+    if args.samples > 1 and args.temperature == 0:
+        raise PotstillError(f"--samples {args.samples} at --temperature 0 asks for the same greedy answer "
+                            f"{args.samples} times; give --temperature 1 too, or leave --samples at 1")
+    if not args.min_entropy >= 0:
+        raise PotstillError(f"--min-entropy must be >= 0 nats, not {args.min_entropy}")
     prompts = _prompts(args) * args.samples
     skip = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
     if args.endpoint:
@@ -170,9 +187,12 @@ def cmd_radioactivity(args) -> None:
             raise PotstillError("--mode reading needs the suspect's weights (--model); an endpoint can be sampled only")
         if not args.model_name:
             raise PotstillError("--endpoint needs --model-name (the model name it serves)")
+        if args.min_entropy:
+            raise PotstillError("--min-entropy needs the suspect's weights (--model): an endpoint's answers come "
+                                "without its entropy")
         key = os.environ.get(args.api_key_env) if args.api_key_env else None
         rows, answers = ra.endpoint_samples(args.endpoint, args.model_name, tok, prompts, args.max_new_tokens,
-                                            api_key=key)
+                                            temperature=args.temperature, api_key=key)
         suspect = f"{args.model_name}@{args.endpoint}"
     else:
         from potstill.teachers.local import load_model_dir, tokenizer_sha256
@@ -181,14 +201,20 @@ def cmd_radioactivity(args) -> None:
         if tokenizer_sha256(own) != tokenizer_sha256(tok):
             raise PotstillError(f"suspect {args.model} has another tokenizer than {args.tokenizer}: its token ids mean "
                                 f"other tokens; use --endpoint-style sampling of its text (serve it), or the same tokenizer")
-        rows, answers = ra.local_samples(model, tok, prompts, args.max_new_tokens)
+        rows, answers = ra.local_samples(model, tok, prompts, args.max_new_tokens,
+                                         temperature=args.temperature)
         suspect = str(args.model)
+    texts = [p + a for p, a in zip(rows, answers)]
     if args.mode == "reading":
-        pairs = ra.reading_pairs(model, [p + a for p, a in zip(rows, answers)], args.context, skip=skip, vocab=len(tok))
+        pairs = ra.reading_pairs(model, texts, args.context, skip=skip, vocab=len(tok), min_entropy=args.min_entropy)
+    elif args.min_entropy:
+        entropy = ra.next_token_view(model, texts, vocab=len(tok))[1]
+        pairs = ra.sampling_pairs(rows, answers, args.context, skip=skip, entropy=entropy, min_entropy=args.min_entropy)
     else:
         pairs = ra.sampling_pairs(rows, answers, args.context, skip=skip)
     result = ra.score_keys(pairs, marks, args.mode)
-    result.update(suspect=suspect, prompts=len(prompts) // args.samples, samples=args.samples)
+    result.update(suspect=suspect, prompts=len(prompts) // args.samples, samples=args.samples,
+                  temperature=args.temperature, min_entropy=args.min_entropy)
     finish(args, [result], _key_rows(result, args.alpha))
 
 

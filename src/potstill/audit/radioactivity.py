@@ -12,26 +12,31 @@ them against every key at once, each distinct pair once (:mod:`potstill.audit.st
 - **sampling** (weights or only an OpenAI-compatible endpoint): S answers prompts; the pairs of
   its answers (the prompt's last ids give the first context) are scored.
 
-Under the null (S never saw text watermarked with K) S's choices do not depend on K, so each key
-gives an exact binomial p-value; several keys (one per dataset release) are Holm-corrected.
+With the suspect's weights, either mode can score only the tokens S chose from a distribution of
+at least ``min_entropy`` nats: where S is confident the watermark could not have moved its
+teacher either, so those tokens are trials without signal (entropy filtering at detection, as in
+Fernandez et al. 2025, arXiv:2512.16904, here on the suspect's own distribution).
+
+Under the null (S never saw text watermarked with K) S's choices, and its entropies, do not
+depend on K, so each key gives an exact binomial p-value; several keys (one per dataset release)
+are Holm-corrected.
 """
 
 from __future__ import annotations
 
 import torch
 
-from potstill.audit.stats import holm, score_pairs
+from potstill.audit.stats import binomial_test, holm
 from potstill.audit.watermark import Watermark, scored_pairs
 
 
 @torch.no_grad()
-def reading_pairs(model, sequences: list[list[int]], context: int, batch_size: int = 32,
-                  skip: set[int] = frozenset(), vocab: int | None = None) -> list[tuple[tuple[int, ...], int]]:
-    """The suspect's argmax next token after every prefix of ``sequences`` that has ``context`` ids,
-    as (context window, predicted id) pairs, minus the pairs the texts contain. ``vocab``: ids the
-    tokenizer knows (a padded vocabulary's extra rows are never predicted)."""
-    own = set(scored_pairs(sequences, context))
-    pairs = []
+def next_token_view(model, sequences: list[list[int]], batch_size: int = 32,
+                    vocab: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    """The suspect's view of each sequence: after each prefix ``seq[:t + 1]``, its most likely next
+    id and the entropy (nats) of its next-token distribution, both as lists of len(seq).
+    ``vocab``: ids the tokenizer knows (a padded vocabulary's extra rows are left out)."""
+    argmax, entropy = [], []
     for i in range(0, len(sequences), batch_size):
         rows = sequences[i:i + batch_size]
         width = max(map(len, rows))
@@ -40,20 +45,47 @@ def reading_pairs(model, sequences: list[list[int]], context: int, batch_size: i
         for r, seq in enumerate(rows):  # right-padded: position t predicts t + 1 in every row
             ids[r, :len(seq)], mask[r, :len(seq)] = torch.tensor(seq), 1
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits  # (B, T, V)
-        predicted = logits[..., :vocab].argmax(-1).cpu().tolist()  # (B, T)
-        for r, seq in enumerate(rows):
-            for t in range(context - 1, len(seq)):
-                pair = (tuple(seq[t + 1 - context:t + 1]), predicted[r][t])
-                if pair[1] not in skip and pair not in own:
-                    pairs.append(pair)
+        for r, seq in enumerate(rows):  # a row at a time: a float32 copy of (T, V), never of (B, T, V)
+            logp = logits[r, :len(seq), :vocab].float().log_softmax(-1)
+            argmax.append(logp.argmax(-1).tolist())
+            entropy.append((-(logp.exp() * logp).sum(-1)).tolist())  # nats
+    return argmax, entropy
+
+
+def reading_pairs(model, sequences: list[list[int]], context: int, batch_size: int = 32,
+                  skip: set[int] = frozenset(), vocab: int | None = None,
+                  min_entropy: float = 0.0) -> list[tuple[tuple[int, ...], int]]:
+    """The suspect's argmax next token after every prefix of ``sequences`` that has ``context`` ids,
+    as (context window, predicted id) pairs, minus the pairs the texts contain, and minus positions
+    where the suspect's next-token entropy is below ``min_entropy`` nats (see :func:`sampling_pairs`)."""
+    own = set(scored_pairs(sequences, context))
+    predicted, entropy = next_token_view(model, sequences, batch_size, vocab)
+    pairs = []
+    for seq, best, ent in zip(sequences, predicted, entropy):
+        for t in range(context - 1, len(seq)):
+            pair = (tuple(seq[t + 1 - context:t + 1]), best[t])
+            if pair[1] not in skip and pair not in own and ent[t] >= min_entropy:
+                pairs.append(pair)
     return pairs
 
 
 def sampling_pairs(prompts: list[list[int]], answers: list[list[int]], context: int,
-                   skip: set[int] = frozenset()) -> list[tuple[tuple[int, ...], int]]:
-    """(context window, token) pairs of the suspect's ``answers``, each after its prompt's ids."""
-    return scored_pairs([p + a for p, a in zip(prompts, answers)], context, starts=[len(p) for p in prompts],
-                        skip=skip)
+                   skip: set[int] = frozenset(), entropy: list[list[float]] | None = None,
+                   min_entropy: float = 0.0) -> list[tuple[tuple[int, ...], int]]:
+    """(context window, token) pairs of the suspect's ``answers``, each after its prompt's ids.
+
+    With ``entropy`` (:func:`next_token_view` of prompt + answer, from the suspect's weights), only
+    tokens the suspect chose from a distribution of at least ``min_entropy`` nats are scored. Where
+    a model is confident the watermark could not move its teacher either, so those tokens add
+    trials without signal; the filter keeps the null exact because it reads the suspect alone,
+    never a key."""
+    pairs = []
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        seq = p + a
+        for t in range(max(context, len(p)), len(seq)):
+            if seq[t] not in skip and (entropy is None or entropy[i][t - 1] >= min_entropy):
+                pairs.append((tuple(seq[t - context:t]), seq[t]))
+    return pairs
 
 
 def score_keys(pairs, watermarks: list[Watermark], mode: str | None = None) -> dict:
@@ -62,7 +94,9 @@ def score_keys(pairs, watermarks: list[Watermark], mode: str | None = None) -> d
     contexts = {w.context for w in watermarks}
     if len(contexts) != 1:
         raise ValueError("keys tested together need one context width (the pairs depend on it)")
-    scores = [score_pairs(pairs, w.is_green, w.gamma) for w in watermarks]
+    distinct = list(dict.fromkeys(pairs))  # each (context, token) pair once: see potstill.audit.stats
+    scores = [binomial_test(w.count_green(distinct), len(distinct), w.gamma, repeats_dropped=len(pairs) - len(distinct))
+              for w in watermarks]
     adjusted = holm([s.p_value for s in scores])
     return {
         "test": "radioactivity" if mode else "watermark",

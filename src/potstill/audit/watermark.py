@@ -104,6 +104,21 @@ class Watermark:
         context = tuple(context[-self.context:])
         return bool(splitmix64(self.seed(context) ^ np.array([token], dtype=np.uint64))[0] < self._threshold)
 
+    def count_green(self, pairs) -> int:
+        """How many (context, token) ``pairs`` are green, as ``is_green`` says pair by pair: one
+        keyed hash per distinct context, then splitmix64 over every token at once (an audit scores
+        10**5 pairs against each of several keys)."""
+        seeds: dict[tuple[int, ...], np.uint64] = {}
+        seed_of = np.empty(len(pairs), dtype=np.uint64)
+        tokens = np.empty(len(pairs), dtype=np.uint64)
+        for i, (context, token) in enumerate(pairs):
+            context = tuple(context[-self.context:])
+            seed = seeds.get(context)
+            if seed is None:
+                seed = seeds[context] = self.seed(context)
+            seed_of[i], tokens[i] = seed, token
+        return int((splitmix64(seed_of ^ tokens) < self._threshold).sum())
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """Logits processor: ``scores`` (B, V) after ``input_ids`` (B, L) get +delta on each row's green list."""
         rows = input_ids[:, -self.context:].tolist()
