@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
 
 from potstill.errors import PotstillError
 from potstill.generate import generate
@@ -32,10 +33,16 @@ def _recipe(ledger_dir, out, *extra):
     return load_recipe(RECIPE, [*tiny_overrides(out, n_prompts=32), *extra])
 
 
-def test_side_by_side_trains_the_same_models_as_one_at_a_time(ledger_dir, tmp_path, capsys):
+def test_side_by_side_trains_the_same_models_as_one_at_a_time(ledger_dir, tmp_path, capfd):
     together = _recipe(ledger_dir, tmp_path / "together")
-    sbs.train_side_by_side(together, students(together), None, threads=1)
-    assert "train student: terms:" in capsys.readouterr().out  # the children's lines reach the parent
+    hf_logging.disable_progress_bar()  # as the CLI does: the children must follow
+    try:
+        sbs.train_side_by_side(together, students(together), None, threads=1)
+    finally:
+        hf_logging.enable_progress_bar()
+    out, err = capfd.readouterr()  # the children's file descriptors too
+    assert "train student: terms:" in out  # the children's lines reach the parent
+    assert "Writing model shards" not in err
     alone = _recipe(ledger_dir, tmp_path / "alone")
     torch.set_num_threads(1)  # what each child ran with
     for name, spec in students(alone):

@@ -47,9 +47,13 @@ def train_side_by_side(recipe: Recipe, todo: list[tuple[str, TrainSpec]], accept
     """Train every ``(name, spec)`` of ``todo`` at once, ``threads`` torch threads each."""
     from potstill.progress import live_bars
 
+    from transformers.utils import logging
+
     ctx = multiprocessing.get_context("spawn")  # fork would copy this process's torch thread pools
     events = ctx.Queue()
-    children = {name: ctx.Process(target=_child, args=(recipe, spec, name, accept_terms_risk, threads, events),
+    bars_off = not logging.is_progress_bar_enabled()  # the CLI turns transformers' bars off; so do the children
+    children = {name: ctx.Process(target=_child, args=(recipe, spec, name, accept_terms_risk, threads, events,
+                                                       bars_off),
                                   name=f"potstill-train-{name}", daemon=True) for name, spec in todo}
     for child in children.values():
         child.start()
@@ -101,13 +105,17 @@ class _Lines:
         pass
 
 
-def _child(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | None, threads: int, events) -> None:
+def _child(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | None, threads: int, events,
+           bars_off: bool) -> None:
     import torch
+    from transformers.utils import logging
 
     from potstill import progress
     from potstill.train.loop import train
 
     torch.set_num_threads(threads)
+    if bars_off:
+        logging.disable_progress_bar()
     sys.stdout = _Lines(name, events)
     progress.SINK = _sink(name, events)
     try:
