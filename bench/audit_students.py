@@ -172,6 +172,15 @@ def fmt_row(name: str, mode: str, r: dict) -> str:
             f"{k[0]['tokens']:,} | {k[0]['green'] / max(1, k[0]['tokens']):.3f} |")
 
 
+
+def calibration(pv: list[float]) -> str:
+    """Null p-values against Uniform(0,1): KS test, and the rate below alpha = 0.01 with its exact 95% interval."""
+    ks = stats.kstest(pv, "uniform")
+    fp = sum(v < 0.01 for v in pv)
+    ci = stats.binomtest(fp, len(pv), 0.01).proportion_ci(0.95, "exact")
+    return (f"{len(pv)} p-values, KS statistic {ks.statistic:.3f}, p = {ks.pvalue:.3g}; below 0.01: {fp}/{len(pv)} = "
+            f"{fp / len(pv):.3f} (95% CI {ci.low:.3f}-{ci.high:.3f}); mean p {np.mean(pv):.3f}")
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-audit-students")
@@ -281,25 +290,15 @@ def report(args, out: Path, students: Path, audits: Path) -> None:
             named = [x["p_value"] for r in res for x in r[:10]]
             fresh = [x["p_value"] for r in res for x in r[10:]]
             for label, pv in (("K", k_p), ("K and 9 other keys", named), ("10 fresh keys each", fresh)):
-                ks = stats.kstest(pv, "uniform")
-                fp = sum(v < 0.01 for v in pv)
-                ci = stats.binomtest(fp, len(pv), 0.01).proportion_ci(0.95, "exact")
-                print(f"- {mode}, {label}: {len(pv)} p-values, KS statistic {ks.statistic:.3f}, p = {ks.pvalue:.3g}; "
-                      f"below 0.01: {fp}/{len(pv)} = {fp / len(pv):.3f} (95% CI {ci.low:.3f}-{ci.high:.3f}); "
-                      f"mean p {np.mean(pv):.3f}; Holm p(K) < 0.01 in "
+                print(f"- {mode}, {label}: {calibration(pv)}; Holm p(K) < 0.01 in "
                       f"{sum(r[0]['p_holm'] < 0.01 for r in res)} students; pairs "
                       f"{min(r[0]['tokens'] for r in res):,}-{max(r[0]['tokens'] for r in res):,}")
 
     fresh = cached(audits / "share-students-fresh-keys.json", lambda: fresh_key_nulls(args, students))
     if fresh:
         pv = [v for ps in fresh.values() for v in ps]
-        ks = stats.kstest(pv, "uniform")
-        fp = sum(v < 0.01 for v in pv)
-        ci = stats.binomtest(fp, len(pv), 0.01).proportion_ci(0.95, "exact")
         print(f"\n- the {len(fresh)} share students (24 epochs), greedy, entropy >= {MIN_ENTROPY}, 100 fresh keys "
-              f"each: "
-              f"{len(pv)} p-values, KS statistic {ks.statistic:.3f}, p = {ks.pvalue:.3g}; below 0.01: {fp}/{len(pv)} "
-              f"(95% CI {ci.low:.3f}-{ci.high:.3f}); mean p {np.mean(pv):.3f}")
+              f"each: {calibration(pv)}")
 
     lineage_report(args, out, students)
 
