@@ -83,3 +83,14 @@ def test_who_trains_side_by_side(tmp_path, monkeypatch):
     monkeypatch.setattr(sbs, "cpu_cores", lambda: 2)
     monkeypatch.setenv("WORLD_SIZE", "2")  # under `accelerate launch` the processes are already there
     assert sbs.side_by_side_threads(recipe, both) == 0
+
+
+def test_a_childs_lines_reach_the_parent_whole_and_the_last_one_too():
+    import queue
+
+    events = queue.Queue()
+    lines = sbs._Lines("student", events)
+    lines.write("one\ntw")
+    lines.write("o\nthree")
+    lines.close()
+    assert [events.get_nowait()[2] for _ in range(events.qsize())] == ["one", "two", "three"]

@@ -104,6 +104,12 @@ class _Lines:
     def flush(self) -> None:
         pass
 
+    def close(self) -> None:
+        """Send what is left of an unfinished last line."""
+        if self.pending:
+            self.events.put(("line", self.name, self.pending))
+            self.pending = ""
+
 
 def _child(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | None, threads: int, events,
            bars_off: bool) -> None:
@@ -116,10 +122,11 @@ def _child(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | 
     torch.set_num_threads(threads)
     if bars_off:
         logging.disable_progress_bar()
-    sys.stdout = _Lines(name, events)
+    sys.stdout = lines = _Lines(name, events)
     progress.SINK = _sink(name, events)
     try:
         train(recipe, spec, name, accept_terms_risk)
+        lines.close()
     except PotstillError as error:
         events.put(("error", name, error))
         return
