@@ -1,5 +1,6 @@
-"""Lineage: the sign tests against references, their calibration under the null, identity
-counts, and `potstill audit lineage` on local folders."""
+"""Lineage: the sign tests against references, their calibration under the null, the
+likelihood statistic against a plain one-prompt-at-a-time computation, identity counts, and
+`potstill audit lineage` on local folders and endpoints."""
 
 import json
 import shutil
@@ -32,8 +33,9 @@ def test_a_suspect_close_to_the_teacher_is_flagged_and_a_reference_like_one_is_n
     rng = np.random.default_rng(0)
     teacher = _answers(rng)
     refs = {f"r{i}": _near(rng, teacher, 0.2) for i in range(5)}  # unrelated models agree a little (same task)
-    distilled = lineage_test(teacher, _near(rng, teacher, 0.7), refs, list)
-    control = lineage_test(teacher, _near(rng, teacher, 0.2), refs, list)
+    refs = {name: match_rates(teacher, answers, list) for name, answers in refs.items()}
+    distilled = lineage_test(match_rates(teacher, _near(rng, teacher, 0.7), list), refs)
+    control = lineage_test(match_rates(teacher, _near(rng, teacher, 0.2), list), refs)
     assert distilled["p_value"] < 1e-6 and control["p_value"] > 0.01
     assert distilled["p_value"] == max(r["p_value"] for r in distilled["references"])
     r = distilled["references"][0]
@@ -48,9 +50,21 @@ def test_null_false_positive_rate_is_at_most_alpha():
     teacher = _answers(rng, n=40)
     flagged = 0
     for _ in range(300):
-        refs = {f"r{i}": _near(rng, teacher, 0.3) for i in range(5)}
-        flagged += lineage_test(teacher, _near(rng, teacher, 0.3), refs, list)["p_value"] < 0.05
+        refs = {f"r{i}": match_rates(teacher, _near(rng, teacher, 0.3), list) for i in range(5)}
+        flagged += lineage_test(match_rates(teacher, _near(rng, teacher, 0.3), list), refs)["p_value"] < 0.05
     assert flagged <= stats.binom.ppf(0.9995, 300, 0.05)
+
+
+def test_null_p_values_of_continuous_scores_are_uniform_for_one_reference():
+    """Log-probabilities (no ties): with one reference the p-value is the exact sign test's, and
+    over 400 exchangeable suspects its rate below 0.05 stays inside the binomial 99.9 % interval."""
+    rng = np.random.default_rng(2)
+    difficulty = rng.normal(-10, 3, size=50)  # shared per prompt: scores correlate across models
+    p = [lineage_test(list(difficulty + rng.normal(size=50)), {"r": list(difficulty + rng.normal(size=50))},
+                      "likelihood")["p_value"] for _ in range(400)]
+    exact = sum(stats.binom.pmf(w, 50, 0.5) for w in range(51) if stats.binom.sf(w - 1, 50, 0.5) < 0.05)  # 0.032
+    low, high = stats.binom.ppf([0.0005, 0.9995], 400, exact)
+    assert low <= sum(v < 0.05 for v in p) <= high
 
 
 def test_identity_counts():
@@ -89,13 +103,51 @@ def test_lineage_cli_flags_a_copy_and_not_a_random_model(folders, tmp_path, caps
               "--limit", "40", "--max-new-tokens", "8", "--name", "quickstart"]
     assert main(["audit", "lineage", "--suspect", str(copy), *common, "--out", str(tmp_path / "a.json")]) == 0
     assert main(["audit", "lineage", "--suspect", str(randoms[5]), *common, "--out", str(tmp_path / "b.json")]) == 0
-    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
-    assert a["verdicts"][0]["flagged"] and a["results"][0]["suspect_match"] == 1.0
+    assert main(["audit", "lineage", "--suspect", str(copy), *common, "--statistic", "match",
+                 "--out", str(tmp_path / "c.json")]) == 0
+    a, b, c = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json", "c.json"))
+    assert a["results"][0]["statistic"] == b["results"][0]["statistic"] == "likelihood"  # auto: all are folders
+    assert a["verdicts"][0]["flagged"] and a["results"][0]["p_value"] < 1e-9  # 40 of 40 prompts won, per reference
     assert not b["verdicts"][0]["flagged"]
+    assert c["verdicts"][0]["flagged"] and c["results"][0]["suspect_score"] == 1.0
     assert set(a["results"][0]["identity"]["naming_the_teacher"]) == {"teacher", "suspect"} | {
         f"reference:{p}" for p in randoms[:5]}
     assert main(["audit", "lineage", "--suspect", "http://localhost:1/v1", *common]) == 2
     assert "URL#MODEL" in capsys.readouterr().err
+    assert main(["audit", "lineage", "--suspect", "http://localhost:1/v1#s", *common, "--statistic", "likelihood"]) == 2
+    assert "needs the weights of the suspect" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_answer_logprobs_equal_one_prompt_at_a_time(arch, tmp_path):
+    """Batched, right-padded scoring equals a plain forward of each prompt + answer alone, summed
+    over the answer's tokens, on a padded vocabulary (its extra rows are left out) and on a head
+    that soft-caps its logits (Gemma 2)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from potstill.audit.lineage import LocalModel
+    from potstill.teachers.local import load_tokenizer_dir, prompt_ids
+
+    tok = load_tokenizer_dir(TEACHER, "tokenizer")
+    config = AutoConfig.for_model(arch, vocab_size=len(tok) + 23, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    for f in [*TEACHER.glob("*token*"), TEACHER / "chat_template.jinja"]:
+        shutil.copy(f, tmp_path)
+    m = LocalModel(tmp_path)
+    prompts = ["sort: 3 1 2", "rev: a b c d e f", "add: 12 + 7", "x"]
+    answers = ["1 2 3", "f e d c b a", "", "a much longer answer than the prompt it follows"]
+    got = m.answer_logprobs(prompts, answers, batch_size=3)
+    for p, a, g in zip(prompts, answers, got):
+        head, tail = prompt_ids(tok, [{"role": "user", "content": p}]), tok(a, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = m.model(input_ids=torch.tensor([head + tail])).logits[0, :, :len(tok)].double()
+        want = sum(float(logits[len(head) - 1 + t].log_softmax(-1)[i]) for t, i in enumerate(tail))
+        assert g == pytest.approx(want, abs=1e-4)
+    assert got[2] == 0.0 and all(g < 0 for i, g in enumerate(got) if i != 2)
 
 
 def test_lineage_reaches_a_teacher_behind_an_endpoint(folders, tmp_path, capsys):
@@ -120,5 +172,5 @@ def test_lineage_reaches_a_teacher_behind_an_endpoint(folders, tmp_path, capsys)
         next(serving, None)
     assert main([*args, "--teacher", str(TEACHER), "--out", str(tmp_path / "local.json")]) == 0
     http, local = (json.loads((tmp_path / f).read_text())["results"][0] for f in ("http.json", "local.json"))
-    assert http["p_value"] < 1e-3 and http["suspect_match"] == 1.0
-    assert [r["match"] for r in http["references"]] == [r["match"] for r in local["references"]]
+    assert http["statistic"] == "likelihood" and http["p_value"] < 1e-3
+    assert [r["score"] for r in http["references"]] == [r["score"] for r in local["references"]]

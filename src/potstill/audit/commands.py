@@ -88,6 +88,10 @@ def add_parser(verbs) -> None:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--name", action="append", default=[], help="ask identity probes and count the answers naming "
                    "the teacher by this name (repeatable)")
+    g.add_argument("--statistic", choices=["auto", "likelihood", "match"], default="auto",
+                   help="likelihood (suspect and references are folders): the log-probability each gives the "
+                        "teacher's answer; match: token matches of its own greedy answer with the teacher's; "
+                        "auto (default): likelihood when every suspect and reference is a folder, else match")
     g.add_argument("--tokenizer", help="tokenizer for match rates (default: the teacher's folder; characters for "
                    "an endpoint teacher without one)")
     common(g)
@@ -247,32 +251,47 @@ def _responder(spec: str):
 
 
 def cmd_lineage(args) -> None:
-    from potstill.audit.lineage import IDENTITY_PROBES, identity_counts, lineage_test
+    from potstill.audit.lineage import IDENTITY_PROBES, LocalModel, identity_counts, lineage_test, match_rates
 
     if len(set(args.reference)) != len(args.reference):
         raise PotstillError("--reference: a model is named twice")
     prompts = [m[-1]["content"] for m in _prompts(args)]
     models = {"teacher": args.teacher, "suspect": args.suspect, **{f"reference:{r}": r for r in args.reference}}
-    answers, identity = {}, {}
+    endpoints = [spec for role, spec in models.items()
+                 if role != "teacher" and spec.startswith(("http://", "https://"))]
+    statistic = args.statistic
+    if statistic == "auto":
+        statistic = "match" if endpoints else "likelihood"
+    elif statistic == "likelihood" and endpoints:
+        raise PotstillError(f"--statistic likelihood needs the weights of the suspect and every reference; "
+                            f"{endpoints[0]} is an endpoint: use --statistic match")
+    scores, identity, teacher = {}, {}, None
     for role, spec in models.items():
         m = _responder(spec)
-        answers[role] = m.answer(prompts, args.max_new_tokens)
+        if role == "teacher":
+            teacher = m.answer(prompts, args.max_new_tokens)
+            tok = getattr(m, "tokenizer", None)
+            if args.tokenizer:
+                tok = _tokenizer(args.tokenizer)
+            tokenize = (lambda t: tok(t, add_special_tokens=False)["input_ids"]) if tok is not None else list
+        elif statistic == "likelihood":
+            assert isinstance(m, LocalModel)
+            scores[role] = m.answer_logprobs(prompts, teacher)
+        else:
+            scores[role] = match_rates(teacher, m.answer(prompts, args.max_new_tokens), tokenize)
         if args.name:
             identity[role] = m.answer(IDENTITY_PROBES, args.max_new_tokens)
-        if role == "teacher":
-            tok = getattr(m, "tokenizer", None)
-    if args.tokenizer:
-        tok = _tokenizer(args.tokenizer)
-    tokenize = (lambda t: tok(t, add_special_tokens=False)["input_ids"]) if tok is not None else list
-    refs = {k.removeprefix("reference:"): v for k, v in answers.items() if k.startswith("reference:")}
-    result = lineage_test(answers["teacher"], answers["suspect"], refs, tokenize)
+        del m  # one model in memory at a time
+    refs = {k.removeprefix("reference:"): v for k, v in scores.items() if k.startswith("reference:")}
+    result = lineage_test(scores["suspect"], refs, statistic)
     result.update(teacher=args.teacher, suspect=args.suspect,
                   identity={"probes": len(IDENTITY_PROBES), "names": args.name,
                             "naming_the_teacher": identity_counts(identity, args.name) if args.name else None,
                             "answers": identity or None})
-    rows = [{"test": "lineage", "target": args.suspect,
-             "statistic": f"match {result['suspect_match']:.3f} vs references "
-                          f"{max(r['match'] for r in result['references']):.3f} at most",
+    what = "log-probability of the teacher's answers" if statistic == "likelihood" else "match with the teacher"
+    best = max(r["score"] for r in result["references"])
+    rows = [{"test": f"lineage ({statistic})", "target": args.suspect,
+             "statistic": f"{what}: {result['suspect_score']:.3f} vs references {best:.3f} at most",
              "p_value": result["p_value"], "tokens": None, "flagged": result["p_value"] < args.alpha}]
     finish(args, [result], rows)
 

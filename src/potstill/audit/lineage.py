@@ -2,18 +2,27 @@
 unrelated reference models agree with T? (In the spirit of Model Provenance Testing, Nikolic et
 al. 2025, arXiv:2502.00706.)
 
-Every model answers the same probe prompts greedily. Per prompt, a model's **match rate** is the
-share of token positions at which its answer has T's token (over the longer of the two answers,
-tokenized with one tokenizer, T's by default). For each reference R an exact one-sided sign test
-over prompts asks whether S matches T more often than R does (prompts where they tie are dropped).
-S is flagged only if it beats *every* reference: the p-value is the largest of the per-reference
-p-values (an intersection-union test, valid without any correction), so it is small only when no
-reference explains S's agreement with T.
+T answers the probe prompts greedily. Every other model gets one number per prompt, by one of two
+statistics:
+
+- **likelihood** (open weights): the log-probability the model gives T's answer after the prompt
+  (teacher-forced, with the model's own tokenizer and chat template). A student distilled from T
+  learned T's choices where many answers are right (which permutation, which phrasing), so it
+  gives T's answers more probability than a model that learned the task elsewhere does.
+- **match** (also for endpoints): the model answers greedily too; its score is the share of token
+  positions at which its answer has T's token (over the longer of the two answers, tokenized with
+  one tokenizer, T's by default).
+
+For each reference R an exact one-sided sign test over prompts asks whether S scores higher than
+R more often than lower (ties are dropped). S is flagged only if it beats *every* reference: the
+p-value is the largest of the per-reference p-values (an intersection-union test, valid without
+any correction), so it is small only when no reference explains S's agreement with T.
 
 Under the null S is just one more model like the references (for each prompt, S and R are
 exchangeable with respect to T), and the sign test's p-value is then exact. The references must
 be truly unrelated to T (not distilled from it, not sharing its training data beyond what S
-could); choose them as an expert would choose controls.
+could), and as good at the task as S: where agreeing with T is being right, a better model agrees
+more. Probes where T's answer is one of many right ones carry the lineage evidence.
 
 Identity probes ("which model are you?") are reported as counts of answers naming T, for S and
 every reference: answers learned from web data confound them, so they carry no p-value.
@@ -22,6 +31,8 @@ every reference: answers learned from web data confound them, so they carry no p
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from potstill.audit.stats import sign_test
 from potstill.errors import PotstillError
@@ -55,6 +66,33 @@ class LocalModel:
             out += generate_ids(self.model, self.tokenizer, rows[i:i + batch_size], params, 0,
                                 [""] * len(rows[i:i + batch_size]))
         return [c.text for c in out]
+
+    @torch.no_grad()
+    def answer_logprobs(self, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
+        """Per prompt: the log-probability (nats) this model gives ``answers[i]`` after ``prompts[i]``,
+        teacher-forced, with its own tokenizer and chat template (0 for an empty answer)."""
+        from potstill.teachers.local import prompt_ids
+
+        tok = self.tokenizer
+        rows = [(prompt_ids(tok, [{"role": "user", "content": p}]), tok(a, add_special_tokens=False)["input_ids"])
+                for p, a in zip(prompts, answers)]
+        vocab = len(tok)  # a padded vocabulary's extra rows are no token's
+        out = []
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i:i + batch_size]
+            width = max(len(p) + len(a) for p, a in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, (p, a) in enumerate(batch):  # right-padded: position t predicts t + 1 in every row
+                ids[r, :len(p) + len(a)], mask[r, :len(p) + len(a)] = torch.tensor(p + a), 1
+            logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
+            for r, (p, a) in enumerate(batch):
+                if not a:
+                    out.append(0.0)
+                    continue
+                logp = logits[r, len(p) - 1:len(p) + len(a) - 1, :vocab].float().log_softmax(-1)
+                out.append(float(logp.gather(1, torch.tensor(a, device=logp.device)[:, None]).sum()))
+        return out
 
 
 class EndpointModel:
@@ -94,20 +132,20 @@ def match_rates(teacher: list[str], other: list[str], tokenize) -> list[float]:
     return rates
 
 
-def lineage_test(teacher: list[str], suspect: list[str], references: dict[str, list[str]], tokenize) -> dict:
-    """The sign tests of S against each reference, and their intersection-union p-value."""
+def lineage_test(suspect: list[float], references: dict[str, list[float]], statistic: str = "match") -> dict:
+    """The sign tests of S's per-prompt scores against each reference's (higher: closer to the
+    teacher), and their intersection-union p-value."""
     if not references:
         raise ValueError("the lineage test needs at least one reference model")
-    s = match_rates(teacher, suspect, tokenize)
     rows = []
-    for name, answers in references.items():
-        r = match_rates(teacher, answers, tokenize)
-        wins = sum(x > y for x, y in zip(s, r))
-        losses = sum(x < y for x, y in zip(s, r))
-        rows.append({"name": name, "match": sum(r) / len(r), "wins": wins, "losses": losses,
+    for name, r in references.items():
+        wins = sum(x > y for x, y in zip(suspect, r))
+        losses = sum(x < y for x, y in zip(suspect, r))
+        rows.append({"name": name, "score": sum(r) / len(r), "wins": wins, "losses": losses,
                      "p_value": sign_test(wins, losses)})
-    return {"test": "lineage", "prompts": len(teacher), "suspect_match": sum(s) / len(s),
-            "references": rows, "p_value": max(row["p_value"] for row in rows)}
+    return {"test": "lineage", "statistic": statistic, "prompts": len(suspect),
+            "suspect_score": sum(suspect) / len(suspect), "references": rows,
+            "p_value": max(row["p_value"] for row in rows)}
 
 
 def identity_counts(answers: dict[str, list[str]], names: list[str]) -> dict[str, int]:
