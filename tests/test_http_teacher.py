@@ -487,6 +487,22 @@ def test_generate_exits_1_and_says_why_requests_failed(mock, tmp_path, capsys):
     assert main([*args[:-1], f"output_dir={tmp_path / 'b'}", f"teacher.endpoints=[{good.url}]"]) == 0
 
 
+def test_run_goes_on_without_failed_requests_and_exits_1(mock, tmp_path, capsys):
+    """`potstill run` trains on what it has (as train says), then exits 1 with one line, as
+    `potstill generate` does: a script must not take a run with holes for a whole one."""
+    from potstill.cli import main
+
+    from conftest import tiny_overrides
+
+    m = mock(fatal={"400": 0.2}, sticky=True)
+    args = ["run", str(QUICKSTART / "recipe.yaml"), *tiny_overrides(tmp_path, 32, 16), "teacher.backend=openai",
+            "teacher.model=mock", f"teacher.endpoints=[{m.url}]", "train.objective=sft", "baseline=null"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "requests failed for good" in err and "run: finished without the requests that failed" in err
+    assert (tmp_path / "student" / "model.safetensors").is_file() and (tmp_path / "report.html").is_file()
+
+
 def test_the_endpoints_own_reason_is_kept_from_fastapi_detail(mock, tmp_path):
     m = mock(detail=1.0)
     with pytest.raises(PotstillError, match=r"HTTP 422: Server is pinned to 'mock-7b'; requested 'mock'"):

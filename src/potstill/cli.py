@@ -193,13 +193,25 @@ def cmd_report(args) -> None:
     print(f"report: wrote {write_report(args.runs, args.out)}")
 
 
-def cmd_run(args) -> None:
+def cmd_run(args) -> int:
     from potstill.pipeline import run_all
 
-    print_summary(run_all(_recipe(args), args.accept_terms_risk, generated=print_generated))
+    codes = []  # generate's exit code: 1 if requests failed for good
+    print_summary(run_all(_recipe(args), args.accept_terms_risk,
+                          generated=lambda counts: codes.append(print_generated(counts))))
+    return finished_despite(codes)
 
 
-def cmd_quickstart(args) -> None:
+def finished_despite(codes: list[int]) -> int:
+    """1, with one line on stderr, when the run went on without requests that failed for good."""
+    if any(codes):
+        print("run: finished without the requests that failed for good (listed above): the students trained on the "
+              "rest; a rerun sends those again", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_quickstart(args) -> int:
     from potstill.pipeline import run_all
     from potstill.recipe import load_recipe
 
@@ -208,8 +220,10 @@ def cmd_quickstart(args) -> None:
         raise PotstillError(f"the bundled quickstart is missing (looked in {', '.join(map(str, QUICKSTART_DIRS))}): "
                             f"reinstall potstill")
     recipe = load_recipe(found[0], [f"output_dir={args.out}", *args.overrides])
-    print_summary(run_all(recipe, generated=print_generated))
+    codes = []
+    print_summary(run_all(recipe, generated=lambda counts: codes.append(print_generated(counts))))
     print(f"open {recipe.run_dir / 'report.html'} for plots and samples")
+    return finished_despite(codes)
 
 
 def cmd_terms(args) -> int:
