@@ -113,7 +113,8 @@ def test_eval_json_has_the_metrics_and_provenance(trained_run):
     assert len(m["completion_lengths"]) == report["prompts"]["n"] == 48
     assert report["models"]["teacher"]["perplexity_teacher_text"] >= 1.0
     prov = report["provenance"]
-    assert prov["versions"]["torch"] and prov["recipe_sha256"] and prov["seeds"]["train"] == 0
+    assert prov["versions"]["torch"] and prov["versions"]["rouge-score"]  # ROUGE-L's scorer, as it scored
+    assert prov["recipe_sha256"] and prov["seeds"]["train"] == 0
     assert prov["device"] == "cpu"  # device: auto, on a machine without a GPU
     info = json.loads((trained_run / "student" / "potstill.json").read_text())
     assert info["device"] == "cpu" and info["mixed_precision"] == "no" and info["train"]["mixed_precision"] == "auto"

@@ -46,9 +46,11 @@ def weights_sha256(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Python's, potstill's and the installed versions of the libraries that shape results, plus
+    ``extra`` distributions (those not installed are left out)."""
     out = {"python": platform.python_version(), "potstill": potstill.__version__}
-    for name in ("torch", "transformers", "accelerate", "tokenizers", "safetensors"):
+    for name in ("torch", "transformers", "accelerate", "tokenizers", "safetensors", *extra):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

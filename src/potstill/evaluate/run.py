@@ -279,10 +279,13 @@ def prompts_record(path: str, prompts: list[Prompt]) -> dict:
             "sha256": hashlib.sha256("".join(p.sha256 for p in prompts).encode()).hexdigest()}
 
 
+EVAL_LIBRARIES = ("rouge-score", "numpy")  # ROUGE-L and the bootstrap intervals
+
+
 def eval_provenance(recipe: Recipe, device: str, judge: LocalTeacher | None) -> dict:
     """Where eval.json came from: versions, commit, machine, device, seeds, recipe and judge."""
     return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": library_versions(), "git_commit": git_commit(), "machine": platform.machine(),
+            "versions": library_versions(EVAL_LIBRARIES + (("lm_eval",) if recipe.eval.lm_eval else ())), "git_commit": git_commit(), "machine": platform.machine(),
             "device": device, "threads": torch.get_num_threads(), "recipe_sha256": recipe.sha256(),
             "verifier": recipe.eval.verifier,
             "seeds": {"train": recipe.train.seed, "generation": recipe.generation.seed, "bootstrap": 0},
