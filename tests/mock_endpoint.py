@@ -75,8 +75,9 @@ class Faults:
 
 
 class MockEndpoint:
-    def __init__(self, latency: float = 0.0, faults: Faults | None = None):
+    def __init__(self, latency: float = 0.0, faults: Faults | None = None, rule=None):
         self.latency = latency
+        self.rule = rule  # the last message's text -> the answer's (default: the message reversed)
         self.faults = faults or Faults()
         self.log: list[tuple[float, str, str]] = []  # (monotonic time, body sha256, what was answered)
         self.attempts: dict[str, int] = {}
@@ -101,14 +102,15 @@ class MockEndpoint:
         return "ok"
 
     @staticmethod
-    def completion(body: dict, nan: bool = False) -> dict:
-        """A deterministic answer: the last message reversed, one token per character; with
+    def completion(body: dict, nan: bool = False, rule=None) -> dict:
+        """A deterministic answer: the last message reversed (or ``rule`` of it), one token per character; with
         ``return_tokens_as_token_ids`` tokens read ``token_id:N`` (N = the character's code modulo
         ``VOCAB``: an id the bundled teacher's tokenizer has)."""
         prompt = body["messages"][-1]["content"] if "messages" in body else str(body.get("prompt"))
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
-        text = prompt[::-1][:limit]
-        finish = "stop" if len(prompt) <= limit else "length"
+        full = rule(prompt) if rule else prompt[::-1]
+        text = full[:limit]
+        finish = "stop" if len(full) <= limit else "length"
         for stop in body.get("stop") or []:
             if stop in text:
                 text, finish = text[:text.index(stop)], "stop"
@@ -162,7 +164,7 @@ class MockEndpoint:
                                        ).encode(), what
         if what == "insufficient_quota":
             return 429, {}, _error("You exceeded your current quota", "insufficient_quota"), what
-        answer = self.completion(body, nan=what == "nan")
+        answer = self.completion(body, nan=what == "nan", rule=self.rule)
         if what == "no_logprobs":
             answer["choices"][0]["logprobs"] = None
         if what == "bad_id" and answer["choices"][0]["logprobs"] and answer["choices"][0]["logprobs"]["content"]:

@@ -32,6 +32,9 @@ class ScriptedJudge:
     def __init__(self, rule):
         self.rule, self.prompts = rule, []
 
+    def describe(self):
+        return {"id": "scripted"}
+
     def complete(self, requests, params):
         out = []
         for r in requests:
@@ -126,6 +129,58 @@ def test_a_judge_that_talks_nonsense_is_refused_not_scored(trained_run, capsys):
     args = ["eval", RECIPE, *tiny_overrides(trained_run), "baseline=null", f"eval.judge.path={QUICKSTART / 'teacher'}"]
     assert main(args) == 2
     assert "gave no parseable verdict in 96 replies" in capsys.readouterr().err
+
+
+def _correctness(text):
+    """A judge's rule: the answer the task's verifier accepts is better; both or neither is a tie."""
+    prompt, a, b = _parts(text)
+    ok_a, ok_b = skillmix.verify(prompt, a), skillmix.verify(prompt, b)
+    return "tie" if ok_a == ok_b else ("A" if ok_a else "B")
+
+
+def test_a_judge_behind_an_endpoint_scores_as_the_same_rule_does_here(trained_run, tmp_path, monkeypatch):
+    """eval.judge.backend: openai, through the official openai client and potstill's dispatch, to a
+    loopback endpoint that judges by the task's verifier: the win rate is what the same rule gives
+    in-process, the replies are kept in judge-ledger.sqlite (a rerun sends nothing), and the API
+    key reaches no file."""
+    from mock_endpoint import MockEndpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    key = "sk-judge-secret-0123456789abcdef"
+    monkeypatch.setenv("JUDGE_KEY", key)
+    m = MockEndpoint(rule=_correctness).start_in_thread()
+    try:
+        args = ["eval", RECIPE, *tiny_overrides(run), "baseline=null", "eval.judge.backend=openai",
+                "eval.judge.model=judge-model", f"eval.judge.endpoints=[{m.url}]", "eval.judge.api_key_env=JUDGE_KEY"]
+        assert main(args) == 0
+        sent = len(m.log)
+        assert main(args) == 0
+        assert len(m.log) == sent == 96  # 48 prompts, both orders, once
+    finally:
+        m.stop_thread()
+    report = json.loads((run / "eval.json").read_text())
+    got = report["models"]["student"]["judge"]
+    assert got["wins"] + got["losses"] + got["ties"] == 96 and got["unparseable"] == 0 and got["losses"] > 0
+
+    local = tmp_path / "local"  # the same eval with the same rule as an in-process judge
+    shutil.copytree(trained_run, local)
+    monkeypatch.setattr("potstill.evaluate.run.make_judge", lambda recipe, device: ScriptedJudge(_correctness))
+    assert main(["eval", RECIPE, *tiny_overrides(local), "baseline=null",
+                 f"eval.judge.path={QUICKSTART / 'teacher'}"]) == 0
+    assert json.loads((local / "eval.json").read_text())["models"]["student"]["judge"] == got
+    assert report["provenance"]["judge"]["model"] == "judge-model"
+    assert report["provenance"]["judge"]["endpoint"] == m.url.rstrip("/")
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert key.encode() not in f.read_bytes(), f
+    assert (run / "judge-ledger.sqlite").is_file()
+
+
+def test_an_endpoint_judge_without_model_or_endpoints_is_one_line(trained_run, capsys):
+    assert main(["eval", RECIPE, *tiny_overrides(trained_run), "eval.judge.backend=openai"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.judge.model and eval.judge.endpoints are required for backend openai" in err and "Traceback" not in err
 
 
 def test_student_with_another_chat_template_is_scored_in_its_own(trained_run, tmp_path, capsys):

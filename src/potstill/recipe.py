@@ -242,8 +242,41 @@ class BaselineSpec(Section):
 
 
 class JudgeSpec(Section):
-    path: str  # a local HF model that follows instructions; judges student vs teacher answers pairwise
+    """A model that follows instructions judges each student's answers against the teacher's,
+    pairwise (prompt: potstill/evaluate/judge.py): a local folder, or an OpenAI-compatible endpoint
+    asked as an HTTP teacher is (retries, limits, budget; verdicts kept in judge-ledger.sqlite)."""
+
+    backend: Literal["local", "openai"] = "local"
+    path: str | None = None  # local: the model folder
     max_new_tokens: int = Field(16, ge=1)
+    # -- openai: as teacher.* ----------------------------------------------------------------------
+    model: str | None = None  # the model name the endpoint serves, e.g. gpt-4o
+    endpoints: list[str] = []  # base URLs, e.g. [https://api.openai.com/v1]
+    api_key_env: str | None = None  # NAME of the environment variable holding the key
+    concurrency: int = Field(16, ge=1, le=4096)
+    requests_per_minute: float | None = Field(None, gt=0.0)
+    tokens_per_minute: float | None = Field(None, gt=0.0)
+    timeout: float = Field(120.0, gt=0.0)
+    max_attempts: int = Field(6, ge=1, le=100)
+    prices: PricesSpec = PricesSpec()
+    budget: BudgetSpec = BudgetSpec()
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> JudgeSpec:
+        if self.backend == "local" and not self.path:
+            raise ValueError("eval.judge.path is required for backend local (a model folder that follows instructions)")
+        if self.backend == "openai" and not (self.model and self.endpoints):
+            raise ValueError("eval.judge.model and eval.judge.endpoints are required for backend openai "
+                             "(the name the endpoint serves, and its base URLs)")
+        return self
+
+    def as_teacher(self) -> TeacherSpec:
+        """An HTTP judge as the teacher spec the HTTP backend sends with (chat API, no token ids)."""
+        return TeacherSpec(backend="openai", id=f"judge:{self.model}", model=self.model, endpoints=self.endpoints,
+                           api_key_env=self.api_key_env, concurrency=self.concurrency,
+                           requests_per_minute=self.requests_per_minute, tokens_per_minute=self.tokens_per_minute,
+                           timeout=self.timeout, max_attempts=self.max_attempts, prices=self.prices,
+                           budget=self.budget)
 
 
 class LmEvalSpec(Section):
@@ -263,7 +296,7 @@ class EvalSpec(Section):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
     device: str | None = Field(None, pattern=DEVICE_PATTERN)  # every model and the judge; default: top-level
-    judge: JudgeSpec | None = None  # judge win rate of each student against the teacher (prompt: potstill/evaluate/judge.py)
+    judge: JudgeSpec | None = None  # judge win rate of each student against the teacher (a folder or an endpoint)
     lm_eval: LmEvalSpec | None = None
 
 

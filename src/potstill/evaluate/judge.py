@@ -1,9 +1,9 @@
 """Pairwise judging: another model says which of two answers to a prompt is better.
 
-The judge is a local model folder (``LocalTeacher``, through its ``complete``), asked with ``JUDGE_PROMPT``
-at temperature 0. Every pair is judged twice, with the answers in both orders, so a judge that
-prefers a position gains nothing from it. A verdict is parsed from the first non-empty line of
-the judge's reply (``parse_verdict``); a reply that says neither A, B nor tie is counted as
+The judge is a local model folder (``LocalTeacher``, through its ``complete``) or an OpenAI-compatible
+endpoint (:class:`HTTPJudge`), asked with ``JUDGE_PROMPT`` at temperature 0. Every pair is judged
+twice, with the answers in both orders, so a judge that prefers a position gains nothing from it.
+A verdict is parsed from the first non-empty line of the judge's reply (``parse_verdict``); a reply that says neither A, B nor tie is counted as
 unparseable and left out of the win rate, never guessed.
 
     win rate of X over Y = (votes for X + 0.5 * ties) / parsed votes
@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from potstill.errors import PotstillError
 from potstill.teachers.base import Request, greedy_params
 
 JUDGE_PROMPT = """You are judging two answers to the same request. Decide which answer is better: more correct, \
@@ -87,3 +88,43 @@ def judge_pairs(judge, prompts: list[str], candidate: list[str], reference: list
         else:
             votes.append(1.0 if (verdict == "A") == cand_is_a else 0.0)
     return JudgeResult(votes.count(1.0), votes.count(0.0), votes.count(0.5), votes.count(None), votes)
+
+
+@dataclass
+class Reply:
+    text: str
+
+
+class HTTPJudge:
+    """A judge behind an OpenAI-compatible endpoint (``eval.judge.backend: openai``), asked as an
+    HTTP teacher is (``potstill.teachers.backends.ask``: retries, rate and token limits, budget, the
+    key kept out of every record) into ``judge-ledger.sqlite`` in the run folder: a rerun pays for
+    no verdict twice, and the replies stay there to be read."""
+
+    def __init__(self, recipe):
+        from potstill.teachers.backends import HTTPBackend
+
+        self.ledger_path = recipe.run_dir / "judge-ledger.sqlite"
+        self.recipe_sha256 = recipe.sha256()
+        self.backend = HTTPBackend(recipe.model_copy(update={"teacher": recipe.eval.judge.as_teacher()}))
+        self.name = f"{recipe.eval.judge.model} at {' '.join(recipe.eval.judge.endpoints)}"
+
+    def describe(self) -> dict:
+        return self.backend.describe()
+
+    def complete(self, requests: list[Request], params: dict) -> list[Reply]:
+        from potstill.ledger import Ledger
+        from potstill.prompts import Prompt
+        from potstill.teachers.backends import ask
+
+        prompts = [Prompt(tuple((m["role"], m["content"]) for m in r.messages)) for r in requests]
+        with Ledger(self.ledger_path) as ledger:
+            asked = ask(self.backend, ledger, prompts, params, self.recipe_sha256)
+            if asked.stopped:
+                raise PotstillError(f"the judge ({self.name}) stopped: {asked.stopped}; rerun eval to resume")
+            replies = {ex.request_hash: ex.text for ex in ledger.examples(asked.hashes)}
+        missing = [h for h in asked.hashes if h not in replies]
+        if missing:
+            raise PotstillError(f"the judge ({self.name}) failed {len(missing)} of {len(asked.hashes)} requests "
+                                f"(reasons in {self.ledger_path}); rerun eval to retry them")
+        return [Reply(replies[h]) for h in asked.hashes]

@@ -29,7 +29,7 @@ import torch
 from potstill.evaluate import verifiers
 from potstill.receipts.card import add_results
 from potstill.errors import PotstillError
-from potstill.evaluate.judge import judge_pairs
+from potstill.evaluate.judge import HTTPJudge, judge_pairs
 from potstill.progress import progress
 from potstill.prompts import Prompt, load_prompts
 from potstill.provenance import git_commit, library_versions
@@ -190,7 +190,7 @@ def evaluate(recipe: Recipe) -> dict:
     teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype, device=device,
                            use_generation_config=recipe.teacher.use_generation_config,
                            trust_remote_code=recipe.teacher.trust_remote_code) if models.get("teacher") else None
-    judge = LocalTeacher(spec.judge.path, device=device) if spec.judge is not None else None
+    judge = make_judge(recipe, device)
     verify = verifiers.load(spec.verifier)
     results: dict[str, dict] = {}
     teacher_out = None  # the teacher's answers: scored first, then every other model against them
@@ -282,7 +282,14 @@ def prompts_record(path: str, prompts: list[Prompt]) -> dict:
 EVAL_LIBRARIES = ("rouge-score", "numpy")  # ROUGE-L and the bootstrap intervals
 
 
-def eval_provenance(recipe: Recipe, device: str, judge: LocalTeacher | None) -> dict:
+def make_judge(recipe: Recipe, device: str) -> LocalTeacher | HTTPJudge | None:
+    spec = recipe.eval.judge
+    if spec is None:
+        return None
+    return HTTPJudge(recipe) if spec.backend == "openai" else LocalTeacher(spec.path, device=device)
+
+
+def eval_provenance(recipe: Recipe, device: str, judge: LocalTeacher | HTTPJudge | None) -> dict:
     """Where eval.json came from: versions, commit, machine, device, seeds, recipe and judge."""
     return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": library_versions(EVAL_LIBRARIES + (("lm_eval",) if recipe.eval.lm_eval else ())), "git_commit": git_commit(), "machine": platform.machine(),
@@ -292,13 +299,16 @@ def eval_provenance(recipe: Recipe, device: str, judge: LocalTeacher | None) -> 
             "judge": None if judge is None else judge.describe()}
 
 
-def judged(judge: LocalTeacher, prompts: list[Prompt], completions, teacher_out, spec) -> dict:
+def judged(judge: LocalTeacher | HTTPJudge, prompts: list[Prompt], completions, teacher_out, spec) -> dict:
     """Win rate of a model's answers over the teacher's, judged in both orders."""
+    http = isinstance(judge, HTTPJudge)  # an endpoint gets every pair at once: its concurrency, one session
     result = judge_pairs(judge, [p.text for p in prompts], [c.text for c in completions], [t.text for t in teacher_out],
-                         max_new_tokens=spec.judge.max_new_tokens, batch_size=spec.batch_size)
+                         max_new_tokens=spec.judge.max_new_tokens,
+                         batch_size=2 * len(prompts) if http else spec.batch_size)
     if result.parsed == 0:
-        raise PotstillError(f"the judge ({spec.judge.path}) gave no parseable verdict in {result.unparseable} replies "
-                            f"(expected a first line of A, B or tie); use a judge model that follows instructions")
+        raise PotstillError(f"the judge ({judge.name if http else spec.judge.path}) gave no parseable verdict in "
+                            f"{result.unparseable} replies (expected a first line of A, B or tie); use a judge model "
+                            f"that follows instructions")
     return {"win_rate_vs_teacher": result.win_rate, "wins": result.wins, "losses": result.losses, "ties": result.ties,
             "unparseable": result.unparseable,
             "win_rate_ci95": bootstrap_ci([v for v in result.votes if v is not None])}
