@@ -19,10 +19,14 @@ quickstart's 154k-parameter Llama trained from scratch by logit KD with `train.l
   it); p for K, for the 9 other keys and for 10 fresh keys per student (no two students share a
   fresh key, so those p-values are independent given the students' pairs): Kolmogorov-Smirnov
   against Uniform(0,1) and the rate below 0.01 with its Clopper-Pearson 95 % interval.
-- **lineage** (greedy answers to 1,200 held-out prompts): references are students trained by SFT
-  from scratch on the task's ground-truth answers (seeds and shapes in GT_MODELS, --gt-epochs);
-  a control is one more of them; suspects are the distilled students. Leave-one-out over the
-  ground-truth models gives null runs.
+- **lineage** (1,200 held-out prompts, the teacher's greedy answers): the three statistics of
+  `potstill audit lineage`, match (each model's greedy answer against the teacher's),
+  likelihood (the log-probability each model gives the teacher's answer) and kl (minus the KL
+  divergence from the teacher's next-token distributions on its answer), on all prompts, the
+  shuffle prompts (any permutation is right) and the prompts the teacher gets wrong. References
+  are students trained by SFT from scratch on the task's ground-truth answers (seeds and shapes
+  in GT_MODELS, --gt-epochs); a control is one more of them; suspects are the distilled
+  students. Leave-one-out over the ground-truth models gives null runs.
 
 Each student and audit is kept under --out and skipped when done, so a rerun resumes (train with
 --train-only first, then audit). Prints markdown tables for docs/benchmarks.md. CPU only.
@@ -49,7 +53,7 @@ TEACHER = QS / "teacher"
 sys.path.insert(0, str(ROOT / "src"))
 
 from potstill.audit import Watermark  # noqa: E402
-from potstill.audit.lineage import lineage_test  # noqa: E402
+from potstill.audit.lineage import lineage_test, match_rates  # noqa: E402
 from potstill.audit.radioactivity import local_samples, reading_pairs, sampling_pairs, score_keys  # noqa: E402
 from potstill.ledger import Ledger  # noqa: E402
 from potstill.prompts import load_prompts  # noqa: E402
@@ -63,6 +67,9 @@ LR = "0.0015"
 # ground-truth models for lineage: (name, seed, hidden, intermediate, layers); the last is the control
 GT_MODELS = [("gt-s1", 1, 64, 176, 3), ("gt-s2", 2, 64, 176, 3), ("gt-s3", 3, 64, 176, 3),
              ("gt-w48-l4", 4, 48, 132, 4), ("gt-w80-l2", 5, 80, 220, 2), ("gt-s6", 6, 64, 176, 3),
+             ("gt-s8", 8, 64, 176, 3), ("gt-s9", 9, 64, 176, 3), ("gt-s10", 10, 64, 176, 3),
+             ("gt-w56-l4", 11, 56, 154, 4), ("gt-w72-l3", 12, 72, 198, 3), ("gt-s13", 13, 64, 176, 3),
+             ("gt-s14", 14, 64, 176, 3), ("gt-w48-l5", 15, 48, 132, 5),
              ("control", 7, 64, 176, 3)]
 
 
@@ -325,6 +332,8 @@ def fresh_key_nulls(args, students: Path) -> dict:
 
 
 def lineage_report(args, out: Path, students: Path) -> None:
+    from potstill.audit.lineage import LocalModel, kl_scores
+
     held = load_prompts(QS / "prompts" / "heldout.jsonl", args.lineage_probes)
     ans_dir = out / f"answers-{len(held)}"
     ans_dir.mkdir(exist_ok=True)
@@ -347,35 +356,47 @@ def lineage_report(args, out: Path, students: Path) -> None:
     teacher = answers["teacher"]
     if len(refs) < 2:
         return
+    texts = [q.chat[-1]["content"] for q in held]
+    # per prompt and model: match rate of its greedy answer, log-probability of the teacher's answer,
+    # and minus KL(teacher || model) on it
+    scores = {"match": {n: match_rates(teacher, a, tokenize) for n, a in answers.items() if n != "teacher"},
+              "likelihood": {n: cached(ans_dir / f"logprob-{n}.json",
+                                       lambda: LocalModel(p).answer_logprobs(texts, teacher, batch_size=128))
+                             for n, p in models.items() if n != "teacher"}}
+    t_model = LocalModel(TEACHER)
+    scores["kl"] = {n: cached(ans_dir / f"kl-{n}.json", lambda: kl_scores(t_model, LocalModel(p), texts, teacher, 128))
+                    for n, p in models.items() if n != "teacher"}
     shuffle = [i for i, q in enumerate(held) if q.meta.get("skill") == "shuffle"]
     wrong = [i for i, (q, a) in enumerate(zip(held, teacher)) if not verify(q.text, a)]
 
-    def test(s, refs, only=None):
+    def test(statistic, s, refs, only=None):
         pick = (lambda xs: [xs[i] for i in only]) if only else (lambda xs: xs)
-        return lineage_test(pick(teacher), pick(answers[s]), {g: pick(answers[g]) for g in refs}, tokenize)
+        got = scores[statistic]
+        return lineage_test(pick(got[s]), {g: pick(got[g]) for g in refs}, statistic)
 
     subsets = {"all prompts": None, "shuffle prompts": shuffle, "prompts the teacher gets wrong": wrong}
-    print(f"\n## Lineage against {len(refs)} ground-truth references ({len(held)} held-out prompts; "
-          f"{len(shuffle)} shuffle prompts, where any permutation is right, and {len(wrong)} the teacher gets wrong: "
-          f"matching the teacher on those is not competence)\n")
-    print("| suspect | " + " | ".join(f"{k}: match, best reference, p" for k in subsets) + " |")
-    print("|---|" + "---|" * len(subsets))
     suspects = [n for n in answers if n.startswith("kd-share")] + ["control"] + \
         [n for n in answers if n.startswith("null-s")][:5]
-    for s in suspects:
-        if s in answers:
-            cells = []
-            for only in subsets.values():
-                r = test(s, refs, only)
-                cells.append(f"{r['suspect_match']:.3f}, {max(x['match'] for x in r['references']):.3f}, "
-                             f"{r['p_value']:.2g}")
-            print(f"| {s} | " + " | ".join(cells) + " |")
-    for label, only in subsets.items():
-        # leave one out: every ground-truth model as the suspect, the others as references
-        loo = [test(s, [g for g in gts if g != s], only)["p_value"] for s in gts]
-        print(f"\nleave-one-out null over {len(gts)} ground-truth models, {label} (each against the other "
-              f"{len(gts) - 1}): p = {', '.join(f'{v:.2g}' for v in loo)}; below 0.05: {sum(v < 0.05 for v in loo)}, "
-              f"below 0.01: {sum(v < 0.01 for v in loo)}")
+    for statistic in scores:
+        print(f"\n## Lineage ({statistic}) against {len(refs)} ground-truth references ({len(held)} held-out "
+              f"prompts; {len(shuffle)} shuffle prompts, where any permutation is right, and {len(wrong)} the "
+              f"teacher gets wrong: matching the teacher on those is not competence)\n")
+        print("| suspect | " + " | ".join(f"{k}: suspect, best reference, p" for k in subsets) + " |")
+        print("|---|" + "---|" * len(subsets))
+        for s in suspects:
+            if s in answers:
+                cells = []
+                for only in subsets.values():
+                    r = test(statistic, s, refs, only)
+                    cells.append(f"{r['suspect_score']:.3f}, {max(x['score'] for x in r['references']):.3f}, "
+                                 f"{r['p_value']:.2g}")
+                print(f"| {s} | " + " | ".join(cells) + " |")
+        for label, only in subsets.items():
+            # leave one out: every ground-truth model as the suspect, the others as references
+            loo = [test(statistic, s, [g for g in gts if g != s], only)["p_value"] for s in gts]
+            print(f"\nleave-one-out null over {len(gts)} ground-truth models, {label} (each against the other "
+                  f"{len(gts) - 1}): p = {', '.join(f'{v:.2g}' for v in loo)}; below 0.05: "
+                  f"{sum(v < 0.05 for v in loo)}, below 0.01: {sum(v < 0.01 for v in loo)}")
 
 
 if __name__ == "__main__":

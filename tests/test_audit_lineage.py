@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from potstill.audit.lineage import identity_counts, lineage_test, match_rates
+from potstill.audit.lineage import identity_counts, kl_scores, lineage_test, match_rates
 from potstill.cli import main
 
 from conftest import QUICKSTART, TEACHER
@@ -116,6 +116,56 @@ def test_lineage_cli_flags_a_copy_and_not_a_random_model(folders, tmp_path, caps
     assert "URL#MODEL" in capsys.readouterr().err
     assert main(["audit", "lineage", "--suspect", "http://localhost:1/v1#s", *common, "--statistic", "likelihood"]) == 2
     assert "needs the weights of the suspect" in capsys.readouterr().err
+    assert main(["audit", "lineage", "--suspect", str(copy), *common, "--statistic", "kl",
+                 "--out", str(tmp_path / "kl.json")]) == 0
+    assert main(["audit", "lineage", "--suspect", str(randoms[5]), *common, "--statistic", "kl",
+                 "--out", str(tmp_path / "kl-random.json")]) == 0
+    kl, kl_random = (json.loads((tmp_path / f).read_text())["results"][0] for f in ("kl.json", "kl-random.json"))
+    assert kl["p_value"] < 1e-9 and kl["suspect_score"] == pytest.approx(0.0, abs=1e-6) and kl_random["p_value"] > 1e-3
+
+
+def test_kl_refuses_another_tokenizer_in_one_line(folders, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    copy, randoms = folders
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(randoms[5], other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra-token>"])
+    tok.save_pretrained(other)
+    args = ["audit", "lineage", "--teacher", str(TEACHER), *[a for p in randoms[:2] for a in ("--reference", str(p))],
+            "--prompts", str(QUICKSTART / "prompts" / "heldout.jsonl"), "--limit", "4", "--max-new-tokens", "4",
+            "--statistic", "kl", "--out", str(tmp_path / "x.json")]
+    assert main([*args, "--suspect", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "has another tokenizer than the teacher" in err and "Traceback" not in err
+    assert main([*args, "--suspect", str(copy), "--teacher", "http://localhost:1/v1#t"]) == 2
+    assert "needs the teacher's weights" in capsys.readouterr().err
+
+
+def test_kl_scores_equal_scipy_position_by_position(folders):
+    """minus the mean KL(teacher || model) over the teacher's answer, batched, equals scipy's
+    entropy(p, q) at each position of a one-prompt forward; the teacher's copy scores 0."""
+    from scipy.stats import entropy
+
+    from potstill.audit.lineage import LocalModel
+    from potstill.teachers.local import prompt_ids
+
+    copy, randoms = folders
+    teacher, other = LocalModel(TEACHER), LocalModel(randoms[0])
+    prompts = ["sort 3 1 2", "rev abcdef", "add 12 7", "shuffle xyz"]
+    answers = teacher.answer(prompts, 8)
+    got = kl_scores(teacher, other, prompts, answers, batch_size=3)
+    vocab = len(teacher.tokenizer)
+    for p, a, g in zip(prompts, answers, got):
+        head = prompt_ids(teacher.tokenizer, [{"role": "user", "content": p}])
+        tail = teacher.tokenizer(a, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            t, o = (m.model(input_ids=torch.tensor([head + tail])).logits[0, len(head) - 1:-1, :vocab].double()
+                    .softmax(-1).numpy() for m in (teacher, other))
+        assert g == pytest.approx(-np.mean([entropy(t[i], o[i]) for i in range(len(tail))]), abs=1e-5)
+    assert all(g < 0 for g in got)
+    assert kl_scores(teacher, LocalModel(copy), prompts, answers) == pytest.approx([0.0] * 4, abs=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])

@@ -88,10 +88,12 @@ def add_parser(verbs) -> None:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--name", action="append", default=[], help="ask identity probes and count the answers naming "
                    "the teacher by this name (repeatable)")
-    g.add_argument("--statistic", choices=["auto", "likelihood", "match"], default="auto",
+    g.add_argument("--statistic", choices=["auto", "likelihood", "kl", "match"], default="auto",
                    help="likelihood (suspect and references are folders): the log-probability each gives the "
-                        "teacher's answer; match: token matches of its own greedy answer with the teacher's; "
-                        "auto (default): likelihood when every suspect and reference is a folder, else match")
+                        "teacher's answer; kl (every model a folder, one tokenizer): minus the KL divergence from "
+                        "the teacher's next-token distribution on its answer; match: token matches of its own "
+                        "greedy answer with the teacher's; auto (default): likelihood when every suspect and "
+                        "reference is a folder, else match")
     g.add_argument("--tokenizer", help="tokenizer for match rates (default: the teacher's folder; characters for "
                    "an endpoint teacher without one)")
     common(g)
@@ -251,7 +253,7 @@ def _responder(spec: str):
 
 
 def cmd_lineage(args) -> None:
-    from potstill.audit.lineage import IDENTITY_PROBES, LocalModel, identity_counts, lineage_test, match_rates
+    from potstill.audit.lineage import IDENTITY_PROBES, identity_counts, kl_scores, lineage_test, match_rates
 
     if len(set(args.reference)) != len(args.reference):
         raise PotstillError("--reference: a model is named twice")
@@ -262,10 +264,12 @@ def cmd_lineage(args) -> None:
     statistic = args.statistic
     if statistic == "auto":
         statistic = "match" if endpoints else "likelihood"
-    elif statistic == "likelihood" and endpoints:
-        raise PotstillError(f"--statistic likelihood needs the weights of the suspect and every reference; "
+    elif statistic in ("likelihood", "kl") and endpoints:
+        raise PotstillError(f"--statistic {statistic} needs the weights of the suspect and every reference; "
                             f"{endpoints[0]} is an endpoint: use --statistic match")
-    scores, identity, teacher = {}, {}, None
+    if statistic == "kl" and args.teacher.startswith(("http://", "https://")):
+        raise PotstillError("--statistic kl needs the teacher's weights (a folder): its next-token distributions")
+    scores, identity, teacher, teacher_model = {}, {}, None, None
     for role, spec in models.items():
         m = _responder(spec)
         if role == "teacher":
@@ -274,26 +278,38 @@ def cmd_lineage(args) -> None:
             if args.tokenizer:
                 tok = _tokenizer(args.tokenizer)
             tokenize = (lambda t: tok(t, add_special_tokens=False)["input_ids"]) if tok is not None else list
+            teacher_model = m if statistic == "kl" else None  # kept loaded beside each other model
         elif statistic == "likelihood":
-            assert isinstance(m, LocalModel)
             scores[role] = m.answer_logprobs(prompts, teacher)
+        elif statistic == "kl":
+            _same_tokenizer(teacher_model, m)
+            scores[role] = kl_scores(teacher_model, m, prompts, teacher)
         else:
             scores[role] = match_rates(teacher, m.answer(prompts, args.max_new_tokens), tokenize)
         if args.name:
             identity[role] = m.answer(IDENTITY_PROBES, args.max_new_tokens)
-        del m  # one model in memory at a time
+        del m  # one model in memory at a time (two for kl)
     refs = {k.removeprefix("reference:"): v for k, v in scores.items() if k.startswith("reference:")}
     result = lineage_test(scores["suspect"], refs, statistic)
     result.update(teacher=args.teacher, suspect=args.suspect,
                   identity={"probes": len(IDENTITY_PROBES), "names": args.name,
                             "naming_the_teacher": identity_counts(identity, args.name) if args.name else None,
                             "answers": identity or None})
-    what = "log-probability of the teacher's answers" if statistic == "likelihood" else "match with the teacher"
+    what = {"likelihood": "log-probability of the teacher's answers", "kl": "minus KL from the teacher",
+            "match": "match with the teacher"}[statistic]
     best = max(r["score"] for r in result["references"])
     rows = [{"test": f"lineage ({statistic})", "target": args.suspect,
              "statistic": f"{what}: {result['suspect_score']:.3f} vs references {best:.3f} at most",
              "p_value": result["p_value"], "tokens": None, "flagged": result["p_value"] < args.alpha}]
     finish(args, [result], rows)
+
+
+def _same_tokenizer(teacher, other) -> None:
+    from potstill.teachers.local import tokenizer_sha256
+
+    if tokenizer_sha256(teacher.tokenizer) != tokenizer_sha256(other.tokenizer):
+        raise PotstillError(f"--statistic kl compares next-token distributions token by token: {other.name} has "
+                            f"another tokenizer than the teacher {teacher.name}; use --statistic likelihood")
 
 
 def finish(args, results: list[dict], rows: list[dict]) -> None:

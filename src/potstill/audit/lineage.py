@@ -9,6 +9,9 @@ statistics:
   (teacher-forced, with the model's own tokenizer and chat template). A student distilled from T
   learned T's choices where many answers are right (which permutation, which phrasing), so it
   gives T's answers more probability than a model that learned the task elsewhere does.
+- **kl** (open weights, the teacher's too, one tokenizer for all): minus the mean KL divergence
+  from T's next-token distribution to the model's, over the positions of T's answer
+  (teacher-forced). What logit distillation minimises, so the most direct trace of it.
 - **match** (also for endpoints): the model answers greedily too; its score is the share of token
   positions at which its answer has T's token (over the longer of the two answers, tokenized with
   one tokenizer, T's by default).
@@ -67,19 +70,24 @@ class LocalModel:
                                 [""] * len(rows[i:i + batch_size]))
         return [c.text for c in out]
 
-    @torch.no_grad()
     def answer_logprobs(self, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
         """Per prompt: the log-probability (nats) this model gives ``answers[i]`` after ``prompts[i]``,
         teacher-forced, with its own tokenizer and chat template (0 for an empty answer)."""
+        return [float(logp.gather(1, torch.tensor(ids, device=logp.device)[:, None]).sum()) if ids else 0.0
+                for ids, logp in self.answer_views(prompts, answers, batch_size)]
+
+    @torch.no_grad()
+    def answer_views(self, prompts: list[str], answers: list[str], batch_size: int = 32):
+        """Per prompt, in order: the answer's token ids and this model's next-token log-probabilities
+        at each of them, (len(ids), vocabulary) in float32, teacher-forced after the prompt in its own
+        chat template. A padded vocabulary's extra rows (no token's) are left out."""
         from potstill.teachers.local import prompt_ids
 
         tok = self.tokenizer
-        rows = [(prompt_ids(tok, [{"role": "user", "content": p}]), tok(a, add_special_tokens=False)["input_ids"])
-                for p, a in zip(prompts, answers)]
-        vocab = len(tok)  # a padded vocabulary's extra rows are no token's
-        out = []
-        for i in range(0, len(rows), batch_size):
-            batch = rows[i:i + batch_size]
+        vocab = len(tok)
+        for i in range(0, len(prompts), batch_size):
+            batch = [(prompt_ids(tok, [{"role": "user", "content": p}]), tok(a, add_special_tokens=False)["input_ids"])
+                     for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
             width = max(len(p) + len(a) for p, a in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -87,12 +95,19 @@ class LocalModel:
                 ids[r, :len(p) + len(a)], mask[r, :len(p) + len(a)] = torch.tensor(p + a), 1
             logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
             for r, (p, a) in enumerate(batch):
-                if not a:
-                    out.append(0.0)
-                    continue
-                logp = logits[r, len(p) - 1:len(p) + len(a) - 1, :vocab].float().log_softmax(-1)
-                out.append(float(logp.gather(1, torch.tensor(a, device=logp.device)[:, None]).sum()))
-        return out
+                yield a, logits[r, len(p) - 1:len(p) + len(a) - 1, :vocab].float().log_softmax(-1)
+
+
+def kl_scores(teacher: LocalModel, other: LocalModel, prompts: list[str], answers: list[str],
+              batch_size: int = 32) -> list[float]:
+    """Per prompt: minus the mean KL(teacher || other) over the positions of the teacher's answer,
+    both teacher-forced on it (higher: closer to the teacher; 0 for an empty answer). Both must
+    have the same tokenizer: the same ids, each in its own chat template."""
+    out = []
+    for (ids, t), (_, o) in zip(teacher.answer_views(prompts, answers, batch_size),
+                                other.answer_views(prompts, answers, batch_size)):
+        out.append(-float((t.exp() * (t - o)).sum(-1).mean()) if ids else 0.0)
+    return out
 
 
 class EndpointModel:
