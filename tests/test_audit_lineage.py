@@ -55,7 +55,7 @@ def test_null_false_positive_rate_is_at_most_alpha():
     assert flagged <= stats.binom.ppf(0.9995, 300, 0.05)
 
 
-def test_null_p_values_of_continuous_scores_are_uniform_for_one_reference():
+def test_null_rate_below_alpha_of_continuous_scores_is_the_sign_tests():
     """Log-probabilities (no ties): with one reference the p-value is the exact sign test's, and
     over 400 exchangeable suspects its rate below 0.05 stays inside the binomial 99.9 % interval."""
     rng = np.random.default_rng(2)
@@ -168,21 +168,30 @@ def test_kl_scores_equal_scipy_position_by_position(folders):
     assert kl_scores(teacher, LocalModel(copy), prompts, answers) == pytest.approx([0.0] * 4, abs=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+SHAPES = {  # tiny configs: rotary (llama), soft-capped head (gemma2), learned positions (gpt2), ALiBi (bloom)
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16),
+    "gemma2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128),
+    "bloom": dict(hidden_size=32, n_layer=2, n_head=2),
+}
+
+
+@pytest.mark.parametrize("arch", list(SHAPES))
 def test_answer_logprobs_equal_one_prompt_at_a_time(arch, tmp_path):
-    """Batched, right-padded scoring equals a plain forward of each prompt + answer alone, summed
-    over the answer's tokens, on a padded vocabulary (its extra rows are left out) and on a head
-    that soft-caps its logits (Gemma 2)."""
+    """Batched, left-padded scoring (only the answer's logits computed) equals a plain forward of
+    each prompt + answer alone, summed over the answer's tokens, on a padded vocabulary (its
+    extra rows are left out), a head that soft-caps its logits (Gemma 2), learned positions
+    (GPT-2: position ids must skip the padding) and ALiBi (Bloom: no position ids at all)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from potstill.audit.lineage import LocalModel
     from potstill.teachers.local import load_tokenizer_dir, prompt_ids
 
     tok = load_tokenizer_dir(TEACHER, "tokenizer")
-    config = AutoConfig.for_model(arch, vocab_size=len(tok) + 23, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id)
+    config = AutoConfig.for_model(arch, vocab_size=len(tok) + 23, pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SHAPES[arch])
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     for f in [*TEACHER.glob("*token*"), TEACHER / "chat_template.jinja"]:

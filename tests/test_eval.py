@@ -7,6 +7,7 @@ import pytest
 
 from potstill.tasks import skillmix
 from potstill.cli import main
+from potstill.errors import PotstillError
 from potstill.evaluate.run import bootstrap_ci, rouge_l
 from potstill.evaluate.judge import JUDGE_PROMPT, judge_pairs, parse_verdict
 from potstill.teachers.base import Completion
@@ -175,6 +176,57 @@ def test_a_judge_behind_an_endpoint_scores_as_the_same_rule_does_here(trained_ru
         if f.is_file():
             assert key.encode() not in f.read_bytes(), f
     assert (run / "judge-ledger.sqlite").is_file()
+
+
+def _http_judge(tmp_path, m, *extra):
+    from potstill.evaluate.judge import HTTPJudge
+    from potstill.recipe import load_recipe
+
+    return HTTPJudge(load_recipe(RECIPE, [f"output_dir={tmp_path}", "eval.judge.backend=openai",
+                                          "eval.judge.model=judge-model", f"eval.judge.endpoints=[{m.url}]", *extra]))
+
+
+def test_an_endpoint_judge_sends_a_repeated_pair_once_and_counts_failures_apart(tmp_path):
+    """Equal answers make the two orders one request: sent once, both votes counted. A request
+    that fails for good is left out of the win rate and counted as failed, not unparseable."""
+    from mock_endpoint import Faults, MockEndpoint
+
+    m = MockEndpoint(rule=_correctness).start_in_thread()
+    try:
+        same = judge_pairs(_http_judge(tmp_path / "a", m), ["add 1 2", "add 2 2", "rev ab"], ["3", "5", "ba"],
+                           ["3", "5", "ba"], batch_size=6)
+        assert len(m.log) == 3 and same.ties == 6 and same.failed == same.unparseable == 0
+    finally:
+        m.stop_thread()
+    m = MockEndpoint(faults=Faults(fatal={"400": 0.5}, sticky=True), rule=_correctness).start_in_thread()
+    try:
+        prompts = [f"add {i} {i}" for i in range(12)]
+        got = judge_pairs(_http_judge(tmp_path / "b", m), prompts, [str(2 * i) for i in range(12)], ["0"] * 12,
+                          batch_size=24)
+    finally:
+        m.stop_thread()
+    assert 0 < got.failed < 24 and got.unparseable == 0 and got.parsed + got.failed == 24
+    # the candidate is right and "0" wrong (a win in both orders), but for "add 0 0": both right, a tie
+    assert got.losses == 0 and got.ties in (0, 2) and got.wins + got.ties == got.parsed
+
+
+def test_an_endpoint_judge_names_its_own_settings(tmp_path, trained_run, capsys):
+    from mock_endpoint import MockEndpoint
+
+    m = MockEndpoint(rule=_correctness).start_in_thread()
+    try:
+        with pytest.raises(PotstillError, match=r"stopped: budget reached: eval\.judge\.budget\.max_requests=2"):
+            judge_pairs(_http_judge(tmp_path, m, "eval.judge.budget.max_requests=2"), ["add 1 2", "add 2 2"],
+                        ["3", "4"], ["4", "3"], batch_size=4)
+    finally:
+        m.stop_thread()
+    args = ["eval", RECIPE, *tiny_overrides(trained_run), "eval.judge.backend=openai", "eval.judge.model=j",
+            f"eval.judge.endpoints=[{m.url}]", "eval.judge.api_key_env=POTSTILL_TEST_UNSET_KEY"]
+    assert main(args) == 2
+    assert "eval.judge.api_key_env names POTSTILL_TEST_UNSET_KEY, which is not set" in capsys.readouterr().err
+    assert main([*args[:-1], "eval.judge.api_key_env=sk-proj-pasted-key-0123"]) == 2
+    err = capsys.readouterr().err
+    assert "never the key itself" in err and "sk-proj-pasted" not in err
 
 
 def test_an_endpoint_judge_without_model_or_endpoints_is_one_line(trained_run, capsys):

@@ -365,7 +365,7 @@ def test_a_failing_ledger_stops_the_run_instead_of_hanging(mock, tmp_path, monke
 def test_an_unexpected_body_shape_is_malformed_not_a_hang(mock, tmp_path, monkeypatch):
     m = mock()
     monkeypatch.setattr(MockEndpoint, "completion", staticmethod(
-        lambda body, nan=False: {"choices": [{"message": {"content": "x"}, "finish_reason": "stop",
+        lambda body, nan=False, rule=None: {"choices": [{"message": {"content": "x"}, "finish_reason": "stop",
                                               "logprobs": {"content": [{"token": None, "top_logprobs": 3}]}}],
                                  "usage": [1]}))
     with pytest.raises(PotstillError, match=r"could not be stored.*unexpected response shape"):

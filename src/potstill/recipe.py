@@ -15,7 +15,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,6 +26,17 @@ from potstill.errors import PotstillError
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env_name(value: str | None) -> str | None:
+    """An environment variable's NAME; never echo the value: a key pasted here must not reach a log."""
+    if value is not None and not ENV_NAME.match(value):
+        raise ValueError("must be the NAME of an environment variable (letters, digits, _), e.g. OPENAI_API_KEY, "
+                         "never the key itself: export the key in that variable")
+    return value
 
 
 class PricesSpec(Section):
@@ -96,6 +107,8 @@ class TeacherSpec(Section):
     prices: PricesSpec = PricesSpec()
     budget: BudgetSpec = BudgetSpec()
     batch_poll_seconds: float = Field(30.0, gt=0.0)  # openai_batch: seconds between status polls
+
+    _api_key_env = field_validator("api_key_env")(_env_name)
 
     @model_validator(mode="after")
     def _backend_fields(self) -> TeacherSpec:
@@ -244,7 +257,7 @@ class BaselineSpec(Section):
 class JudgeSpec(Section):
     """A model that follows instructions judges each student's answers against the teacher's,
     pairwise (prompt: potstill/evaluate/judge.py): a local folder, or an OpenAI-compatible endpoint
-    asked as an HTTP teacher is (retries, limits, budget; verdicts kept in judge-ledger.sqlite)."""
+    asked as an HTTP teacher is (retries, limits, budget; replies kept in judge-ledger.sqlite)."""
 
     backend: Literal["local", "openai"] = "local"
     path: str | None = None  # local: the model folder
@@ -258,25 +271,36 @@ class JudgeSpec(Section):
     tokens_per_minute: float | None = Field(None, gt=0.0)
     timeout: float = Field(120.0, gt=0.0)
     max_attempts: int = Field(6, ge=1, le=100)
+    max_retry_wait: float = Field(120.0, ge=0.0)
     prices: PricesSpec = PricesSpec()
     budget: BudgetSpec = BudgetSpec()
 
+    _api_key_env = field_validator("api_key_env")(_env_name)
+    HTTP_FIELDS: ClassVar[tuple[str, ...]] = ("model", "endpoints", "api_key_env", "concurrency", "requests_per_minute",
+                                              "tokens_per_minute", "timeout", "max_attempts", "max_retry_wait",
+                                              "prices", "budget")
+
     @model_validator(mode="after")
     def _backend_fields(self) -> JudgeSpec:
-        if self.backend == "local" and not self.path:
-            raise ValueError("eval.judge.path is required for backend local (a model folder that follows instructions)")
-        if self.backend == "openai" and not (self.model and self.endpoints):
-            raise ValueError("eval.judge.model and eval.judge.endpoints are required for backend openai "
-                             "(the name the endpoint serves, and its base URLs)")
+        if self.backend == "local":
+            if self.model or self.endpoints:
+                raise ValueError("eval.judge.model / endpoints are for a judge behind an endpoint: set "
+                                 "eval.judge.backend: openai")
+            if not self.path:
+                raise ValueError("eval.judge.path is required for backend local (a model folder that follows "
+                                 "instructions), or set eval.judge.backend: openai with model and endpoints")
+        else:
+            if self.path:
+                raise ValueError("eval.judge.path is for a local judge; backend openai sends to eval.judge.endpoints")
+            if not (self.model and self.endpoints):
+                raise ValueError("eval.judge.model and eval.judge.endpoints are required for backend openai "
+                                 "(the name the endpoint serves, and its base URLs)")
         return self
 
     def as_teacher(self) -> TeacherSpec:
         """An HTTP judge as the teacher spec the HTTP backend sends with (chat API, no token ids)."""
-        return TeacherSpec(backend="openai", id=f"judge:{self.model}", model=self.model, endpoints=self.endpoints,
-                           api_key_env=self.api_key_env, concurrency=self.concurrency,
-                           requests_per_minute=self.requests_per_minute, tokens_per_minute=self.tokens_per_minute,
-                           timeout=self.timeout, max_attempts=self.max_attempts, prices=self.prices,
-                           budget=self.budget)
+        return TeacherSpec(backend="openai", id=f"judge:{self.model}",
+                           **{f: getattr(self, f) for f in self.HTTP_FIELDS})
 
 
 class LmEvalSpec(Section):
@@ -446,7 +470,9 @@ def _explain(error: ValidationError, source: str) -> str:
         elif err["type"] == "missing":
             lines.append(f"{source}: {loc} is required")
         else:
-            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            secret = loc.endswith("api_key_env")  # not a variable's name: maybe the key itself, never echoed
+            shown = "input" in err and not isinstance(err["input"], dict) and not secret
+            got = f" (got {err['input']!r})" if shown else ""
             lines.append(f"{source}: {loc or 'recipe'}: {msg}{got}")
     return "\n".join(lines)
 

@@ -17,6 +17,8 @@ CAVEATS = [
     "identity answers can come from web data that quotes other models",
     "a p-value is exact only for its null: references that share data with the teacher make lineage conservative "
     "or invalid",
+    "one test, chosen before looking: reporting the smallest of several (statistics, probe sets, keys not "
+    "Holm-corrected) needs their number as a multiplier",
 ]
 
 
@@ -94,6 +96,8 @@ def add_parser(verbs) -> None:
                         "the teacher's next-token distribution on its answer; match: token matches of its own "
                         "greedy answer with the teacher's; auto (default): likelihood when every suspect and "
                         "reference is a folder, else match")
+    g.add_argument("--batch-size", type=int, default=16, help="probes per forward pass of a folder's model "
+                   "(likelihood, kl; default 16): lower it for long probes or a large vocabulary")
     g.add_argument("--tokenizer", help="tokenizer for match rates (default: the teacher's folder; characters for "
                    "an endpoint teacher without one)")
     common(g)
@@ -267,8 +271,12 @@ def cmd_lineage(args) -> None:
     elif statistic in ("likelihood", "kl") and endpoints:
         raise PotstillError(f"--statistic {statistic} needs the weights of the suspect and every reference; "
                             f"{endpoints[0]} is an endpoint: use --statistic match")
-    if statistic == "kl" and args.teacher.startswith(("http://", "https://")):
-        raise PotstillError("--statistic kl needs the teacher's weights (a folder): its next-token distributions")
+    if statistic == "kl":
+        if args.teacher.startswith(("http://", "https://")):
+            raise PotstillError("--statistic kl needs the teacher's weights (a folder): its next-token distributions")
+        _one_tokenizer(models)  # before any weights load or any probe is answered
+    if args.batch_size < 1:
+        raise PotstillError(f"--batch-size must be at least 1, not {args.batch_size}")
     scores, identity, teacher, teacher_model = {}, {}, None, None
     for role, spec in models.items():
         m = _responder(spec)
@@ -280,10 +288,9 @@ def cmd_lineage(args) -> None:
             tokenize = (lambda t: tok(t, add_special_tokens=False)["input_ids"]) if tok is not None else list
             teacher_model = m if statistic == "kl" else None  # kept loaded beside each other model
         elif statistic == "likelihood":
-            scores[role] = m.answer_logprobs(prompts, teacher)
+            scores[role] = m.answer_logprobs(prompts, teacher, args.batch_size)
         elif statistic == "kl":
-            _same_tokenizer(teacher_model, m)
-            scores[role] = kl_scores(teacher_model, m, prompts, teacher)
+            scores[role] = kl_scores(teacher_model, m, prompts, teacher, args.batch_size)
         else:
             scores[role] = match_rates(teacher, m.answer(prompts, args.max_new_tokens), tokenize)
         if args.name:
@@ -304,12 +311,15 @@ def cmd_lineage(args) -> None:
     finish(args, [result], rows)
 
 
-def _same_tokenizer(teacher, other) -> None:
-    from potstill.teachers.local import tokenizer_sha256
+def _one_tokenizer(models: dict[str, str]) -> None:
+    """--statistic kl compares distributions id by id: every folder must have the teacher's vocabulary."""
+    from potstill.teachers.local import load_tokenizer_dir, tokenizer_sha256
 
-    if tokenizer_sha256(teacher.tokenizer) != tokenizer_sha256(other.tokenizer):
-        raise PotstillError(f"--statistic kl compares next-token distributions token by token: {other.name} has "
-                            f"another tokenizer than the teacher {teacher.name}; use --statistic likelihood")
+    want = tokenizer_sha256(load_tokenizer_dir(models["teacher"], "teacher tokenizer"))
+    for role, spec in models.items():
+        if role != "teacher" and tokenizer_sha256(load_tokenizer_dir(spec, f"{role} tokenizer")) != want:
+            raise PotstillError(f"--statistic kl compares next-token distributions id by id: {spec} has another "
+                                f"tokenizer than the teacher {models['teacher']}; use --statistic likelihood")
 
 
 def finish(args, results: list[dict], rows: list[dict]) -> None:

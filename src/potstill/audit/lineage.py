@@ -2,7 +2,7 @@
 unrelated reference models agree with T? (In the spirit of Model Provenance Testing, Nikolic et
 al. 2025, arXiv:2502.00706.)
 
-T answers the probe prompts greedily. Every other model gets one number per prompt, by one of two
+T answers the probe prompts greedily. Every other model gets one number per prompt, by one of three
 statistics:
 
 - **likelihood** (open weights): the log-probability the model gives T's answer after the prompt
@@ -11,7 +11,7 @@ statistics:
   gives T's answers more probability than a model that learned the task elsewhere does.
 - **kl** (open weights, the teacher's too, one tokenizer for all): minus the mean KL divergence
   from T's next-token distribution to the model's, over the positions of T's answer
-  (teacher-forced). What logit distillation minimises, so the most direct trace of it.
+  (teacher-forced). What forward-KL logit distillation minimises, so the most direct trace of it.
 - **match** (also for endpoints): the model answers greedily too; its score is the share of token
   positions at which its answer has T's token (over the longer of the two answers, tokenized with
   one tokenizer, T's by default).
@@ -70,43 +70,58 @@ class LocalModel:
                                 [""] * len(rows[i:i + batch_size]))
         return [c.text for c in out]
 
-    def answer_logprobs(self, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
+    def answer_logprobs(self, prompts: list[str], answers: list[str], batch_size: int = 16) -> list[float]:
         """Per prompt: the log-probability (nats) this model gives ``answers[i]`` after ``prompts[i]``,
         teacher-forced, with its own tokenizer and chat template (0 for an empty answer)."""
-        return [float(logp.gather(1, torch.tensor(ids, device=logp.device)[:, None]).sum()) if ids else 0.0
-                for ids, logp in self.answer_views(prompts, answers, batch_size)]
+        tok = self.tokenizer
+        ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
+        return [float(logp.gather(1, torch.tensor(t, device=logp.device)[:, None]).sum()) if t else 0.0
+                for t, logp in zip(ids, self.answer_views(prompts, ids, batch_size))]
 
     @torch.no_grad()
-    def answer_views(self, prompts: list[str], answers: list[str], batch_size: int = 32):
-        """Per prompt, in order: the answer's token ids and this model's next-token log-probabilities
-        at each of them, (len(ids), vocabulary) in float32, teacher-forced after the prompt in its own
-        chat template. A padded vocabulary's extra rows (no token's) are left out."""
+    def answer_views(self, prompts: list[str], answer_ids: list[list[int]], batch_size: int = 16):
+        """Per prompt, in order: this model's next-token log-probabilities at each of the answer's
+        ids, (len(ids), vocabulary) in float32, teacher-forced after the prompt in its own chat
+        template. Rows are left-padded, so every answer ends at the last position and only the
+        last (longest answer + 1) positions' logits are computed, not (batch, length, vocabulary).
+        A padded vocabulary's extra rows (no token's) are left out."""
+        import inspect
+
         from potstill.teachers.local import prompt_ids
 
-        tok = self.tokenizer
-        vocab = len(tok)
+        vocab = len(self.tokenizer)
+        accepts = inspect.signature(self.model.forward).parameters
         for i in range(0, len(prompts), batch_size):
-            batch = [(prompt_ids(tok, [{"role": "user", "content": p}]), tok(a, add_special_tokens=False)["input_ids"])
-                     for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
-            width = max(len(p) + len(a) for p, a in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            heads = [prompt_ids(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts[i:i + batch_size]]
+            tails = answer_ids[i:i + batch_size]
+            width = max(len(h) + len(t) for h, t in zip(heads, tails))
+            keep = max(map(len, tails)) + 1
+            ids = torch.zeros((len(heads), width), dtype=torch.long)
             mask = torch.zeros_like(ids)
-            for r, (p, a) in enumerate(batch):  # right-padded: position t predicts t + 1 in every row
-                ids[r, :len(p) + len(a)], mask[r, :len(p) + len(a)] = torch.tensor(p + a), 1
-            logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
-            for r, (p, a) in enumerate(batch):
-                yield a, logits[r, len(p) - 1:len(p) + len(a) - 1, :vocab].float().log_softmax(-1)
+            for r, (h, t) in enumerate(zip(heads, tails)):
+                ids[r, width - len(h) - len(t):], mask[r, width - len(h) - len(t):] = torch.tensor(h + t), 1
+            extra = {}
+            if "position_ids" in accepts:  # left padding: positions count real tokens only (ALiBi models read the mask)
+                extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(self.model.device)
+            if "logits_to_keep" in accepts:
+                extra["logits_to_keep"] = keep
+            logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                                **extra).logits[:, -keep:]
+            for r, t in enumerate(tails):  # window position j predicts j + 1; the answer is the last len(t)
+                yield logits[r, keep - len(t) - 1:keep - 1, :vocab].float().log_softmax(-1)
 
 
 def kl_scores(teacher: LocalModel, other: LocalModel, prompts: list[str], answers: list[str],
-              batch_size: int = 32) -> list[float]:
+              batch_size: int = 16) -> list[float]:
     """Per prompt: minus the mean KL(teacher || other) over the positions of the teacher's answer,
-    both teacher-forced on it (higher: closer to the teacher; 0 for an empty answer). Both must
-    have the same tokenizer: the same ids, each in its own chat template."""
+    both teacher-forced on the same ids, the teacher's tokenization of it (higher: closer to the
+    teacher; 0 for an empty answer). Both must have the same vocabulary; each reads the prompt in
+    its own chat template."""
+    ids = [teacher.tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
     out = []
-    for (ids, t), (_, o) in zip(teacher.answer_views(prompts, answers, batch_size),
-                                other.answer_views(prompts, answers, batch_size)):
-        out.append(-float((t.exp() * (t - o)).sum(-1).mean()) if ids else 0.0)
+    views = zip(teacher.answer_views(prompts, ids, batch_size), other.answer_views(prompts, ids, batch_size))
+    for t_ids, (t, o) in zip(ids, views):
+        out.append(-float((t.exp() * (t - o)).sum(-1).mean()) if t_ids else 0.0)
     return out
 
 

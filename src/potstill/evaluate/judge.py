@@ -3,14 +3,16 @@
 The judge is a local model folder (``LocalTeacher``, through its ``complete``) or an OpenAI-compatible
 endpoint (:class:`HTTPJudge`), asked with ``JUDGE_PROMPT`` at temperature 0. Every pair is judged
 twice, with the answers in both orders, so a judge that prefers a position gains nothing from it.
-A verdict is parsed from the first non-empty line of the judge's reply (``parse_verdict``); a reply that says neither A, B nor tie is counted as
-unparseable and left out of the win rate, never guessed.
+A verdict is parsed from the first non-empty line of the judge's reply (``parse_verdict``); a
+reply that says neither A, B nor tie is counted as unparseable and left out of the win rate,
+never guessed (as is a request to an endpoint judge that failed for good, counted as failed).
 
     win rate of X over Y = (votes for X + 0.5 * ties) / parsed votes
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -53,7 +55,8 @@ class JudgeResult:
     losses: int  # votes for the reference
     ties: int
     unparseable: int
-    votes: list[float | None]  # per prompt and order: 1 win, 0 loss, 0.5 tie, None unparseable
+    votes: list[float | None]  # per prompt and order: 1 win, 0 loss, 0.5 tie, None unparseable or failed
+    failed: int = 0  # requests that got no reply at all (an endpoint judge's failures for good)
 
     @property
     def parsed(self) -> int:
@@ -79,35 +82,43 @@ def judge_pairs(judge, prompts: list[str], candidate: list[str], reference: list
     for s in range(0, len(requests), batch_size):
         replies += [c.text for c in judge.complete(requests[s:s + batch_size], params)]
     votes: list[float | None] = []
+    failed = 0
     for reply, cand_is_a in zip(replies, meaning):
-        verdict = parse_verdict(reply)
+        verdict = None if reply is None else parse_verdict(reply)
+        failed += reply is None
         if verdict is None:
             votes.append(None)
         elif verdict == "tie":
             votes.append(0.5)
         else:
             votes.append(1.0 if (verdict == "A") == cand_is_a else 0.0)
-    return JudgeResult(votes.count(1.0), votes.count(0.0), votes.count(0.5), votes.count(None), votes)
+    unparseable = votes.count(None) - failed
+    return JudgeResult(votes.count(1.0), votes.count(0.0), votes.count(0.5), unparseable, votes, failed)
 
 
 @dataclass
 class Reply:
-    text: str
+    text: str | None  # None: the request failed for good (no reply to parse)
 
 
 class HTTPJudge:
     """A judge behind an OpenAI-compatible endpoint (``eval.judge.backend: openai``), asked as an
     HTTP teacher is (``potstill.teachers.backends.ask``: retries, rate and token limits, budget, the
-    key kept out of every record) into ``judge-ledger.sqlite`` in the run folder: a rerun pays for
-    no verdict twice, and the replies stay there to be read."""
+    key kept out of every record) into ``judge-ledger.sqlite`` in the run folder. A request is
+    keyed by its text, so a rerun that judges the same answers pays for none of them again, and
+    the same pair asked twice is sent once. Requests that fail for good are left out of the win
+    rate and counted (their reasons stay in the ledger)."""
 
     def __init__(self, recipe):
         from potstill.teachers.backends import HTTPBackend
 
+        spec = recipe.eval.judge
         self.ledger_path = recipe.run_dir / "judge-ledger.sqlite"
         self.recipe_sha256 = recipe.sha256()
-        self.backend = HTTPBackend(recipe.model_copy(update={"teacher": recipe.eval.judge.as_teacher()}))
-        self.name = f"{recipe.eval.judge.model} at {' '.join(recipe.eval.judge.endpoints)}"
+        self.backend = HTTPBackend(recipe.model_copy(update={"teacher": spec.as_teacher()}))
+        self.name = f"{spec.model} at {' '.join(spec.endpoints)}"
+        if spec.api_key_env and not os.environ.get(spec.api_key_env):  # before any model is scored, not after
+            raise PotstillError(f"eval.judge.api_key_env names {spec.api_key_env}, which is not set: export it first")
 
     def describe(self) -> dict:
         return self.backend.describe()
@@ -120,11 +131,8 @@ class HTTPJudge:
         prompts = [Prompt(tuple((m["role"], m["content"]) for m in r.messages)) for r in requests]
         with Ledger(self.ledger_path) as ledger:
             asked = ask(self.backend, ledger, prompts, params, self.recipe_sha256)
-            if asked.stopped:
-                raise PotstillError(f"the judge ({self.name}) stopped: {asked.stopped}; rerun eval to resume")
+            if asked.stopped:  # the HTTP layer names teacher.* settings; the judge's are eval.judge.*
+                why = asked.stopped.replace("teacher.", "eval.judge.")
+                raise PotstillError(f"the judge ({self.name}) stopped: {why}; rerun eval to resume")
             replies = {ex.request_hash: ex.text for ex in ledger.examples(asked.hashes)}
-        missing = [h for h in asked.hashes if h not in replies]
-        if missing:
-            raise PotstillError(f"the judge ({self.name}) failed {len(missing)} of {len(asked.hashes)} requests "
-                                f"(reasons in {self.ledger_path}); rerun eval to retry them")
-        return [Reply(replies[h]) for h in asked.hashes]
+        return [Reply(replies.get(h)) for h in asked.hashes]

@@ -20,6 +20,7 @@ import math
 import platform
 import random
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -291,8 +292,9 @@ def make_judge(recipe: Recipe, device: str) -> LocalTeacher | HTTPJudge | None:
 
 def eval_provenance(recipe: Recipe, device: str, judge: LocalTeacher | HTTPJudge | None) -> dict:
     """Where eval.json came from: versions, commit, machine, device, seeds, recipe and judge."""
+    libraries = EVAL_LIBRARIES + (("lm_eval",) if recipe.eval.lm_eval else ())
     return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": library_versions(EVAL_LIBRARIES + (("lm_eval",) if recipe.eval.lm_eval else ())), "git_commit": git_commit(), "machine": platform.machine(),
+            "versions": library_versions(libraries), "git_commit": git_commit(), "machine": platform.machine(),
             "device": device, "threads": torch.get_num_threads(), "recipe_sha256": recipe.sha256(),
             "verifier": recipe.eval.verifier,
             "seeds": {"train": recipe.train.seed, "generation": recipe.generation.seed, "bootstrap": 0},
@@ -305,10 +307,16 @@ def judged(judge: LocalTeacher | HTTPJudge, prompts: list[Prompt], completions, 
     result = judge_pairs(judge, [p.text for p in prompts], [c.text for c in completions], [t.text for t in teacher_out],
                          max_new_tokens=spec.judge.max_new_tokens,
                          batch_size=2 * len(prompts) if http else spec.batch_size)
+    name = judge.name if http else spec.judge.path
+    if result.parsed == 0 and result.unparseable:
+        raise PotstillError(f"the judge ({name}) gave no parseable verdict in {result.unparseable} replies (expected "
+                            f"a first line of A, B or tie); use a judge model that follows instructions")
     if result.parsed == 0:
-        raise PotstillError(f"the judge ({judge.name if http else spec.judge.path}) gave no parseable verdict in "
-                            f"{result.unparseable} replies (expected a first line of A, B or tie); use a judge model "
-                            f"that follows instructions")
+        raise PotstillError(f"the judge ({name}) failed all {result.failed} requests (reasons in "
+                            f"{judge.ledger_path}); rerun eval to retry them")
+    if result.failed:
+        print(f"eval: the judge ({name}) failed {result.failed} of {len(result.votes)} requests for good, left out of "
+              f"the win rate (reasons in {judge.ledger_path}); a rerun retries them", file=sys.stderr)
     return {"win_rate_vs_teacher": result.win_rate, "wins": result.wins, "losses": result.losses, "ties": result.ties,
-            "unparseable": result.unparseable,
+            "unparseable": result.unparseable, "failed": result.failed,
             "win_rate_ci95": bootstrap_ci([v for v in result.votes if v is not None])}

@@ -286,7 +286,9 @@ class Ledger:
         return cur.lastrowid
 
     def add_requests(self, teacher_key: str, planned: list[tuple[str, Prompt, int]], params: dict) -> list[Request]:
-        """Record (request hash, prompt, sample index) triples (idempotent); return those not done."""
+        """Record (request hash, prompt, sample index) triples (idempotent); return those not done,
+        each hash once (the same request planned twice, e.g. a judge's two orders of two equal
+        answers, is sent and paid for once)."""
         now = _now()
         with self.db:
             self.db.execute("BEGIN")
@@ -299,7 +301,8 @@ class Ledger:
                 )
         done = {r[0] for r in self.db.execute(f"SELECT c.request_hash FROM {self._select([h for h, _, _ in planned])}")}
         seed = params.get("seed", 0)
-        return [Request(h, p.chat, i, seed) for h, p, i in planned if h not in done]
+        todo = {h: Request(h, p.chat, i, seed) for h, p, i in planned if h not in done}
+        return list(todo.values())
 
     def record(self, session_id: int, completions: list[Completion], failures: dict[str, str] | None = None,
                attempts: list[Attempt] = (), collected_batch: str | None = None) -> int:
