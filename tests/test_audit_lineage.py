@@ -233,3 +233,41 @@ def test_lineage_reaches_a_teacher_behind_an_endpoint(folders, tmp_path, capsys)
     http, local = (json.loads((tmp_path / f).read_text())["results"][0] for f in ("http.json", "local.json"))
     assert http["statistic"] == "likelihood" and http["p_value"] < 1e-3
     assert [r["score"] for r in http["references"]] == [r["score"] for r in local["references"]]
+
+
+def test_a_hostile_endpoint_is_one_line_without_the_key(folders, tmp_path, capsys, monkeypatch):
+    """A body with no choices, a body that is not JSON, a 401 that echoes the key: for the lineage
+    teacher and the radioactivity suspect alike, one line naming the endpoint, the key redacted."""
+    from mock_endpoint import Faults, MockEndpoint
+
+    copy, randoms = folders
+    key = "sk-audit-secret-key-0123456789"
+    monkeypatch.setenv("AUDIT_KEY", key)
+    lineage = ["audit", "lineage", "--suspect", str(copy), "--reference", str(randoms[0]), "--prompts",
+               str(QUICKSTART / "prompts" / "heldout.jsonl"), "--limit", "2", "--max-new-tokens", "4",
+               "--api-key-env", "AUDIT_KEY", "--out", str(tmp_path / "x.json")]
+    radio = ["audit", "radioactivity", "--model-name", "s", "--key-file", str(tmp_path / "k"), "--tokenizer",
+             str(TEACHER), "--prompts", str(QUICKSTART / "prompts" / "heldout.jsonl"), "--limit", "2",
+             "--api-key-env", "AUDIT_KEY", "--out", str(tmp_path / "y.json")]
+    (tmp_path / "k").write_text("a-watermark-key-of-enough-length-0123")
+    for faults, patch, says in [(Faults(), True, "without a choice holding a message"),
+                                (Faults(invalid_json=1.0), False, "not a chat completion"),
+                                (Faults(fatal={"401": 1.0}), False, "HTTP 401")]:
+        m = MockEndpoint(faults=faults).start_in_thread()
+        if patch:
+            monkeypatch.setattr(MockEndpoint, "completion", staticmethod(lambda body, nan=False, rule=None: {
+                "id": "x", "object": "chat.completion", "created": 0, "model": "t", "choices": []}))
+        try:
+            assert main([*lineage, "--teacher", f"{m.url}#t"]) == 2
+            err = capsys.readouterr().err
+            assert says in err and f"t@{m.url}" in err and "Traceback" not in err and key[:12] not in err, err
+            assert main([*radio, "--endpoint", m.url]) == 2
+            err = capsys.readouterr().err
+            assert says in err and "Traceback" not in err and key[:12] not in err, err
+        finally:
+            m.stop_thread()
+            monkeypatch.undo()
+            monkeypatch.setenv("AUDIT_KEY", key)
+    monkeypatch.delenv("AUDIT_KEY")
+    assert main([*lineage, "--teacher", "http://localhost:1/v1#t"]) == 2
+    assert "--api-key-env names AUDIT_KEY, which is not set" in capsys.readouterr().err

@@ -6,6 +6,7 @@ it) holds key ids, never keys."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def add_parser(verbs) -> None:
                         "the teacher's next-token distribution on its answer; match: token matches of its own "
                         "greedy answer with the teacher's; auto (default): likelihood when every suspect and "
                         "reference is a folder, else match")
+    g.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key sent to the "
+                   "endpoints among the models (one key for all)")
     g.add_argument("--batch-size", type=int, default=16, help="probes per forward pass of a folder's model "
                    "(likelihood, kl; default 16): lower it for long probes or a large vocabulary")
     g.add_argument("--tokenizer", help="tokenizer for match rates (default: the teacher's folder; characters for "
@@ -174,8 +177,6 @@ def cmd_watermark(args) -> None:
 
 
 def cmd_radioactivity(args) -> None:
-    import os
-
     from potstill.audit import radioactivity as ra
 
     marks, tok = _watermarks(args), _tokenizer(args.tokenizer)
@@ -200,7 +201,7 @@ def cmd_radioactivity(args) -> None:
         if args.min_entropy:
             raise PotstillError("--min-entropy needs the suspect's weights (--model): an endpoint's answers come "
                                 "without its entropy")
-        key = os.environ.get(args.api_key_env) if args.api_key_env else None
+        key = _api_key(args)
         rows, answers = ra.endpoint_samples(args.endpoint, args.model_name, tok, prompts, args.max_new_tokens,
                                             temperature=args.temperature, api_key=key)
         suspect = f"{args.model_name}@{args.endpoint}"
@@ -245,14 +246,24 @@ def cmd_plan(args) -> None:
         print(f"  {r['share']:>6.1%}  green rate {r['green_rate']:.4f}  {need}")
 
 
-def _responder(spec: str):
+def _api_key(args) -> str | None:
+    """The key in the variable --api-key-env names (never the name's value echoed elsewhere), or None."""
+    if not args.api_key_env:
+        return None
+    key = os.environ.get(args.api_key_env)
+    if not key:
+        raise PotstillError(f"--api-key-env names {args.api_key_env}, which is not set: export it first")
+    return key
+
+
+def _responder(spec: str, api_key: str | None = None):
     from potstill.audit.lineage import EndpointModel, LocalModel
 
     if spec.startswith(("http://", "https://")):
         url, _, model = spec.partition("#")
         if not model:
             raise PotstillError(f"{spec}: an endpoint is given as URL#MODEL, e.g. http://localhost:8000/v1#teacher")
-        return EndpointModel(url, model)
+        return EndpointModel(url, model, api_key)
     return LocalModel(spec)
 
 
@@ -278,8 +289,9 @@ def cmd_lineage(args) -> None:
     if args.batch_size < 1:
         raise PotstillError(f"--batch-size must be at least 1, not {args.batch_size}")
     scores, identity, teacher, teacher_model = {}, {}, None, None
+    key = _api_key(args)
     for role, spec in models.items():
-        m = _responder(spec)
+        m = _responder(spec, key)
         if role == "teacher":
             teacher = m.answer(prompts, args.max_new_tokens)
             tok = getattr(m, "tokenizer", None)

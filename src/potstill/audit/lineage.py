@@ -126,30 +126,46 @@ def kl_scores(teacher: LocalModel, other: LocalModel, prompts: list[str], answer
 
 
 class EndpointModel:
-    """A model behind an OpenAI-compatible endpoint (chat completions, temperature 0)."""
+    """A model behind an OpenAI-compatible endpoint (chat completions). Whatever it sends back is
+    checked: a refusal, an unreachable host or a body that is not a chat completion is one line
+    (with the API key and any echo of it redacted), never a traceback."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0):
         from openai import OpenAI
 
         self.name = f"{model}@{base_url}"
-        self.model = model
+        self.model, self.key = model, api_key
         self.client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=3)
 
-    def answer(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        from openai import APIConnectionError, APIStatusError
+    def chat(self, messages: list[dict], temperature: float, max_tokens: int) -> str:
+        """The text of the endpoint's answer to ``messages``."""
+        from openai import APIConnectionError, APIError, APIStatusError
 
-        out = []
-        for p in prompts:
-            try:
-                r = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": p}],
-                                                        temperature=0.0, max_tokens=max_new_tokens)
-            except APIStatusError as e:
-                raise PotstillError(f"{self.name} refused the probe {p[:40]!r}: HTTP {e.status_code}: "
-                                    f"{getattr(e, 'message', e)}") from None
-            except APIConnectionError:
-                raise PotstillError(f"{self.name} could not be reached: is the endpoint up?") from None
-            out.append(r.choices[0].message.content or "")
-        return out
+        from potstill.teachers.openai.wire import redact
+
+        probe = repr(str(messages[-1].get("content", ""))[:40])
+        try:
+            r = self.client.chat.completions.create(model=self.model, messages=messages, temperature=temperature,
+                                                    max_tokens=max_tokens)
+        except APIStatusError as e:
+            raise PotstillError(f"{self.name} refused the probe {probe}: HTTP {e.status_code}: "
+                                f"{redact(str(getattr(e, 'message', e)), self.key)}") from None
+        except APIConnectionError:
+            raise PotstillError(f"{self.name} could not be reached: is the endpoint up?") from None
+        except (APIError, ValueError) as e:  # a body that is not JSON, or not a completion's
+            raise PotstillError(f"{self.name} answered the probe {probe} with a body that is not a chat completion "
+                                f"({redact(type(e).__name__ + ': ' + str(e), self.key)[:200]})") from None
+        choices = getattr(r, "choices", None)
+        message = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
+        content = getattr(message, "content", None)
+        if message is None or not isinstance(content, (str, type(None))):
+            raise PotstillError(f"{self.name} answered the probe {probe} without a choice holding a message: not "
+                                f"an OpenAI-compatible chat completion")
+        return content or ""
+
+    def answer(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy answers, one request per prompt."""
+        return [self.chat([{"role": "user", "content": p}], 0.0, max_new_tokens) for p in prompts]
 
 
 def match_rates(teacher: list[str], other: list[str], tokenize) -> list[float]:

@@ -128,16 +128,14 @@ def endpoint_samples(base_url: str, model: str, tokenizer, prompts: list, max_ne
                      timeout: float = 120.0) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, answer ids) of a suspect behind an OpenAI-compatible endpoint: its answers' text
     is tokenized with ``tokenizer``, the one the keys' green lists are over (the teacher's)."""
-    from openai import OpenAI
-
+    from potstill.audit.lineage import EndpointModel
     from potstill.teachers.local import prompt_ids
 
-    client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=3)
+    suspect = EndpointModel(base_url, model, api_key, timeout)
     rows, answers = [], []
     for p in prompts:
         messages = as_messages(p)
-        r = client.chat.completions.create(model=model, messages=messages, temperature=temperature,
-                                           max_tokens=max_new_tokens)
+        text = suspect.chat(messages, temperature, max_new_tokens)
         rows.append(prompt_ids(tokenizer, messages))
-        answers.append(tokenizer(r.choices[0].message.content or "", add_special_tokens=False)["input_ids"])
+        answers.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return rows, answers
