@@ -122,3 +122,14 @@ def test_the_summary_shows_each_models_retention_of_the_teachers_accuracy(capsys
     rows = {line.split("│")[1].strip(): line for line in lines if line.count("│") > 2}
     assert "retention" in rows["model"]
     assert "100.0%" in rows["teacher"] and "75.0%" in rows["student"] and "25.0%" in rows["baseline"]
+
+
+def test_the_judge_column_counts_what_it_left_out(tmp_path):
+    """Unparseable replies always, and requests an endpoint judge failed for good when there were any."""
+    run = make_run(tmp_path / "run", skill="sort")
+    report = json.loads((run / "eval.json").read_text())
+    report["models"]["student"]["judge"] = {"win_rate_vs_teacher": 0.25, "wins": 1, "losses": 3, "ties": 0,
+                                            "unparseable": 1, "failed": 2, "win_rate_ci95": [0.0, 0.6]}
+    (run / "eval.json").write_text(json.dumps(report))
+    text = "".join(parse(write_report(run).read_text()).text)
+    assert "25.0% (1 unparseable, 2 failed)" in text

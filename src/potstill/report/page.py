@@ -168,7 +168,7 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
                 f"{m['rouge_l']:.3f}" if m.get("rouge_l") is not None else "-",
                 f"{m['perplexity_teacher_text']:.3f}" if m.get("perplexity_teacher_text")
                 else "n/a" if "perplexity_teacher_text" in m.get("not_applicable", {}) else "-",
-                f"{judge['win_rate_vs_teacher']:.1%} ({judge['unparseable']} unparseable)" if judge else "-",
+                judge_cell(judge) if judge else "-",
                 f"{m['latency_ms']:.1f}" if m.get("latency_ms") is not None else "-",
                 f"{m['size_bytes'] / 2**20:.2f}" if m.get("size_bytes") is not None else "-"])
     extra_head = (["run"] if several else []) + ["model", "accuracy 95% CI", "ROUGE-L", "perplexity of teacher text",
@@ -213,3 +213,12 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
         audit_caveats=next((r["audit"]["caveats"] for r in loaded if r["audit"]), []))
     out.write_text(page + "\n", encoding="utf-8")
     return out
+
+
+def judge_cell(judge: dict) -> str:
+    """The win rate, and the votes left out of it: unparseable replies, and requests an endpoint
+    judge failed for good (eval.json before the HTTP judge has no ``failed``)."""
+    out = [f"{judge['unparseable']} unparseable"]
+    if judge.get("failed"):
+        out.append(f"{judge['failed']} failed")
+    return f"{judge['win_rate_vs_teacher']:.1%} ({', '.join(out)})"
