@@ -204,7 +204,10 @@ def main() -> None:
     p.add_argument("--train-only", action="store_true", help="train the students, audit nothing")
     p.add_argument("--audit-only", action="store_true", help="audit the students already trained, train nothing")
     p.add_argument("--stages", nargs="*", default=["shares", "gt", "null", "report"])
+    p.add_argument("--context", type=int, default=3, help="the watermark's context width (default 3); "
+                   "use a fresh --out for another width (its ledgers and students are the width's own)")
     args = p.parse_args()
+    globals()["CTX"] = args.context  # a bench script's one setting, read by keys_for and the pair scorers
     torch.set_num_threads(1)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
