@@ -473,6 +473,19 @@ def test_an_endpoint_that_ignores_logprobs_stops_the_run(mock, tmp_path):
     assert len(m.log) <= 8  # the window's first sends (was 60: three each)
 
 
+def test_an_endpoint_that_answers_503_forever_stops_the_run(mock, tmp_path):
+    """Every request would use all its attempts (backoff included) and fail: after five in a row
+    with no answer between, the run stops and says why; what was not sent stays pending."""
+    m = mock(server_error=1.0)
+    recipe = http_recipe(tmp_path, [m], 40, "teacher.max_attempts=2", "teacher.concurrency=4")
+    with pytest.raises(PotstillError, match=r"5 requests in a row used all 2 attempts, the last on HTTP 5\d\d.*"
+                                            r"overloaded or down"):
+        generate(recipe)
+    assert len(m.log) <= 2 * (5 + 4)  # the five, and what was in flight beside them (was 80: 40 x 2)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.counts()["pending"] >= 40 - 9
+
+
 def test_generate_exits_1_and_says_why_requests_failed(mock, tmp_path, capsys):
     from potstill.cli import main
 

@@ -16,7 +16,8 @@ The rules, and why:
 - **A repeated failure stops the run** (``_in_a_row``): the settings or the endpoint are wrong,
   not one prompt, and each further send is paid for: ``MAX_BAD_REQUESTS`` refusals in a row,
   ``SAME_FAILURE`` requests in a row whose first send failed the same way, ``MAX_UNREACHABLE``
-  sends in a row without an answer.
+  sends in a row without an answer, ``SAME_FAILURE`` requests in a row that used all their
+  attempts on 429 / 5xx / timeouts (``_gave_up``: an endpoint that is overloaded or down).
 - **Nothing hangs:** ``teacher.timeout`` bounds the whole attempt (the client's own timeout is
   per read); any unexpected error settles its request and stops the run; a ledger that cannot
   be written stops it with the reason.
@@ -229,7 +230,7 @@ class Dispatcher:
         self.stopped: str | None = None
         self.budget = Budget(spec.budget, spec.prices, ledger.spend(teacher_key))
         self.counts = {"done": 0, "failed": 0, "retrying": 0}
-        self.in_a_row = {"bad_request": 0, "unreachable": 0, "same": (None, 0)}  # see _in_a_row
+        self.in_a_row = {"bad_request": 0, "unreachable": 0, "same": (None, 0), "gave_up": 0}  # see _in_a_row
         self.pending_writes: list = []
         self.pending_opens: list[tuple[Attempt, asyncio.Future]] = []
         self.closing = False
@@ -296,7 +297,7 @@ class Dispatcher:
         row["bad_request"] = row["bad_request"] + 1 if kind == "bad_request" else 0
         row["unreachable"] = row["unreachable"] + 1 if kind == "unreachable" else 0
         if kind == "ok":
-            row["same"] = (None, 0)
+            row["same"], row["gave_up"] = (None, 0), 0
         elif first and kind in ("malformed", "unreachable"):
             # first sends only: the retries of the last few bad prompts of a run come in a row by themselves
             failure = re.sub(r"\d+", "#", reason)
@@ -313,6 +314,17 @@ class Dispatcher:
             return f"the first answer to {SAME_FAILURE} requests in a row could not be stored, the same way " \
                    f"({reason}): check the endpoint and the teacher settings (model, token_ids, top_logprobs)"
         return None
+
+    def _gave_up(self, reason: str | None) -> str | None:
+        """Why the run should stop when requests keep using up their attempts on 429s, 5xx or
+        timeouts with no answer between (an endpoint overloaded or down answers every retry the
+        same way: waiting each request out would take hours), else None."""
+        self.in_a_row["gave_up"] += 1
+        if self.in_a_row["gave_up"] < SAME_FAILURE:
+            return None
+        return f"{SAME_FAILURE} requests in a row used all {self.spec.max_attempts} attempts, the last on {reason}: " \
+               f"the endpoint is overloaded or down; rerun later to resume (or lower teacher.concurrency or " \
+               f"teacher.requests_per_minute)"
 
     async def _settle(self, request: Request, attempts: list[Attempt]):
         """(completion, None) when answered, (None, (hash, reason)) when it failed for good,
@@ -345,6 +357,8 @@ class Dispatcher:
             then = decide(sent.kind, sent.status, sent.reason, sent.asked, attempt=attempt, malformed=malformed,
                           max_attempts=self.spec.max_attempts, max_retry_wait=self.spec.max_retry_wait,
                           jitter=random.uniform(0, 0.25))
+            if then.fail and sent.kind in ("retry", "unreachable") and (why := self._gave_up(sent.reason)):
+                self.stop(f"{endpoint.url}: {why}")
             if then.stop:
                 self.stop(f"{endpoint.url}: {then.stop}")
             if then.retry_in is None:  # answered, failed for good, or the run stops
