@@ -115,7 +115,7 @@ class HTTPJudge:
         spec = recipe.eval.judge
         self.ledger_path = recipe.run_dir / "judge-ledger.sqlite"
         self.recipe_sha256 = recipe.sha256()
-        self.backend = HTTPBackend(recipe.model_copy(update={"teacher": spec.as_teacher()}))
+        self.backend = HTTPBackend(recipe.model_copy(update={"teacher": spec.as_teacher()}), label="judge")
         self.name = f"{spec.model} at {' '.join(spec.endpoints)}"
         if spec.api_key_env and not os.environ.get(spec.api_key_env):  # before any model is scored, not after
             raise PotstillError(f"eval.judge.api_key_env names {spec.api_key_env}, which is not set: export it first")

@@ -93,11 +93,12 @@ class LocalBackend:
 class HTTPBackend:
     """An OpenAI-compatible endpoint, one request at a time with retries (``potstill.teachers.openai.dispatch``)."""
 
-    def __init__(self, recipe: Recipe, spec=None):
+    def __init__(self, recipe: Recipe, spec=None, label: str = "generate"):
         from potstill.teachers.openai.wire import load_tokenizer
 
         self.recipe, self.spec = recipe, spec or recipe.teacher  # spec: how to send, which may differ from the recipe's
         self.tokenizer = load_tokenizer(recipe.teacher)
+        self.label = label  # the progress bar's name
 
     def describe(self) -> dict:
         from potstill.teachers.openai.wire import describe_openai
@@ -107,7 +108,7 @@ class HTTPBackend:
     def answer(self, requests: list[Request], params: dict, ledger: Ledger, session: int, key: str) -> str | None:
         from potstill.teachers.openai.dispatch import dispatch
 
-        return dispatch(self.spec, params, requests, ledger, session, key, self.tokenizer)
+        return dispatch(self.spec, params, requests, ledger, session, key, self.tokenizer, self.label)
 
 
 class BatchBackend(HTTPBackend):

@@ -215,8 +215,9 @@ class Dispatcher:
     """One generate run against HTTP endpoints; ``run`` drives it to the end or a clean stop, and
     ``stopped`` says why it stopped early (None if it did not)."""
 
-    def __init__(self, spec, params: dict, ledger: Ledger, session: int, teacher_key: str, tokenizer=None):
-        self.spec, self.params, self.ledger, self.session = spec, params, ledger, session
+    def __init__(self, spec, params: dict, ledger: Ledger, session: int, teacher_key: str, tokenizer=None,
+                 label: str = "generate"):
+        self.spec, self.params, self.ledger, self.session, self.label = spec, params, ledger, session, label
         self.tokenizer = tokenizer
         self.vocab = None if tokenizer is None else len(tokenizer)  # every id an endpoint returns must be under it
         self.key = api_key(spec)
@@ -247,7 +248,7 @@ class Dispatcher:
         self.commit_wanted = asyncio.Event()
         writer = asyncio.create_task(self._writer())
         tasks = set()
-        with live_counts("generate", len(todo)) as self.bar:
+        with live_counts(self.label, len(todo)) as self.bar:
             for request in todo:
                 acquire = asyncio.ensure_future(slots.acquire())
                 await asyncio.wait({acquire, writer}, return_when=asyncio.FIRST_COMPLETED)
@@ -525,11 +526,12 @@ def _raw():
 
 
 def dispatch(spec, params: dict, todo: list[Request], ledger: Ledger, session: int, teacher_key: str,
-             tokenizer=None) -> str | None:
-    """Run ``todo`` against the recipe's endpoints; returns why the run stopped early, or None."""
+             tokenizer=None, label: str = "generate") -> str | None:
+    """Run ``todo`` against the recipe's endpoints; returns why the run stopped early, or None.
+    ``label``: the progress bar's name (the judge sends through here too)."""
     if not todo:
         return None
-    dispatcher = Dispatcher(spec, params, ledger, session, teacher_key, tokenizer)
+    dispatcher = Dispatcher(spec, params, ledger, session, teacher_key, tokenizer, label)
     try:
         return asyncio.run(dispatcher.run(todo))
     except RuntimeError as e:
