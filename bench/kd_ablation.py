@@ -43,6 +43,9 @@ ARMS = {  # name: overrides of the quickstart recipe
     "KD, lr 0.001": ["train.lr=0.001"],
     "SFT, lr 0.0015": ["train.objective=sft", "train.lr=0.0015"],
     "SFT, lr 0.001": ["train.objective=sft", "train.lr=0.001"],
+    # the recipe's teacher signal, against the teacher run at every step (full vocabulary) and GKD
+    "KD, online teacher (full vocabulary)": ["train.teacher_signal=online"],
+    "KD, on-policy (GKD, lmbda 0.5)": ["train.teacher_signal=on_policy", "train.lmbda=0.5"],
 }
 
 
