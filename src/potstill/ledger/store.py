@@ -217,7 +217,7 @@ class Example:
     text: str
     token_ids: np.ndarray | None  # (T,) int32
     topk_ids: np.ndarray | None  # (T, k) int32
-    topk_logprobs: np.ndarray | None  # (T, k) float32
+    topk_logprobs: np.ndarray | None  # (T, k) float16, as stored (read-only)
     finish_reason: str
 
 
@@ -470,7 +470,9 @@ class Ledger:
             yield Example(
                 h, json.loads(msgs), json.loads(meta), tkey, text, token_ids,
                 None if tids is None else np.frombuffer(tids, "<i4").reshape(-1, k),
-                None if tlp is None else np.frombuffer(tlp, "<f2").reshape(-1, k).astype(np.float32),
+                # float16 as stored, a view: a float32 copy of every row doubled training's memory;
+                # collate widens each batch
+                None if tlp is None else np.frombuffer(tlp, "<f2").reshape(-1, k),
                 finish,
             )
 
