@@ -12,7 +12,6 @@ never guessed (as is a request to an endpoint judge that failed for good, counte
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -111,14 +110,14 @@ class HTTPJudge:
 
     def __init__(self, recipe):
         from potstill.teachers.backends import HTTPBackend
+        from potstill.teachers.openai.wire import api_key
 
         spec = recipe.eval.judge
         self.ledger_path = recipe.run_dir / "judge-ledger.sqlite"
         self.recipe_sha256 = recipe.sha256()
         self.backend = HTTPBackend(recipe.model_copy(update={"teacher": spec.as_teacher()}), label="judge")
         self.name = f"{spec.model} at {' '.join(spec.endpoints)}"
-        if spec.api_key_env and not os.environ.get(spec.api_key_env):  # before any model is scored, not after
-            raise PotstillError(f"eval.judge.api_key_env names {spec.api_key_env}, which is not set: export it first")
+        api_key(self.backend.spec, "eval.judge.api_key_env")  # checked before any model is scored, not after
 
     def describe(self) -> dict:
         return self.backend.describe()

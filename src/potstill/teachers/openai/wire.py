@@ -59,13 +59,13 @@ def describe_openai(spec, tokenizer, teacher_id: str) -> dict:
     }
 
 
-def api_key(spec) -> str:
-    """The key from the environment variable the recipe names; local servers need none."""
+def api_key(spec, field: str = "teacher.api_key_env") -> str:
+    """The key from the environment variable the recipe names (at ``field``); local servers need none."""
     if spec.api_key_env is None:
         return "none"
     key = os.environ.get(spec.api_key_env)
     if not key:
-        raise PotstillError(f"teacher.api_key_env names {spec.api_key_env}, which is not set: export it first")
+        raise PotstillError(f"{field} names {spec.api_key_env}, which is not set: export it first")
     return key
 
 
