@@ -1,8 +1,16 @@
 """Counting the places where potstill's own code makes the host wait for the device."""
 
+import os
 from pathlib import Path
 
 import torch
+
+import potstill
+
+# Frames are told apart by the folder their file is in, never by a substring of the path: a checkout
+# or a virtual environment under a folder named "potstill" puts "/potstill/" into every library's path.
+_OURS = os.path.realpath(Path(potstill.__file__).parent) + os.sep
+_PASS_THROUGH = tuple(os.path.realpath(p) + os.sep for p in (Path(__file__).parent, Path(torch.__file__).parent))
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -23,9 +31,10 @@ class HostReads(TorchDispatchMode):
     def _ours(self) -> str | None:
         import traceback
         for frame in reversed(traceback.extract_stack()[:-2]):
-            if "/potstill/" in frame.filename:
-                return f"{Path(frame.filename).name}:{frame.name}:{frame.lineno}"
-            if "/tests/" not in frame.filename and "/torch/" not in frame.filename:
+            path = os.path.realpath(frame.filename)
+            if path.startswith(_OURS):
+                return f"{Path(path).name}:{frame.name}:{frame.lineno}"
+            if not path.startswith(_PASS_THROUGH):
                 return None  # transformers', accelerate's: not ours to count
         return None
 

@@ -23,8 +23,33 @@ def test_readme_starts_with_exactly_two_setup_commands():
         assert cmd.startswith("python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && ")
     assert quickstart.endswith(".venv/bin/potstill quickstart")
     assert tests.endswith(".venv/bin/python -m pytest -q")
+    for cmd in (quickstart, tests):
+        assert " -c constraints.txt " in cmd  # the tested versions, not whatever is newest today
     ci = (ROOT / ".ci" / "run").read_text()
     assert "block[1]" in ci and 'bash -c "$cmd"' in ci  # CI runs exactly the second command
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_pyproject_lower_bounds_are_the_tested_pins():
+    """Every dependency's lower bound in pyproject.toml is the version constraints.txt pins (the one
+    the suite passed on), and every package the tests install is pinned there."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[_norm(name)] = version
+    wanted = project["dependencies"] + [d for extra, deps in project["optional-dependencies"].items()
+                                        if extra != "bench-gpu" for d in deps]
+    assert wanted
+    for dep in wanted:
+        name, lower = re.fullmatch(r"([A-Za-z0-9_.\-]+)>=([0-9.]+)", dep).groups()
+        assert pins.get(_norm(name)) == lower, f"{dep}: constraints.txt pins {pins.get(_norm(name))}"
 
 
 def test_the_quickstart_command_runs(tmp_path):

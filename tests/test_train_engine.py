@@ -123,6 +123,25 @@ def test_a_step_waits_for_the_device_once_a_micro_batch_and_once_at_its_end(tmp_
         assert "loss" in row and len(sites) == 16 // micro + 1, sites
 
 
+def test_host_reads_count_potstill_s_code_only_wherever_the_libraries_live(tmp_path, monkeypatch):
+    """A library installed under a folder named potstill (a checkout called potstill with its .venv)
+    is still a library: its reads are not ours, whatever its path says."""
+    import importlib.util
+
+    from host_reads import HostReads
+
+    lib = tmp_path / "potstill" / ".venv" / "site-packages" / "somelib.py"
+    lib.parent.mkdir(parents=True)
+    lib.write_text("def read(t):\n    return t.sum().item()\n")
+    spec = importlib.util.spec_from_file_location("somelib", lib)
+    somelib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(somelib)
+    with HostReads(monkeypatch) as reads:
+        somelib.read(torch.ones(3))
+    monkeypatch.undo()
+    assert reads.sites == []
+
+
 def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, ledger):
     trained(tmp_path, ledger, "one", "train.log_every=1", "train.micro_batch_size=8")
     d = run_dir(tmp_path, ledger, "two")
