@@ -73,6 +73,20 @@ def test_the_head_reproduces_the_models_own_logits(model_type):
     assert torch.allclose(head.logits(out.hidden_states[-1]), out.logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cap", [1.0, 0.5])
+def test_a_soft_cap_of_one_or_less_is_a_cap_not_a_scale_of_one(cap):
+    """softcap(x) = c * tanh(x / c) with c = 1 is tanh: a real cap, not the plain head."""
+    fields = {k: v for k, v in BASE.items()} | dict(head_dim=8, final_logit_softcapping=cap)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma2", **fields)).eval()
+    b = batch()
+    head = output_head(model)
+    with torch.no_grad():
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+    assert head.softcap == cap
+    assert torch.allclose(head.logits(out.hidden_states[-1]), out.logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("signal", ["cached", "online"])
 @pytest.mark.parametrize("model_type", [t for t in ARCHS if t not in SLOW])
 def test_chunked_loss_and_gradients_equal_the_dense_ones(model_type, signal):

@@ -32,15 +32,16 @@ _SOFTCAPS = ("final_logit_softcapping",)
 PROBE_LEN = 16
 
 
-def _fields(config, names) -> list[float]:
-    """Positive, finite values of ``names`` in the config or its text config."""
+def _fields(config, names, *, skip_one: bool) -> list[float]:
+    """Positive, finite values of ``names`` in the config or its text config. A scale of 1 is the
+    plain head already tried (``skip_one``); a soft-cap of 1 is a real cap (tanh of the logits)."""
     configs = [config]
     if hasattr(config, "get_text_config"):
         configs.append(config.get_text_config())
     values = []
     for c, name in itertools.product(configs, names):
         v = getattr(c, name, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") and v != 1:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") and not (skip_one and v == 1):
             values.append(float(v))
     return sorted(set(values))
 
@@ -66,8 +67,8 @@ def output_head(model, what: str = "student") -> Head:
         raise PotstillError(f"train.chunk_size: the {what} ({arch}) has no linear output head potstill can read; "
                             f"set train.chunk_size=0")
     config = inner.config
-    scales = [1.0] + [s for v in _fields(config, _SCALES) for s in (v, 1.0 / v)]
-    caps = [None] + _fields(config, _SOFTCAPS)
+    scales = [1.0] + [s for v in _fields(config, _SCALES, skip_one=True) for s in (v, 1.0 / v)]
+    caps = [None] + _fields(config, _SOFTCAPS, skip_one=False)
 
     vocab = weight.shape[0]
     ids = torch.randint(0, vocab, (1, PROBE_LEN), generator=torch.Generator().manual_seed(0)).to(weight.device)
