@@ -263,7 +263,7 @@ def step_table(b: Bench, peak_flops: float) -> None:
 
             def step():
                 with b.autocast():
-                    loss, _, _ = loss_sums(student, batch, spec, compat, teacher, heads=heads, compile=compile)
+                    loss, *_ = loss_sums(student, batch, spec, compat, teacher, heads=heads, compile=compile)
                     (loss / tokens).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

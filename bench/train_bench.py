@@ -102,7 +102,7 @@ def measure(arm: str, v: int, n: int) -> dict:
         n = int((labels[:, 1:] != -100).sum())  # trained tokens
 
         def step():
-            loss, _, _ = loss_sums(student, batch, spec, compat, teacher)
+            loss, *_ = loss_sums(student, batch, spec, compat, teacher)
             (loss / n).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -147,7 +147,7 @@ def run_potstill(out: Path, chunk: int) -> None:
         batch = {k: saved[f"{k}.{i}"] for k in ("input_ids", "attention_mask", "labels")}
         start = time.perf_counter()
         n = int((batch["labels"][:, 1:] != -100).sum())
-        loss, _, _ = loss_sums(student, batch, spec, compat, teacher)
+        loss, *_ = loss_sums(student, batch, spec, compat, teacher)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()

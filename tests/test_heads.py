@@ -99,7 +99,7 @@ def test_chunked_loss_and_gradients_equal_the_dense_ones(model_type, signal):
         model.train()
         spec = TrainSpec(chunk_size=chunk, kd_ratio=0.6, temperature=2.0, teacher_signal=signal)
         heads = model_heads(model, teacher) if chunk else None
-        loss, ce, kd = loss_sums(model, b, spec, compat, teacher, heads=heads)
+        loss, ce, kd, _ = loss_sums(model, b, spec, compat, teacher, heads=heads)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.item(), ce.item(), kd.item(), grads))
@@ -125,3 +125,38 @@ def test_a_head_it_cannot_reproduce_is_refused_with_one_clear_error():
     model = ShiftedLlama(AutoConfig.for_model("llama", **fields))
     with pytest.raises(PotstillError, match=r"cannot reproduce the student's logits \(ShiftedLlama.*train.chunk_size=0"):
         output_head(model)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_a_moe_students_router_loss_is_added_as_hugging_face_adds_it(model_type):
+    """output_router_logits: the load-balancing loss joins the KD/CE mix as router_aux_loss_coef * aux_loss
+    (per completion token, like the other terms), the same dense and chunked, gradients included;
+    without output_router_logits nothing is added."""
+    extra = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                 shared_expert_intermediate_size=16, router_aux_loss_coef=0.05)
+    b = batch()
+    n = int((b["labels"][:, 1:] != -100).sum())
+    compat = Compat("identical", V, True)
+    results = []
+    for chunk in (0, 5):
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(model_type, **BASE, **extra, output_router_logits=True)
+        model = AutoModelForCausalLM.from_config(config).train()
+        spec = TrainSpec(chunk_size=chunk, kd_ratio=0.5)
+        loss, ce, kd, router = loss_sums(model, b, spec, compat, heads=model_heads(model) if chunk else None)
+        with torch.no_grad():
+            hf = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).aux_loss
+        assert router.item() == pytest.approx(hf.item() * n, rel=1e-5) and router.item() > 0
+        assert loss.item() == pytest.approx(0.5 * ce.item() + 0.5 * kd.item() + 0.05 * router.item(), rel=1e-5)
+        loss.backward()
+        gate = {k: p.grad.clone() for k, p in model.named_parameters() if "gate" in k and p.grad is not None}
+        assert gate and all(g.abs().sum() > 0 for g in gate.values())
+        results.append((loss.item(), gate))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for k, g in results[0][1].items():
+        assert torch.allclose(results[1][1][k], g, atol=1e-5, rtol=1e-4), k
+
+    config = AutoConfig.for_model(model_type, **BASE, **extra, output_router_logits=False)
+    model = AutoModelForCausalLM.from_config(config)
+    loss, ce, kd, router = loss_sums(model, b, TrainSpec(chunk_size=0, kd_ratio=0.5), compat)
+    assert router.item() == 0 and loss.item() == pytest.approx(0.5 * ce.item() + 0.5 * kd.item(), rel=1e-6)

@@ -443,3 +443,19 @@ def test_on_policy_samples_are_as_long_as_train_says_else_as_generation(tmp_path
         recipe = load_recipe(RECIPE, overrides(d, "train.teacher_signal=on_policy", *extra))
         assert recipe.generation.max_new_tokens == 12
         assert setup(recipe, recipe.train, "student").on_policy_max_new_tokens == longest
+
+
+MIXTRAL_STUDENT = ("student.config={model_type: mixtral, hidden_size: 32, intermediate_size: 32, num_hidden_layers: 2, "
+                   "num_attention_heads: 2, num_key_value_heads: 2, num_local_experts: 4, num_experts_per_tok: 2, "
+                   "max_position_embeddings: 64, output_router_logits: true, router_aux_loss_coef: 0.05}")
+
+
+def test_a_moe_student_logs_and_trains_on_its_router_loss(tmp_path, ledger):
+    """A Mixtral student that asks for its router loss: each step's loss is 0.5 CE + 0.5 KD plus
+    router_aux_loss_coef * router, and the router term is logged beside them."""
+    d = run_dir(tmp_path, ledger)
+    assert main(["train", str(RECIPE), *overrides(d, "train.epochs=1", "train.kd_ratio=0.5", MIXTRAL_STUDENT)]) == 0
+    rows = [json.loads(line) for line in (d / "logs" / "student.jsonl").read_text().splitlines()]
+    assert rows and all(r["router"] > 0 for r in rows)
+    for r in rows:
+        assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"] + 0.05 * r["router"], rel=1e-5)

@@ -108,7 +108,7 @@ def add_lora(model, spec: TrainSpec):
 
 def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None, on_policy: bool = False,
               heads: dict[str, Head] | None = None, compile: bool = False):
-    """(loss, ce, kd) summed over the completion tokens of one micro-batch; only loss has a grad.
+    """(loss, ce, kd, router) summed over the completion tokens of one micro-batch; only loss has a grad.
 
     Cached signal: sparse KD against the ledger's top-k. Online signal: dense KD against the
     teacher's full distribution. On-policy batches (student samples) train on KD alone: CE on
@@ -116,6 +116,11 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
     built from hidden states by ``heads["student"]`` (and ``heads["teacher"]``), checked once
     against the models' own logits by ``output_head``; found here when not given; ``compile`` as in
     ``chunked_kd_loss``.
+
+    A mixture-of-experts student whose config asks for its router loss (``output_router_logits``)
+    returns the load-balancing ``aux_loss`` (a mean over the micro-batch's tokens); it is added as
+    Hugging Face adds it, ``router_aux_loss_coef * aux_loss``, weighted by the micro-batch's
+    completion tokens like every other term, and returned (unweighted) as ``router``.
     """
     if spec.chunk_size and heads is None:
         heads = model_heads(model, teacher)
@@ -154,9 +159,10 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
         hidden = at(out.hidden_states[-1])  # (N, H)
         loss, ce, kd = chunked_kd_loss(hidden, heads["student"].rows(vocab), labels, kd_ratio=kd_ratio, chunk_size=spec.chunk_size,
                                        compile=compile, **kd_args, **targets)
-        return loss * n, ce * n, kd * n
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    student = at(logits)[:, :vocab].float()  # (N, V_shared)
+        router = _router_loss(model, out)
+        return (loss + router_coef(model) * router) * n, ce * n, kd * n, router.detach() * n
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    student = at(out.logits)[:, :vocab].float()  # (N, V_shared)
     if kd_ratio == 1.0:  # CE is only logged: no graph, no (N, V) log-softmax kept for backward
         with torch.no_grad():
             ce = (student.logsumexp(-1) - student.gather(-1, labels[:, None])[:, 0]).sum()
@@ -164,7 +170,27 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
         ce = F.cross_entropy(student, labels, reduction="sum")
     kd = kd_loss(spec.loss, student, reduction="sum", **{k: v for k, v in kd_args.items() if k != "name"},
                  **targets) if kd_ratio else torch.zeros_like(ce)
-    return kd_ratio * kd + (1 - kd_ratio) * ce, ce.detach(), kd.detach()
+    router = _router_loss(model, out) * n
+    return kd_ratio * kd + (1 - kd_ratio) * ce + router_coef(model) * router, ce.detach(), kd.detach(), router.detach()
+
+
+def router_coef(model) -> float:
+    """The weight of a mixture-of-experts student's router loss, 0 when its config does not ask for
+    one (``output_router_logits``): Hugging Face's ``router_aux_loss_coef``."""
+    config = _unwrap(model).config
+    if not getattr(config, "output_router_logits", False):
+        return 0.0
+    coef = getattr(config, "router_aux_loss_coef", None)
+    if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not math.isfinite(coef) or coef < 0:
+        raise PotstillError(f"student.config: output_router_logits is true but router_aux_loss_coef is {coef!r}; "
+                            f"set student.config.router_aux_loss_coef to a number >= 0 (Mixtral's default: 0.001)")
+    return float(coef)
+
+
+def _router_loss(model, out) -> torch.Tensor:
+    """The student's load-balancing loss for this forward (a 0-d tensor; 0 when it has none)."""
+    aux = getattr(out, "aux_loss", None) if router_coef(model) else None
+    return aux.float() if isinstance(aux, torch.Tensor) else out.logits.new_zeros((), dtype=torch.float32)
 
 
 def lr_at(step: int, total: int, spec: TrainSpec) -> float:
@@ -368,21 +394,21 @@ def train_step(s: Setup, step: int) -> dict:
                  for batch in micro]
         mine = sum(ex.n_completion for batch in micro for ex in batch)
         n_tokens = int(acc.reduce(torch.tensor(mine, device=acc.device), "sum"))
-    sums = torch.zeros(3, device=acc.device)  # (loss, ce, kd) per token of the step; on the device: no sync
+    sums = torch.zeros(4, device=acc.device)  # (loss, ce, kd, router) per token of the step; on the device: no sync
     for j, batch in enumerate(micro):
         tensors = {k: v.to(acc.device) for k, v in collate(batch, s.pad_id).items()}
         sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
         with sync, acc.autocast():
-            loss, ce, kd = loss_sums(model, tensors, spec, s.compat, s.teacher, on_policy, s.heads, s.compile)
+            loss, ce, kd, router = loss_sums(model, tensors, spec, s.compat, s.teacher, on_policy, s.heads, s.compile)
             # a sum over this micro-batch's tokens / all tokens of the step; DDP averages the
             # gradients over processes, so multiply by their number to get a plain sum
             acc.backward(loss * acc.num_processes / n_tokens)
-        sums += torch.stack([loss.detach().float(), ce.float(), kd.float()]) / n_tokens
+        sums += torch.stack([loss.detach().float(), ce.float(), kd.float(), router.float()]) / n_tokens
     grad_norm = acc.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
     sums = acc.reduce(sums, "sum")  # per-token means of the step
     # the step's one read of the device (sync point): loss, CE, KD and the gradient norm together
     norm = torch.as_tensor(grad_norm, dtype=sums.dtype, device=sums.device).reshape(1)
-    loss, ce, kd, norm = torch.cat([sums, norm]).tolist()
+    loss, ce, kd, router, norm = torch.cat([sums, norm]).tolist()
     loss_ok = all(map(math.isfinite, (loss, ce, kd)))
     if not (loss_ok and math.isfinite(norm)):
         if acc.scaler is not None:  # fp16: the scaler skips this step itself and lowers its scale
@@ -394,7 +420,8 @@ def train_step(s: Setup, step: int) -> dict:
     optimizer.zero_grad(set_to_none=True)
     return {"step": step + 1, "epoch": step // s.plan.steps_per_epoch, "loss": loss, "ce": ce,
             "kd": kd if spec.objective == "kd" else None, "grad_norm": norm,
-            "lr": optimizer.param_groups[0]["lr"], "on_policy": on_policy}
+            "lr": optimizer.param_groups[0]["lr"], "on_policy": on_policy,
+            **({"router": router} if router_coef(model) else {})}
 
 
 def train(recipe: Recipe, spec: TrainSpec, name: str = "student", accept_terms_risk: str | None = None) -> Path:
