@@ -1,9 +1,9 @@
 """`potstill run`: every stage in order, skipping what is up to date.
 
 The rules, in one place: generation sends only the requests without a completion in the ledger (the
-ledger's job); a student is retrained only when its training section, the student section, the
-intended use or terms declaration, or the ledger's content hash changed (recorded in its
-``potstill.json``); eval reruns when a student changed or the recipe hash differs; the report is
+ledger's job); a student is retrained only when what it trains on or with changed: the fields of
+its training section that it uses (``what_it_trains``), the student section, the intended use or
+terms declaration, or the ledger's content hash (recorded in its ``potstill.json``); eval reruns when a student changed or the recipe hash differs; the report is
 always rewritten (it is cheap).
 """
 
@@ -16,12 +16,38 @@ from typing import Callable
 from potstill.recipe import Recipe, TrainSpec
 
 
+# the fields only logit KD reads: an SFT model is the same whatever they say
+KD_ONLY = ("loss", "beta", "alpha", "kd_ratio", "temperature", "teacher_signal", "lmbda", "on_policy_max_new_tokens")
+# how an update is computed or kept, not what it is (the chunked loss equals the dense one within
+# 1e-5, tested): changing them does not make another model
+NOT_WHAT = ("chunk_size", "compile", "checkpoint_every", "keep_checkpoints", "resume")
+
+
+def unused_fields(spec: TrainSpec) -> set[str]:
+    """The fields of ``spec`` that do not change the model it trains."""
+    unused = set(NOT_WHAT)
+    if spec.objective == "sft":
+        return unused | set(KD_ONLY)
+    if spec.teacher_signal != "on_policy":
+        unused |= {"lmbda", "on_policy_max_new_tokens"}
+    if spec.loss != "jsd":
+        unused.add("beta")
+    if spec.loss not in ("skew_kl", "skew_reverse_kl"):
+        unused.add("alpha")
+    return unused
+
+
 def baseline_spec(recipe: Recipe) -> TrainSpec | None:
-    """The baseline's training section: the student's, with the baseline's fields over it."""
+    """The baseline's training section: the student's, with the baseline's fields over it. An SFT
+    baseline takes none of the student's KD-only fields (it would not use them)."""
     if recipe.baseline is None:
         return None
     fields = {k: v for k, v in recipe.baseline.model_dump().items() if v is not None}
-    return TrainSpec(**{**recipe.train.model_dump(), **fields})
+    merged = {**recipe.train.model_dump(), **fields}
+    if merged["objective"] == "sft":
+        defaults = TrainSpec().model_dump()
+        merged.update({k: defaults[k] for k in KD_ONLY if k not in fields})
+    return TrainSpec(**merged)
 
 
 def students(recipe: Recipe) -> list[tuple[str, TrainSpec]]:
@@ -48,14 +74,19 @@ def refuse_unusable_logit_kd(recipe: Recipe) -> None:
 
 
 def student_is_current(recipe: Recipe, name: str, spec: TrainSpec, ledger_sha256: str) -> bool:
-    """Whether ``name`` was trained from this training section, student, ledger content, intended
-    use and terms declaration (else the terms gate, too, must run again)."""
+    """Whether ``name`` was trained from this training section (the fields it uses), student, ledger
+    content, intended use and terms declaration (else the terms gate, too, must run again)."""
     info_path = recipe.run_dir / name / "potstill.json"
     if not info_path.is_file():
         return False
     info = json.loads(info_path.read_text())
     terms = info.get("terms") or {}
-    return (info["train"] == spec.model_dump() and info["ledger_sha256"] == ledger_sha256
+    unused = unused_fields(spec)
+
+    def used(fields: dict) -> dict:
+        return {k: v for k, v in fields.items() if k not in unused}
+
+    return (used(info["train"]) == used(spec.model_dump()) and info["ledger_sha256"] == ledger_sha256
             and info.get("student") == recipe.student.model_dump() and terms.get("use") == recipe.use
             and terms.get("declared") == recipe.teacher.terms_declared)
 
