@@ -152,6 +152,10 @@ def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, ledger):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((d / "student" / "potstill.json").read_text())["processes"] == 2
     assert_same_training(tmp_path / "one", d)
+    # the main process speaks for both: each status line once
+    lines = [line for line in done.stdout.splitlines() if line.startswith("train")]
+    assert sum("train: wrote" in line for line in lines) == 1 and sum("terms:" in line for line in lines) >= 1
+    assert len(lines) == len(set(lines)), done.stdout
 
 
 def run_killed(d: Path, crash_at: str, *extra: str) -> subprocess.CompletedProcess:

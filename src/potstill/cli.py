@@ -438,9 +438,19 @@ def _user_error(e: BaseException, args) -> str | None:
     return None
 
 
+def _other_rank() -> bool:
+    """A process of a multi-process launch other than the first: RANK, as `accelerate launch` and
+    torchrun set it. It works as the others do, but prints no status lines and draws no bars (the
+    main process speaks for all); its errors still reach stderr."""
+    return os.environ.get("RANK", "0").strip() not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    if _other_rank():
+        os.environ["POTSTILL_QUIET"] = "1"
+        sys.stdout = open(os.devnull, "w")
     try:
         rc = args.func(args)
     except PotstillError as e:
