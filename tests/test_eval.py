@@ -110,7 +110,8 @@ def test_eval_json_has_the_metrics_and_provenance(trained_run):
     report = json.loads((trained_run / "eval.json").read_text())
     m = report["models"]["student"]
     for key in ("accuracy", "accuracy_ci95", "rouge_l", "agreement", "agreement_ci95", "kl_per_token",
-                "top1_agreement", "perplexity_teacher_text", "tokens_per_second", "latency_ms", "size_bytes",
+                "top1_agreement", "perplexity_teacher_text", "tokens_per_second", "tokens_per_second_range",
+                "latency_ms", "size_bytes",
                 "parameters", "weights_sha256"):
         assert m[key] is not None, key
     assert m["accuracy_ci95"][0] <= m["accuracy"] <= m["accuracy_ci95"][1]
@@ -263,6 +264,23 @@ def test_teacher_scored_against_itself_has_zero_kl():
     scores = score_teacher_text(teacher, teacher, prompts, completions, batch_size=5)  # uneven last batch
     assert scores["kl_per_token"] == pytest.approx(0, abs=1e-6) and scores["top1_agreement"] == 1.0
     assert scores["perplexity_teacher_text"] >= 1.0
+
+
+def test_generation_speed_is_warmed_up_repeated_and_shows_its_spread(monkeypatch):
+    """tokens/s: an untimed warm-up first, then every batch of the first batch's size timed (a short
+    last batch is not), the first batch re-timed up to three timings; the median and its range."""
+    from potstill.evaluate.run import greedy
+    from potstill.prompts import load_prompts
+    from potstill.teachers.local import LocalTeacher
+
+    teacher = LocalTeacher(QUICKSTART / "teacher")
+    prompts = load_prompts(str(QUICKSTART / "prompts" / "heldout.jsonl"), 20)
+    sizes, complete = [], teacher.complete
+    monkeypatch.setattr(teacher, "complete", lambda requests, params: sizes.append(len(requests)) or complete(requests, params))
+    completions, speed = greedy(teacher, prompts, 12, 8)
+    assert sizes == [8, 8, 8, 4, 8] and len(completions) == 20  # warm-up, three batches, one re-timing
+    low, high = speed["tokens_per_second_range"]
+    assert 0 < low <= speed["tokens_per_second"] <= high
 
 
 def test_lm_eval_adapter_scores_a_local_task(trained_run, tmp_path):

@@ -133,3 +133,33 @@ def test_the_judge_column_counts_what_it_left_out(tmp_path):
     (run / "eval.json").write_text(json.dumps(report))
     text = "".join(parse(write_report(run).read_text()).text)
     assert "25.0% (1 unparseable, 2 failed)" in text
+
+
+def test_each_model_keeps_its_colour_and_on_policy_ce_is_not_called_teacher_tokens(tmp_path, monkeypatch):
+    """The KD term (the student's alone) is drawn in the student's colour, not the baseline's; the
+    'cross-entropy on teacher tokens' curve leaves out on-policy steps (their CE is on the student's
+    own samples) and says how many; the tok/s cell shows the measured range."""
+    import matplotlib.pyplot as plt
+
+    run = make_run(tmp_path / "run", skill="sort")
+    report = json.loads((run / "eval.json").read_text())
+    report["models"]["baseline"] = report["models"]["student"]
+    report["models"]["student"] = {**report["models"]["student"], "tokens_per_second": 5021.0,
+                                   "tokens_per_second_range": [4800.0, 5100.0]}
+    (run / "eval.json").write_text(json.dumps(report))
+    rows = [{"step": s, "loss": 1.0, "kd": 0.5, "ce": 2.0 + s, "on_policy": s == 2} for s in (1, 2, 3)]
+    (run / "logs" / "student.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "logs" / "baseline.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0, "ce": 2.0}) + "\n"
+                                                         for s in (1, 2, 3)))
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or close(fig))
+    text = "".join(parse(write_report(run).read_text()).text)
+    assert "5,021 (4,800-5,100)" in text
+    curves = {ax.get_title().split("\n")[0]: ax for ax in figures[0].axes}
+    colour = {line.get_label(): line.get_color() for line in curves["training loss"].lines}
+    assert colour["student"] != colour["baseline"]
+    assert [line.get_color() for line in curves["KD term (x T^2)"].lines] == [colour["student"]]
+    ce = curves["cross-entropy on teacher tokens"]
+    student_ce = next(line for line in ce.lines if line.get_label() == "student")
+    assert list(student_ce.get_xdata()) == [1, 3] and "1 on-policy step left out" in ce.get_title()

@@ -39,16 +39,35 @@ from potstill.teachers.base import Request, greedy_params
 from potstill.teachers.local import LocalTeacher
 
 
+SPEED_TIMINGS = 3  # tokens/s is the median of at least this many timed batches, after an untimed warm-up
+
+
 def greedy(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, batch_size: int):
-    """Greedy completions (text, token ids) and generation tokens/s over the whole set."""
+    """Greedy completions (text, token ids) and the generation speed: tokens/s of each batch of the
+    first batch's size, after an untimed warm-up (a model's first calls allocate and pick kernels;
+    timed cold, one run of the same model read 291 tokens/s and the next 5,021), re-timing the first
+    batch until there are ``SPEED_TIMINGS``. The median is the figure, the range its spread."""
     params = greedy_params(max_new_tokens)
     requests = [Request(p.sha256, p.chat, 0, 0) for p in prompts]
-    out = []
-    start = time.perf_counter()
+    if not requests:
+        return [], {"tokens_per_second": None, "tokens_per_second_range": None}
+    model.complete(requests[:min(batch_size, 8)], params)  # warm-up, untimed
+
+    def timed(batch: list[Request]):
+        start = time.perf_counter()
+        done = model.complete(batch, params)
+        return done, sum(len(c.token_ids) for c in done) / (time.perf_counter() - start)
+
+    size = min(batch_size, len(requests))
+    out, rates = [], []
     for i in range(0, len(requests), batch_size):
-        out += model.complete(requests[i:i + batch_size], params)
-    seconds = time.perf_counter() - start
-    return out, sum(len(c.token_ids) for c in out) / seconds
+        done, rate = timed(requests[i:i + batch_size])
+        out += done
+        if len(done) == size:  # batches of one size compare; a short last batch runs at another speed
+            rates.append(rate)
+    while len(rates) < SPEED_TIMINGS:
+        rates.append(timed(requests[:size])[1])
+    return out, {"tokens_per_second": statistics.median(rates), "tokens_per_second_range": [min(rates), max(rates)]}
 
 
 TOKEN_METRICS = ("kl_per_token", "top1_agreement", "perplexity_teacher_text")
@@ -131,10 +150,11 @@ def bootstrap_ci(values: list[float], n: int = 1000, seed: int = 0) -> list[floa
 
 def latency_ms(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, n: int = 8) -> float:
     """Median wall time of one request alone (batch size 1), in milliseconds."""
+    params = greedy_params(max_new_tokens)
     times = []
     for p in prompts[:n]:
         start = time.perf_counter()
-        greedy(model, [p], max_new_tokens, 1)
+        model.complete([Request(p.sha256, p.chat, 0, 0)], params)
         times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)
 
@@ -198,15 +218,15 @@ def evaluate(recipe: Recipe) -> dict:
     with progress("eval", len(models)) as advance:
         for name, path in models.items():
             if name == "teacher" and teacher is None:  # an API teacher: its answers over HTTP, no weights
-                model, completions, tokens_per_s = None, http_teacher_answers(recipe, prompts), None
+                model, completions, speed = None, http_teacher_answers(recipe, prompts), {}
             else:
                 model = teacher if name == "teacher" else LocalTeacher(path, device=device)
-                completions, tokens_per_s = greedy(model, prompts, spec.max_new_tokens, spec.batch_size)
+                completions, speed = greedy(model, prompts, spec.max_new_tokens, spec.batch_size)
             if name == "teacher":
                 teacher_out = completions
             row = answer_metrics(prompts, completions, teacher_out, verify)
             if model is not None:
-                row.update(model_metrics(model, Path(path), prompts, spec.max_new_tokens), tokens_per_second=tokens_per_s)
+                row.update(model_metrics(model, Path(path), prompts, spec.max_new_tokens), **speed)
             if model is not None and teacher is not None:
                 if gap := token_level_gap(name, model, teacher):
                     row.update({key: None for key in TOKEN_METRICS}, not_applicable=dict.fromkeys(TOKEN_METRICS, gap))
@@ -261,7 +281,8 @@ def answer_metrics(prompts: list[Prompt], completions, teacher_out, verify) -> d
         "rouge_l": sum(rouge) / len(rouge) if rouge else None,
         "agreement": None if agree is None else sum(agree) / len(agree),
         "agreement_ci95": None if agree is None else bootstrap_ci(agree),
-        "parameters": None, "size_bytes": None, "tokens_per_second": None, "latency_ms": None,
+        "parameters": None, "size_bytes": None, "tokens_per_second": None, "tokens_per_second_range": None,
+        "latency_ms": None,
         "weights_sha256": None,  # filled by model_metrics when the weights are here
         "completion_lengths": [len(c.token_ids) for c in completions if c.token_ids is not None],
     }

@@ -21,7 +21,10 @@ COLUMNS = [  # (key in eval.json, header, format)
     ("tokens_per_second", "tok/s", "{:,.0f}"),  # greedy generation, batched
 ]
 CURVES = [("loss", "training loss"), ("kd", "KD term (x T^2)"), ("ce", "cross-entropy on teacher tokens"),
-          ("grad_norm", "gradient norm"), ("lr", "learning rate")]
+          ("grad_norm", "gradient norm"), ("lr", "learning rate"), ("router", "router loss (mixture of experts)")]
+# on an on-policy step (GKD) the completions are the student's own samples: its cross-entropy is not
+# on the teacher's tokens, so that curve leaves those steps out and says so
+ON_TEACHER_TOKENS = ("ce",)
 
 
 def summary_rows(eval_report: dict) -> list[list[str]]:
@@ -30,9 +33,17 @@ def summary_rows(eval_report: dict) -> list[list[str]]:
     for name, m in eval_report["models"].items():
         if teacher and m.get("accuracy") is not None:
             m = {**m, "retention": m["accuracy"] / teacher}
-        rows.append([name] + [fmt.format(m[key]) if m.get(key) is not None
-                              else "n/a" if key in m.get("not_applicable", {}) else "-" for key, _, fmt in COLUMNS])
+        rows.append([name] + [_cell(m, key, fmt) for key, _, fmt in COLUMNS])
     return rows
+
+
+def _cell(m: dict, key: str, fmt: str) -> str:
+    if m.get(key) is None:
+        return "n/a" if key in m.get("not_applicable", {}) else "-"
+    text = fmt.format(m[key])
+    if (spread := m.get(f"{key}_range")) is not None:  # a measured speed: the median and its range
+        text += f" ({fmt.format(spread[0])}-{fmt.format(spread[1])})"
+    return text
 
 
 def _load(run: Path) -> dict:
@@ -87,30 +98,43 @@ def _plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     images = {}
     label = (lambda run, name: _mathtext_safe(f"{run['name']}/{name}" if len(runs) > 1 else name))
 
+    # one colour per model in every plot: the baseline is never drawn in the student's colour
+    names = [(run["name"], name) for run in runs for name in [*run["eval"]["models"], *run["logs"]]]
+    palette = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {key: palette[i % len(palette)] for i, key in enumerate(dict.fromkeys(names))}
+
+    curves = [(key, title) for key, title in CURVES
+              if key != "router" or any(r.get("router") is not None for run in runs for rows in run["logs"].values() for r in rows)]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (key, title) in zip(axes.flat, CURVES):
+    for ax, (key, title) in zip(axes.flat, curves):
+        left_out = 0
         for run in runs:
             for name, rows in run["logs"].items():
+                if key in ON_TEACHER_TOKENS:
+                    left_out += sum(1 for r in rows if r.get("on_policy"))
+                    rows = [r for r in rows if not r.get("on_policy")]
                 points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
                 if points:
-                    ax.plot(*zip(*points), label=label(run, name))
-        ax.set(title=title, xlabel="step")
-        if key in ("loss", "ce", "kd") and ax.lines:
+                    ax.plot(*zip(*points), label=label(run, name), color=colour[run["name"], name])
+        ax.set(title=title + (f"\n({left_out:,} on-policy step{'s' * (left_out != 1)} left out: their CE is on the student's samples)"
+                              if left_out else ""), xlabel="step")
+        if key in ("loss", "ce", "kd", "router") and ax.lines:
             ax.set_yscale("log")
         if ax.lines:
             ax.legend(fontsize=7)
-    axes.flat[-1].axis("off")
+    for ax in axes.flat[len(curves):]:
+        ax.axis("off")
     fig.tight_layout()
     images["Training curves"] = _png(fig, out_dir / "training.png")
     plt.close(fig)
 
-    bars = [(label(run, name), m) for run in runs for name, m in run["eval"]["models"].items()]
-    cats = sorted({c for _, m in bars for c in m["accuracy_by_category"]})
+    bars = [(label(run, name), m, colour[run["name"], name]) for run in runs for name, m in run["eval"]["models"].items()]
+    cats = sorted({c for _, m, _ in bars for c in m["accuracy_by_category"]})
     fig, ax = plt.subplots(figsize=(13, 3.8))
     width = 0.8 / max(len(bars), 1)
-    for i, (name, m) in enumerate(bars):
+    for i, (name, m, c) in enumerate(bars):
         xs = [j + i * width for j in range(len(cats))]
-        ax.bar(xs, [m["accuracy_by_category"].get(c, 0) for c in cats], width, label=name)
+        ax.bar(xs, [m["accuracy_by_category"].get(cat, 0) for cat in cats], width, label=name, color=c)
     ax.set_xticks([j + width * (len(bars) - 1) / 2 for j in range(len(cats))], [_mathtext_safe(c) for c in cats])
     ax.set(title="held-out accuracy by category", ylim=(0, 1))
     ax.legend(fontsize=7)
@@ -118,10 +142,11 @@ def _plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(13, 3.5))
-    lengths = [(name, m["completion_lengths"]) for name, m in bars if m.get("completion_lengths")]
+    lengths = [(name, m["completion_lengths"], c) for name, m, c in bars if m.get("completion_lengths")]
     if lengths:
-        top = max(max(v) for _, v in lengths)
-        ax.hist([v for _, v in lengths], bins=range(0, top + 2), label=[n for n, _ in lengths])
+        top = max(max(v) for _, v, _ in lengths)
+        ax.hist([v for _, v, _ in lengths], bins=range(0, top + 2), label=[n for n, _, _ in lengths],
+                color=[c for _, _, c in lengths])
         ax.legend(fontsize=7)
     ax.set(title="completion length (tokens) on the held-out prompts", xlabel="tokens", ylabel="prompts")
     images["Completion lengths"] = _png(fig, out_dir / "lengths.png")
