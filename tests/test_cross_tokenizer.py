@@ -2,14 +2,18 @@
 `tokenizers` library) learns from the teacher's text and is evaluated on text; logit KD across
 tokenizers is refused before the teacher is asked anything."""
 
+import filecmp
 import json
+import shutil
 import sqlite3
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from potstill.cli import main
+from potstill.pipeline import refuse_unusable_logit_kd
+from potstill.recipe import load_recipe
 
 from conftest import QUICKSTART, TEACHER, tiny_overrides
 
@@ -72,3 +76,71 @@ def test_generated_ledger_is_kept_when_run_refuses(tmp_path, other_tokenizer, ca
     assert main(["run", RECIPE, *tiny_overrides(out), f"student.tokenizer={other_tokenizer}"]) == 2
     with sqlite3.connect(out / "ledger.sqlite") as db:
         assert db.execute("select count(*) from requests").fetchone()[0] == 16
+
+
+@pytest.fixture(scope="module")
+def split_apart(tmp_path_factory):
+    """Byte-identical tokenizer files (a byte-level BPE with GPT-2's split: digit runs stay whole) in
+    a Qwen2 teacher's folder and a Llama student's. By its config.json the teacher's loads as
+    Qwen2Tokenizer, which builds its own pre-tokenizer (one digit a token, NFC) and ignores
+    tokenizer.json's; the student's loads as the file says. Same vocabulary, same special tokens."""
+    texts = [json.loads(line)["prompt"] for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:2000]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    root = tmp_path_factory.mktemp("split")
+    teacher, student = root / "teacher", root / "student"
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(student)
+    config = json.loads((student / "tokenizer_config.json").read_text())
+    del config["tokenizer_class"]  # the class comes from config.json's model_type
+    (student / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copytree(student, teacher)
+    tiny = dict(vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    Qwen2Config(**tiny, num_key_value_heads=2).save_pretrained(teacher)
+    LlamaConfig(**tiny).save_pretrained(student)
+    assert not filecmp.dircmp(teacher, student, ignore=["config.json"]).diff_files
+    t, s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
+    assert type(t).__name__ == "Qwen2Tokenizer" and type(s).__name__ != "Qwen2Tokenizer"
+    assert t.get_vocab() == s.get_vocab() and t.all_special_tokens == s.all_special_tokens  # what was compared
+    assert t("sort 78368")["input_ids"] != s("sort 78368")["input_ids"]
+    return str(teacher), str(student)
+
+
+def test_doctor_compares_what_the_tokenizers_do(split_apart, capsys):
+    teacher, student = split_apart
+    assert main(["doctor", teacher, student, "--prompts", str(QUICKSTART / "prompts" / "heldout.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizers: different" in out and "logit KD: no" in out, out
+    assert "the tokenizers split text differently" in out and "loads as Qwen2Tokenizer" in out
+    differ = int(out.split("sample texts: 408 encoded by both tokenizers, ")[1].split(" ")[0])  # 8 probes, 200 x 2
+    assert 100 < differ < 408
+    assert main(["doctor", teacher, teacher]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizers: identical" in out and "sample texts: 8 encoded by both tokenizers, 0 to other ids" in out
+
+
+def test_run_refuses_logit_kd_when_the_tokenizers_split_text_differently(tmp_path, split_apart, capsys):
+    teacher, student = split_apart
+    out = tmp_path / "run"
+    args = ["run", RECIPE, *tiny_overrides(out), f"teacher.path={teacher}", f"student.tokenizer={student}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "logit KD needs the student to share the teacher's tokenizer" in err
+    assert "the tokenizers split text differently" in err and "Qwen2Tokenizer" in err, err
+    assert not (out / "ledger.sqlite").exists()
+    # the teacher's own folder as the student's tokenizer: loaded alike, so accepted
+    refuse_unusable_logit_kd(load_recipe(RECIPE, [*tiny_overrides(out), f"teacher.path={teacher}"]))
+
+
+def test_doctor_names_the_special_tokens_that_differ(tmp_path, capsys):
+    student = tmp_path / "student"
+    shutil.copytree(TEACHER, student)
+    config = json.loads((student / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|assistant|>"  # the same vocabulary; another end of sequence
+    (student / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["doctor", str(TEACHER), str(student)]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizers: different" in out
+    assert "special tokens differ (teacher vs student): eos_token '<|end|>' vs '<|assistant|>'" in out, out

@@ -14,7 +14,7 @@ Examples:
   potstill terms list
   potstill terms check runs/quickstart --use commercial
   potstill verify runs/quickstart                      (--row HASH: one row's inclusion proof)
-  potstill doctor path/to/teacher path/to/student
+  potstill doctor path/to/teacher path/to/student  (--prompts my_prompts.jsonl: encode those by both too)
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def cmd_verify(args) -> int:
 def cmd_doctor(args) -> None:
     from potstill.train.tokenizer_match import doctor
 
-    for line in doctor(args.teacher, args.student):
+    for line in doctor(args.teacher, args.student, args.prompts):
         print(line)
 
 
@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = verbs.add_parser("doctor", help="can STUDENT learn from TEACHER's logits? (tokenizers, vocabulary, chat template)")
     d.add_argument("teacher", help="teacher model folder")
     d.add_argument("student", help="student model folder (or any folder with a tokenizer and config.json)")
+    d.add_argument("--prompts", default=None, metavar="JSONL", help="a prompt file (as prompts.path): its first 200 "
+                   "prompts and their answers are encoded by both tokenizers too, besides built-in probe texts")
     d.set_defaults(func=cmd_doctor)
     s = verbs.add_parser("serve", help="serve a local model folder over an OpenAI-compatible HTTP API",
                          description="An OpenAI-compatible server (/v1/models, /v1/chat/completions, /v1/completions: "

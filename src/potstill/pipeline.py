@@ -62,7 +62,7 @@ def refuse_unusable_logit_kd(recipe: Recipe) -> None:
     """Logit KD across tokenizers is refused before the teacher is asked anything: an HTTP teacher
     is paid for every answer, and these could not be trained on."""
     from potstill.train.loop import load_student_tokenizer
-    from potstill.train.tokenizer_match import check_tokenizers, logit_rows
+    from potstill.train.tokenizer_match import check_tokenizers, logit_rows, recipe_samples
 
     teacher_dir = recipe.teacher.tokenizer_dir
     if teacher_dir is not None and not Path(teacher_dir).is_dir():
@@ -70,7 +70,7 @@ def refuse_unusable_logit_kd(recipe: Recipe) -> None:
     if any(spec.objective == "kd" for _, spec in students(recipe)):
         tokenizer = load_student_tokenizer(recipe)
         check_tokenizers(teacher_dir, tokenizer, logit_rows(recipe.student, tokenizer),
-                         need_logits=True)
+                         need_logits=True, samples=recipe_samples(recipe))
 
 
 def student_is_current(recipe: Recipe, name: str, spec: TrainSpec, ledger_sha256: str) -> bool:

@@ -29,7 +29,7 @@ from accelerate.state import AcceleratorState
 
 from potstill.train import checkpoint
 from potstill.receipts.card import write_card
-from potstill.train.tokenizer_match import Compat, check_tokenizers
+from potstill.train.tokenizer_match import Compat, check_tokenizers, ledger_samples
 from potstill.train.examples import TrainExample, build_examples, collate
 from potstill.devices import resolve_chunk_size, resolve_compile, resolve_mixed_precision
 from potstill.errors import PotstillError
@@ -328,7 +328,7 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     tokenizer = load_student_tokenizer(recipe)
     model = load_student(recipe, tokenizer)
     compat = check_tokenizers(recipe.teacher.tokenizer_dir, tokenizer, model.config.vocab_size,
-                              need_logits=spec.objective == "kd")
+                              need_logits=spec.objective == "kd", samples=ledger_samples(examples))
     data = build_examples(examples, tokenizer, same_tokenizer=compat.same_ids)
     teacher = None
     if spec.objective == "kd" and spec.teacher_signal != "cached":
