@@ -75,9 +75,9 @@ def measure(arm: str, v: int, n: int) -> dict:
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from potstill.compat import Compat
+        from potstill.train.tokenizer_match import Compat
         from potstill.recipe import TrainSpec
-        from potstill.train import loss_sums
+        from potstill.train.loop import loss_sums
 
         seq = 256
         b = n // seq

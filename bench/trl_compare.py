@@ -127,9 +127,9 @@ def run_potstill(out: Path, chunk: int) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from potstill.compat import Compat
+    from potstill.train.tokenizer_match import Compat
     from potstill.recipe import TrainSpec
-    from potstill.train import loss_sums
+    from potstill.train.loop import loss_sums
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
