@@ -712,3 +712,60 @@ def test_rate_limit_buckets_pace_requests_and_tokens():
     # a send bigger than the bucket waits for a full bucket, then leaves it in debt
     big = TokenBucket(6000)
     assert 2.3 < asyncio.run(paced(big, 250, 2)) < 3.4 and big.level < 0  # the second waits (100 + 150) / 100 s
+
+
+# -- issue 20: HTTP teachers against an independent fault injector ------------------------------------
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, never listening: the kernel refuses every connection
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_connection_never_made_is_not_charged(tmp_path):
+    """A refused connection, sent by the installed openai client to a real closed port: nothing left,
+    so nothing is counted, and a rerun adds nothing to the spend (was: 8 rows of ~$3.6e-5 a run:
+    openai 3 raises from httpx2.ConnectError, which the check for httpx.ConnectError missed)."""
+    args = [f"output_dir={tmp_path}", "prompts.limit=40", "teacher.backend=openai", "teacher.model=mock",
+            f"teacher.endpoints=[http://127.0.0.1:{closed_port()}/v1]", "teacher.concurrency=8",
+            "teacher.prices.prompt=1000", "teacher.prices.completion=1000"]
+    for _ in range(2):
+        with pytest.raises(PotstillError, match=r"unreachable.*connection error: ConnectError.*is it up"):
+            generate(load_recipe(QUICKSTART / "recipe.yaml", args))
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        rows = db.execute("SELECT prompt_tokens, completion_tokens, cost, outcome FROM attempts").fetchall()
+    assert len(rows) >= 10 and all(r == (0, 0, 0.0, "retry") for r in rows), rows
+
+
+def test_a_connect_timeout_is_not_charged(tmp_path):
+    """A listener whose accept queue is full drops new connections' SYNs (Linux): the connect times
+    out (the client's ConnectTimeout, before teacher.timeout's deadline), nothing left, nothing is
+    counted."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    fillers = []
+    for _ in range(3):  # fill the accept queue; nobody accepts
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(server.getsockname())
+        fillers.append(f)
+    try:
+        recipe = load_recipe(QUICKSTART / "recipe.yaml", [
+            f"output_dir={tmp_path}", "prompts.limit=16", "teacher.backend=openai", "teacher.model=mock",
+            f"teacher.endpoints=[http://127.0.0.1:{server.getsockname()[1]}/v1]", "teacher.concurrency=8",
+            "teacher.timeout=1", "teacher.prices.prompt=1000", "teacher.prices.completion=1000"])
+        with pytest.raises(PotstillError, match=r"unreachable.*ConnectTimeout"):
+            generate(recipe)
+    finally:
+        for s in (*fillers, server):
+            s.close()
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        rows = db.execute("SELECT prompt_tokens, completion_tokens, cost FROM attempts").fetchall()
+    assert rows and all(r == (0, 0, 0.0) for r in rows), rows
+

@@ -132,6 +132,8 @@ def _classify(exc: BaseException) -> tuple[str, int | None, str, float | None]:
         if status in (408, 409, 429) or status >= 500:
             return "retry", status, reason, retry_after(exc.response.headers)
         return "fatal", status, reason, None
+    if isinstance(exc, openai.APIConnectionError) and _never_sent(exc):  # refused, or a connect timeout
+        return "unreachable", None, f"connection error: {type(exc.__cause__).__name__}", None
     if isinstance(exc, (openai.APITimeoutError, TimeoutError)):
         return "unreachable", None, "timeout: no whole answer within teacher.timeout", None
     if isinstance(exc, openai.APIConnectionError):
@@ -512,11 +514,21 @@ class Dispatcher:
                         f"{b.tokens:,.0f} tok, ${b.cost:.4f}")
 
 
-def _never_sent(exc: BaseException) -> bool:
-    """A connection that was never made: the request cannot have been billed."""
-    import httpx
+NEVER_SENT = ("ConnectError", "ConnectTimeout", "PoolTimeout")  # the transport's errors before a request leaves
 
-    return isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout))
+
+def _never_sent(exc: BaseException) -> bool:
+    """A request that never left (refused, or no connection within the connect timeout): it cannot
+    have been billed. The openai client raises its own ``APIConnectionError`` (``APITimeoutError``
+    for a timeout) from its transport's error: httpx's up to openai 2, httpx2's from openai 3 (which
+    also takes an httpx client), so the classes of whichever of the two is loaded are checked."""
+    import sys
+
+    import openai
+
+    kinds = tuple(getattr(module, name) for module in map(sys.modules.get, ("httpx2", "httpx")) if module is not None
+                  for name in NEVER_SENT if hasattr(module, name))
+    return isinstance(exc, openai.APIConnectionError) and isinstance(exc.__cause__, kinds)
 
 
 def _raw():

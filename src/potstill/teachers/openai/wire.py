@@ -258,13 +258,20 @@ def _parse_response(request: Request, data: dict, params: dict, spec, seconds: f
                       seed=request_seed(request), seconds=seconds, completion_tokens=used[1])
 
 
+CONNECT_SHARE = 0.5  # of the attempt's deadline: a connection not made by then is given up as never sent
+
+
 def make_client(base_url: str, key: str, timeout: float):
-    """The official async client with its own retries off: potstill's dispatcher is the one retry layer."""
+    """The official async client with its own retries off: potstill's dispatcher is the one retry layer.
+    ``timeout`` is per read (the caller bounds the whole attempt); the connection itself must be
+    made within ``CONNECT_SHARE`` of it, so that a host that never accepts fails as the client's
+    connect timeout (nothing sent, nothing billed) before the attempt's deadline could pass."""
     try:
         import openai
     except ImportError:
         raise PotstillError("HTTP teachers need the openai client: pip install 'potstill[http]'") from None
-    return openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
+    return openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0,
+                              timeout=openai.Timeout(timeout, connect=timeout * CONNECT_SHARE))
 
 
 def endpoint_path(spec) -> str:
