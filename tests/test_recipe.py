@@ -96,3 +96,60 @@ def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
     (tmp_path / "top.yaml").write_text(RECIPE.read_text() + "name: again\n")
     with pytest.raises(PotstillError, match=r"top.yaml line \d+: key name given twice \(first on line 4\)"):
         load_recipe(tmp_path / "top.yaml")
+
+
+# a legitimate student.config of each architecture: fields, attribute_map aliases (GPT-2's
+# hidden_size, Mixtral's num_experts), keys every config takes (torch_dtype, dtype, architectures,
+# attn_implementation, token ids, tie_word_embeddings) and the RoPE keys of configs written before
+# rope_parameters
+ARCHITECTURES = {
+    "gpt2": ("{model_type: gpt2, hidden_size: 32, n_layer: 2, n_head: 2, n_positions: 64, bos_token_id: 0, "
+             "tie_word_embeddings: true, torch_dtype: float32, architectures: [GPT2LMHeadModel], "
+             "attn_implementation: eager, use_cache: true}", {"n_embd": 32, "n_layer": 2}),
+    "llama": ("{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+              "num_key_value_heads: 1, head_dim: 16, max_position_embeddings: 64, rope_theta: 500000.0, "
+              "rope_scaling: null, dtype: float32, attention_bias: false, tie_word_embeddings: true}",
+              {"num_key_value_heads": 1, "head_dim": 16,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}),
+    "qwen2": ("{model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+              "num_key_value_heads: 2, max_position_embeddings: 64, use_sliding_window: false, sliding_window: 16, "
+              "max_window_layers: 2, rope_parameters: {rope_type: default, rope_theta: 1000000.0}}",
+              {"max_window_layers": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    "gemma2": ("{model_type: gemma2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+               "num_key_value_heads: 2, head_dim: 16, max_position_embeddings: 64, sliding_window: 16, "
+               "query_pre_attn_scalar: 16, final_logit_softcapping: 30.0, hidden_activation: gelu_pytorch_tanh}",
+               {"final_logit_softcapping": 30.0}),
+    "mixtral": ("{model_type: mixtral, hidden_size: 32, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
+                "num_key_value_heads: 2, num_experts: 4, num_experts_per_tok: 2, max_position_embeddings: 64, "
+                "output_router_logits: true, router_aux_loss_coef: 0.05}", {"num_local_experts": 4}),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_legitimate_student_config_of_each_architecture_loads_and_builds_what_it_says(tmp_path, arch):
+    from potstill.train.loop import load_student, load_student_tokenizer
+
+    config, expected = ARCHITECTURES[arch]
+    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path}", f"student.config={config}"])
+    model = load_student(recipe, load_student_tokenizer(recipe))
+    assert model.config.model_type == arch
+    for key, value in expected.items():
+        assert getattr(model.config, key) == value, key
+    assert sum(p.numel() for p in model.parameters()) < 200_000  # none of the sizes fell back to a default
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("{model_type: gpt2, n_embed: 32, n_layer: 2, n_head: 2}",
+     "student.config.n_embed: not a setting of GPT2Config (gpt2), which would keep it unread; did you mean n_embd?"),
+    ("{model_type: llama, hidden_size: 32, num_hidden_layer: 2}", "student.config.num_hidden_layer: not a setting of "
+     "LlamaConfig (llama), which would keep it unread; did you mean num_hidden_layers?"),
+    ("{model_type: llama, max_length: 128}", "student.config.max_length: not a setting of LlamaConfig (llama), which "
+     "would keep it unread; remove it"),
+    ("{model_type: lama, hidden_size: 32}", "student.config.model_type: 'lama' is not a model type transformers"),
+])
+def test_a_student_config_key_its_class_does_not_read_is_refused_at_load(tmp_path, config, expected):
+    with pytest.raises(PotstillError) as err:
+        load_recipe(RECIPE, [f"output_dir={tmp_path}", f"student.config={config}"])
+    assert str(err.value).startswith(f"{RECIPE}: {expected}")
+    assert str(err.value).endswith("did you mean llama?") or str(err.value) == f"{RECIPE}: {expected}"
+    assert "\n" not in str(err.value)

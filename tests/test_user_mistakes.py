@@ -177,3 +177,26 @@ def test_student_base_model_is_accepted_and_named_in_the_card():
     info = {"train": recipe.train.model_dump(), "student": recipe.student.model_dump(), "teachers": [],
             "ledger_sha256": "0" * 64, "examples": 1, "recipe_sha256": recipe.sha256(), "steps": 1}
     assert "base_model: org/tiny-base" in card_text(info)
+
+
+GPT2_STUDENT = "student.config={model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 2, n_positions: 64}"
+
+
+def test_a_student_config_typo_is_one_line_before_any_work(tmp_path, capsys):
+    """GPT-2 reads n_embd; n_embed would be kept unread and the student built 768 wide: 14.3M
+    parameters instead of 28,832."""
+    run = tmp_path / "run"
+    one_line_error(capsys, ["train", RECIPE, *tiny_overrides(run), GPT2_STUDENT.replace("n_embd", "n_embed")],
+                   f"{RECIPE}: student.config.n_embed: not a setting of GPT2Config (gpt2)", "did you mean n_embd?")
+    assert not run.exists()
+
+
+def test_train_prints_the_students_size_before_it_trains(tmp_path, capsys, small_ledger):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(small_ledger, run / "ledger.sqlite")
+    assert main(["train", RECIPE, *tiny_overrides(run), "baseline=null", GPT2_STUDENT]) == 0
+    out = capsys.readouterr().out
+    n = json.loads((run / "student" / "potstill.json").read_text())["parameters"]
+    assert out.count(f"train student: a gpt2 student of {n:,} parameters\n") == 1 and n < 40_000
+    assert out.index("parameters") < out.index("train: wrote")

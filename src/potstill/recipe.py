@@ -3,8 +3,8 @@
 Relative paths of inputs (teacher, prompts, student checkpoint) are resolved against the folder
 of the recipe file, so a recipe travels with its data; ``output_dir`` is relative to the current
 directory. Unknown keys, wrong types and values out of range are rejected with one line naming the
-key; so are input paths that do not exist and an ``output_dir`` that cannot be written, before any
-stage starts.
+key (``student.config`` keys too: those its model_type's config class does not read); so are input
+paths that do not exist and an ``output_dir`` that cannot be written, before any stage starts.
 """
 
 from __future__ import annotations
@@ -507,6 +507,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except ValidationError as e:
         raise PotstillError(_explain(e, str(path))) from None
     _check_paths(recipe, str(path))
+    if recipe.student.config is not None:
+        from potstill.student_config import check_student_config
+
+        check_student_config(recipe.student.config, str(path))
     return recipe
 
 

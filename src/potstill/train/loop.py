@@ -340,6 +340,11 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
         teacher.to(accelerator.device).requires_grad_(False)
     if spec.lora is not None:
         model = add_lora(model, spec)
+    if accelerator.is_main_process:  # a size nobody meant shows before the first step, not after the last
+        total = sum(p.numel() for p in model.parameters())
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"train {name}: a {model.config.model_type} student of {total:,} parameters"
+              + (f", {trained:,} of them trained (LoRA)" if trained != total else ""))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
                                   weight_decay=spec.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
