@@ -69,6 +69,23 @@ def test_run_refuses_logit_kd_across_tokenizers_before_generating(tmp_path, othe
         assert not (out / "ledger.sqlite").exists()  # the teacher was asked nothing
 
 
+def test_train_refuses_logit_kd_across_tokenizers_before_the_terms_gate_and_its_processes(tmp_path, other_tokenizer,
+                                                                                          capsys):
+    """As run does: the student and the baseline are not started side by side, to fail there."""
+    import time
+
+    out = tmp_path / "run"
+    assert main(["generate", RECIPE, *tiny_overrides(out, n_prompts=16)]) == 0
+    capsys.readouterr()
+    start = time.perf_counter()
+    assert main(["train", RECIPE, *tiny_overrides(out, n_prompts=16), f"student.tokenizer={other_tokenizer}"]) == 2
+    seconds = time.perf_counter() - start
+    printed = capsys.readouterr()
+    assert "logit KD needs the student to share the teacher's tokenizer" in printed.err and printed.err.count("\n") == 1
+    assert "side by side" not in printed.out and "terms" not in printed.out, printed.out
+    assert not (out / "logs").exists() and seconds < 10, seconds
+
+
 def test_generated_ledger_is_kept_when_run_refuses(tmp_path, other_tokenizer, capsys):
     """A ledger from an earlier generate is neither touched nor extended by the refused run."""
     out = tmp_path / "run"

@@ -153,3 +153,34 @@ def test_a_student_config_key_its_class_does_not_read_is_refused_at_load(tmp_pat
     assert str(err.value).startswith(f"{RECIPE}: {expected}")
     assert str(err.value).endswith("did you mean llama?") or str(err.value) == f"{RECIPE}: {expected}"
     assert "\n" not in str(err.value)
+
+
+HTTP_TEACHER = ["teacher.backend=openai", "teacher.model=m", "teacher.endpoints=[http://127.0.0.1:9]", "teacher.path=null",
+                "teacher.terms_family=unknown"]
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["train.objective=sft", "train.teacher_signal=on_policy"], "train: train.teacher_signal on_policy needs "
+     "train.objective kd: objective sft trains on the teacher's text alone, and would run plain SFT"),
+    (["train.objective=sft", "train.teacher_signal=online"], "train: train.teacher_signal online needs train.objective kd"),
+    (["baseline.kd_ratio=0.3"], "baseline: baseline.kd_ratio is read by a KD baseline only, and baseline.objective is sft"),
+    (["baseline.temperature=2.0"], "baseline: baseline.temperature is read by a KD baseline only"),
+    ([*HTTP_TEACHER, "train.teacher_signal=online"], "recipe: train.teacher_signal online runs the teacher locally at "
+     "every step, and teacher.path is not set"),
+])
+def test_contradictions_are_refused_at_load_naming_both_fields(tmp_path, override, expected):
+    """What training would silently not do (plain SFT for an on-policy or online signal, a KD field
+    of an SFT baseline), or refuse only after generating (an online teacher without weights)."""
+    with pytest.raises(PotstillError) as err:
+        load_recipe(RECIPE, [f"output_dir={tmp_path}", *override])
+    assert str(err.value).startswith(f"{RECIPE}: {expected}") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override", [
+    ["train.objective=sft"],  # the quickstart's kd_ratio and temperature stay: fields SFT does not read
+    ["train.teacher_signal=on_policy", "train.lmbda=0.5"], ["train.teacher_signal=online"],
+    ["baseline.objective=kd", "baseline.kd_ratio=0.3", "baseline.temperature=2.0"],
+    [*HTTP_TEACHER, "train.objective=sft", "baseline=null"],
+])
+def test_what_is_no_contradiction_loads(tmp_path, override):
+    load_recipe(RECIPE, [f"output_dir={tmp_path}", *override])

@@ -59,8 +59,9 @@ def students(recipe: Recipe) -> list[tuple[str, TrainSpec]]:
 
 
 def refuse_unusable_logit_kd(recipe: Recipe) -> None:
-    """Logit KD across tokenizers is refused before the teacher is asked anything: an HTTP teacher
-    is paid for every answer, and these could not be trained on."""
+    """Logit KD across tokenizers is refused before the teacher is asked anything (run: an HTTP
+    teacher is paid for every answer, and these could not be trained on) and before the terms gate
+    and the training processes (train)."""
     from potstill.train.loop import load_student_tokenizer
     from potstill.train.tokenizer_match import check_tokenizers, logit_rows, recipe_samples
 

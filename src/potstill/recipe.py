@@ -245,6 +245,15 @@ class TrainSpec(Section):
             raise ValueError("a number of tokens (0 = no chunking) or auto")
         return value
 
+    @model_validator(mode="after")
+    def _signal_needs_kd(self) -> TrainSpec:
+        # SFT reads no teacher distribution: an online or on-policy signal would be plain SFT, silently
+        if self.objective == "sft" and self.teacher_signal != "cached":
+            raise ValueError(f"train.teacher_signal {self.teacher_signal} needs train.objective kd: objective sft "
+                             f"trains on the teacher's text alone, and would run plain SFT; set train.objective=kd, "
+                             f"or leave train.teacher_signal out")
+        return self
+
 
 class BaselineSpec(Section):
     """A second student trained like the first but for what is named here (default: SFT only)."""
@@ -252,6 +261,14 @@ class BaselineSpec(Section):
     objective: Literal["kd", "sft"] = "sft"
     kd_ratio: float | None = Field(None, ge=0.0, le=1.0)
     temperature: float | None = Field(None, gt=0.0, le=10.0)
+
+    @model_validator(mode="after")
+    def _kd_fields_need_kd(self) -> BaselineSpec:
+        for name in ("kd_ratio", "temperature"):  # read by the KD term alone: an SFT baseline would ignore them
+            if self.objective == "sft" and getattr(self, name) is not None:
+                raise ValueError(f"baseline.{name} is read by a KD baseline only, and baseline.objective is sft: "
+                                 f"set baseline.objective: kd, or leave baseline.{name} out")
+        return self
 
 
 class JudgeSpec(Section):
@@ -355,6 +372,10 @@ class Recipe(Section):
     def _consistent(self) -> Recipe:
         if self.prompts is None and self.teacher.backend != "imported":
             raise ValueError("prompts is required (prompts.path: a JSONL file of prompts)")
+        if self.train.objective == "kd" and self.train.teacher_signal != "cached" and self.teacher.path is None:
+            raise ValueError(f"train.teacher_signal {self.train.teacher_signal} runs the teacher locally at every step, "
+                             f"and teacher.path is not set: set teacher.path to its weights, or use "
+                             f"train.teacher_signal=cached")
         if self.generation.stop and self.teacher.token_ids:
             raise ValueError("generation.stop with teacher.token_ids: the endpoint returns ids through the stop "
                              "string and no end-of-sequence token, which would teach the student to write the stop "

@@ -331,10 +331,7 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
                               need_logits=spec.objective == "kd", samples=ledger_samples(examples))
     data = build_examples(examples, tokenizer, same_tokenizer=compat.same_ids)
     teacher = None
-    if spec.objective == "kd" and spec.teacher_signal != "cached":
-        if recipe.teacher.path is None:
-            raise PotstillError(f"train.teacher_signal={spec.teacher_signal} runs the teacher locally: set teacher.path "
-                                f"to its weights, or use train.teacher_signal=cached")
+    if spec.objective == "kd" and spec.teacher_signal != "cached":  # teacher.path: checked when the recipe loaded
         teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype,
                                     trust_remote_code=recipe.teacher.trust_remote_code)
         teacher.to(accelerator.device).requires_grad_(False)
