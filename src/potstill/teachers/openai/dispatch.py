@@ -13,11 +13,14 @@ The rules, and why:
 - **Not retried:** 400 and 422 fail that request (with the endpoint's message) and the run goes
   on. 401, 403, 404 and ``insufficient_quota`` stop the run once the requests in flight settle;
   nothing new is sent after the first of them.
-- **A repeated failure stops the run** (``_in_a_row``): the settings or the endpoint are wrong,
+- **A repeated failure stops the run** (``Streaks``): the settings or the endpoint are wrong,
   not one prompt, and each further send is paid for: ``MAX_BAD_REQUESTS`` refusals in a row,
   ``SAME_FAILURE`` requests in a row whose first send failed the same way, ``MAX_UNREACHABLE``
   sends in a row without an answer, ``SAME_FAILURE`` requests in a row that used all their
-  attempts on 429 / 5xx / timeouts (``_gave_up``: an endpoint that is overloaded or down).
+  attempts on 429 / 5xx / timeouts (an endpoint that is overloaded or down). A send without an
+  answer counts toward these only if nothing was answered while it was out, and first sends
+  without one only until the endpoint first answers: "down" means no answers, not slow failures
+  among answers.
 - **Nothing hangs:** ``teacher.timeout`` bounds the whole attempt (the client's own timeout is
   per read); any unexpected error settles its request and stops the run; a ledger that cannot
   be written stops it with the reason.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import random
 import re
 import sqlite3
@@ -53,7 +57,7 @@ BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds: 0.5 * 2^n, capped, + up to 25 
 BAD_REQUEST_STATUS = {400, 422}  # this request is wrong: it fails, the run goes on
 FATAL_STATUS = {401, 403, 404}  # every request would fail: the run stops
 MAX_BAD_REQUESTS = 5  # in a row, with no answer between: the parameters are wrong, not one prompt
-MAX_UNREACHABLE = 20  # connection errors or timeouts in a row with no answer between: the endpoint is down
+MAX_UNREACHABLE = 20  # sends in a row with no answer while they were out (``Streaks``): the endpoint is down
 UNSETTLED = "sent (or about to be) when the run ended: counted at its worst case"  # an attempt row until settled
 SAME_FAILURE = 5  # requests in a row whose first send failed the same way (malformed, no answer): stop
 CONNECTIONS_PER_CLIENT = 8
@@ -202,6 +206,72 @@ class Sent:
     reason: str | None
     asked: float | None  # seconds the server asked to wait (Retry-After)
     completion: object  # a Completion when kind is ok
+    left: float  # time.monotonic() when it was sent
+
+
+class Streaks:
+    """Why the run should stop when a failure keeps repeating (the settings or the endpoint are
+    wrong, not one prompt, and every further send is paid for again), else None: the rules of the
+    module docstring, fed one attempt at a time (times from ``time.monotonic()``).
+
+    "The endpoint is down" means no answers, not slow failures among answers. A send that got no
+    answer (a timeout, a reset, a refused connection), and a request that used all its attempts,
+    count toward it only when nothing was answered between that send and its failure: slow
+    failures pile up in the window and end together, after the answers that came while they were
+    out (counted in the order they ended, five of them "in a row" stopped an endpoint that answered
+    80 % of requests). Five first sends without an answer stop the run only while nothing has been
+    answered at all (a wrong URL, a host that is down); once the endpoint has answered, it takes
+    ``MAX_UNREACHABLE`` sends in a row with no answer, which an endpoint answering even half of
+    them gives about once in a million stretches (0.5^20)."""
+
+    def __init__(self, max_attempts: int):
+        self.max_attempts = max_attempts
+        self.answered = -math.inf  # when the last answer came
+        self.bad_request = self.unreachable = self.gave_ups = 0
+        self.same: tuple[str | None, int] = (None, 0)  # (first sends' failure, how many in a row)
+
+    def see(self, kind: str, reason: str | None, *, first: bool, sent: float, now: float) -> str | None:
+        """One attempt's classification (``classify``; "ok" when answered), whether it was its
+        request's first send, when it was sent and when its outcome came."""
+        self.bad_request = self.bad_request + 1 if kind == "bad_request" else 0
+        if kind == "ok":
+            self.answered = now
+            self.unreachable, self.same, self.gave_ups = 0, (None, 0), 0
+            return None
+        silent = sent >= self.answered  # nothing answered while it was out
+        if kind != "unreachable":
+            self.unreachable = 0
+        elif silent:
+            self.unreachable += 1
+        if first and (kind == "malformed" or kind == "unreachable" and self.answered == -math.inf):
+            # first sends only: the retries of the last few bad prompts of a run come in a row by themselves
+            failure = re.sub(r"\d+", "#", reason)
+            self.same = (failure, self.same[1] + 1 if self.same[0] == failure else 1)
+        if self.bad_request >= MAX_BAD_REQUESTS:
+            return f"{MAX_BAD_REQUESTS} requests in a row refused, the last with {reason}: check the teacher and " \
+                   f"generation settings"
+        if self.unreachable >= MAX_UNREACHABLE:
+            return f"unreachable ({reason}, {MAX_UNREACHABLE} sends in a row with no answer)"
+        if self.same[1] >= SAME_FAILURE and kind == "unreachable":
+            return f"unreachable: the first send of {SAME_FAILURE} requests in a row got no answer ({reason})" + \
+                (": is it up? Or raise teacher.timeout" if reason.startswith("timeout") else ": is it up?")
+        if self.same[1] >= SAME_FAILURE:
+            return f"the first answer to {SAME_FAILURE} requests in a row could not be stored, the same way " \
+                   f"({reason}): check the endpoint and the teacher settings (model, token_ids, top_logprobs)"
+        return None
+
+    def gave_up(self, reason: str | None, *, sent: float) -> str | None:
+        """A request used all its attempts on 429s, 5xx or timeouts, its last sent at ``sent``: an
+        endpoint overloaded or down answers every retry the same way, and waiting each request out
+        would take hours."""
+        if sent < self.answered:  # answers came while its last attempt was out
+            return None
+        self.gave_ups += 1
+        if self.gave_ups < SAME_FAILURE:
+            return None
+        return f"{SAME_FAILURE} requests in a row used all {self.max_attempts} attempts, the last on {reason}: " \
+               f"the endpoint is overloaded or down; rerun later to resume (or lower teacher.concurrency or " \
+               f"teacher.requests_per_minute)"
 
 
 class Endpoint:
@@ -233,7 +303,7 @@ class Dispatcher:
         self.stopped: str | None = None
         self.budget = Budget(spec.budget, spec.prices, ledger.spend(teacher_key))
         self.counts = {"done": 0, "failed": 0, "retrying": 0}
-        self.in_a_row = {"bad_request": 0, "unreachable": 0, "same": (None, 0), "gave_up": 0}  # see _in_a_row
+        self.streaks = Streaks(spec.max_attempts)
         self.pending_writes: list = []
         self.pending_opens: list[tuple[Attempt, asyncio.Future]] = []
         self.closing = False
@@ -293,42 +363,6 @@ class Dispatcher:
                       f"{redact(str(exc), self.key)[:200]}")
         self._commit(completion=completion, failure=failure, attempts=attempts, slots=slots)
 
-    def _in_a_row(self, kind: str, reason: str | None, first: bool) -> str | None:
-        """Why the run should stop when a failure keeps repeating (the settings or the endpoint are
-        wrong, not one prompt, and every further send is paid for again), else None."""
-        row = self.in_a_row
-        row["bad_request"] = row["bad_request"] + 1 if kind == "bad_request" else 0
-        row["unreachable"] = row["unreachable"] + 1 if kind == "unreachable" else 0
-        if kind == "ok":
-            row["same"], row["gave_up"] = (None, 0), 0
-        elif first and kind in ("malformed", "unreachable"):
-            # first sends only: the retries of the last few bad prompts of a run come in a row by themselves
-            failure = re.sub(r"\d+", "#", reason)
-            row["same"] = (failure, row["same"][1] + 1 if row["same"][0] == failure else 1)
-        if row["bad_request"] >= MAX_BAD_REQUESTS:
-            return f"{MAX_BAD_REQUESTS} requests in a row refused, the last with {reason}: check the teacher and " \
-                   f"generation settings"
-        if row["unreachable"] >= MAX_UNREACHABLE:
-            return f"unreachable ({reason}, {MAX_UNREACHABLE} sends in a row)"
-        if row["same"][1] >= SAME_FAILURE and kind == "unreachable":
-            return f"unreachable: the first send of {SAME_FAILURE} requests in a row got no answer ({reason})" + \
-                (": is it up? Or raise teacher.timeout" if reason.startswith("timeout") else ": is it up?")
-        if row["same"][1] >= SAME_FAILURE:
-            return f"the first answer to {SAME_FAILURE} requests in a row could not be stored, the same way " \
-                   f"({reason}): check the endpoint and the teacher settings (model, token_ids, top_logprobs)"
-        return None
-
-    def _gave_up(self, reason: str | None) -> str | None:
-        """Why the run should stop when requests keep using up their attempts on 429s, 5xx or
-        timeouts with no answer between (an endpoint overloaded or down answers every retry the
-        same way: waiting each request out would take hours), else None."""
-        self.in_a_row["gave_up"] += 1
-        if self.in_a_row["gave_up"] < SAME_FAILURE:
-            return None
-        return f"{SAME_FAILURE} requests in a row used all {self.spec.max_attempts} attempts, the last on {reason}: " \
-               f"the endpoint is overloaded or down; rerun later to resume (or lower teacher.concurrency or " \
-               f"teacher.requests_per_minute)"
-
     async def _settle(self, request: Request, attempts: list[Attempt]):
         """(completion, None) when answered, (None, (hash, reason)) when it failed for good,
         (None, None) when the run stopped first (the request stays pending)."""
@@ -354,13 +388,15 @@ class Dispatcher:
                 return None, None
             attempts.append(sent.row)
             malformed += sent.kind == "malformed"
-            if (why := self._in_a_row(sent.kind, sent.reason, first=attempt == 0)):
+            if (why := self.streaks.see(sent.kind, sent.reason, first=attempt == 0, sent=sent.left,
+                                        now=time.monotonic())):
                 self.stop(f"{endpoint.url}: {why}")
                 return None, (h, f"{sent.reason} (not retried)") if sent.kind == "bad_request" else None
             then = decide(sent.kind, sent.status, sent.reason, sent.asked, attempt=attempt, malformed=malformed,
                           max_attempts=self.spec.max_attempts, max_retry_wait=self.spec.max_retry_wait,
                           jitter=random.uniform(0, 0.25))
-            if then.fail and sent.kind in ("retry", "unreachable") and (why := self._gave_up(sent.reason)):
+            if then.fail and sent.kind in ("retry", "unreachable") and \
+                    (why := self.streaks.gave_up(sent.reason, sent=sent.left)):
                 self.stop(f"{endpoint.url}: {why}")
             if then.stop:
                 self.stop(f"{endpoint.url}: {then.stop}")
@@ -386,7 +422,7 @@ class Dispatcher:
         # the send is in the ledger, at its worst case, before it leaves: a crash cannot hide it from the budget
         row = Attempt(request.request_hash, endpoint.url, sent_at, 0.0, "retry", None, UNSETTLED, *estimate, held[1])
         opened = await self._open(row)
-        start = time.perf_counter()
+        start, left = time.perf_counter(), time.monotonic()
         completion = used = None
         kind, status, reason, asked, reached = "ok", None, None, None, True
         try:
@@ -422,7 +458,7 @@ class Dispatcher:
         outcome = {"ok": "ok", "bad_request": "failed", "fatal": "failed"}.get(kind, "retry")
         settled = Attempt(request.request_hash, endpoint.url, sent_at, time.perf_counter() - start, outcome, status,
                           reason, used[0], used[1], cost, used[2], row.attempt_id)
-        return Sent(settled, kind, status, reason, asked, completion)
+        return Sent(settled, kind, status, reason, asked, completion, left)
 
     # -- the ledger writer: group commit, slots freed after their rows are durable ----------------
 
