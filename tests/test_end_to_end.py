@@ -82,7 +82,7 @@ def test_model_dir_without_safetensors_is_refused(tmp_path, capsys):
     assert "no *.safetensors weights" in capsys.readouterr().err
 
 
-def test_model_card_names_the_teacher_and_parses(tmp_path):
+def test_model_card_names_the_teacher_and_parses(tmp_path, capsys):
     from huggingface_hub import ModelCard
 
     out = tmp_path / "run"
@@ -98,3 +98,6 @@ def test_model_card_names_the_teacher_and_parses(tmp_path):
     assert block["ledger_sha256"] == json.loads((out / "student" / "potstill.json").read_text())["ledger_sha256"]
     assert "## Evaluation" in card.text and "potstill/quickstart-teacher" in card.text
     assert "base_model" not in data  # random init: no base model
+    # eval appended its section to the card train wrote: the folder still verifies, section and all
+    assert main(["verify", str(out)]) == 0
+    assert f"its evaluation section is the one {out / 'eval.json'} gives" in capsys.readouterr().out

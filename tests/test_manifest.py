@@ -1,6 +1,7 @@
 """The Merkle manifest: the tree equals RFC 6962's, inclusion proofs check, and `potstill verify`
 names the ledger row, weights or card field that changed."""
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -207,3 +208,149 @@ def test_spdx_document_reads_and_writes_through_the_spdx_projects_own_bindings(t
     del package["software_primaryPurpose"], package["creationInfo"]  # required of every Element
     with pytest.raises(ValueError, match="creationInfo.*is required"):
         roundtrip(json.dumps(doc))
+
+
+@contextlib.contextmanager
+def changed(path, new: bytes | None):
+    """Inside the block ``path`` holds ``new`` (None: it is deleted); after it, its own bytes again."""
+    old = path.read_bytes() if path.exists() else None
+    if new is None:
+        path.unlink()
+    else:
+        path.write_bytes(new)
+    try:
+        yield
+    finally:
+        if old is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(old)
+
+
+# (what the card says, what an editor made it say, what verify must name): every field train writes
+CARD_EDITS = [
+    ("license: apache-2.0", "license: mit", "card: license is"),
+    ("    terms_family: unknown", "    terms_family: apache-2.0", "card: distillation.teachers[0].terms_family is"),
+    ("    licence: MIT", "    licence: Apache-2.0", "card: distillation.teachers[0].licence is"),
+    ("    terms_url: https://github.com/deepseek-ai/DeepSeek-R1/blob/main/LICENSE", "    terms_url: https://x.org/ok",
+     "card: distillation.teachers[0].terms_url is"),
+    ("    weights_sha256: null", "    weights_sha256: " + "ab" * 32,
+     "card: distillation.teachers[0].weights_sha256 is"),
+    ("    access: 'imported completions: answers.jsonl'", "    access: local weights",
+     "card: distillation.teachers[0].access is"),
+    ("  ledger_sha256: ", "  ledger_sha256: 00", "card: distillation.ledger_sha256 is"),
+    ("  examples: 32", "  examples: 64", "card: distillation.examples is"),
+    ("  method: sequence-level KD", "  method: logit KD, sequence-level KD", "card: distillation.method is"),
+    ("- **deepseek-ai/DeepSeek-R1**", "- **Qwen/Qwen3-8B**", 'train wrote "- **deepseek-ai/DeepSeek-R1**'),
+    ("Intended use: **commercial**", "Intended use: **research**", 'train wrote "Intended use: **commercial**'),
+]
+
+
+@pytest.mark.parametrize("old,new,named", CARD_EDITS, ids=["license", "terms_family", "licence", "terms_url",
+                                                          "weights_sha256", "access", "ledger_sha256", "examples",
+                                                          "method", "prose-teacher", "prose-use"])
+def test_every_card_field_and_line_train_wrote_is_bound(trained, capsys, old, new, named):
+    card = trained / "student" / "README.md"
+    text = card.read_text()
+    assert old in text
+    with changed(card, text.replace(old, new, 1).encode()):
+        rc, out = _verify(trained, capsys)
+    assert rc == 1 and named in out and "README.md is the card train wrote" not in out, out
+    assert _verify(trained, capsys)[0] == 0
+
+
+SPDX_EDITS = [("licence", '"simplelicensing_licenseExpression": "apache-2.0"',
+               '"simplelicensing_licenseExpression": "MIT"'),
+              ("relationship", '"relationshipType": "trainedOn"', '"relationshipType": "testedOn"')]
+
+
+@pytest.mark.parametrize("what,old,new", SPDX_EDITS, ids=[e[0] for e in SPDX_EDITS])
+def test_an_edited_spdx_document_is_named(trained, capsys, what, old, new):
+    spdx = trained / "student" / "model.spdx3.json"
+    text = spdx.read_text()
+    assert old in text
+    with changed(spdx, text.replace(old, new, 1).encode()):
+        rc, out = _verify(trained, capsys)
+    assert rc == 1 and "files: model.spdx3.json differs from the file potstill wrote" in out, out
+
+
+@pytest.mark.parametrize("name", ["model.spdx3.json", "TERMS.md", "config.json", "tokenizer.json", "README.md"])
+def test_a_deleted_file_is_named(trained, capsys, name):
+    with changed(trained / "student" / name, None):
+        rc, out = _verify(trained, capsys)
+    assert rc == 1 and (f"files: {name} is missing" in out or f"card: {name} is missing" in out), out
+    assert "Traceback" not in out
+
+
+def test_a_file_potstill_did_not_write_is_named(trained, capsys):
+    with changed(trained / "student" / "pytorch_model.bin", b"pickled weights"):
+        rc, out = _verify(trained, capsys)
+    assert rc == 1 and "files: pytorch_model.bin was not written by potstill" in out, out
+
+
+def test_every_ok_line_names_what_it_covered(trained, capsys):
+    rc, out = _verify(trained, capsys)
+    info = json.loads((trained / "student" / "potstill.json").read_text())
+    oks = [line for line in out.splitlines() if line.startswith("verify: ok: ")]
+    assert rc == 0 and len(oks) == 5, out
+    files = sorted(info["files_sha256"])
+    assert {"model.safetensors", "config.json", "tokenizer.json", "model.spdx3.json", "TERMS.md",
+            "manifest.merkle"} <= set(files) and not {"README.md", "potstill.json"} & set(files)
+    assert f"files: the {len(files)} files potstill wrote beside the card are present and unchanged" in out
+    assert "card: README.md is the card train wrote, every field and line" in out and "no evaluation section" in out
+
+
+EVAL = {"prompts": {"n": 48}, "models": {"student": {"accuracy": 0.5, "agreement": 0.25, "kl_per_token": 0.125,
+                                                     "parameters": 1000}, "teacher": {"accuracy": 0.75}}}
+
+
+def test_the_evaluation_section_eval_adds_verifies_and_an_edit_to_it_is_named(trained, capsys):
+    """eval writes eval.json and appends its section to the card (``add_results``, as
+    ``potstill.evaluate`` does): the card still verifies; an edited number in that section does not."""
+    from potstill.receipts.card import add_results
+
+    card = trained / "student" / "README.md"
+    with changed(card, card.read_bytes()), changed(trained / "eval.json", json.dumps(EVAL).encode()):
+        add_results(trained / "student", EVAL)
+        rc, out = _verify(trained, capsys)
+        assert rc == 0 and f"its evaluation section is the one {trained / 'eval.json'} gives" in out, out
+        text = card.read_text()
+        assert "| accuracy | 0.500 | 0.750 |" in text
+        card.write_text(text.replace("| accuracy | 0.500 |", "| accuracy | 0.900 |"))
+        rc, out = _verify(trained, capsys)
+        assert rc == 1 and "card: the evaluation section of README.md is not the one" in out, out
+        assert "| accuracy | 0.900 | 0.750 |" in out
+    assert _verify(trained, capsys)[0] == 0
+
+
+def test_an_edited_ledger_row_fails_its_inclusion_proof(trained, capsys):
+    rows = manifest.read(trained / "student")
+    victim = rows[5][0]
+    db = sqlite3.connect(trained / "ledger.sqlite")
+    (text,) = db.execute("SELECT text FROM completions WHERE request_hash=?", (victim,)).fetchone()
+    with db:
+        db.execute("UPDATE completions SET text=? WHERE request_hash=?", ("an answer never given", victim))
+    try:
+        rc, out = _verify(trained, capsys, "--row", victim[:12])
+        assert rc == 1 and f"verify: FAILED: ledger: row 5 (request {victim}) differs from the row" in out, out
+    finally:
+        with db:
+            db.execute("UPDATE completions SET text=? WHERE request_hash=?", (text, victim))
+        db.close()
+    rc, out = _verify(trained, capsys, "--row", victim[:12])
+    assert rc == 0 and f"verify: ok: row 5's leaf is recomputed from {trained / 'ledger.sqlite'}" in out, out
+
+
+def test_an_inclusion_proof_without_the_ledger_fails_naming_the_row(trained, capsys):
+    rows = manifest.read(trained / "student")
+    ledger = trained / "ledger.sqlite"
+    moved = trained / "ledger.moved"
+    ledger.rename(moved)
+    try:
+        rc, out = _verify(trained, capsys, "--row", rows[3][0][:12])
+        assert rc == 1 and f"verify: FAILED: ledger: row 3 (request {rows[3][0]}) cannot be recomputed: " \
+                           f"{ledger} not found" in out, out
+        assert not ledger.exists()  # verify made no empty ledger
+    finally:
+        moved.rename(ledger)
+

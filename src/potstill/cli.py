@@ -288,16 +288,14 @@ def cmd_verify(args) -> int:
         recorded = json.loads(info_path.read_text()).get("manifest_merkle_root") if info_path.is_file() else None
         print(f"root    {root.hex()} ({'the path leads to it' if ok else 'THE PATH DOES NOT LEAD TO IT'}; "
               f"{'matches' if root.hex() == recorded else 'DOES NOT MATCH'} potstill.json)")
-        return 0 if ok and root.hex() == recorded else 1
-    problems, notes = manifest.verify(folder, Path(args.run) / "ledger.sqlite")
-    for line in notes:
-        print(f"verify: note: {line}")
-    for line in problems:
-        print(f"verify: FAILED: {line}")
-    if not problems:
-        info = json.loads((folder / "potstill.json").read_text())
-        print(f"verify: ok: {info['manifest_rows']:,} ledger rows match Merkle root {info['manifest_merkle_root']}; "
-              f"weights and model card agree")
+        problems, held = manifest.row_problems(folder, Path(args.run) / "ledger.sqlite", hits[0], rows)
+        for line in [f"ok: {held}"] if held else [f"FAILED: {p}" for p in problems]:
+            print(f"verify: {line}")
+        return 0 if ok and root.hex() == recorded and not problems else 1
+    problems, notes, passed = manifest.verify(folder, Path(args.run) / "ledger.sqlite")
+    for prefix, lines in (("ok", passed), ("note", notes), ("FAILED", problems)):
+        for line in lines:
+            print(f"verify: {prefix}: {line}")
     return 1 if problems else 0
 
 
@@ -348,14 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--use", default="commercial", choices=["research", "internal", "commercial", "competing"],
                    help="check: the intended use of the student (default: commercial)")
     t.set_defaults(func=cmd_terms)
-    v = verbs.add_parser("verify", help="check a trained student against its ledger: Merkle manifest, weights, card",
-                         description="Recompute the Merkle root of the ledger rows STUDENT was trained on and name the "
-                                     "first row that differs; check the weights' hash and that the model card agrees "
-                                     "with the ledger (teachers, shares, terms). Exit 1 if anything differs.")
+    v = verbs.add_parser("verify", help="check a trained student against its ledger and potstill.json: Merkle "
+                         "manifest, every file train wrote, the card", description="Recompute the Merkle root of the "
+                         "ledger rows STUDENT was trained on and name the first row that differs; check the sha256 of "
+                         "every file train wrote into the student's folder (weights, config, tokenizer, TERMS.md, "
+                         "model.spdx3.json, ...) and name any missing, edited or added; check the card against the one "
+                         "train wrote (naming each field and the first line that differ), its evaluation section "
+                         "against RUN/eval.json, and its teachers and shares against the ledger. One line per check "
+                         "that held; exit 1 if anything differs.")
     v.add_argument("run", help="run directory")
     v.add_argument("--student", default="student", help="the student's folder in the run (default: student)")
     v.add_argument("--row", metavar="HASH", default=None, help="print the inclusion proof of the row with this "
-                   "request hash (or a unique prefix): its path to the root, without any other row's content")
+                   "request hash (or a unique prefix): its path to the root, without any other row's content; and "
+                   "check that row's leaf against the ledger")
     v.set_defaults(func=cmd_verify)
     d = verbs.add_parser("doctor", help="can STUDENT learn from TEACHER's logits? (tokenizers, vocabulary, chat template)")
     d.add_argument("teacher", help="teacher model folder")

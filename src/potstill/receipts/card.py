@@ -6,8 +6,9 @@ teachers (id, revision, access route, terms family and URL, weights hash, share 
 examples and tokens), method, loss, teacher signal, and the content hash of the ledger rows the
 student was trained on. The page is ``templates/model_card.md.j2``, the metadata a
 ``huggingface_hub.ModelCardData`` (as TRL's ``generate_model_card`` builds its cards). Written by
-``train`` (:func:`write_card`); ``eval`` adds its results through :func:`add_results`, which renders
-the same card from the same ``potstill.json`` with an evaluation section.
+``train`` (:func:`write_card`), which records its sha256 in ``potstill.json``; ``eval`` appends its
+results (``templates/model_card_evaluation.md.j2``) through :func:`add_results`, which leaves every
+byte train wrote as it was, so ``potstill verify`` checks the two parts apart (:func:`split`).
 """
 
 from __future__ import annotations
@@ -52,15 +53,31 @@ def md_code(value) -> Markdown:
 
 
 @cache
-def template() -> jinja2.Template:
-    """The card's page, shipped in ``potstill/receipts/templates``. Every ``{{ value }}`` is written
+def template(name: str = "model_card.md.j2") -> jinja2.Template:
+    """A page of the card, shipped in ``potstill/receipts/templates``. Every ``{{ value }}`` is written
     as literal text (:func:`md_text`) unless it is :class:`Markdown`, so no teacher id, terms or run
     name can open markup, as the report's HTML template is autoescaped."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("potstill.receipts", "templates"), trim_blocks=True,
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
                              finalize=lambda v: v if isinstance(v, Markdown) else md_text(v))
     env.filters.update(url=md_url, code=md_code)
-    return env.get_template("model_card.md.j2")
+    return env.get_template(name)
+
+
+# the line eval's section starts with; no value can write it (md_text keeps values on their line and escapes "#")
+EVALUATION = "\n## Evaluation\n"
+
+
+def split(text: str) -> tuple[str, str]:
+    """(the part of a card train wrote, eval's section or "")."""
+    i = text.find(EVALUATION)
+    return (text, "") if i < 0 else (text[:i], text[i:])
+
+
+def evaluation_text(eval_report: dict | None, name: str) -> str:
+    """The section eval appends to the card of model ``name`` ("" when the report has no row for it)."""
+    results = results_of(eval_report, name)
+    return template("model_card_evaluation.md.j2").render(results=results) if results else ""
 
 
 def method_of(train: dict) -> str:
@@ -121,8 +138,9 @@ def card_text(info: dict, eval_report: dict | None = None, name: str = "student"
         parameters=info.get("parameters", 0), method=method_of(train), examples=info["examples"], teachers=teachers,
         terms=terms, steps=info["steps"], train=train, loss=distillation["loss"], kd_ratio=distillation["kd_ratio"],
         ledger_sha256=info["ledger_sha256"], manifest_merkle_root=info.get("manifest_merkle_root"),
-        manifest_rows=info.get("manifest_rows"), results=results_of(eval_report, name))
-    return str(ModelCard(text))  # parsed back: a card the Hub would not read fails here, not on upload
+        manifest_rows=info.get("manifest_rows"))
+    # parsed back: a card the Hub would not read fails here, not on upload
+    return str(ModelCard(text)) + evaluation_text(eval_report, name)
 
 
 def results_of(eval_report: dict | None, name: str) -> dict | None:
@@ -141,17 +159,21 @@ def results_of(eval_report: dict | None, name: str) -> dict | None:
 
 def write_card(model_dir: Path) -> Path:
     """The card of the student in ``model_dir``, from its ``potstill.json``: train writes it."""
-    return _write(model_dir, None)
+    info = json.loads((model_dir / "potstill.json").read_text())
+    path = model_dir / "README.md"
+    path.write_text(card_text(info, None, info.get("name", model_dir.name)), encoding="utf-8")
+    return path
 
 
 def add_results(model_dir: Path, eval_report: dict) -> Path:
-    """The card with eval's results for this model: the same card train wrote (rendered from the
-    same ``potstill.json``) plus its evaluation section."""
-    return _write(model_dir, eval_report)
-
-
-def _write(model_dir: Path, eval_report: dict | None) -> Path:
-    info = json.loads((model_dir / "potstill.json").read_text())
+    """The card with eval's results for this model: the part train wrote, byte for byte (its sha256
+    is in potstill.json), then this evaluation section in place of any earlier one."""
     path = model_dir / "README.md"
-    path.write_text(card_text(info, eval_report, info.get("name", model_dir.name)), encoding="utf-8")
+    if not path.is_file():
+        write_card(model_dir)
+    info = json.loads((model_dir / "potstill.json").read_text())
+    # surrogateescape: bytes that are not UTF-8 go back as they came, and verify names them
+    written, _ = split(path.read_text(encoding="utf-8", errors="surrogateescape"))
+    text = written + evaluation_text(eval_report, info.get("name", model_dir.name))
+    path.write_bytes(text.encode("utf-8", errors="surrogateescape"))
     return path

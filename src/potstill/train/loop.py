@@ -28,7 +28,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from potstill.train import checkpoint
-from potstill.receipts.card import write_card
 from potstill.train.tokenizer_match import Compat, check_tokenizers, ledger_samples
 from potstill.train.examples import TrainExample, build_examples, collate
 from potstill.devices import resolve_chunk_size, resolve_compile, resolve_mixed_precision
@@ -541,8 +540,7 @@ def save_student(model, tokenizer, out: Path, info: dict, manifest_rows: list[tu
         spdx.write(tmp, info)
         info["parameters"] = sum(p.numel() for p in model.parameters())
         info["files"] = sorted({p.name for p in tmp.iterdir()} | {"potstill.json", "README.md"})
-        (tmp / "potstill.json").write_text(json.dumps(info, indent=2) + "\n")
-        write_card(tmp)
+        manifest.seal(tmp, info)  # potstill.json with every file's sha256, the card, the card's sha256
     except BaseException:  # a full disk, an interrupt: leave no half-written student behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
