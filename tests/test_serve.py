@@ -26,6 +26,7 @@ from conftest import QUICKSTART, TEACHER
 PROMPTS = [json.loads(line)["prompt"] for line in (QUICKSTART / "prompts" / "heldout.jsonl").open()][:16]
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12, "top_logprobs": 5}
 IDS = {"return_tokens_as_token_ids": True}
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -201,14 +202,21 @@ def test_bad_requests_are_openai_errors_without_tracebacks(server, client):
     r = httpx.post(server[1] + "/chat/completions", json={"model": "teacher", "temperature": None, "n": None,
                    "logprobs": None, "stream": None, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200, r.text
-    for body in (b"{not json", b"[1, 2]", b'{"model": "teacher", "messages": [{"role": "user", "content": 5}]}'):
+    for body in (b"{not json", b"[1, 2]", b'{"model": "teacher", "messages": [{"role": "user", "content": 5}]}',
+                 b"[" * 100_000, b'{"model": "te\xffacher"}', b"",
+                 b'{"model": "teacher", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}'):
         for headers in ({}, {"content-type": "application/json"}):
             r = httpx.post(server[1] + "/chat/completions", content=body, headers=headers)
             assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
             assert r.json()["error"]["param"] in (None, "messages")  # OpenAI's param: a string or null
             assert "Traceback" not in r.text
-    r = httpx.post(server[1] + "/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(server[1] + "/chat/completions", content=b"{not json", headers=JSON)
     assert r.json()["error"]["param"] is None and "not valid JSON" in r.json()["error"]["message"]
+    ok = json.dumps({"model": "teacher", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+    for headers in ({}, {"content-type": "text/plain"}):  # as FastAPI: a web page may send text/plain unasked (CSRF)
+        r = httpx.post(server[1] + "/chat/completions", content=ok, headers=headers)
+        assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
+    assert httpx.post(server[1] + "/chat/completions", content=ok, headers={"content-type": "application/json; charset=utf-8"}).status_code == 200
     with pytest.raises(PotstillError, match="pick another --port"):
         bind("127.0.0.1", int(server[1].split(":")[-1].removesuffix("/v1")))
 
@@ -315,9 +323,14 @@ def test_prompt_scores_are_the_same_chunked(server, monkeypatch):
     assert len(whole.logprobs) == len(ids) - 1
 
 
-def test_api_key_is_checked_on_every_route_as_openai_does():
-    serving = running(build_app(TEACHER, model_name="teacher", api_key="s3cret"))
-    app, url = next(serving)
+@pytest.fixture(scope="module")
+def keyed():
+    """A server that wants the API key "s3cret"; yields (app, base url)."""
+    yield from running(build_app(TEACHER, model_name="teacher", api_key="s3cret"))
+
+
+def test_api_key_is_checked_on_every_route_as_openai_does(keyed):
+    app, url = keyed
     ok = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
     assert chat(ok, PROMPTS[0], temperature=0, max_tokens=2).choices[0].message.content is not None
     for key in ("wrong", "s3cre", "s3cret2"):
@@ -330,7 +343,17 @@ def test_api_key_is_checked_on_every_route_as_openai_does():
         r = httpx.get(url.removesuffix("/v1") + path)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["param"] is None
     assert httpx.get(url + "/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    next(serving, None)
+
+
+def test_the_auth_scheme_is_case_insensitive(keyed):
+    """RFC 7235: "bearer" is the scheme "Bearer" in any case, and one or more spaces end it; the key
+    itself is compared exactly."""
+    url = keyed[1]
+    for header in ("bearer s3cret", "BEARER s3cret", "bEaReR s3cret", "Bearer  s3cret"):
+        assert httpx.get(url + "/models", headers={"Authorization": header}).status_code == 200, header
+    for header in ("Basic s3cret", "bearer S3CRET", "bearer s3cre", "Bearers3cret", "s3cret", "bearer", ""):
+        r = httpx.get(url + "/models", headers={"Authorization": header})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", header
 
 
 def test_one_request_cannot_knock_the_server_over():
@@ -352,7 +375,7 @@ def test_one_request_cannot_knock_the_server_over():
             yield b"x" * 100_000
         yield b'"}]}'
 
-    r = httpx.post(url + "/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    r = httpx.post(url + "/chat/completions", content=chunks(), headers=JSON)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     too_long = "x" * (served.context * served.longest_token + 1)  # under the body cap, over what the context holds
     for ask in (lambda: chat(client, too_long, max_tokens=1),
@@ -368,22 +391,110 @@ def test_one_request_cannot_knock_the_server_over():
     next(serving, None)
 
 
-def test_prompts_are_tokenized_off_the_event_loop(server, client):
-    """While a prompt is being tokenized (here: the tokenizing thread held busy), /health answers
-    and the chat request waits for that thread rather than tokenizing on the event loop."""
+def test_a_lone_surrogate_is_a_400_naming_its_field(server):
+    """JSON can escape half of a UTF-16 pair ("\\ud800"), which is no character and which a tokenizer
+    cannot encode: the client's mistake, so a 400 naming where it is (a 5xx would be retried), whether
+    escaped or sent as its UTF-8-style bytes. A whole pair is an ordinary character."""
+    url = server[1]
+    chat_body = '{"model": "teacher", "max_tokens": 1, "messages": [{"role": "user", "content": %s}]}'
+    completion_body = '{"model": "teacher", "max_tokens": 1, "prompt": %s}'
+    for path, body, value, where in (
+            ("/chat/completions", chat_body, '"a\\ud800b"', "messages[0].content"),
+            ("/chat/completions", chat_body, '"\\udfff"', "messages[0].content"),
+            ("/chat/completions", chat_body, '[{"type": "text", "text": "a\\udc00"}]', "messages[0].content[0].text"),
+            ("/completions", completion_body, '"a\\ud800"', "prompt"),
+            ("/completions", completion_body, '["hi", "\\ud800\\ud800"]', "prompt[1]")):
+        for raw in ((body % value).encode(), (body % value).encode().replace(b"\\ud800", b"\xed\xa0\x80")):
+            r = httpx.post(url + path, content=raw, headers=JSON)
+            assert r.status_code == 400, (raw, r.text)
+            error = r.json()["error"]
+            assert error["param"] == where.split("[")[0] and error["type"] == "invalid_request_error"
+            assert f"{where}: " in error["message"] and "lone surrogate" in error["message"], error
+    paired = (chat_body % '"a\\ud83d\\ude00b"').encode()  # U+1F600, escaped as JSON escapes it
+    assert httpx.post(url + "/chat/completions", content=paired, headers=JSON).status_code == 200
+
+
+def test_message_and_prompt_counts_are_refused_before_they_are_validated():
+    """Bodies under the size cap can still hold 100,000s of tiny messages (once 400 MiB and 4 s of
+    the event loop for 15 MB) or of token ids: counted in the parsed JSON, before any pydantic object,
+    template or tokenizer, and refused in one line naming the limit."""
+    serving = running(build_app(TEACHER, model_name="teacher", max_messages=64))
+    app, url = next(serving)
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    many = json.dumps({"model": "teacher", "max_tokens": 1, "messages": [{"role": "user", "content": ""}] * 100_000})
+    start = time.monotonic()
+    r = httpx.post(url + "/chat/completions", content=many, headers=JSON, timeout=60)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "array_above_max_length" and error["param"] == "messages"
+    assert "100,000 messages" in error["message"] and "--max-messages" in error["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # content parts count as messages do
+        client.chat.completions.create(model="teacher", max_tokens=1, messages=[
+            {"role": "user", "content": [{"type": "text", "text": ""}] * 40}] * 2)
+    assert "80 content parts" in e.value.body["message"] and "--max-messages" in e.value.body["message"]
+    for prompt in ([1] * 1_000_000, [[1] * 65]):  # ids: the context (64) bounds them before they are validated
+        r = httpx.post(url + "/completions", content=json.dumps({"model": "teacher", "prompt": prompt, "max_tokens": 0}),
+                       headers=JSON, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "tokens" in r.json()["error"]["message"]
+    assert time.monotonic() - start < 5  # the old server took ~3 s for the 100,000 messages alone
+    assert len(client.chat.completions.create(model="teacher", max_tokens=1, messages=[
+        {"role": "user", "content": "hi"}] * 16).choices) == 1
+    next(serving, None)
+
+
+def test_a_large_body_is_prepared_aside_while_small_ones_are_answered(server, monkeypatch):
+    """Bodies are parsed, validated and tokenized off the event loop, those over 1 MiB one at a time
+    and apart from the smaller ones. While a large body's prompt is being tokenized (held here, so
+    that "meanwhile" does not depend on the machine's speed), /health answers, a small chat request
+    is answered, and a second large body waits its turn (the old server had every request wait
+    behind the one prompt being tokenized)."""
     import concurrent.futures
 
+    import potstill.serve.app as serve_app
+
     app, url = server
-    release = threading.Event()
-    busy = app.state.served.tokenizing.submit(release.wait, 30)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(chat, client, PROMPTS[0], temperature=0, max_tokens=2)
-        time.sleep(0.5)
-        assert httpx.get(url.removesuffix("/v1") + "/health", timeout=2).status_code == 200
-        assert not answer.done()
-        release.set()
-        assert answer.result(timeout=30).choices[0].message.content is not None
-    busy.result()
+    entered, release = [], threading.Event()
+    tokenize = serve_app.completion_prompts
+
+    def held(served, prompt):
+        if prompt in ("large 1", "large 2"):
+            entered.append(prompt)
+            release.wait(30)
+        return tokenize(served, prompt)
+
+    monkeypatch.setattr(serve_app, "completion_prompts", held)
+    served, arrived = app.state.served, []
+    prepare = served.prepare
+
+    async def counted(fn, raw):
+        arrived.append(len(raw))
+        return await prepare(fn, raw)
+
+    monkeypatch.setattr(served, "prepare", counted)
+    # allowed: 1.2 MB under the 16 MB cap, the rest of it in a field the server ignores
+    large = [json.dumps({"model": "teacher", "prompt": f"large {i}", "max_tokens": 1, "padding": "x" * 1_200_000})
+             for i in (1, 2)]
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=10)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        try:
+            first = pool.submit(httpx.post, url + "/completions", content=large[0], headers=JSON, timeout=60)
+            deadline = time.monotonic() + 10
+            while not entered and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert entered == ["large 1"]
+            second = pool.submit(httpx.post, url + "/completions", content=large[1], headers=JSON, timeout=60)
+            sent = time.monotonic()
+            assert httpx.get(url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
+            assert chat(client, PROMPTS[0], temperature=0, max_tokens=2).choices[0].message.content is not None
+            assert time.monotonic() - sent < 5  # a few ms alone; generous for a busy machine
+            while sum(n > 1 << 20 for n in arrived) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)  # time enough for the second large body to start, were it not waiting
+            assert entered == ["large 1"] and not first.done() and not second.done()
+        finally:
+            release.set()
+        assert first.result().status_code == second.result().status_code == 200
+    assert entered == ["large 1", "large 2"]
 
 
 def test_serve_checks_its_port_before_loading_and_warns_when_exposed(tmp_path):
@@ -453,6 +564,7 @@ def test_serve_options_are_one_spec_checked_before_the_port_and_the_model(capsys
         for flags, said in ((["--batch-wait-ms", "-1"], "batch wait must be 0 ms or more"),
                             (["--max-batch-size", "0"], "max batch size must be at least 1"),
                             (["--max-body-mb", "0"], "max body size must be more than 0 MB"),
+                            (["--max-messages", "0"], "max messages must be at least 1"),
                             (["--api-key", " "], "the API key is empty")):
             assert main(["serve", "no-such-folder", "--port", port, *flags]) == 2
             err = capsys.readouterr().err

@@ -126,7 +126,8 @@ def cmd_serve(args) -> None:
     spec = ServeSpec(host=args.host, port=args.port, model_name=args.model_name, dtype=args.dtype,
                      device=resolve_device(args.device, "--device"), max_batch_size=args.max_batch_size,
                      batch_wait_ms=args.batch_wait_ms, exact_seeds=args.exact_seeds, api_key=api_key,
-                     max_body_mb=args.max_body_mb, watermark=watermark_of(args) if args.watermark_key_file else None)
+                     max_body_mb=args.max_body_mb, max_messages=args.max_messages,
+                     watermark=watermark_of(args) if args.watermark_key_file else None)
     serve(args.model_dir, spec)
 
 
@@ -390,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--watermark-delta", type=float, default=2.0, help="logit bonus of green tokens (default 2.0)")
     s.add_argument("--watermark-context", type=int, default=1, help="previous tokens seeding each green list (default 1)")
     s.add_argument("--max-body-mb", type=float, default=16, help="refuse request bodies larger than this, unread")
+    s.add_argument("--max-messages", type=int, default=2048, help="refuse chat requests of more messages than this, "
+                   "or as many content parts, before they are validated or tokenized (default 2048)")
     s.set_defaults(func=cmd_serve)
     m = verbs.add_parser("merge", help="combine ledgers (e.g. --shard outputs) into one, without duplicates")
     m.add_argument("out", help="the ledger to write (created, or merged into)")

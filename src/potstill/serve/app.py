@@ -42,9 +42,14 @@ What a client must know:
   in a batch of its own instead: its seed alone decides its samples, at the cost of batching.
 
 Limits, so one request cannot exhaust the machine: with an API key every route wants it
-(``Authorization: Bearer``, else a 401); a body over ``max_body_mb`` is refused unread (413); a text
-longer than the context could hold in any tokens is refused before tokenizing; prompts are tokenized
-one at a time in a thread of their own; a request's prompts x n must fit one batch.
+(``Authorization: Bearer``, the scheme in any case, else a 401); a body over ``max_body_mb`` is
+refused unread (413). The rest is checked in the parsed JSON, before any pydantic object, chat
+template or tokenizer (400): at most ``max_messages`` messages and as many content parts; texts no
+longer in all than the context could hold in any tokens; lists of token ids no longer than the
+context; a request's prompts x n within one batch; no lone surrogate (``"\\ud800"``, half of a
+UTF-16 pair, which no tokenizer encodes) in a text. Bodies are parsed, validated, templated and
+tokenized off the event loop: those over 1 MiB one at a time, apart from the smaller ones, so a
+large body neither stops the server answering nor makes a small request wait.
 
 Not supported, refused with a 400 rather than ignored: tools, function calls and tool turns,
 roles other than system/developer/user/assistant, response_format other than text, logit_bias,
@@ -59,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 import secrets
 import socket
 import sys
@@ -81,7 +87,7 @@ from potstill.serve.batcher import Batcher, Job, Served, run_batch
 from potstill.serve.formats import (chat_logprobs, completion_choice, make_choice, sse, stop_strings,
                                     usage)
 from potstill.serve.schema import (UNSUPPORTED, APIError, ChatRequest, CompletionRequest, Message, Sampling,
-                                   error_body, validation_message)
+                                   error_body, validated)
 from potstill.teachers.local import DTYPES, load_model_dir, prompt_ids
 
 
@@ -100,6 +106,7 @@ class ServeSpec:
     exact_seeds: bool = False  # a seeded sampled request runs alone, so its seed alone decides its samples
     api_key: str | None = None  # wanted on every route (Authorization: Bearer)
     max_body_mb: float = 16  # bodies over this are refused unread
+    max_messages: int = 2048  # messages in a chat request, and content parts in all
     watermark: Any = None  # a potstill.audit.Watermark on every generated token
 
     def __post_init__(self):
@@ -111,6 +118,8 @@ class ServeSpec:
             raise PotstillError(f"batch wait must be 0 ms or more (got {self.batch_wait_ms})")
         if not self.max_body_mb > 0:
             raise PotstillError(f"max body size must be more than 0 MB (got {self.max_body_mb})")
+        if self.max_messages < 1:
+            raise PotstillError(f"max messages must be at least 1 (got {self.max_messages})")
         if self.api_key is not None and not self.api_key.strip():
             raise PotstillError("the API key is empty: give one, or leave --api-key out")
 
@@ -118,7 +127,7 @@ class ServeSpec:
 def load_served(model_dir: str | Path, spec: ServeSpec) -> Served:
     model, tokenizer = load_model_dir(model_dir, "model", spec.dtype, spec.device)
     # A fast tokenizer resets its padding and truncation settings on its first encode; done here,
-    # before the tokenizing and the generating threads use it at once ("Already borrowed").
+    # before the preparing and the generating threads use it at once ("Already borrowed").
     tokenizer("")
     # a token's vocabulary string has at least as many characters as its text (byte-level BPE
     # spells each byte as a character, SentencePiece each space as "▁")
@@ -127,7 +136,7 @@ def load_served(model_dir: str | Path, spec: ServeSpec) -> Served:
                   getattr(model.config, "max_position_embeddings", None),
                   getattr(model.generation_config, "max_new_tokens", None),
                   min(model.get_input_embeddings().num_embeddings, len(tokenizer)), spec.max_batch_size,
-                  max(longest, 1), spec.exact_seeds, spec.watermark)
+                  max(longest, 1), spec.exact_seeds, spec.watermark, spec.max_messages)
 
 
 def check_request(served: Served, body: Sampling) -> None:
@@ -147,10 +156,8 @@ def check_request(served: Served, body: Sampling) -> None:
 def max_new_tokens(served: Served, prompt_len: int, requested: int | None, minimum: int, param: str) -> int:
     """``requested``, or by default the model's generation_config max_new_tokens (as vLLM reads it),
     or else the rest of the context. Refused when prompt and answer do not fit the context."""
+    served.check_tokens(prompt_len, param, minimum)
     room = None if served.context is None else served.context - prompt_len
-    if room is not None and room < minimum:
-        raise APIError(f"the prompt is {prompt_len} tokens and the model's context is {served.context}: "
-                       "shorten the prompt", param, "context_length_exceeded")
     if requested is None:
         requested = min((x for x in (served.default_max_tokens, room) if x is not None), default=16)
     if requested < minimum:
@@ -176,20 +183,129 @@ def solo_key(served: Served, body: Sampling) -> str | None:
     return uuid.uuid4().hex if served.exact_seeds and body.seed is not None and body.temperature > 0 else None
 
 
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+              type(None): "null"}
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_json_type(content_type: str | None) -> None:
+    """Read a body as JSON only when it is sent as JSON, as FastAPI does: a web page can post any
+    other type to a local server without the browser asking the server first (CSRF)."""
+    mime = (content_type or "").split(";")[0].strip().lower()
+    if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
+        got = repr(content_type) if content_type else "none"
+        raise APIError(f"the body must be JSON, sent with 'Content-Type: application/json' (got {got})")
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body as the JSON object it must be, or one clear 400."""
+    try:
+        data = json.loads(raw)  # bytes: decoded as UTF-8 with lone surrogates passed through
+    except UnicodeDecodeError as e:
+        raise APIError(f"the body is not UTF-8 ({e.reason} at byte {e.start:,}): send JSON in UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise APIError(f"the body is not valid JSON ({e}): send a JSON object") from None
+    except RecursionError:
+        raise APIError("the body's JSON is nested too deeply to read: send a JSON object of the API's fields") from None
+    if not isinstance(data, dict):
+        raise APIError(f"the body is {JSON_TYPES.get(type(data), 'not an object')}: send a JSON object")
+    return data
+
+
+def check_text(text: str, where: str, param: str) -> None:
+    """Refuse a lone surrogate: JSON may escape half of a UTF-16 pair ("\\ud800"), which is no
+    character and which no tokenizer can encode (the tokenizer's TypeError was a 500, retried)."""
+    if not text.isascii() and (bad := SURROGATE.search(text)):
+        raise APIError(f"{where}: character {bad.start():,} is a lone surrogate ({ascii(bad.group())}), half of a "
+                       "UTF-16 pair and no character: send valid Unicode text", param)
+
+
+def check_messages(served: Served, messages) -> None:
+    """The chat messages as parsed, before any is validated, templated or tokenized: at most
+    ``max_messages`` messages and as many content parts, texts no longer in all than the context
+    could hold, and no lone surrogate in them. A value of the wrong type is left to the schema."""
+    if not isinstance(messages, list):
+        return
+    limit = served.max_messages
+    if len(messages) > limit:
+        raise APIError(f"messages: {len(messages):,} messages is more than this server takes ({limit:,}): send "
+                       "fewer, or restart it with a larger --max-messages", "messages", "array_above_max_length")
+    texts, parts = [], 0  # texts: (where, text) of every string a template may render (a role is one of four)
+    for i, m in enumerate(messages):
+        for key, value in m.items() if isinstance(m, dict) else ():
+            if isinstance(value, str) and key != "role":
+                texts.append((f"messages[{i}].{key}", value))
+            elif key == "content" and isinstance(value, list):
+                parts += len(value)
+                if parts > limit:
+                    raise APIError(f"messages: {parts:,} content parts in the first {i + 1:,} messages is more than "
+                                   f"this server takes ({limit:,}): send fewer, or restart it with a larger "
+                                   "--max-messages", "messages", "array_above_max_length")
+                texts += [(f"messages[{i}].content[{j}].text", p["text"]) for j, p in enumerate(value)
+                          if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    served.check_length(sum(len(text) for _, text in texts), "messages")
+    for where, text in texts:
+        check_text(text, where, "messages")
+
+
+def check_prompt(served: Served, prompt, n) -> None:
+    """A completion's prompt as parsed, before it is validated or tokenized: prompts x n within one
+    batch, each text no longer than the context could hold and without a lone surrogate, each list
+    of token ids no longer than the context. A value of the wrong type is left to the schema."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        n = n if isinstance(n, int) and n >= 1 else 1
+        if len(prompt) * n > served.max_batch_size:
+            raise APIError(f"{len(prompt):,} prompts x n={n} is more than this server's max batch size "
+                           f"({served.max_batch_size}): send fewer per request, or restart it with a larger "
+                           "--max-batch-size", "prompt")
+        listed = [(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
+    else:
+        listed = [("prompt", prompt)]
+    for where, p in listed:
+        if isinstance(p, str):
+            served.check_length(len(p), "prompt")
+            check_text(p, where, "prompt")
+        elif isinstance(p, list):  # token ids: bounded by the context exactly, and cheaply
+            served.check_tokens(len(p), "prompt")
+
+
 def chat_prompt(tokenizer, messages: list[Message]) -> list[int]:
     """Token ids of the messages through the chat template, as LocalTeacher builds them."""
     flat = []
     for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
-            if any(part.get("type") != "text" for part in content):
-                raise APIError(f"messages[{i}].content: only text parts are supported", "messages")
-            content = "".join(part.get("text", "") for part in content)
+            if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
+                raise APIError(f"messages[{i}].content: only text parts are supported, each with a text",
+                               "messages")
+            content = "".join(part["text"] for part in content)
         flat.append({**m.model_dump(exclude_none=True), "content": content or ""})
     try:
         return prompt_ids(tokenizer, flat)
     except TemplateError as e:
         raise APIError(f"the model's chat template rejected the messages: {e}", "messages") from None
+
+
+def prepare_chat(served: Served, raw: bytes) -> tuple[ChatRequest, list[int]]:
+    """A chat request's body checked and validated, and its prompt's token ids (in a worker thread:
+    ``Served.prepare``)."""
+    data = parse_body(raw)
+    check_messages(served, data.get("messages"))
+    body = validated(ChatRequest, data)
+    check_request(served, body)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError("top_logprobs needs logprobs=true", "top_logprobs")
+    return body, chat_prompt(served.tokenizer, body.messages)
+
+
+def prepare_completion(served: Served, raw: bytes) -> tuple[CompletionRequest, list[list[int]]]:
+    """A completion request's body checked and validated, and its prompts' token ids (in a worker
+    thread: ``Served.prepare``)."""
+    data = parse_body(raw)
+    check_prompt(served, data.get("prompt"), data.get("n"))
+    body = validated(CompletionRequest, data)
+    check_request(served, body)
+    return body, completion_prompts(served, body.prompt)
 
 
 def completion_prompts(served: Served, prompt) -> list[list[int]]:
@@ -206,15 +322,10 @@ def completion_prompts(served: Served, prompt) -> list[list[int]]:
     return rows
 
 
-async def chat_completion(served: Served, batcher: Batcher, body: ChatRequest):
-    """A chat completion (dict), or its server-sent events (async iterator) when ``stream``."""
-    check_request(served, body)
-    if body.top_logprobs and not body.logprobs:
-        raise APIError("top_logprobs needs logprobs=true", "top_logprobs")
-    served.check_length(sum(len(m.content) if isinstance(m.content, str) else
-                            sum(len(str(part.get("text", ""))) for part in m.content or ()) for m in body.messages),
-                        "messages")
-    ids = await served.tokenize(chat_prompt, served.tokenizer, body.messages)
+async def chat_completion(served: Served, batcher: Batcher, raw: bytes):
+    """A chat completion (dict) for the body ``raw``, or its server-sent events (async iterator) when
+    ``stream``."""
+    body, ids = await served.prepare(prepare_chat, raw)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_new = max_new_tokens(served, len(ids), requested, 1, "messages")
     k = (body.top_logprobs or 0) if body.logprobs else 0
@@ -242,18 +353,10 @@ async def chat_completion(served: Served, batcher: Batcher, body: ChatRequest):
     return sse(events)
 
 
-async def completion(served: Served, batcher: Batcher, body: CompletionRequest):
-    """A text completion (dict), or its server-sent events (async iterator) when ``stream``."""
-    check_request(served, body)
-    listed = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) else [body.prompt]
-    if len(listed) * body.n > served.max_batch_size:
-        raise APIError(f"{len(listed)} prompts x n={body.n} is more than this server's max batch size "
-                       f"({served.max_batch_size}): send fewer per request, or restart it with a larger "
-                       "--max-batch-size", "prompt")
-    for p in listed:
-        if isinstance(p, str):  # a list of ids is checked against the context exactly, and cheaply
-            served.check_length(len(p), "prompt")
-    prompts = await served.tokenize(completion_prompts, served, body.prompt)
+async def completion(served: Served, batcher: Batcher, raw: bytes):
+    """A text completion (dict) for the body ``raw``, or its server-sent events (async iterator) when
+    ``stream``."""
+    body, prompts = await served.prepare(prepare_completion, raw)
     wanted = [x for x in (body.logprobs if body.echo else None, body.prompt_logprobs) if x is not None]
     prompt_k = max(wanted) if wanted else None
     solo = solo_key(served, body)
@@ -294,13 +397,19 @@ class Guard:
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.max_body_bytes = app, max_body_bytes
-        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+        self.key = None if api_key is None else api_key.encode()
+
+    def authorized(self, header: bytes) -> bool:
+        """RFC 7235: the scheme ("Bearer") in any case, ended by one or more spaces; the key compared
+        in constant time."""
+        scheme, _, key = header.partition(b" ")
+        return secrets.compare_digest(key.lstrip(b" "), self.key) and scheme.lower() == b"bearer"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.expected is not None and not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
+        if self.key is not None and not self.authorized(headers.get(b"authorization", b"")):
             return await reply(send, 401, "a valid API key is needed: send it as 'Authorization: Bearer KEY' "
                                "(the openai client's api_key)", "invalid_api_key")
         too_large = (f"the request body is over {self.max_body_bytes:,} bytes: send less, or restart the server "
@@ -342,7 +451,6 @@ def build_app(model_dir: str | Path, spec: ServeSpec | None = None, **options):
     the prompt scorings its requests asked for)."""
     require_server_libraries()
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
@@ -355,7 +463,7 @@ def build_app(model_dir: str | Path, spec: ServeSpec | None = None, **options):
         worker = asyncio.create_task(batcher.run())
         yield
         worker.cancel()
-        served.tokenizing.shutdown(wait=False, cancel_futures=True)
+        served.close()
 
     app = FastAPI(title="potstill serve", lifespan=lifespan)
     app.state.served, app.state.batcher = served, batcher
@@ -367,10 +475,6 @@ def build_app(model_dir: str | Path, spec: ServeSpec | None = None, **options):
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
         return error(e.status, e.message, e.param, e.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request, e: RequestValidationError):
-        return error(400, *validation_message(e.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
@@ -414,13 +518,17 @@ def build_app(model_dir: str | Path, spec: ServeSpec | None = None, **options):
         watcher.cancel()
         return respond(task.result())
 
+    # The bodies are read as bytes, not as FastAPI's pydantic parameters, which parse and validate
+    # on the event loop, before any limit is checked (450,000 tiny messages: 4 s and 400 MiB).
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: HTTPRequest):
-        return await unless_gone(request, chat_completion(served, batcher, body))
+    async def chat(request: HTTPRequest):
+        check_json_type(request.headers.get("content-type"))
+        return await unless_gone(request, chat_completion(served, batcher, await request.body()))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: HTTPRequest):
-        return await unless_gone(request, completion(served, batcher, body))
+    async def completions(request: HTTPRequest):
+        check_json_type(request.headers.get("content-type"))
+        return await unless_gone(request, completion(served, batcher, await request.body()))
 
     return app
 

@@ -20,6 +20,7 @@ from potstill.teachers.base import Completion
 from potstill.teachers.local import generate_ids
 
 SCORE_CHUNK = 512  # prompt positions scored per step of echo / prompt_logprobs
+LARGE_BODY = 1 << 20  # bytes: bodies over this are prepared one at a time, apart from the others
 
 
 @dataclass
@@ -36,11 +37,15 @@ class Served:
     longest_token: int  # characters of the tokenizer's longest token: a text longer than context x this cannot fit
     exact_seeds: bool = False
     watermark: Any = None  # potstill.audit.Watermark on every generated token (prompt scoring is not watermarked)
+    max_messages: int = 2048  # messages in a chat request, and content parts in all
     created: int = field(default_factory=lambda: int(time.time()))
     alone: dict = field(default_factory=dict)  # (id, skip_special) -> the token decoded by itself
-    # Prompts are tokenized here, one at a time: off the event loop (a long text does not freeze
-    # /health), and never many large prompts in memory at once.
-    tokenizing: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenize"))
+    # Request bodies are parsed, checked, validated, templated and tokenized in these threads, off
+    # the event loop: those up to LARGE_BODY bytes a few at once, larger ones one at a time, so a
+    # large body never makes a small request wait and only one is held parsed at once (the JSON of
+    # a body holding many small objects takes some 12 times its size).
+    small_bodies: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, "prepare"))
+    large_bodies: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "prepare-large"))
 
     def check_length(self, chars: int, param: str) -> None:
         """Refuse, before tokenizing, a text too long for the context whatever its tokens: a token
@@ -50,8 +55,20 @@ class Served:
                            f"tokens of at most {self.longest_token} characters) holds; shorten it", param,
                            "context_length_exceeded")
 
-    async def tokenize(self, fn: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
+    def check_tokens(self, tokens: int, param: str, answer: int = 0) -> None:
+        """Refuse a prompt of ``tokens`` that leaves less than ``answer`` tokens of the context."""
+        if self.context is not None and tokens + answer > self.context:
+            raise APIError(f"the prompt is {tokens:,} tokens and the model's context is {self.context:,}: "
+                           "shorten the prompt", param, "context_length_exceeded")
+
+    async def prepare(self, fn: Callable, raw: bytes):
+        """``fn(self, raw)`` for a request body ``raw``, in the lane its size picks."""
+        lane = self.large_bodies if len(raw) > LARGE_BODY else self.small_bodies
+        return await asyncio.get_running_loop().run_in_executor(lane, fn, self, raw)
+
+    def close(self) -> None:
+        for lane in (self.small_bodies, self.large_bodies):
+            lane.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_TOP_LOGPROBS = 20
 # request fields this server cannot honour, with the value that means "not used"
@@ -83,16 +83,22 @@ class CompletionRequest(Sampling):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # vLLM
 
 
+def validated(schema: type[Sampling], data: dict) -> Sampling:
+    """``data`` (a parsed body) as ``schema``, or an APIError saying what is wrong, where."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise APIError(*validation_message(e.errors(include_url=False, include_input=False))) from None
+
+
 def validation_message(problems: list[dict]) -> tuple[str, str | None]:
-    """FastAPI's validation errors as one line and the top-level field at fault (OpenAI's ``param``:
+    """pydantic's validation errors as one line and the top-level field at fault (OpenAI's ``param``:
     a string or null). A field that may take several types (a completion's prompt, a message's
     content) fails once per type: that is said once, with the types."""
     first = problems[0]
-    if first["type"] == "json_invalid":  # its loc holds the character offset, not a field
-        return f"the body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])}): send a JSON object", None
-    loc = first["loc"][1:]
+    loc = first["loc"]
     field = loc[0] if loc and isinstance(loc[0], str) else None
-    same = [p["loc"][1:] for p in problems if p["loc"][1:2] == loc[:1]]
+    same = [p["loc"] for p in problems if p["loc"][:1] == loc[:1]]
     n = next(i for i in range(len(loc) + 1) if i == len(loc) or any(len(l) <= i or l[i] != loc[i] for l in same))
     if len(same) > 1 and all(len(l) > n and isinstance(l[n], str) and is_type_tag(l[n]) for l in same):
         where = ".".join(map(str, loc[:n]))
