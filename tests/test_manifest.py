@@ -354,3 +354,41 @@ def test_an_inclusion_proof_without_the_ledger_fails_naming_the_row(trained, cap
     finally:
         moved.rename(ledger)
 
+
+HOSTILE = "evil</td><script>alert(1)</script>\n# Injected heading <img src=x onerror=alert(1)> *em* [a](javascript:x)"
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A run trained through the CLI whose teacher id, declaration and accepted-risk reason are markup."""
+    from conftest import QUICKSTART, TEACHER, tiny_overrides
+    from potstill.cli import main
+
+    tmp = tmp_path_factory.mktemp("h")
+    prompts = [json.loads(line) for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:16]
+    data = tmp / "answers.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["answer"]}) + "\n" for r in prompts))
+    overrides = [*tiny_overrides(tmp / "run"), "prompts=null", "teacher.backend=imported", f"teacher.data={data}",
+                 f"student.tokenizer={TEACHER}", "train.objective=sft", "baseline=null", "use=competing",
+                 f"teacher.id={json.dumps('id ' + HOSTILE)}", "teacher.terms_family=openai-api",
+                 f"teacher.terms_declared={json.dumps('declared ' + HOSTILE)}"]
+    recipe = str(QUICKSTART / "recipe.yaml")
+    assert main(["generate", recipe, *overrides]) == 0
+    assert main(["train", recipe, *overrides, "--accept-terms-risk", "reason " + HOSTILE]) == 0
+    return tmp / "run"
+
+
+def test_terms_md_writes_every_id_reason_and_declaration_as_text(hostile, capsys):
+    from markdown_it import MarkdownIt
+
+    text = (hostile / "student" / "TERMS.md").read_text()
+    tokens = MarkdownIt("commonmark").parse(text)
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert headings[0].startswith("Terms that bind this model") and "Trained past the terms gate" in headings
+    assert not any("Injected" in h for h in headings), headings
+    html = MarkdownIt("commonmark").render(text)
+    assert "<script" not in html and "<img" not in html and "<em>" not in html and "javascript:x\"" not in html, html
+    for what in ("id", "reason", "declared"):  # each written out, as text
+        assert f"{what} evil&lt;/td&gt;&lt;script&gt;alert(1)&lt;/script&gt; # Injected heading" in html, what
+    rc, out = _verify(hostile, capsys)
+    assert rc == 0, out

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from potstill.errors import PotstillError
+from potstill.receipts.card import md_text, md_url
 from potstill.receipts.terms.gate import NOT_ADVICE, check, family, gate, merge_obligations, prefixed_name
 
 
@@ -66,21 +67,24 @@ def write_obligation_files(folder: Path, terms: dict | None) -> None:
             notices.insert(0, (here / "NOTICE").read_text(encoding="utf-8", errors="replace").strip())
     if notices:
         (folder / "NOTICE").write_text("\n\n".join(dict.fromkeys(notices)) + "\n", encoding="utf-8")
-    lines = [f"# Terms that bind this model ({terms['use']} use)", "",
+    # every value as literal text, as in the card: a teacher id, a reason or a declaration may hold markup
+    lines = [f"# Terms that bind this model ({md_text(terms['use'])} use)", "",
              f"This file records what potstill found; {NOT_ADVICE}. Read each teacher's terms.", ""]
     for t in terms["teachers"]:
-        lines.append(f"- {t['teacher']}: {t['family']} ({t['licence']}), {t['verdict']} for {t['use']}; "
-                     f"{t['url'] or 'no URL'}; {t['clause']}")
+        declared = f" (declared: {md_text(t['declared'])})" if t.get("declared") else ""
+        lines.append(f"- {md_text(t['teacher'])}: {md_text(t['family'])} ({md_text(t['licence'])}), "
+                     f"{md_text(t['verdict'])} for {md_text(t['use'])}{declared}; "
+                     f"{md_url(t['url']) if t['url'] else 'no URL'}; {md_text(t['clause'])}")
     for title, key in (("Attribution", "attribution"), ("Restrictions that pass to every user", "flow_down"),
                        ("Thresholds", "thresholds")):
         if ob[key]:
-            lines += ["", f"## {title}", ""] + [f"- {x}" for x in ob[key]]
+            lines += ["", f"## {title}", ""] + [f"- {md_text(x)}" for x in ob[key]]
     if missing:
         lines += ["", "## Files to add before distributing", "",
                   "The teacher's folder did not hold these; copy them from the terms' URL:", ""]
-        lines += [f"- {m}" for m in missing]
+        lines += [f"- {md_text(m)}" for m in missing]
     if terms.get("accepted_risk"):
-        lines += ["", "## Trained past the terms gate", "", f"Reason given: {terms['accepted_risk']}", ""]
-        lines += [f"- {p}" for p in terms["overridden"]]
+        lines += ["", "## Trained past the terms gate", "", f"Reason given: {md_text(terms['accepted_risk'])}", ""]
+        lines += [f"- {md_text(p)}" for p in terms["overridden"]]
     (folder / "TERMS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
