@@ -338,6 +338,23 @@ def test_budget_shrinks_the_batch_then_stops_before_creating(tmp_path, fake):
     assert fake.creates == 1
 
 
+def test_inflated_usage_never_passes_max_cost_in_a_batch(tmp_path, fake, monkeypatch):
+    """Every line claims 10^9 tokens: the batch was shrunk to what fits at the most the clamp can
+    count per line, so the collected spend stays within max_cost (was: shrunk at the prompt
+    estimate, then counted past it)."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "USAGE", {"prompt_tokens": 10**9, "completion_tokens": 10**9,
+                                                          "total_tokens": 2 * 10**9})
+    fake.errors = False
+    r = recipe(tmp_path, fake, "teacher.budget.max_cost=0.003")
+    with pytest.raises(PotstillError, match=r"max_cost=0.003 leaves room for \d+ of 40"):
+        generate(r)
+    with ledger_of(r) as ledger:
+        spend = ledger.spend()
+    assert 0 < spend["requests"] < 40 and 0.002 < spend["cost"] <= 0.003  # was: all 40, $0.0036
+
+
 @pytest.mark.parametrize("status, error, shown", [
     (401, {"error": {"message": f"Incorrect API key provided: {KEY}", "code": "invalid_api_key"}}, "HTTP 401"),
     (429, {"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}},

@@ -4,6 +4,7 @@ one retry layer, Retry-After, budgets, clean stops, the in-flight window, and SI
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -825,3 +826,24 @@ def test_no_answer_means_none_at_all_not_slow_failures_among_answers():
     # an answer starts every count again
     streaks.see("ok", None, first=True, sent=9.0, now=9.5)
     assert streaks.gave_up("HTTP 503", sent=10.0) is None and streaks.gave_ups == 1
+
+
+@pytest.mark.parametrize("concurrency", [8, 32])
+def test_inflated_usage_never_passes_max_cost(mock, tmp_path, concurrency):
+    """Every answer claims 10^9 tokens: each is counted at the most the clamp allows, and each send
+    reserved that much, so the ledger's spend never passes max_cost (was: $0.003184 at concurrency
+    8 and $0.003244 at 32 for max_cost 0.003)."""
+    m = mock(latency=0.02, usage={"prompt_tokens": 10**9, "completion_tokens": 10**9, "total_tokens": 2 * 10**9})
+    recipe = http_recipe(tmp_path, [m], 200, f"teacher.concurrency={concurrency}", "teacher.prices.prompt=1",
+                         "teacher.prices.completion=1", "teacher.budget.max_cost=0.003")
+    with pytest.raises(PotstillError, match="max_cost=0.003") as stop:
+        generate(recipe)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        spend = ledger.spend()
+    assert 0.002 < spend["cost"] <= 0.003  # every answer counted at the most the clamp allows
+    said = re.search(r"spent \$([\d.]+)", str(stop.value))
+    assert said and float(said[1]) <= 0.003, stop.value  # the stop line never shows more than the budget
+    with pytest.raises(PotstillError, match="max_cost"):  # and a rerun sends nothing past it
+        generate(recipe)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.spend()["cost"] <= 0.003

@@ -25,8 +25,9 @@ Each batch goes through these steps, in this order, and why:
 
 Cost of a line = (prompt_tokens * prices.prompt + completion_tokens * prices.completion) / 1e6
 * ``BATCH_DISCOUNT``: ``teacher.prices`` are the online list prices, and the Batch API bills half.
-Budgets count the ledger's totals plus the worst case of every open batch (prompt estimate +
-max_new_tokens per line, discounted) and only create a batch that fits, shrunk to what fits.
+Budgets count the ledger's totals plus the worst case of every open batch (the most
+``counted_usage`` can count per line: 2 x the prompt estimate + 16, and max_new_tokens;
+discounted) and only create a batch that fits, shrunk to what fits.
 
 Client: the official synchronous one. A batch run makes a handful of calls (upload, create, polls,
 downloads), none of them concurrent, so async would buy nothing. Its own retries (2) stay on for the
@@ -49,7 +50,7 @@ from potstill.progress import live_counts
 from potstill.teachers.base import Completion, Request
 from potstill.teachers.openai.budget import Budget, price
 from potstill.teachers.openai.wire import (Malformed, api_key, batch_line_problem, counted_usage, estimate_tokens, parse_response,
-                                          request_body)
+                                          request_body, worst_case)
 
 MAX_LINES = 50_000  # requests per batch input file (API limit)
 MAX_BYTES = 200_000_000  # bytes per batch input file (API limit: 200 MB)
@@ -186,9 +187,9 @@ def affordable(run: Run, fresh: list[Request], jobs: list[Job]) -> tuple[int, st
         return len(fresh), None
     # an open batch's pending requests count as spent at their worst case until it is collected
     for h in set().union(*(j.hashes for j in jobs)) & run.requests.keys():
-        budget.reserve(*estimate_tokens(run.requests[h], run.params, run.tokenizer))
+        budget.reserve(*worst_case(*estimate_tokens(run.requests[h], run.params, run.tokenizer)))
     for i, r in enumerate(fresh):
-        worst = estimate_tokens(r, run.params, run.tokenizer)
+        worst = worst_case(*estimate_tokens(r, run.params, run.tokenizer))  # the most counted_usage can count
         if (over := budget.over(*worst)):
             return i, (f"budget reached: teacher.budget.{over[0]}={over[1]:g} leaves room for {i} of {len(fresh)} "
                        f"new requests at their worst case (spent and reserved: {budget.requests} requests, "

@@ -1,8 +1,8 @@
 """One budget for every way of paying a teacher: ``teacher.budget`` against what the ledger says
 was spent (over all sessions) plus what is reserved (sends in flight, open batches).
 
-A send is checked at its worst case (prompt estimate + max tokens), so a run stops before a
-limit, not after it. The online dispatcher reserves the worst case while a send is in flight and
+A send is checked at its worst case (the most ``wire.counted_usage`` can count for it:
+``wire.worst_case``), so a run stops before a limit, not after it, whatever usage an answer claims. The online dispatcher reserves the worst case while a send is in flight and
 replaces it by what was billed; the Batch path counts the open batches' worst case as spent
 until they are collected, at the Batch discount.
 """
@@ -47,7 +47,9 @@ class Budget:
         if b.max_tokens is not None and tokens + prompt + completion > b.max_tokens:
             return "max_tokens", b.max_tokens, f"{tokens:,.0f} tokens incl. in flight"
         cost = self.cost + self.reserved_cost
-        if b.max_cost is not None and cost + self.cost_of(prompt, completion) > b.max_cost:
+        # a billionth short of the limit: the ledger sums the same costs in another order, and a sum
+        # that fills the budget exactly here may come out an ulp over it there
+        if b.max_cost is not None and cost + self.cost_of(prompt, completion) > b.max_cost * (1 - 1e-9):
             return "max_cost", b.max_cost, f"${cost:.4f} incl. in flight"
         return None
 

@@ -26,8 +26,9 @@ The rules, and why:
   be written stops it with the reason.
 - **Idempotency.** A slot of the window is held from the send until the ledger commit of its
   answer, so a crash re-sends at most the window; done requests were filtered out before.
-- **Budgets** count the ledger's totals over all sessions and reserve the worst case (prompt
-  estimate + max tokens) for each send, so a run stops before a limit, not after. Each send is
+- **Budgets** count the ledger's totals over all sessions and reserve the worst case for each
+  send (the most ``counted_usage`` can count: 2 x the prompt estimate + 16, and max tokens), so a
+  run stops before a limit, not after, whatever ``usage`` the answers claim. Each send is
   written to ``attempts`` at that worst case before it leaves and settled after, so a crash
   cannot hide a send from the next run's budget; ``usage`` is clamped (``counted_usage``).
 """
@@ -50,7 +51,8 @@ from potstill.progress import live_counts
 from potstill.teachers.base import Request
 from potstill.teachers.openai.budget import Budget
 from potstill.teachers.openai.wire import (Malformed, api_key, counted_usage, endpoint_path, estimate_tokens,
-                                          make_client, parse_response, redact, request_body, split_extras)
+                                          make_client, parse_response, redact, request_body, split_extras,
+                                          worst_case)
 
 MALFORMED_RETRIES = 2
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds: 0.5 * 2^n, capped, + up to 25 % jitter
@@ -368,6 +370,7 @@ class Dispatcher:
         (None, None) when the run stopped first (the request stays pending)."""
         body, extra = split_extras(request_body(request, self.params, self.spec, self.tokenizer))
         estimate = estimate_tokens(request, self.params, self.tokenizer)  # (prompt, max completion) tokens
+        worst = worst_case(*estimate)  # the most counted_usage can count for one send: what the budget holds
         h = request.request_hash
         malformed = 0
         for attempt in range(self.spec.max_attempts):
@@ -379,11 +382,11 @@ class Dispatcher:
             await self.tpm.take(sum(estimate))
             if self.stopped:
                 return None, None
-            if (over := self.budget.over(*estimate)):
+            if (over := self.budget.over(*worst)):
                 self.stop(f"budget reached: teacher.budget.{over[0]}={over[1]:g} (spent {over[2]})")
                 return None, None
             endpoint = self._pick()
-            sent = await self._send(request, endpoint, body, extra, estimate)
+            sent = await self._send(request, endpoint, body, extra, estimate, worst)
             if sent is None:  # the ledger failed before the send: the writer has stopped the run
                 return None, None
             attempts.append(sent.row)
@@ -412,15 +415,16 @@ class Dispatcher:
             self.counts["retrying"] -= 1
         return None, None  # not reached: the last attempt decides above
 
-    async def _send(self, request: Request, endpoint: Endpoint, body: dict, extra: dict, estimate: tuple[int, int]):
+    async def _send(self, request: Request, endpoint: Endpoint, body: dict, extra: dict, estimate: tuple[int, int],
+                    worst: tuple[int, int]):
         """One attempt at ``endpoint``: written to the ledger at its worst case before it leaves, sent
         with one deadline, parsed, classified, and settled with what was billed. None when the
         ledger could not record the send (nothing was sent)."""
-        held = self.budget.reserve(*estimate)
+        held = self.budget.reserve(*worst)
         endpoint.in_flight += 1
         sent_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         # the send is in the ledger, at its worst case, before it leaves: a crash cannot hide it from the budget
-        row = Attempt(request.request_hash, endpoint.url, sent_at, 0.0, "retry", None, UNSETTLED, *estimate, held[1])
+        row = Attempt(request.request_hash, endpoint.url, sent_at, 0.0, "retry", None, UNSETTLED, *worst, held[1])
         opened = await self._open(row)
         start, left = time.perf_counter(), time.monotonic()
         completion = used = None

@@ -144,12 +144,24 @@ def estimate_tokens(request: Request, params: dict, tokenizer) -> tuple[int, int
     return prompt, params["max_new_tokens"]
 
 
+def usage_range(prompt_est: int, max_tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (low, high) prompt and completion tokens ``counted_usage`` may count for a request:
+    completion tokens in [0, max_tokens], prompt tokens in [estimate / 4, 2 x estimate + 16] (the
+    estimate is exact with the teacher's tokenizer, about twice the truth from characters)."""
+    return (prompt_est // 4, 2 * prompt_est + 16), (0, max_tokens)
+
+
+def worst_case(prompt_est: int, max_tokens: int) -> tuple[int, int]:
+    """The most one send of a request can be counted, (prompt, completion) tokens: what a budget
+    reserves for it, so that no answer, whatever its ``usage`` claims, is counted past the budget."""
+    (_, prompt), (_, completion) = usage_range(prompt_est, max_tokens)
+    return prompt, completion
+
+
 def counted_usage(data, prompt_est: int, max_tokens: int) -> tuple[int, int, str | None]:
     """(prompt, completion) tokens to count for a billed body, and the endpoint's claim (JSON) when
-    it was not counted as is. A claim is not trusted blindly: completion tokens must lie in
-    [0, max_tokens] and prompt tokens in [estimate / 4, 2 x estimate + 16] (the estimate is exact
-    with the teacher's tokenizer, about twice the truth from characters); a claim outside is
-    clamped to the range, and a missing or unreadable one counts the estimate (the worst case)."""
+    it was not counted as is. A claim is not trusted blindly: one outside ``usage_range`` is
+    clamped to it, and a missing or unreadable one counts the range's top (the worst case)."""
     usage = data.get("usage") if isinstance(data, dict) else None
     claim = usage if isinstance(usage, dict) else None
 
@@ -159,8 +171,9 @@ def counted_usage(data, prompt_est: int, max_tokens: int) -> tuple[int, int, str
             return high
         return int(min(max(value, low), high))
 
-    prompt = count("prompt_tokens", prompt_est // 4, 2 * prompt_est + 16)
-    completion = count("completion_tokens", 0, max_tokens)
+    prompt_range, completion_range = usage_range(prompt_est, max_tokens)
+    prompt = count("prompt_tokens", *prompt_range)
+    completion = count("completion_tokens", *completion_range)
     taken = claim is not None and claim.get("prompt_tokens") == prompt and claim.get("completion_tokens") == completion
     if taken:
         return prompt, completion, None
