@@ -443,6 +443,29 @@ class Ledger:
     def teachers(self) -> dict[str, dict]:
         return {k: json.loads(d) for k, d in self.db.execute("SELECT teacher_key, description FROM teachers")}
 
+    def teacher_problems(self, request_hashes: list[str] | None = None) -> list[str]:
+        """Why the teacher rows behind these done rows (all, or those of ``request_hashes``) cannot
+        be trusted, [] when they can: a description that no longer hashes to its teacher key (an
+        identity field edited: endpoint, model, weights, source file), a key with no description,
+        a row whose request hash does not recompute from its teacher key, prompt, parameters and
+        sample index (moved to another teacher, or edited). The first of each kind."""
+        problems, keys = {}, {}
+        sql = f"""SELECT r.request_hash, r.teacher_key, p.messages, r.params, r.sample_index, t.description
+                  FROM {self._select(request_hashes)} JOIN requests r USING (request_hash)
+                  JOIN prompts p USING (prompt_sha256) LEFT JOIN teachers t USING (teacher_key)"""
+        for h, key, messages, params, index, description in self.db.execute(sql):
+            if key not in keys:
+                keys[key] = description is not None and teacher_key(json.loads(description)) == key
+                if description is None:
+                    problems.setdefault("missing", f"teacher {key[:12]} has rows but no description")
+                elif not keys[key]:
+                    problems.setdefault("key", f"teacher {key[:12]}'s description ({json.loads(description).get('id')})"
+                                               f" does not hash to its key: an identity field was edited")
+            if request_hash(key, json.loads(messages), json.loads(params), index) != h:
+                problems.setdefault("row", f"request {h[:12]} does not hash from its teacher {key[:12]}, prompt and "
+                                           f"parameters: the row was edited or moved to another teacher")
+        return list(problems.values())
+
     def _select(self, request_hashes: list[str] | None) -> str:
         """A FROM clause over done completions, restricted to ``request_hashes`` when given."""
         if request_hashes is None:
