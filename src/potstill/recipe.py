@@ -110,6 +110,13 @@ class TeacherSpec(Section):
 
     _api_key_env = field_validator("api_key_env")(_env_name)
 
+    @field_validator("terms_declared")
+    @classmethod
+    def _declares_something(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():  # a blank declaration would satisfy a review verdict, saying nothing
+            raise ValueError("blank: say why the teacher's terms allow this use, or leave it out")
+        return v
+
     @model_validator(mode="after")
     def _backend_fields(self) -> TeacherSpec:
         if self.backend == "local" and not self.path:
