@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from potstill.errors import PotstillError
-from potstill.receipts.terms import check, gate, match_teacher, merge_obligations, prefixed_name, registry
+from potstill.receipts.terms import check, gate, merge_obligations, prefixed_name, registry
 from potstill.receipts.terms.gate import USES, VERDICTS
 
 A, O, R, F, U = "allowed", "obligations", "review", "forbidden", "unknown"
@@ -86,36 +86,38 @@ def test_matching_by_host_model_id_folder_licence_and_explicit_key(tmp_path):
         ({"id": "gpt-4o-mini", "backend": "openai", "endpoint": "https://api.openai.com/v1", "model": "gpt-4o-mini"},
          "openai-api", "endpoint host api.openai.com"),
         ({"id": "teacher", "backend": "openai", "endpoint": "http://localhost:8000/v1",
-          "model": "meta-llama/Llama-3.3-70B-Instruct"}, "llama-3", "model id meta-llama/Llama-3.3-70B-Instruct"),
-        ({"id": "claude-sonnet-4", "backend": "imported"}, "anthropic", "model id claude-sonnet-4"),
+          "model": "meta-llama/Llama-3.3-70B-Instruct"}, "llama-3", "served model meta-llama/Llama-3.3-70B-Instruct"),
+        ({"id": "claude-sonnet-4", "backend": "imported"}, "anthropic", "teacher id claude-sonnet-4"),
         ({"id": "big", "backend": "local", "path": _folder(tmp_path, "big", {"license": "llama3.3"})},
          "llama-3", "folder licence llama3.3"),
         ({"id": "g", "backend": "local", "path": _folder(tmp_path, "gemma-2-2b-it", {"license": "gemma"})},
-         "gemma", "model id gemma-2-2b-it"),
+         "gemma", "folder licence gemma"),
+        # MIT twice (the README's licence, the folder's name): equal verdicts, the earlier evidence is named
         ({"id": "r", "backend": "local", "path": _folder(tmp_path, "DeepSeek-R1-Distill", {"license": "mit"})},
-         "deepseek-mit", "model id DeepSeek-R1-Distill"),
+         "mit", "folder licence mit"),
         ({"id": "q", "backend": "local", "path": _folder(tmp_path, "q", {"license": "other", "license_name": "qwen"})},
          "qwen-license", "folder licence qwen"),
         ({"id": "mystery", "backend": "local", "path": _folder(tmp_path, "mystery", None)}, "unknown",
          "no registry entry matched"),
         ({"id": "x", "backend": "local", "path": _folder(tmp_path, "x", {"license": "cc-by-nc-4.0"})}, "unknown",
          "no registry entry matched"),
-        # the recipe's explicit key wins, and one the registry does not know is unknown, not allowed
-        ({"id": "gpt-4o", "backend": "imported", "terms_family": "own"}, "own", "terms_family own"),
-        ({"id": "t", "backend": "imported", "terms_family": "openai-terms"}, "openai-api", "terms_family openai-terms"),
+        # the recipe's key or alias, with no evidence against it; one the registry does not know is unknown
+        ({"id": "t", "backend": "imported", "terms_family": "openai-terms"}, "openai-api",
+         "teacher.terms_family openai-terms"),
         ({"id": "t", "backend": "imported", "terms_family": "cc-by-4.0"}, "unknown",
-         "terms_family cc-by-4.0 is not in the registry"),
+         "teacher.terms_family cc-by-4.0 is not in the registry"),
         # open weights with a name like an API's are not that API's
         ({"id": "openai/gpt-oss-20b", "backend": "imported"}, "unknown", "no registry entry matched"),
-        ({"id": "Qwen/Qwen2.5-32B-Instruct", "backend": "imported"}, "qwen-apache", "model id Qwen/Qwen2.5-32B-Instruct"),
-        ({"id": "Qwen/Qwen2.5-3B-Instruct", "backend": "imported"}, "qwen-research", "model id Qwen/Qwen2.5-3B-Instruct"),
-        ({"id": "deepseek-ai/DeepSeek-V3", "backend": "imported"}, "deepseek-v3", "model id deepseek-ai/DeepSeek-V3"),
-        ({"id": "meta-llama/Llama-3.2-1B", "backend": "imported"}, "llama-3", "model id meta-llama/Llama-3.2-1B"),
-        ({"id": "meta-llama/Llama-2-7b-hf", "backend": "imported"}, "llama-2", "model id meta-llama/Llama-2-7b-hf"),
-        ({"id": "google/gemma-4-e4b", "backend": "imported"}, "gemma-4", "model id google/gemma-4-e4b"),
+        ({"id": "Qwen/Qwen2.5-32B-Instruct", "backend": "imported"}, "qwen-apache", "teacher id Qwen/Qwen2.5-32B-Instruct"),
+        ({"id": "Qwen/Qwen2.5-3B-Instruct", "backend": "imported"}, "qwen-research", "teacher id Qwen/Qwen2.5-3B-Instruct"),
+        ({"id": "deepseek-ai/DeepSeek-V3", "backend": "imported"}, "deepseek-v3", "teacher id deepseek-ai/DeepSeek-V3"),
+        ({"id": "meta-llama/Llama-3.2-1B", "backend": "imported"}, "llama-3", "teacher id meta-llama/Llama-3.2-1B"),
+        ({"id": "meta-llama/Llama-2-7b-hf", "backend": "imported"}, "llama-2", "teacher id meta-llama/Llama-2-7b-hf"),
+        ({"id": "google/gemma-4-e4b", "backend": "imported"}, "gemma-4", "teacher id google/gemma-4-e4b"),
     ]
     for desc, key, how in cases:
-        assert match_teacher(desc) == (key, how), desc
+        (t,) = check([(desc, 1)], "research")
+        assert (t.family, t.matched_by, t.contradiction) == (key, how, None), desc
 
 
 def test_competing_with_openai_rows_refuses_naming_teacher_rows_clause_and_url():
@@ -312,3 +314,360 @@ def test_run_checks_the_terms_again_when_the_use_changes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", str(QUICKSTART / "recipe.yaml"), *args, "use=competing"]) == 2
     assert "forbid training a model for use 'competing'" in capsys.readouterr().err
+
+
+# -- issue 21: the gate weighs all the evidence; no label talks past it --------------------------
+
+def _openai_desc(tmp_path: Path, *overrides: str) -> dict:
+    """The description the HTTP backend records for a recipe's teacher (no request is sent)."""
+    from conftest import QUICKSTART
+    from potstill.recipe import load_recipe
+    from potstill.teachers.openai.wire import describe_openai
+
+    recipe = load_recipe(QUICKSTART / "recipe.yaml", [
+        f"output_dir={tmp_path / 'run'}", "teacher.backend=openai", "teacher.path=null", "teacher.id=null",
+        "teacher.endpoints=[https://api.openai.com/v1]", "teacher.model=gpt-4o", *overrides])
+    return describe_openai(recipe.teacher, None, recipe.teacher_id())
+
+
+def _teacher_folder(tmp_path: Path, name: str, licence: str, licence_file: str | None = None) -> Path:
+    """The bundled tiny teacher's files under another licence: a real model folder, its README's
+    licence field (and LICENSE file) changed."""
+    import shutil
+
+    from conftest import TEACHER
+
+    folder = tmp_path / name
+    shutil.copytree(TEACHER, folder)
+    text = (folder / "README.md").read_text().replace("license: apache-2.0", f"license: {licence}")
+    (folder / "README.md").write_text(text)
+    if licence_file:
+        (folder / "LICENSE").write_text(licence_file)
+    return folder
+
+
+def _local_desc(folder: Path, teacher_id: str, terms_family: str = "unknown") -> dict:
+    """The description the local backend records for ``folder`` (its weights hashed, not loaded)."""
+    from potstill.teachers.local import describe_local, load_tokenizer_dir
+
+    return describe_local(folder, load_tokenizer_dir(folder), id=teacher_id, revision=None,
+                          terms_family=terms_family, dtype="float32")
+
+
+@pytest.mark.parametrize("declared", ["apache-2.0", "own"])
+def test_a_declared_family_does_not_outrank_the_endpoint_and_model(tmp_path, declared):
+    """Item 1: api.openai.com serving gpt-4o, declared apache-2.0 (or own), use competing."""
+    desc = _openai_desc(tmp_path, f"teacher.terms_family={declared}", "use=competing")
+    (t,) = check([(desc, 40)], "competing")
+    assert (t.family, t.verdict, t.matched_by) == ("openai-api", F, "endpoint host api.openai.com")
+    assert t.contradiction == (f"teacher.terms_family {declared} contradicts endpoint host api.openai.com, which "
+                               f"names openai-api (forbidden for use 'competing')")
+    shown = [str(e) for e in t.evidence]
+    assert shown == ["endpoint host api.openai.com: openai-api", "served model gpt-4o: openai-api",
+                     "teacher id gpt-4o: openai-api", f"teacher.terms_family {declared}: {declared}"]
+    with pytest.raises(PotstillError) as e:
+        gate([t], accept_risk=None)
+    assert "contradicts endpoint host api.openai.com" in str(e.value) and "forbid" in str(e.value)
+    assert "\n" not in str(e.value)
+    # a declaration that is not for a forbidden use still stops: the evidence contradicts it
+    (research,) = check([(desc, 40)], "research", declared="a research probe")
+    assert research.verdict == R and research.contradiction and not research.passes
+    with pytest.raises(PotstillError, match="contradicts"):
+        gate([research])
+
+
+def test_train_past_a_contradiction_records_it_in_ledger_card_and_spdx(tmp_path, capsys):
+    """Item 1, end to end: gpt-4o's answers declared apache-2.0 for use competing stop train; past
+    the gate, the ledger, potstill.json, card, TERMS.md and SPDX keep OpenAI's terms and the
+    contradiction, not Apache-2.0."""
+    from conftest import QUICKSTART
+    from huggingface_hub import ModelCard
+
+    from potstill.cli import main
+    from potstill.ledger import Ledger
+
+    recipe, args = _imported_run(tmp_path, 16, "teacher.id=gpt-4o", "teacher.terms_family=apache-2.0", "use=competing")
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.terms_family apache-2.0 contradicts teacher id gpt-4o, which names openai-api" in err
+    assert "forbid training a model for use 'competing'" in err and err.count("\n") == 1
+    assert not (recipe.run_dir / "student").exists()
+
+    reason = "counsel read the contract (ticket 9)"
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args, "--accept-terms-risk", reason]) == 0
+    student = recipe.run_dir / "student"
+    with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
+        (kept,) = ledger.terms_overrides()
+    assert kept["reason"] == reason and any("contradicts teacher id gpt-4o" in p for p in kept["problems"])
+    (record,) = json.loads((student / "potstill.json").read_text())["terms"]["teachers"]
+    assert (record["family"], record["verdict"], record["licence"]) == ("openai-api", F,
+                                                                       "LicenseRef-OpenAI-Services-Agreement")
+    assert record["contradiction"].startswith("teacher.terms_family apache-2.0 contradicts")
+    assert record["evidence"] == ["teacher id gpt-4o: openai-api", "teacher.terms_family apache-2.0: apache-2.0"]
+    (card_teacher,) = ModelCard.load(student / "README.md").data.to_dict()["distillation"]["teachers"]
+    assert card_teacher["terms_registry"] == "openai-api" and card_teacher["terms_contradiction"] == record["contradiction"]
+    assert "contradict" in (student / "TERMS.md").read_text()
+    graph = json.loads((student / "model.spdx3.json").read_text())["@graph"]
+    ids = {e["spdxId"]: e for e in graph if "spdxId" in e}
+    dataset = next(e["spdxId"] for e in graph if e["type"] == "dataset_DatasetPackage")
+    concluded = [ids[r["to"][0]]["simplelicensing_licenseExpression"] for r in graph
+                 if r["type"] == "Relationship" and r["relationshipType"] == "hasConcludedLicense" and r["from"] == dataset]
+    assert concluded == ["LicenseRef-OpenAI-Services-Agreement"]
+    (teacher,) = [e for e in graph if e["type"] == "ai_AIPackage" and e["name"] == "gpt-4o"]
+    assert "openai-api" in teacher["comment"] and "contradict" in teacher["comment"]
+
+
+def test_a_llama_folder_declared_apache_is_refused_and_keeps_llamas_obligations(tmp_path, capsys):
+    """Item 1: a folder whose README says llama3.1, declared apache-2.0."""
+    from conftest import QUICKSTART, tiny_overrides
+    from potstill.cli import main
+    from potstill.generate import generate
+    from potstill.recipe import load_recipe
+
+    llama = _teacher_folder(tmp_path, "helper", "llama3.1", "LLAMA 3.1 COMMUNITY LICENSE AGREEMENT (test copy)\n")
+    args = [*tiny_overrides(tmp_path / "run", n_prompts=16), f"teacher.path={llama}", "teacher.id=helper",
+            "teacher.terms_family=apache-2.0", "use=commercial", "train.objective=sft", "baseline=null"]
+    recipe = load_recipe(QUICKSTART / "recipe.yaml", args)
+    generate(recipe)
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.terms_family apache-2.0 contradicts folder licence llama3.1, which names llama-3" in err
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args, "--accept-terms-risk", "test"]) == 0
+    info = json.loads((recipe.run_dir / "student" / "potstill.json").read_text())
+    assert info["model_name"] == "Llama-student" and info["terms"]["teachers"][0]["family"] == "llama-3"
+    assert "Built with Llama" in info["terms"]["obligations"]["attribution"]
+    assert "folder licence file LICENSE: llama-3" in info["terms"]["teachers"][0]["evidence"]
+
+
+def test_an_unknown_declared_family_does_not_hide_what_matched(tmp_path, capsys):
+    """Item 2: terms_family "openai api" (no family) and a declaration, gpt-4o, use competing."""
+    desc = _openai_desc(tmp_path, "teacher.terms_family=openai api", "use=competing")
+    (t,) = check([(desc, 40)], "competing", declared="we are allowed")
+    assert (t.family, t.verdict) == ("openai-api", F)
+    assert t.contradiction == ("teacher.terms_family 'openai api' is not a family potstill knows, and endpoint host "
+                               "api.openai.com names openai-api")
+    with pytest.raises(PotstillError, match="not a family potstill knows"):
+        gate([t])
+
+    from conftest import QUICKSTART
+    from potstill.cli import main
+
+    recipe, args = _imported_run(tmp_path, 16, "teacher.id=gpt-4o", "teacher.terms_family=openai api",
+                                 "teacher.terms_declared=we are allowed", "use=competing")
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 2
+    assert "'openai api' is not a family potstill knows" in capsys.readouterr().err
+    assert not (recipe.run_dir / "student").exists()
+
+
+@pytest.mark.parametrize("licence, teacher_id, family_", [
+    ("llama3.1", "acme/qwen3-style-helper", "llama-3"),
+    ("llama3.1", "mistral-7b-distill", "llama-3"),
+    ("gemma", "deepseek-r1-helper", "gemma"),
+])
+def test_a_free_text_id_does_not_outrank_the_folders_licence(tmp_path, licence, teacher_id, family_):
+    """Item 3: the folder's licence decides; the id's family, if any, is kept beside it."""
+    desc = _local_desc(_teacher_folder(tmp_path, "helper", licence), teacher_id)
+    (t,) = check([(desc, 8)], "competing")
+    assert (t.family, t.verdict, t.matched_by) == (family_, O, f"folder licence {licence}")
+    assert t.contradiction is None and t.passes
+    assert f"teacher id {teacher_id}" in ", ".join(map(str, t.evidence))
+    if family_ == "llama-3":
+        assert merge_obligations([t])["name_prefix"] == "Llama"
+
+
+def test_a_folder_whose_weights_are_not_the_teachers_is_not_evidence(tmp_path):
+    """A ledger row's path is provenance: a folder holding other weights says nothing of this teacher."""
+    desc = _local_desc(_teacher_folder(tmp_path, "helper", "llama3.1"), "helper")
+    other = _teacher_folder(tmp_path, "other", "apache-2.0")
+    (other / "model.safetensors").write_bytes(b"not the teacher")
+    (t,) = check([({**desc, "path": str(other)}, 8)], "research")
+    assert t.family == "unknown" and "holds other weights" in str(t.evidence[0])
+
+
+def _export_run(tmp_path: Path, rows: int, model: str, *overrides: str):
+    """A recipe whose teacher is an OpenAI request/response export: every response names ``model``."""
+    from conftest import QUICKSTART, TEACHER, tiny_overrides
+    from potstill.recipe import load_recipe
+
+    prompts = [json.loads(line) for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:rows]
+    data = tmp_path / "export.jsonl"
+    data.write_text("".join(json.dumps({
+        "request": {"model": "gpt-4o", "messages": [{"role": "user", "content": r["prompt"]}]},
+        "response": {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": r["answer"]},
+                                  "finish_reason": "stop"}]}}) + "\n" for r in prompts))
+    args = [*tiny_overrides(tmp_path / "run"), "prompts=null", "teacher.backend=imported", f"teacher.data={data}",
+            f"student.tokenizer={TEACHER}", "train.objective=sft", "baseline=null", *overrides]
+    return load_recipe(QUICKSTART / "recipe.yaml", args), args
+
+
+def test_the_model_an_export_names_in_its_responses_is_evidence(tmp_path, capsys, monkeypatch):
+    """Item 4: an OpenAI export naming gpt-4o-2024-08-06, a neutral id and a declaration, use competing."""
+    monkeypatch.setenv("COLUMNS", "400")  # terms check's table on one line a teacher
+    from conftest import QUICKSTART
+    from potstill.cli import main
+    from potstill.generate import generate
+
+    recipe, args = _export_run(tmp_path, 16, "gpt-4o-2024-08-06", "teacher.id=export", "teacher.terms_family=unknown",
+                               "teacher.terms_declared=our own answers", "use=competing")
+    generate(recipe)
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "teacher 'export' (16 rows)" in err and "by response model gpt-4o-2024-08-06" in err
+    assert "forbid training a model for use 'competing'" in err
+    assert main(["terms", "check", str(recipe.run_dir), "--use", "competing"]) == 1
+    out = capsys.readouterr().out
+    assert "response model gpt-4o-2024-08-06: openai-api" in out and "forbidden" in out
+
+
+# Real model ids, each with the one family its terms are (None: no family of the registry; the
+# hosted-only Qwen and DeepSeek API names, terms the registry does not hold, names that only look
+# like a family's). Every id must name exactly its family: a pattern that also matches another
+# family's id fails here.
+REAL_IDS = {
+    "openai-api": ["gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-mini", "gpt-4o-mini-2024-07-18", "openai/gpt-4o",
+                   "gpt-4-turbo", "gpt-4-0613", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-4.5-preview",
+                   "gpt-3.5-turbo", "gpt-3.5-turbo-0125", "gpt-5", "gpt-5-mini", "gpt-5-nano", "o1", "o1-mini",
+                   "o1-preview", "o3", "o3-mini", "o4-mini", "chatgpt-4o-latest",
+                   "ft:gpt-4o-mini-2024-07-18:acme::9AbCdEf1"],
+    "anthropic": ["claude-3-5-sonnet-20241022", "claude-3-opus-20240229", "claude-3-haiku-20240307",
+                  "claude-sonnet-4-20250514", "claude-opus-4-1-20250805", "anthropic/claude-3.5-sonnet"],
+    "gemini-api": ["gemini-1.5-pro", "gemini-2.0-flash", "gemini-2.5-pro", "models/gemini-2.5-flash",
+                   "google/gemini-2.0-flash-001"],
+    "gemma-4": ["google/gemma-4-e4b"],
+    "gemma": ["google/gemma-2b", "google/gemma-7b-it", "google/gemma-1.1-2b-it", "google/gemma-2-2b-it",
+              "google/gemma-2-9b", "google/gemma-2-27b-it", "google/gemma-3-1b-it", "google/gemma-3-4b-it",
+              "google/gemma-3-27b-pt", "google/gemma-3n-E4B-it", "google/codegemma-7b-it", "google/recurrentgemma-2b",
+              "google/shieldgemma-2b", "google/paligemma2-3b-pt-224", "gemma2:9b", "gemma3:27b"],
+    "llama-2": ["meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-chat-hf", "meta-llama/Llama-2-70b-chat-hf",
+                "llama2:13b", "codellama/CodeLlama-7b-hf", "codellama/CodeLlama-34b-Instruct-hf"],
+    "llama-3": ["meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Meta-Llama-3.1-70B-Instruct",
+                "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B-Instruct", "meta-llama/Llama-3.2-11B-Vision-Instruct",
+                "meta-llama/Llama-3.3-70B-Instruct", "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF",
+                "llama-3.3-70b-versatile", "meta-llama/llama-3.1-405b-instruct", "llama3.1:8b", "llama3.2:3b",
+                "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"],
+    "llama-4": ["meta-llama/Llama-4-Scout-17B-16E-Instruct", "meta-llama/Llama-4-Maverick-17B-128E-Instruct"],
+    "qwen-license": ["Qwen/Qwen2.5-72B", "Qwen/Qwen2.5-72B-Instruct", "Qwen/Qwen2.5-Math-72B-Instruct",
+                     "Qwen/Qwen2.5-VL-72B-Instruct", "qwen2.5:72b"],
+    "qwen-research": ["Qwen/Qwen2.5-3B", "Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-Coder-3B-Instruct",
+                      "Qwen/Qwen2.5-VL-3B-Instruct"],
+    "qwen-apache": ["Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B", "Qwen/Qwen3-32B", "Qwen/Qwen3-30B-A3B",
+                    "Qwen/Qwen3-235B-A22B", "Qwen/Qwen3-4B-Instruct-2507", "Qwen/Qwen3-Coder-30B-A3B-Instruct",
+                    "Qwen/Qwen3-Coder-480B-A35B-Instruct", "Qwen/Qwen3-Next-80B-A3B-Instruct", "qwen3:8b",
+                    "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-14B",
+                    "Qwen/Qwen2.5-32B-Instruct", "Qwen/Qwen2.5-Coder-7B-Instruct", "Qwen/Qwen2.5-Math-1.5B",
+                    "Qwen/Qwen2.5-VL-7B-Instruct"],
+    "mistral-mrl": ["mistralai/Mistral-Large-Instruct-2407", "mistralai/Mistral-Large-Instruct-2411",
+                    "mistralai/Ministral-8B-Instruct-2410", "mistralai/Pixtral-Large-Instruct-2411"],
+    "mistral-apache": ["mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.3",
+                       "mistralai/Mixtral-8x7B-Instruct-v0.1", "mistralai/Mixtral-8x22B-v0.1",
+                       "mistralai/Mistral-Nemo-Instruct-2407", "mistralai/mathstral-7B-v0.1",
+                       "mistralai/Mamba-Codestral-7B-v0.1", "TheBloke/Mistral-7B-Instruct-v0.2-GGUF"],
+    "deepseek-mit": ["deepseek-ai/DeepSeek-R1", "deepseek-ai/DeepSeek-R1-0528", "deepseek-ai/DeepSeek-R1-Zero",
+                     "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B",
+                     "deepseek-ai/DeepSeek-R1-0528-Qwen3-8B", "deepseek-ai/DeepSeek-V3-0324", "deepseek-ai/DeepSeek-V3.1",
+                     "deepseek-ai/DeepSeek-V3.2-Exp", "deepseek/deepseek-r1"],
+    "deepseek-v3": ["deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-V3-Base"],
+    None: ["qwen3-max", "qwen3-max-preview", "qwen3-coder-plus", "qwen3-coder-flash", "qwen-max", "qwen-plus",
+           "qwen2.5-max", "google/medgemma-4b-it", "google/medgemma-27b-text-it", "openai/gpt-oss-20b",
+           "openai/gpt-oss-120b", "openai-community/gpt2", "EleutherAI/gpt-neox-20b", "meta-llama/Meta-Llama-3-8B",
+           "meta-llama/Meta-Llama-3-70B-Instruct", "llama3:8b", "mistral-large-latest", "ministral-8b-latest",
+           "mistral-small-latest", "mistralai/Codestral-22B-v0.1", "deepseek-chat", "deepseek-reasoner",
+           "deepseek-ai/DeepSeek-V2-Lite", "microsoft/Phi-3-mini-4k-instruct", "HuggingFaceTB/SmolLM2-135M",
+           # names that hold a family's id inside them: patterns are anchored at both ends
+           "acme/qwen3-style-helper", "mistral-7b-distill", "acme/my-gpt-4o", "xgpt-4o", "best-llama-3.1-8b",
+           "not-claude", "acme/megemma-2b"],
+}
+ID_CASES = [(i, f) for f, ids in REAL_IDS.items() for i in ids]
+
+
+@pytest.mark.parametrize("model_id, expected", ID_CASES)
+def test_real_model_ids_name_their_family(model_id, expected):
+    """Item 5: the gate's verdict for a teacher known only by its id."""
+    (t,) = check([({"id": model_id, "backend": "imported"}, 1)], "commercial")
+    assert t.family == (expected or "unknown"), model_id
+
+
+@pytest.mark.parametrize("model_id, expected", ID_CASES)
+def test_no_pattern_matches_another_familys_id(model_id, expected):
+    """Item 5: an id names exactly its family, through every registry pattern."""
+    from potstill.receipts.terms import id_families
+
+    assert id_families(model_id) == ((expected,) if expected else ()), model_id
+    assert id_families(f"served/{model_id.upper()}") == id_families(model_id)  # case and org do not matter
+
+
+def test_every_family_with_model_ids_has_real_ids_in_the_test():
+    assert {k for k, f in registry().items() if f.match.get("model_ids")} <= set(REAL_IDS)
+
+
+@pytest.mark.parametrize("family_, use", [("unknown", "research"), ("openai-api", "research")])
+def test_a_blank_declaration_says_nothing(family_, use):
+    """Item 6: whitespace is not a declaration, for unknown or review."""
+    (t,) = check([({"id": "t", "backend": "imported", "terms_family": family_}, 3)], use, declared=" \t ")
+    assert t.verdict in (U, R) and not t.passes
+    with pytest.raises(PotstillError, match="not legal advice"):
+        gate([t])
+
+
+def test_a_blank_declaration_in_a_recipe_is_one_line(tmp_path, capsys):
+    from conftest import QUICKSTART
+    from potstill.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((QUICKSTART / "recipe.yaml").read_text().replace(
+        "terms_family: apache-2.0", f"terms_family: apache-2.0\n  terms_declared: \"   \"\n  path: {QUICKSTART / 'teacher'}"
+    ).replace("  path: teacher\n", "").replace("path: prompts/", f"path: {QUICKSTART}/prompts/"))
+    assert main(["train", str(recipe), f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"potstill: error: {recipe}: teacher.terms_declared: blank: say why the teacher's terms allow this "
+                   f"use, or leave it out (got '   ')\n")
+
+
+def _tamper(ledger_path: Path, edit: str):
+    """Edit a finished run's ledger the way a user with sqlite3 could."""
+    from potstill.ledger import Ledger, teacher_key
+
+    with Ledger(ledger_path) as ledger:
+        (key, desc), = ledger.teachers().items()
+        if edit == "terms_family":  # provenance: not part of the key
+            ledger.db.execute("UPDATE teachers SET description=? WHERE teacher_key=?",
+                              (json.dumps({**desc, "terms_family": "own"}), key))
+        elif edit == "identity":  # another source file's hash, under the old key
+            ledger.db.execute("UPDATE teachers SET description=? WHERE teacher_key=?",
+                              (json.dumps({**desc, "id": "Qwen/Qwen3-8B", "source_sha256": "0" * 64}), key))
+        else:  # the rows moved to a teacher described as Qwen3's
+            other = {**desc, "id": "Qwen/Qwen3-8B", "source_sha256": "0" * 64}
+            ledger.db.execute("INSERT INTO teachers VALUES (?, ?)", (teacher_key(other), json.dumps(other)))
+            ledger.db.execute("UPDATE requests SET teacher_key=?", (teacher_key(other),))
+
+
+@pytest.mark.parametrize("edit, code, said", [
+    ("terms_family", 1, "contradicts teacher id gpt-4o-mini"),
+    ("identity", 2, "does not hash to its key"),
+    ("moved", 2, "does not hash from its teacher"),
+])
+def test_terms_check_does_not_trust_an_edited_ledger(tmp_path, capsys, monkeypatch, edit, code, said):
+    """Item 6: terms check verifies the ledger's teacher rows as train does, and weighs the same evidence."""
+    from potstill.cli import main
+
+    monkeypatch.setenv("COLUMNS", "400")
+
+    recipe, _ = _imported_run(tmp_path, 8, "teacher.id=gpt-4o-mini", "teacher.terms_family=unknown")
+    _tamper(recipe.run_dir / "ledger.sqlite", edit)
+    assert main(["terms", "check", str(recipe.run_dir), "--use", "competing"]) == code
+    out = capsys.readouterr()
+    assert said in " ".join((out.out + out.err).split())
+    if code == 2:
+        assert out.err.count("\n") == 1 and "Traceback" not in out.err
+
+
+def test_train_refuses_rows_moved_to_another_teacher(tmp_path, capsys):
+    from conftest import QUICKSTART
+    from potstill.cli import main
+
+    recipe, args = _imported_run(tmp_path, 8, "teacher.id=gpt-4o-mini", "teacher.terms_family=unknown", "use=competing")
+    _tamper(recipe.run_dir / "ledger.sqlite", "moved")
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 2
+    assert "the row was edited or moved to another teacher" in capsys.readouterr().err
+    assert not (recipe.run_dir / "student").exists()

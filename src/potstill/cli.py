@@ -253,16 +253,21 @@ def cmd_terms(args) -> int:
     ledger_path = Path(args.run) / "ledger.sqlite"
     if not ledger_path.is_file():
         raise PotstillError(f"{ledger_path} not found: give a run directory that has a ledger")
+    from potstill.receipts.terms.export import trusted_teachers
+
     with Ledger(ledger_path) as ledger:
+        trusted_teachers(ledger, None)  # as train does: a teacher row edited or moved is not judged
         described = ledger.teachers()
         teachers = [(described.get(k, {"id": k[:12]}), n) for k, n in sorted(ledger.teacher_rows(None).items())]
     terms = check(teachers, args.use)
     table = Table(title=f"{args.run}: every teacher with rows in the ledger, for use {args.use}")
-    for col in ("teacher", "rows", "family", "matched by", "verdict", "clause", "url"):
-        table.add_column(col)
+    for col in ("teacher", "rows", "family", "matched by", "verdict", "evidence", "clause", "url"):
+        table.add_column(col, overflow="fold")  # ids and URLs whole, never cut to "..."
     for t in terms:
         f = registry()[t.family]
-        table.add_row(t.teacher_id, f"{t.rows:,}", t.family, t.matched_by, t.verdict, f.clause, f.url or "-")
+        verdict = t.verdict + (f" (contradiction: {t.contradiction})" if t.contradiction else "")
+        table.add_row(t.teacher_id, f"{t.rows:,}", t.family, t.matched_by, verdict,
+                      "\n".join(str(e) for e in t.evidence), f.clause, f.url or "-")
     console.print(table)
     console.print(NOT_ADVICE + ".")
     return 0 if all(t.passes for t in terms) else 1

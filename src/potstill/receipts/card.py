@@ -128,6 +128,8 @@ def card_text(info: dict, eval_report: dict | None = None, name: str = "student"
             if (r := by_id.get(t["id"])) is not None:
                 t.update(terms_registry=r["family"], terms_verdict=r["verdict"], licence=r["licence"],
                          terms_url=t["terms_url"] or r["url"])
+                if r.get("contradiction"):  # a declared family the evidence contradicts, trained past the gate
+                    t.update(terms_evidence=r["evidence"], terms_contradiction=r["contradiction"])
         distillation["terms"] = {k: terms[k] for k in ("use", "declared", "accepted_risk", "overridden")}
         distillation["terms"]["obligations"] = {k: v for k, v in terms["obligations"].items() if v}
     for key in ("manifest_merkle_root", "manifest_rows", "weights_sha256"):

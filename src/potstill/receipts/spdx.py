@@ -60,7 +60,9 @@ def spdx_document(info: dict) -> dict:
         teacher = {"type": "ai_AIPackage", "spdxId": f"{base}:teacher/{i}", "creationInfo": ci, "name": t["id"],
                    "software_primaryPurpose": "model",
                    "comment": f"terms: {record.get('family', t.get('terms_family', 'unknown'))}, "
-                              f"{record.get('verdict', 'not checked')} for {terms.get('use', '?')}"}
+                              f"{record.get('verdict', 'not checked')} for {terms.get('use', '?')}"
+                              + (f"; declared terms contradict the evidence: {record['contradiction']}; evidence: "
+                                 f"{', '.join(record.get('evidence', []))}" if record.get("contradiction") else "")}
         if t.get("revision"):
             teacher["software_packageVersion"] = str(t["revision"])
         graph.append(teacher)

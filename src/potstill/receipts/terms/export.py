@@ -17,7 +17,10 @@ def gate_training(ledger, examples, descriptions: dict[str, dict], *, use: str, 
                   accept_risk: str | None, student: str) -> dict:
     """Check every teacher that contributed rows to ``examples`` (``descriptions``: teacher key ->
     description, the recipe's own overriding the ledger's); stop, or record the override's reason in
-    the ledger. Returns the ``terms`` block of the student's potstill.json."""
+    the ledger. Returns the ``terms`` block of the student's potstill.json. The ledger's teacher
+    rows are checked first (:func:`trusted_teachers`): a row edited or moved would be judged by
+    another teacher's description."""
+    trusted_teachers(ledger, [ex.request_hash for ex in examples])
     rows = Counter(ex.teacher_key for ex in examples)
     known = {**ledger.teachers(), **descriptions}
     teachers = [({**known.get(k, {"id": k[:12]}), "teacher_key": k}, n) for k, n in sorted(rows.items())]
@@ -32,13 +35,23 @@ def gate_training(ledger, examples, descriptions: dict[str, dict], *, use: str, 
         ledger.record_terms_override(student, use, accept_risk, problems)
     for t in terms:
         print(f"train {student}: terms: {t.teacher_id} ({t.rows:,} rows) is {t.family} ({t.matched_by}): "
-              f"{t.verdict} for use {use}" + (" (declared)" if t.verdict in ("review", "unknown") and t.declared else ""))
+              f"{t.verdict} for use {use}" + (" (declared)" if t.verdict in ("review", "unknown") and t.declared else "")
+              + f"; evidence: {', '.join(str(e) for e in t.evidence) or 'none'}")
     if problems:
         print(f"train {student}: terms: trained past the gate, reason recorded in the ledger: {accept_risk}")
     print(f"train {student}: terms: {NOT_ADVICE}")
     records = [{**t.record(), "teacher_key": d["teacher_key"], "path": d.get("path")} for t, (d, _) in zip(terms, teachers)]
     return {"use": use, "teachers": records, "obligations": obligations, "declared": declared,
             "accepted_risk": accept_risk if problems else None, "overridden": problems}
+
+
+def trusted_teachers(ledger, request_hashes: list[str] | None) -> None:
+    """Stop unless the ledger's teacher rows behind these rows (all, with None) can be trusted
+    (``Ledger.teacher_problems``): what train and ``potstill terms check`` do before reading them."""
+    problems = ledger.teacher_problems(request_hashes)
+    if problems:
+        raise PotstillError(f"{ledger.path}: " + "; ".join(problems) + ": its teachers' terms cannot be judged from it; "
+                            "generate again into a new ledger, or restore the original")
 
 
 def model_name(name: str, terms: dict | None) -> str:
@@ -56,13 +69,14 @@ def write_obligation_files(folder: Path, terms: dict | None) -> None:
     for t in terms["teachers"]:
         here = Path(t["path"]) if t.get("path") else None
         # the files the teacher's terms name, licence first; its NOTICE is merged into ours below
-        for i, name in enumerate(f for f in family(t["family"]).obligations.get("files", []) if f != "NOTICE"):
-            src = here / name if here else None
-            if src is not None and src.is_file() and not src.is_symlink():
-                dest = folder / name if not (folder / name).exists() else folder / f"{name}.{t['family']}"
-                shutil.copyfile(src, dest)
-            elif i == 0:
-                missing.append(f"{name} of {t['teacher']} ({t['url'] or 'no URL'})")
+        for key in t.get("families") or [t["family"]]:  # every family the evidence named
+            for i, name in enumerate(f for f in family(key).obligations.get("files", []) if f != "NOTICE"):
+                src = here / name if here else None
+                if src is not None and src.is_file() and not src.is_symlink():
+                    dest = folder / name if not (folder / name).exists() else folder / f"{name}.{key}"
+                    shutil.copyfile(src, dest)
+                elif i == 0:
+                    missing.append(f"{name} of {t['teacher']} ({family(key).url or 'no URL'})")
         if here is not None and (here / "NOTICE").is_file() and not (here / "NOTICE").is_symlink():
             notices.insert(0, (here / "NOTICE").read_text(encoding="utf-8", errors="replace").strip())
     if notices:
@@ -75,6 +89,8 @@ def write_obligation_files(folder: Path, terms: dict | None) -> None:
         lines.append(f"- {md_text(t['teacher'])}: {md_text(t['family'])} ({md_text(t['licence'])}), "
                      f"{md_text(t['verdict'])} for {md_text(t['use'])}{declared}; "
                      f"{md_url(t['url']) if t['url'] else 'no URL'}; {md_text(t['clause'])}")
+        if t.get("contradiction"):
+            lines.append(f"  - declared terms contradict the evidence: {md_text(t['contradiction'])}")
     for title, key in (("Attribution", "attribution"), ("Restrictions that pass to every user", "flow_down"),
                        ("Thresholds", "thresholds")):
         if ob[key]:
