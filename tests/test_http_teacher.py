@@ -847,3 +847,35 @@ def test_inflated_usage_never_passes_max_cost(mock, tmp_path, concurrency):
         generate(recipe)
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
         assert ledger.spend()["cost"] <= 0.003
+
+
+def test_why_a_run_stopped_is_kept_in_its_session(mock, tmp_path):
+    """Printed and stored: each generate session records when it ended and why it stopped early
+    (a budget, an endpoint that is down), or that it finished; merge keeps it."""
+    from potstill.ledger.merge import merge_ledgers
+
+    m = mock()
+    recipe = http_recipe(tmp_path, [m], 30, "teacher.budget.max_requests=10")
+    with pytest.raises(PotstillError, match="max_requests=10") as stop:
+        generate(recipe)
+    finished = http_recipe(tmp_path / "b", [m], 4)
+    generate(finished)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        (session,) = ledger.sessions()
+    assert session["ended_at"] >= session["started_at"]
+    assert session["stopped"].startswith("budget reached: teacher.budget.max_requests=10")
+    assert session["stopped"] in str(stop.value)
+    with Ledger(tmp_path / "b" / "ledger.sqlite") as ledger:
+        (done,) = ledger.sessions()
+    assert done["ended_at"] and done["stopped"] is None
+    down = load_recipe(QUICKSTART / "recipe.yaml", [
+        f"output_dir={tmp_path / 'c'}", "prompts.limit=16", "teacher.backend=openai", "teacher.model=mock",
+        f"teacher.endpoints=[http://127.0.0.1:{closed_port()}/v1]"])
+    with pytest.raises(PotstillError, match="unreachable"):
+        generate(down)
+    with Ledger(tmp_path / "c" / "ledger.sqlite") as ledger:
+        assert "unreachable" in ledger.sessions()[0]["stopped"]
+    merge_ledgers(tmp_path / "merged.sqlite", [tmp_path / "ledger.sqlite", tmp_path / "c" / "ledger.sqlite"])
+    with Ledger(tmp_path / "merged.sqlite") as ledger:
+        stops = [s["stopped"] for s in ledger.sessions()]
+    assert len(stops) == 2 and stops[0].startswith("budget reached") and "unreachable" in stops[1]

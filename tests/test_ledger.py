@@ -132,3 +132,25 @@ def test_a_file_that_is_not_a_ledger(tmp_path):
     (tmp_path / "ledger.sqlite").write_bytes(b"not sqlite at all" * 100)
     with pytest.raises(PotstillError, match="not a usable potstill ledger"):
         Ledger(tmp_path / "ledger.sqlite")
+
+
+def test_a_ledger_from_before_session_endings_is_upgraded_in_place(tmp_path):
+    """Sessions gained ended_at and stopped (why a run stopped early): a ledger written before
+    them gets both, null, when opened, and keeps every session it had."""
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the sessions table as ledgers had it before
+        db.executescript("""
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            INSERT INTO meta VALUES ('schema_version', '2');
+            CREATE TABLE sessions (session_id INTEGER PRIMARY KEY, started_at TEXT NOT NULL, recipe_sha256 TEXT,
+                                   versions TEXT NOT NULL);
+            INSERT INTO sessions VALUES (1, '2025-01-01T00:00:00.000+00:00', 'ab', '{}');""")
+    db.close()
+    with Ledger(path) as ledger:
+        assert ledger.sessions() == [{"session_id": 1, "started_at": "2025-01-01T00:00:00.000+00:00",
+                                      "ended_at": None, "stopped": None}]
+        session = ledger.start_session("cd")
+        ledger.end_session(session, "budget reached: teacher.budget.max_requests=3 (spent 3 sends)")
+    with Ledger(path) as ledger:  # opened again: nothing added twice, nothing lost
+        old, new = ledger.sessions()
+        assert old["ended_at"] is None and new["ended_at"] and new["stopped"].startswith("budget reached")

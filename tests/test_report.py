@@ -163,3 +163,23 @@ def test_each_model_keeps_its_colour_and_on_policy_ce_is_not_called_teacher_toke
     ce = curves["cross-entropy on teacher tokens"]
     student_ce = next(line for line in ce.lines if line.get_label() == "student")
     assert list(student_ce.get_xdata()) == [1, 3] and "1 on-policy step left out" in ce.get_title()
+
+
+def test_the_report_says_why_each_generate_session_stopped(tmp_path):
+    """The ledger's sessions under the students and teachers: finished, stopped early (and why, as
+    text even when an endpoint's message holds markup), or never recorded as ended."""
+    from potstill.ledger import Ledger
+
+    run = make_run(tmp_path / "run", skill="sort")
+    with Ledger(run / "ledger.sqlite") as ledger:
+        for stopped in (None, "http://x/v1: 5 requests in a row refused, the last with HTTP 400: <script>alert(1)</script>"):
+            ledger.end_session(ledger.start_session("ab" * 32), stopped)
+        ledger.start_session("ab" * 32)  # killed: never ended
+    html = write_report(run).read_text()
+    parsed = parse(html)
+    assert "script" not in parsed.tags
+    text = "".join(parsed.text)
+    assert "how it ended" in text and "finished" in text
+    assert "stopped: http://x/v1: 5 requests in a row refused, the last with HTTP 400: <script>alert(1)</script>" in text
+    assert "not recorded (killed" in text
+    assert text.index("how it ended") > text.index("teachers (terms)")  # beside the students and teachers

@@ -144,8 +144,8 @@ def _merge_one(db: sqlite3.Connection) -> dict:
                "AND s.status = 'failed'")
 
     # sessions: new ids in main, mapped from the input's
-    db.execute(f"INSERT INTO main.sessions (started_at, recipe_sha256, versions) "
-               f"SELECT DISTINCT started_at, recipe_sha256, versions FROM src.sessions s "
+    db.execute(f"INSERT INTO main.sessions (started_at, recipe_sha256, versions, ended_at, stopped) "
+               f"SELECT DISTINCT started_at, recipe_sha256, versions, ended_at, stopped FROM src.sessions s "
                f"WHERE NOT EXISTS (SELECT 1 FROM main.sessions m WHERE {SAME_SESSION}) ORDER BY session_id")
     n["sessions"] = db.execute("SELECT changes()").fetchone()[0]
     db.execute("CREATE TEMP TABLE session_map (old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")

@@ -49,7 +49,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     session_id INTEGER PRIMARY KEY,
     started_at TEXT NOT NULL,
     recipe_sha256 TEXT,
-    versions TEXT NOT NULL                 -- JSON: python, potstill, torch, transformers, ...
+    versions TEXT NOT NULL,                -- JSON: python, potstill, torch, transformers, ...
+    ended_at TEXT,                         -- null until it ends: a killed run never does
+    stopped TEXT                           -- why it stopped early (budget, endpoint down, refusals); null if it did not
 );
 CREATE TABLE IF NOT EXISTS requests (
     request_hash TEXT PRIMARY KEY,
@@ -243,8 +245,10 @@ class Ledger:
             self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
         elif version[0] != SCHEMA_VERSION:
             raise PotstillError(f"{self.path}: ledger schema {version[0]}, this potstill reads {SCHEMA_VERSION}")
-        if "usage_claimed" not in {r[1] for r in self.db.execute("PRAGMA table_info(attempts)")}:
-            self.db.execute("ALTER TABLE attempts ADD COLUMN usage_claimed TEXT")  # additive: older potstills read it
+        # additive columns: a ledger written before them gets them (null) when opened, and older potstills read it
+        for table, column in (("attempts", "usage_claimed"), ("sessions", "ended_at"), ("sessions", "stopped")):
+            if column not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -284,6 +288,16 @@ class Ledger:
             (_now(), recipe_sha256, _canonical(library_versions())),
         )
         return cur.lastrowid
+
+    def end_session(self, session_id: int, stopped: str | None) -> None:
+        """Record that a session ended, and why it stopped early (None: it did what it was asked)."""
+        self.db.execute("UPDATE sessions SET ended_at=?, stopped=? WHERE session_id=?", (_now(), stopped, session_id))
+
+    def sessions(self) -> list[dict]:
+        """Every session, oldest first: id, started_at, ended_at (None: it never ended, or ended
+        before ledgers recorded it) and why it stopped early (None if it did not)."""
+        rows = self.db.execute("SELECT session_id, started_at, ended_at, stopped FROM sessions ORDER BY session_id")
+        return [dict(zip(("session_id", "started_at", "ended_at", "stopped"), r)) for r in rows]
 
     def add_requests(self, teacher_key: str, planned: list[tuple[str, Prompt, int]], params: dict) -> list[Request]:
         """Record (request hash, prompt, sample index) triples (idempotent); return those not done,

@@ -54,15 +54,16 @@ def _load(run: Path) -> dict:
             for p in sorted((run / "logs").glob("*.jsonl"))}
     students = {name: json.loads((run / name / "potstill.json").read_text())
                 for name in ("student", "baseline") if (run / name / "potstill.json").is_file()}
-    same = None
+    same, sessions = None, []
     if (run / "ledger.sqlite").is_file():  # a teacher that ignores temperature gives the same sample every time
         from potstill.ledger import Ledger
 
         with Ledger(run / "ledger.sqlite") as ledger:
             same = ledger.identical_samples()
+            sessions = ledger.sessions()  # the generate sessions, and why each stopped early
     audit = json.loads((run / "audit.json").read_text()) if (run / "audit.json").is_file() else None
     return {"name": run.name, "path": run, "eval": json.loads(eval_path.read_text()), "logs": logs, "students": students,
-            "identical_samples": same, "audit": audit}
+            "identical_samples": same, "sessions": sessions, "audit": audit}
 
 
 def _png(fig, path: Path) -> str:
@@ -213,6 +214,9 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
     students_head = (["run"] if several else []) + ["student", "objective", "loss", "signal", "T", "kd_ratio", "steps",
                                                     "examples", "teachers (terms)", "ledger"]
 
+    sessions = [([r["name"]] if several else []) + session_row(s) for r in loaded for s in r["sessions"]]
+    sessions_head = (["run"] if several else []) + ["generate session", "started", "ended", "how it ended"]
+
     terms = terms_rows(loaded, several)
     terms_head = (["run"] if several else []) + ["student", "teacher", "rows", "terms family", "matched by", "use",
                                                  "verdict", "declared / override reason", "Merkle root of its rows"]
@@ -227,7 +231,8 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
         identical=[(r["name"], r["identical_samples"]) for r in loaded
                    if r["identical_samples"] and r["identical_samples"]["identical"]],
         summary_head=head, summary=summary, extra_head=extra_head, extra=extra,
-        students_head=students_head, students=students, terms_head=terms_head, terms=terms, figures=list(images.items()),
+        students_head=students_head, students=students, sessions_head=sessions_head, sessions=sessions,
+        terms_head=terms_head, terms=terms, figures=list(images.items()),
         samples_of=loaded[0]["name"] if several else None, samples_head=["prompt"] + names, samples=samples,
         provenance=[(r["name"], json.dumps(r["eval"]["provenance"], indent=2)) for r in loaded],
         audit_head=(["run"] if several else []) + ["test", "target", "statistic", "p-value", "tokens", "verdict"],
@@ -238,6 +243,14 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
         audit_caveats=next((r["audit"]["caveats"] for r in loaded if r["audit"]), []))
     out.write_text(page + "\n", encoding="utf-8")
     return out
+
+
+def session_row(session: dict) -> list[str]:
+    """A ledger session as the report shows it: why it stopped early, as the ledger kept it."""
+    ended = session["ended_at"]
+    how = (f"stopped: {session['stopped']}" if session["stopped"] else "finished") if ended else \
+        "not recorded (killed, or written before ledgers kept how a session ended)"
+    return [str(session["session_id"]), session["started_at"], ended or "-", how]
 
 
 def judge_cell(judge: dict) -> str:

@@ -13,10 +13,13 @@ An ``imported`` teacher has no backend: its file holds the requests and the answ
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from potstill.errors import PotstillError
 from potstill.ledger.store import Ledger, requests_for
 from potstill.progress import progress
 from potstill.prompts import Prompt
@@ -149,9 +152,19 @@ class Asked:
 def ask(backend: Backend, ledger: Ledger, prompts: list[Prompt], params: dict, recipe_sha256: str,
         samples_per_prompt: int = 1, shard: tuple[int, int] | None = None) -> Asked:
     """Plan the requests for ``prompts``, keep those ``ledger`` has no answer for, and have the
-    backend answer them into it (one session, recorded with the recipe's hash)."""
+    backend answer them into it (one session, recorded with the recipe's hash, when it ended and
+    why it stopped early)."""
     key = ledger.register_teacher(backend.describe())
     planned = requests_for(key, prompts, params, samples_per_prompt, shard)
     todo = ledger.add_requests(key, planned, params)
-    stopped = backend.answer(todo, params, ledger, ledger.start_session(recipe_sha256), key) if todo else None
+    if not todo:
+        return Asked(key, planned, 0, None)
+    session = ledger.start_session(recipe_sha256)
+    try:
+        stopped = backend.answer(todo, params, ledger, session, key)
+    except PotstillError as e:  # a ledger that cannot be written, a teacher that cannot start: kept if it can be
+        with contextlib.suppress(sqlite3.Error):
+            ledger.end_session(session, str(e))
+        raise
+    ledger.end_session(session, stopped)  # why it stopped early is kept, not only printed
     return Asked(key, planned, len(todo), stopped)

@@ -136,6 +136,8 @@ def import_file(ledger: Ledger, path: str | Path, *, format: str = "auto", teach
         if completions or failures:
             session = session or ledger.start_session(None)
             counts["new"] += ledger.record(session, completions, failures)
+    if session is not None:
+        ledger.end_session(session, None)
     counts["skipped"] = counts["read"] - counts["new"] - counts["already"]
     return {**counts, "skipped_reasons": reasons, "teacher_key": key}
 
