@@ -271,3 +271,42 @@ def test_a_hostile_endpoint_is_one_line_without_the_key(folders, tmp_path, capsy
     monkeypatch.delenv("AUDIT_KEY")
     assert main([*lineage, "--teacher", "http://localhost:1/v1#t"]) == 2
     assert "--api-key-env names AUDIT_KEY, which is not set" in capsys.readouterr().err
+
+
+def test_a_trickling_endpoint_fails_the_probe_within_the_deadline(tmp_path, capsys):
+    """A body trickled a byte every 10 ms never trips a per-read timeout: --timeout is the deadline
+    of the whole attempt (connect, headers, body), as teacher.timeout is, and nothing retries it
+    behind the scenes. The probe fails once, within the deadline, with one line (was: the body
+    read to its end, and the client's per-read timeout of 120 s and 3 retries held a probe past
+    150 s), for the lineage teacher and the radioactivity suspect alike."""
+    import time
+
+    from mock_endpoint import Faults, MockEndpoint
+    from potstill.audit.lineage import EndpointModel
+    from potstill.errors import PotstillError
+
+    m = MockEndpoint(faults=Faults(trickle=1.0, trickle_seconds=0.01)).start_in_thread()  # ~7 s a body
+    try:
+        model = EndpointModel(m.url, "t", timeout=1.0)
+        start = time.monotonic()
+        with pytest.raises(PotstillError, match=r"t@.* did not answer the probe 'sort 3 1 2' within --timeout 1 s"):
+            model.chat([{"role": "user", "content": "sort 3 1 2"}], 0.0, 8)
+        assert time.monotonic() - start < 1.5 and len(m.log) == 1  # one attempt, cut at the deadline
+        model.close()
+        probes = ["--prompts", str(QUICKSTART / "prompts" / "heldout.jsonl"), "--limit", "3", "--timeout", "1"]
+        lineage = ["audit", "lineage", "--teacher", f"{m.url}#t", "--suspect", str(TEACHER), "--reference",
+                   str(TEACHER), *probes, "--max-new-tokens", "4", "--out", str(tmp_path / "x.json")]
+        (tmp_path / "k").write_text("a-watermark-key-of-enough-length-0123")
+        radio = ["audit", "radioactivity", "--endpoint", m.url, "--model-name", "t", "--key-file", str(tmp_path / "k"),
+                 "--tokenizer", str(TEACHER), *probes, "--out", str(tmp_path / "y.json")]
+        for args in (lineage, radio):
+            start, sent = time.monotonic(), len(m.log)
+            assert main(args) == 2
+            err = capsys.readouterr().err
+            assert time.monotonic() - start < 10 and len(m.log) - sent == 1  # the first probe, once
+            assert "did not answer the probe" in err and "within --timeout 1 s" in err and "Traceback" not in err
+            assert len(err.strip().splitlines()) == 1, err
+        assert main([*lineage[:-2], "--timeout", "0", "--out", str(tmp_path / "z.json")]) == 2
+        assert "--timeout must be more than 0 seconds" in capsys.readouterr().err
+    finally:
+        m.stop_thread()

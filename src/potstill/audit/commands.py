@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from potstill.audit.lineage import ENDPOINT_TIMEOUT
 from potstill.errors import PotstillError
 
 CAVEATS = [
@@ -33,6 +34,11 @@ def add_parser(verbs) -> None:
                        "potstill report shows them)")
         p.add_argument("--alpha", type=float, default=1e-3, help="flag when the p-value is below this (default 1e-3)")
 
+    def deadline(p):
+        p.add_argument("--timeout", type=float, default=ENDPOINT_TIMEOUT, metavar="SECONDS",
+                       help=f"an endpoint's deadline for each probe's whole answer (connect, headers and body; "
+                            f"default {ENDPOINT_TIMEOUT:g}); a probe is sent once, never retried")
+
     def keys(p):
         p.add_argument("--key-file", action="append", required=True, metavar="F",
                        help="a watermark key file; repeat for one key per dataset release (Holm-corrected)")
@@ -51,6 +57,7 @@ def add_parser(verbs) -> None:
     where.add_argument("--endpoint", help="the suspect's OpenAI-compatible base URL, e.g. http://host:8000/v1")
     r.add_argument("--model-name", help="with --endpoint: the model name it serves")
     r.add_argument("--api-key-env", metavar="VAR", help="with --endpoint: environment variable holding the API key")
+    deadline(r)
     r.add_argument("--prompts", required=True, help="probe prompts (a prompt file, as in recipes)")
     r.add_argument("--mode", choices=["sampling", "reading"], default="sampling",
                    help="sampling: score the suspect's answers; reading (open weights): score its next-token "
@@ -99,6 +106,7 @@ def add_parser(verbs) -> None:
                         "reference is a folder, else match")
     g.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key sent to the "
                    "endpoints among the models (one key for all)")
+    deadline(g)
     g.add_argument("--batch-size", type=int, default=16, help="probes per forward pass of a folder's model "
                    "(likelihood, kl; default 16): lower it for long probes or a large vocabulary")
     g.add_argument("--tokenizer", help="tokenizer for match rates (default: the teacher's folder; characters for "
@@ -203,7 +211,7 @@ def cmd_radioactivity(args) -> None:
                                 "without its entropy")
         key = _api_key(args)
         rows, answers = ra.endpoint_samples(args.endpoint, args.model_name, tok, prompts, args.max_new_tokens,
-                                            temperature=args.temperature, api_key=key)
+                                            temperature=args.temperature, api_key=key, timeout=_timeout(args))
         suspect = f"{args.model_name}@{args.endpoint}"
     else:
         from potstill.teachers.local import load_model_dir, tokenizer_sha256
@@ -256,19 +264,26 @@ def _api_key(args) -> str | None:
     return key
 
 
-def _responder(spec: str, api_key: str | None = None):
+def _timeout(args) -> float:
+    if not args.timeout > 0:
+        raise PotstillError(f"--timeout must be more than 0 seconds, not {args.timeout:g}")
+    return args.timeout
+
+
+def _responder(spec: str, api_key: str | None = None, timeout: float = ENDPOINT_TIMEOUT):
     from potstill.audit.lineage import EndpointModel, LocalModel
 
     if spec.startswith(("http://", "https://")):
         url, _, model = spec.partition("#")
         if not model:
             raise PotstillError(f"{spec}: an endpoint is given as URL#MODEL, e.g. http://localhost:8000/v1#teacher")
-        return EndpointModel(url, model, api_key)
+        return EndpointModel(url, model, api_key, timeout)
     return LocalModel(spec)
 
 
 def cmd_lineage(args) -> None:
-    from potstill.audit.lineage import IDENTITY_PROBES, identity_counts, kl_scores, lineage_test, match_rates
+    from potstill.audit.lineage import (IDENTITY_PROBES, EndpointModel, identity_counts, kl_scores, lineage_test,
+                                        match_rates)
 
     if len(set(args.reference)) != len(args.reference):
         raise PotstillError("--reference: a model is named twice")
@@ -289,24 +304,28 @@ def cmd_lineage(args) -> None:
     if args.batch_size < 1:
         raise PotstillError(f"--batch-size must be at least 1, not {args.batch_size}")
     scores, identity, teacher, teacher_model = {}, {}, None, None
-    key = _api_key(args)
+    key, timeout = _api_key(args), _timeout(args)
     for role, spec in models.items():
-        m = _responder(spec, key)
-        if role == "teacher":
-            teacher = m.answer(prompts, args.max_new_tokens)
-            tok = getattr(m, "tokenizer", None)
-            if args.tokenizer:
-                tok = _tokenizer(args.tokenizer)
-            tokenize = (lambda t: tok(t, add_special_tokens=False)["input_ids"]) if tok is not None else list
-            teacher_model = m if statistic == "kl" else None  # kept loaded beside each other model
-        elif statistic == "likelihood":
-            scores[role] = m.answer_logprobs(prompts, teacher, args.batch_size)
-        elif statistic == "kl":
-            scores[role] = kl_scores(teacher_model, m, prompts, teacher, args.batch_size)
-        else:
-            scores[role] = match_rates(teacher, m.answer(prompts, args.max_new_tokens), tokenize)
-        if args.name:
-            identity[role] = m.answer(IDENTITY_PROBES, args.max_new_tokens)
+        m = _responder(spec, key, timeout)
+        try:
+            if role == "teacher":
+                teacher = m.answer(prompts, args.max_new_tokens)
+                tok = getattr(m, "tokenizer", None)
+                if args.tokenizer:
+                    tok = _tokenizer(args.tokenizer)
+                tokenize = (lambda t: tok(t, add_special_tokens=False)["input_ids"]) if tok is not None else list
+                teacher_model = m if statistic == "kl" else None  # kept loaded beside each other model
+            elif statistic == "likelihood":
+                scores[role] = m.answer_logprobs(prompts, teacher, args.batch_size)
+            elif statistic == "kl":
+                scores[role] = kl_scores(teacher_model, m, prompts, teacher, args.batch_size)
+            else:
+                scores[role] = match_rates(teacher, m.answer(prompts, args.max_new_tokens), tokenize)
+            if args.name:
+                identity[role] = m.answer(IDENTITY_PROBES, args.max_new_tokens)
+        finally:
+            if isinstance(m, EndpointModel):
+                m.close()
         del m  # one model in memory at a time (two for kl)
     refs = {k.removeprefix("reference:"): v for k, v in scores.items() if k.startswith("reference:")}
     result = lineage_test(scores["suspect"], refs, statistic)

@@ -33,6 +33,7 @@ every reference: answers learned from web data confound them, so they carry no p
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import torch
@@ -125,28 +126,51 @@ def kl_scores(teacher: LocalModel, other: LocalModel, prompts: list[str], answer
     return out
 
 
-class EndpointModel:
-    """A model behind an OpenAI-compatible endpoint (chat completions). Whatever it sends back is
-    checked: a refusal, an unreachable host or a body that is not a chat completion is one line
-    (with the API key and any echo of it redacted), never a traceback."""
+ENDPOINT_TIMEOUT = 120.0  # seconds for one probe's whole answer (--timeout): teacher.timeout's default
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0):
-        from openai import OpenAI
+
+class EndpointModel:
+    """A model behind an OpenAI-compatible endpoint (chat completions), asked one probe at a time.
+
+    A probe is one attempt with one deadline, ``timeout`` seconds for the whole answer (connect,
+    headers and body), as ``teacher.timeout`` bounds a teacher's: the client's own timeout is per
+    read, which a body trickled a byte at a time never trips. Nothing retries it behind the scenes
+    (the client's retries are off): a probe that fails stops the audit with one line. Whatever the
+    endpoint sends back is checked: a refusal, an unreachable host, a deadline passed or a body
+    that is not a chat completion is one line (with the API key and any echo of it redacted),
+    never a traceback. ``close`` when done."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = ENDPOINT_TIMEOUT):
+        from potstill.teachers.openai.wire import make_client
 
         self.name = f"{model}@{base_url}"
-        self.model, self.key = model, api_key
-        self.client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=3)
+        self.model, self.key, self.timeout = model, api_key, timeout
+        self.client = make_client(base_url, api_key or "none", timeout)  # async, its own retries off
+        self.loop = asyncio.new_event_loop()  # one for every probe: the client's connections stay open between them
+
+    def close(self) -> None:
+        if not self.loop.is_closed():
+            self.loop.run_until_complete(self.client.close())
+            self.loop.close()
+
+    async def _create(self, messages: list[dict], temperature: float, max_tokens: int):
+        async with asyncio.timeout(self.timeout):
+            return await self.client.chat.completions.create(model=self.model, messages=messages,
+                                                             temperature=temperature, max_tokens=max_tokens)
 
     def chat(self, messages: list[dict], temperature: float, max_tokens: int) -> str:
         """The text of the endpoint's answer to ``messages``."""
-        from openai import APIConnectionError, APIError, APIStatusError
+        from openai import APIConnectionError, APIError, APIStatusError, APITimeoutError
 
         from potstill.teachers.openai.wire import redact
 
         probe = repr(str(messages[-1].get("content", ""))[:40])
         try:
-            r = self.client.chat.completions.create(model=self.model, messages=messages, temperature=temperature,
-                                                    max_tokens=max_tokens)
+            r = self.loop.run_until_complete(self._create(messages, temperature, max_tokens))
+        except (TimeoutError, APITimeoutError):  # the deadline, or the client's connect timer (half of it)
+            raise PotstillError(f"{self.name} did not answer the probe {probe} within --timeout {self.timeout:g} s "
+                                f"(one deadline for the whole answer: connect, headers and body): is it overloaded "
+                                f"or down? Or raise --timeout") from None
         except APIStatusError as e:
             raise PotstillError(f"{self.name} refused the probe {probe}: HTTP {e.status_code}: "
                                 f"{redact(str(getattr(e, 'message', e)), self.key)}") from None

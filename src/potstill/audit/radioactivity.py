@@ -125,17 +125,21 @@ def local_samples(model, tokenizer, prompts: list, max_new_tokens: int, temperat
 
 def endpoint_samples(base_url: str, model: str, tokenizer, prompts: list, max_new_tokens: int,
                      temperature: float = 1.0, api_key: str | None = None,
-                     timeout: float = 120.0) -> tuple[list[list[int]], list[list[int]]]:
+                     timeout: float | None = None) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, answer ids) of a suspect behind an OpenAI-compatible endpoint: its answers' text
-    is tokenized with ``tokenizer``, the one the keys' green lists are over (the teacher's)."""
-    from potstill.audit.lineage import EndpointModel
+    is tokenized with ``tokenizer``, the one the keys' green lists are over (the teacher's).
+    ``timeout``: seconds for each probe's whole answer (``lineage.ENDPOINT_TIMEOUT`` if None)."""
+    from potstill.audit.lineage import ENDPOINT_TIMEOUT, EndpointModel
     from potstill.teachers.local import prompt_ids
 
-    suspect = EndpointModel(base_url, model, api_key, timeout)
+    suspect = EndpointModel(base_url, model, api_key, ENDPOINT_TIMEOUT if timeout is None else timeout)
     rows, answers = [], []
-    for p in prompts:
-        messages = as_messages(p)
-        text = suspect.chat(messages, temperature, max_new_tokens)
-        rows.append(prompt_ids(tokenizer, messages))
-        answers.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    try:
+        for p in prompts:
+            messages = as_messages(p)
+            text = suspect.chat(messages, temperature, max_new_tokens)
+            rows.append(prompt_ids(tokenizer, messages))
+            answers.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    finally:
+        suspect.close()
     return rows, answers
