@@ -69,8 +69,8 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
         mine = set(asked.hashes)
         counts["failures"] = Counter(r for h, r in ledger.failures().items() if h in mine).most_common()
     if stopped:
-        raise PotstillError(f"generation stopped: {stopped}. Saved: {counts['done']} done, {counts['failed']} failed; "
-                            f"rerun the same command to resume")
+        raise PotstillError(f"generation stopped: {stopped} (saved: {counts['done']} done, {counts['failed']} failed; "
+                            f"rerun the same command to resume)")
     return counts
 
 
