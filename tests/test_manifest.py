@@ -230,7 +230,7 @@ def changed(path, new: bytes | None):
 # (what the card says, what an editor made it say, what verify must name): every field train writes
 CARD_EDITS = [
     ("license: apache-2.0", "license: mit", "card: license is"),
-    ("    terms_family: unknown", "    terms_family: apache-2.0", "card: distillation.teachers[0].terms_family is"),
+    ("    terms_family: deepseek-mit", "    terms_family: own", "card: distillation.teachers[0].terms_family is"),
     ("    licence: MIT", "    licence: Apache-2.0", "card: distillation.teachers[0].licence is"),
     ("    terms_url: https://github.com/deepseek-ai/DeepSeek-R1/blob/main/LICENSE", "    terms_url: https://x.org/ok",
      "card: distillation.teachers[0].terms_url is"),
@@ -259,7 +259,7 @@ def test_every_card_field_and_line_train_wrote_is_bound(trained, capsys, old, ne
     assert _verify(trained, capsys)[0] == 0
 
 
-SPDX_EDITS = [("licence", '"simplelicensing_licenseExpression": "apache-2.0"',
+SPDX_EDITS = [("licence", '"simplelicensing_licenseExpression": "Apache-2.0"',
                '"simplelicensing_licenseExpression": "MIT"'),
               ("relationship", '"relationshipType": "trainedOn"', '"relationshipType": "testedOn"')]
 

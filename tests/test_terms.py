@@ -22,7 +22,9 @@ POLICY = {
     "gemma-4":         (A, A, A, A),  # Apache-2.0
     "gemma":           (O, O, O, O),  # Gemma 1-3: a Model Derivative; use restrictions flow down
     "llama-2":         (F, F, F, F),  # outputs may not improve any other LLM
-    "llama-3":         (O, O, O, O),  # "Llama" prefix, "Built with Llama", licence + Notice, 700M MAU
+    "llama-3.1":       (O, O, O, O),  # "Llama" prefix, "Built with Llama", licence + Notice, 700M MAU
+    "llama-3.2":       (O, O, O, O),  # the same clause; each version its own licence, notice and AUP
+    "llama-3.3":       (O, O, O, O),
     "llama-4":         (O, O, O, O),
     "qwen-license":    (O, O, O, O),  # "Built with Qwen", 100M MAU
     "qwen-research":   (O, R, F, F),  # non-commercial research only
@@ -86,10 +88,10 @@ def test_matching_by_host_model_id_folder_licence_and_explicit_key(tmp_path):
         ({"id": "gpt-4o-mini", "backend": "openai", "endpoint": "https://api.openai.com/v1", "model": "gpt-4o-mini"},
          "openai-api", "endpoint host api.openai.com"),
         ({"id": "teacher", "backend": "openai", "endpoint": "http://localhost:8000/v1",
-          "model": "meta-llama/Llama-3.3-70B-Instruct"}, "llama-3", "served model meta-llama/Llama-3.3-70B-Instruct"),
+          "model": "meta-llama/Llama-3.3-70B-Instruct"}, "llama-3.3", "served model meta-llama/Llama-3.3-70B-Instruct"),
         ({"id": "claude-sonnet-4", "backend": "imported"}, "anthropic", "teacher id claude-sonnet-4"),
         ({"id": "big", "backend": "local", "path": _folder(tmp_path, "big", {"license": "llama3.3"})},
-         "llama-3", "folder licence llama3.3"),
+         "llama-3.3", "folder licence llama3.3"),
         ({"id": "g", "backend": "local", "path": _folder(tmp_path, "gemma-2-2b-it", {"license": "gemma"})},
          "gemma", "folder licence gemma"),
         # MIT twice (the README's licence, the folder's name): equal verdicts, the earlier evidence is named
@@ -111,7 +113,7 @@ def test_matching_by_host_model_id_folder_licence_and_explicit_key(tmp_path):
         ({"id": "Qwen/Qwen2.5-32B-Instruct", "backend": "imported"}, "qwen-apache", "teacher id Qwen/Qwen2.5-32B-Instruct"),
         ({"id": "Qwen/Qwen2.5-3B-Instruct", "backend": "imported"}, "qwen-research", "teacher id Qwen/Qwen2.5-3B-Instruct"),
         ({"id": "deepseek-ai/DeepSeek-V3", "backend": "imported"}, "deepseek-v3", "teacher id deepseek-ai/DeepSeek-V3"),
-        ({"id": "meta-llama/Llama-3.2-1B", "backend": "imported"}, "llama-3", "teacher id meta-llama/Llama-3.2-1B"),
+        ({"id": "meta-llama/Llama-3.2-1B", "backend": "imported"}, "llama-3.2", "teacher id meta-llama/Llama-3.2-1B"),
         ({"id": "meta-llama/Llama-2-7b-hf", "backend": "imported"}, "llama-2", "teacher id meta-llama/Llama-2-7b-hf"),
         ({"id": "google/gemma-4-e4b", "backend": "imported"}, "gemma-4", "teacher id google/gemma-4-e4b"),
     ]
@@ -133,7 +135,7 @@ def test_competing_with_openai_rows_refuses_naming_teacher_rows_clause_and_url()
 
 
 def test_llama_forces_the_prefix_gemma_lists_flow_down_and_two_prefixes_conflict():
-    llama = check([({"id": "l", "terms_family": "llama-3"}, 5)], "commercial")
+    llama = check([({"id": "l", "terms_family": "llama-3.3"}, 5)], "commercial")
     ob = merge_obligations(llama)
     assert ob["name_prefix"] == "Llama" and ob["attribution"] == ["Built with Llama"]
     assert "NOTICE" in ob["files"] and "LICENSE" in ob["files"] and not ob["conflicts"]
@@ -248,7 +250,7 @@ def test_llama_teacher_forces_prefix_notice_and_licence_copy(tmp_path):
 
     student = train(recipe, recipe.train)
     info = json.loads((student / "potstill.json").read_text())
-    assert info["terms"]["teachers"][0]["family"] == "llama-3"
+    assert info["terms"]["teachers"][0]["family"] == "llama-3.3"
     assert info["terms"]["teachers"][0]["matched_by"] == "folder licence llama3.3"
     assert info["model_name"] == "Llama-student"
     card = ModelCard.load(student / "README.md")
@@ -431,12 +433,12 @@ def test_a_llama_folder_declared_apache_is_refused_and_keeps_llamas_obligations(
     generate(recipe)
     assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 2
     err = capsys.readouterr().err
-    assert "teacher.terms_family apache-2.0 contradicts folder licence llama3.1, which names llama-3" in err
+    assert "teacher.terms_family apache-2.0 contradicts folder licence llama3.1, which names llama-3.1" in err
     assert main(["train", str(QUICKSTART / "recipe.yaml"), *args, "--accept-terms-risk", "test"]) == 0
     info = json.loads((recipe.run_dir / "student" / "potstill.json").read_text())
-    assert info["model_name"] == "Llama-student" and info["terms"]["teachers"][0]["family"] == "llama-3"
+    assert info["model_name"] == "Llama-student" and info["terms"]["teachers"][0]["family"] == "llama-3.1"
     assert "Built with Llama" in info["terms"]["obligations"]["attribution"]
-    assert "folder licence file LICENSE: llama-3" in info["terms"]["teachers"][0]["evidence"]
+    assert "folder licence file LICENSE: llama-3.1" in info["terms"]["teachers"][0]["evidence"]
 
 
 def test_an_unknown_declared_family_does_not_hide_what_matched(tmp_path, capsys):
@@ -460,8 +462,8 @@ def test_an_unknown_declared_family_does_not_hide_what_matched(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("licence, teacher_id, family_", [
-    ("llama3.1", "acme/qwen3-style-helper", "llama-3"),
-    ("llama3.1", "mistral-7b-distill", "llama-3"),
+    ("llama3.1", "acme/qwen3-style-helper", "llama-3.1"),
+    ("llama3.1", "mistral-7b-distill", "llama-3.1"),
     ("gemma", "deepseek-r1-helper", "gemma"),
 ])
 def test_a_free_text_id_does_not_outrank_the_folders_licence(tmp_path, licence, teacher_id, family_):
@@ -471,7 +473,7 @@ def test_a_free_text_id_does_not_outrank_the_folders_licence(tmp_path, licence, 
     assert (t.family, t.verdict, t.matched_by) == (family_, O, f"folder licence {licence}")
     assert t.contradiction is None and t.passes
     assert f"teacher id {teacher_id}" in ", ".join(map(str, t.evidence))
-    if family_ == "llama-3":
+    if family_ == "llama-3.1":
         assert merge_obligations([t])["name_prefix"] == "Llama"
 
 
@@ -541,11 +543,13 @@ REAL_IDS = {
               "google/shieldgemma-2b", "google/paligemma2-3b-pt-224", "gemma2:9b", "gemma3:27b"],
     "llama-2": ["meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-chat-hf", "meta-llama/Llama-2-70b-chat-hf",
                 "llama2:13b", "codellama/CodeLlama-7b-hf", "codellama/CodeLlama-34b-Instruct-hf"],
-    "llama-3": ["meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Meta-Llama-3.1-70B-Instruct",
-                "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B-Instruct", "meta-llama/Llama-3.2-11B-Vision-Instruct",
-                "meta-llama/Llama-3.3-70B-Instruct", "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF",
-                "llama-3.3-70b-versatile", "meta-llama/llama-3.1-405b-instruct", "llama3.1:8b", "llama3.2:3b",
-                "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"],
+    "llama-3.1": ["meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct",
+                  "meta-llama/Meta-Llama-3.1-70B-Instruct", "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF",
+                  "meta-llama/llama-3.1-405b-instruct", "llama3.1:8b", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"],
+    "llama-3.2": ["meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B-Instruct", "meta-llama/Llama-3.2-11B-Vision-Instruct",
+                  "llama3.2:3b"],
+    "llama-3.3": ["meta-llama/Llama-3.3-70B-Instruct", "llama-3.3-70b-versatile",
+                  "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"],
     "llama-4": ["meta-llama/Llama-4-Scout-17B-16E-Instruct", "meta-llama/Llama-4-Maverick-17B-128E-Instruct"],
     "qwen-license": ["Qwen/Qwen2.5-72B", "Qwen/Qwen2.5-72B-Instruct", "Qwen/Qwen2.5-Math-72B-Instruct",
                      "Qwen/Qwen2.5-VL-72B-Instruct", "qwen2.5:72b"],
@@ -671,3 +675,207 @@ def test_train_refuses_rows_moved_to_another_teacher(tmp_path, capsys):
     assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 2
     assert "the row was edited or moved to another teacher" in capsys.readouterr().err
     assert not (recipe.run_dir / "student").exists()
+
+
+# -- issue 21: obligations by version; the card and SPDX say what binds the student ---------------
+
+LLAMA_31_NOTICE = ("Llama 3.1 is licensed under the Llama 3.1 Community License, Copyright © Meta Platforms, Inc. "
+                   "All Rights Reserved.")
+
+
+def _folder_run(tmp_path: Path, folder: Path, *overrides: str):
+    """A local teacher ``folder`` generates 16 rows; the CLI's train then reads them (args returned)."""
+    from conftest import QUICKSTART, tiny_overrides
+    from potstill.generate import generate
+    from potstill.recipe import load_recipe
+
+    args = [*tiny_overrides(tmp_path / "run", n_prompts=16), f"teacher.path={folder}", "teacher.terms_family=unknown",
+            "use=commercial", "train.objective=sft", "baseline=null", *overrides]
+    recipe = load_recipe(QUICKSTART / "recipe.yaml", args)
+    generate(recipe)
+    return recipe, args
+
+
+def _spdx(student: Path) -> tuple[list, dict]:
+    graph = json.loads((student / "model.spdx3.json").read_text())["@graph"]
+    return graph, {e["spdxId"]: e for e in graph if "spdxId" in e}
+
+
+def _licences_of(graph: list, ids: dict, holder: str, kind: str = "hasConcludedLicense") -> list[str]:
+    return [ids[r["to"][0]]["simplelicensing_licenseExpression"] for r in graph
+            if r["type"] == "Relationship" and r["relationshipType"] == kind and r["from"] == holder]
+
+
+def test_a_llama_3_1_teacher_gets_llama_3_1s_text_and_the_card_names_the_family_found(tmp_path, capsys):
+    """Items 7 and 8: a Llama 3.1 folder (README licence, LICENSE title, NOTICE) with the recipe's
+    terms_family left unknown: NOTICE, TERMS.md, the card and SPDX carry 3.1's notice, URL,
+    acceptable-use policy and licence, nothing of 3.3; the card says llama-3.1 beside the teacher."""
+    from conftest import QUICKSTART
+    from huggingface_hub import ModelCard
+
+    from potstill.cli import main
+
+    llama = _teacher_folder(tmp_path, "helper", "llama3.1", "LLAMA 3.1 COMMUNITY LICENSE AGREEMENT (test copy)\n")
+    (llama / "NOTICE").write_text(LLAMA_31_NOTICE + "\n")
+    recipe, args = _folder_run(tmp_path, llama, "teacher.id=helper")
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 0
+    student = recipe.run_dir / "student"
+    assert (student / "NOTICE").read_text() == LLAMA_31_NOTICE + "\n"  # the folder's line, once; no 3.3 line
+    terms_md = (student / "TERMS.md").read_text()
+    assert "models/llama3_1/LICENSE>" in terms_md and "llama.com/llama3\\_1/use-policy" in terms_md
+    assert "LicenseRef-Llama-3.1-Community-License" in terms_md
+    card = ModelCard.load(student / "README.md")
+    (teacher,) = card.data.to_dict()["distillation"]["teachers"]
+    assert teacher["licence"] == "LicenseRef-Llama-3.1-Community-License" and "llama3_1" in teacher["terms_url"]
+    assert teacher["terms_family"] == teacher["terms_registry"] == "llama-3.1"  # item 8: not the recipe's "unknown"
+    assert "terms: llama-3.1" in card.text and "terms: unknown" not in card.text
+    assert "llama3\\_1/use-policy" in card.text
+    graph, ids = _spdx(student)
+    dataset = next(e["spdxId"] for e in graph if e["type"] == "dataset_DatasetPackage")
+    assert _licences_of(graph, ids, dataset) == ["LicenseRef-Llama-3.1-Community-License"]
+    for text in (terms_md, card.text, (student / "model.spdx3.json").read_text(), (student / "NOTICE").read_text()):
+        assert "3.3" not in text and "3_3" not in text
+    capsys.readouterr()
+    assert main(["verify", str(recipe.run_dir)]) == 0, capsys.readouterr()
+
+
+def test_gemmas_terms_flow_down_into_the_concluded_licence(tmp_path, capsys):
+    """Item 9: a Gemma teacher, the student declared apache-2.0: the card and SPDX conclude
+    Apache-2.0 AND the Gemma terms, keep apache-2.0 as the declared licence, and say why."""
+    from conftest import QUICKSTART
+    from huggingface_hub import ModelCard
+
+    from potstill.cli import main
+
+    gemma = _teacher_folder(tmp_path, "helper", "gemma", "Gemma Terms of Use (test copy)\n")
+    recipe, args = _folder_run(tmp_path, gemma, "teacher.id=helper", "student.license=apache-2.0")
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 0
+    student = recipe.run_dir / "student"
+    concluded = "Apache-2.0 AND LicenseRef-Gemma-Terms-of-Use"
+    card = ModelCard.load(student / "README.md")
+    meta = card.data.to_dict()
+    assert meta["license"] == "other" and meta["license_link"] == "TERMS.md"
+    assert meta["distillation"]["licence"] == {"declared": "apache-2.0", "concluded": concluded,
+                                               "flows_down": ["LicenseRef-Gemma-Terms-of-Use"]}
+    assert f"Licence: **{concluded}**" in card.text and "pass to every user" in card.text
+    assert concluded in (student / "TERMS.md").read_text()
+    graph, ids = _spdx(student)
+    model = next(e["spdxId"] for e in graph if e["type"] == "ai_AIPackage" and e["spdxId"].endswith(":student"))
+    assert _licences_of(graph, ids, model) == [concluded]
+    assert _licences_of(graph, ids, model, "hasDeclaredLicense") == ["Apache-2.0"]
+    capsys.readouterr()
+    assert main(["verify", str(recipe.run_dir)]) == 0, capsys.readouterr()
+
+
+def test_licence_names_that_are_not_spdx_ids_become_licence_refs(tmp_path):
+    """Item 10: student.license llama3.1 (a Hugging Face licence id, no SPDX one): every licence
+    expression of the SPDX document parses as SPDX with the SPDX licence list (license-expression),
+    each id either on the list or a LicenseRef."""
+    from conftest import QUICKSTART
+    from license_expression import get_spdx_licensing
+
+    from potstill.cli import main
+
+    recipe, args = _imported_run(tmp_path, 16, "teacher.id=Qwen/Qwen3-8B", "student.license=llama3.1")
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 0
+    graph, ids = _spdx(recipe.run_dir / "student")
+    written = [e["simplelicensing_licenseExpression"] for e in graph if e["type"] == "simplelicensing_LicenseExpression"]
+    assert "LicenseRef-llama3.1" in written and "llama3.1" not in written
+    licensing = get_spdx_licensing()
+    for expression in written + [f.licence for f in registry().values()]:
+        if expression == "NOASSERTION":
+            continue
+        checked = licensing.validate(expression, strict=True)
+        assert [s for s in checked.invalid_symbols if not s.startswith("LicenseRef-")] == [], expression
+        assert all(e.startswith("Unknown license key") for e in checked.errors), (expression, checked.errors)
+    from potstill.receipts.spdx import licence_expression
+
+    for given, written_as in [("apache-2.0", "Apache-2.0"), ("mit OR llama3.1", "MIT OR LicenseRef-llama3.1"),
+                              ("other", "LicenseRef-other"), ("my licence (v2)", "LicenseRef-my-licence-v2"),
+                              ("gpl-2.0+ WITH classpath-exception-2.0", "GPL-2.0-or-later WITH Classpath-exception-2.0"),
+                              ("LicenseRef-Gemma-Terms-of-Use", "LicenseRef-Gemma-Terms-of-Use"), (None, "NOASSERTION")]:
+        assert licence_expression(given) == written_as
+
+
+def _merged_run(tmp_path: Path, *overrides: str):
+    """Two teachers' runs, each importing its answers (16 rows of Llama 3.1 8B, 8 of Gemma 2 2B),
+    merged by the CLI into a third run's ledger; that run's recipe trains on every row of it."""
+    from potstill.cli import main
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, args = _imported_run(tmp_path / "a", 16, "teacher.id=meta-llama/Llama-3.1-8B-Instruct", "teacher.terms_family=unknown")
+    _imported_run(tmp_path / "b", 8, "teacher.id=google/gemma-2-2b-it", "teacher.terms_family=unknown")
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["merge", str(run / "ledger.sqlite"), str(tmp_path / "a" / "run" / "ledger.sqlite"),
+                 str(tmp_path / "b" / "run" / "ledger.sqlite")]) == 0
+    return run, [*args, f"output_dir={run}", "train.data=ledger", "use=commercial", *overrides]
+
+
+def test_a_merged_ledger_of_two_teachers_trains_one_student_with_their_shares(tmp_path, capsys):
+    """Item 12: train.data=ledger: one student on a merged ledger of a Llama 3.1 and a Gemma teacher;
+    the card names both with their shares, the export carries both terms' obligations, verify holds."""
+    from conftest import QUICKSTART
+    from huggingface_hub import ModelCard
+
+    from potstill.cli import main
+
+    run, args = _merged_run(tmp_path)
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 0
+    student = run / "student"
+    info = json.loads((student / "potstill.json").read_text())
+    assert info["examples"] == 24 and info["model_name"] == "Llama-student"
+    assert {t["family"]: t["rows"] for t in info["terms"]["teachers"]} == {"llama-3.1": 16, "gemma": 8}
+    teachers = {t["id"]: t for t in ModelCard.load(student / "README.md").data.to_dict()["distillation"]["teachers"]}
+    assert set(teachers) == {"meta-llama/Llama-3.1-8B-Instruct", "google/gemma-2-2b-it"}
+    assert teachers["meta-llama/Llama-3.1-8B-Instruct"]["share_of_examples"] == pytest.approx(2 / 3)
+    assert teachers["google/gemma-2-2b-it"]["share_of_examples"] == pytest.approx(1 / 3)
+    assert sum(t["share_of_tokens"] for t in teachers.values()) == pytest.approx(1.0)
+    assert 0 < teachers["google/gemma-2-2b-it"]["share_of_tokens"] < 1
+    terms_md = (student / "TERMS.md").read_text()
+    assert "Built with Llama" in terms_md and "Gemma Prohibited Use Policy" in terms_md
+    card = (student / "README.md").read_text()
+    assert "67% of examples" in card and "33% of examples" in card
+    capsys.readouterr()
+    assert main(["verify", str(run)]) == 0, capsys.readouterr()
+    assert "meta-llama/Llama-3.1-8B-Instruct 16" in capsys.readouterr().out.replace(",", "")
+
+
+def test_two_teachers_requiring_different_name_prefixes_refuse_the_export(tmp_path, capsys):
+    """Item 12, end to end: the conflict refusal. No two families of the registry require different
+    prefixes (every Llama version says "Llama"), so Gemma's entry is given one here, as a registry
+    entry would; the merged ledger then refuses the export, naming both teachers, until overridden."""
+    from conftest import QUICKSTART
+
+    from potstill.cli import main
+    from potstill.ledger import Ledger
+
+    run, args = _merged_run(tmp_path)
+    registry()["gemma"].obligations["name_prefix"] = "Gemma"
+    try:
+        assert main(["train", str(QUICKSTART / "recipe.yaml"), *args]) == 2
+        err = capsys.readouterr().err
+        assert "the teachers' obligations conflict: the name must begin with each of" in err
+        assert "'Llama' (meta-llama/Llama-3.1-8B-Instruct)" in err and "'Gemma' (google/gemma-2-2b-it)" in err
+        assert err.count("\n") == 1 and not (run / "student").exists()
+        assert main(["train", str(QUICKSTART / "recipe.yaml"), *args, "--accept-terms-risk", "names cleared"]) == 0
+    finally:
+        del registry()["gemma"].obligations["name_prefix"]
+    with Ledger(run / "ledger.sqlite") as ledger:
+        (kept,) = ledger.terms_overrides()
+    assert kept["reason"] == "names cleared" and any("'Gemma' (google/gemma-2-2b-it)" in p for p in kept["problems"])
+    info = json.loads((run / "student" / "potstill.json").read_text())
+    assert info["terms"]["obligations"]["conflicts"] and info["model_name"] == "student"
+    assert "names cleared" in (run / "student" / "TERMS.md").read_text()
+
+
+def test_train_data_ledger_with_logit_kd_is_one_line(tmp_path, capsys):
+    from conftest import QUICKSTART
+
+    from potstill.cli import main
+
+    assert main(["train", str(QUICKSTART / "recipe.yaml"), f"output_dir={tmp_path}", "train.data=ledger",
+                 "train.objective=kd"]) == 2
+    err = capsys.readouterr().err
+    assert "train.data ledger trains on every teacher's rows" in err and err.count("\n") == 1

@@ -243,6 +243,11 @@ class TrainSpec(Section):
     keep_checkpoints: int = Field(2, ge=1)
     resume: bool = True  # continue from the newest complete checkpoint of this student, if any
     lora: LoraSpec | None = None
+    # the rows the student trains on. recipe: those the recipe's teacher answered for its prompts;
+    # ledger: every done row of the run's ledger, whichever teacher answered it (a merged ledger of
+    # several teachers trains one student; their shares go into the card). Text only (objective sft):
+    # each teacher's top-k is in its own vocabulary
+    data: Literal["recipe", "ledger"] = "recipe"
 
 
     @field_validator("chunk_size", mode="before")
@@ -259,6 +264,9 @@ class TrainSpec(Section):
             raise ValueError(f"train.teacher_signal {self.teacher_signal} needs train.objective kd: objective sft "
                              f"trains on the teacher's text alone, and would run plain SFT; set train.objective=kd, "
                              f"or leave train.teacher_signal out")
+        if self.data == "ledger" and self.objective == "kd":
+            raise ValueError("train.data ledger trains on every teacher's rows, and each teacher's top-k logprobs are "
+                             "in its own vocabulary: set train.objective=sft, or train.data=recipe")
         return self
 
 

@@ -92,23 +92,35 @@ def card_text(info: dict, eval_report: dict | None = None, name: str = "student"
     """README.md for a student from its ``potstill.json`` (and the run's eval.json, if any)."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from potstill.receipts.spdx import concluded_licence
+
     train = info["train"]
+    terms = info.get("terms")
+    by_id = {r["teacher"]: r for r in (terms or {}).get("teachers", [])}
     teachers = []
     for t in info["teachers"]:
+        declared = t.get("terms_family") or "unknown"
         teachers.append({
             "id": t["id"], "revision": t.get("revision"),
             "access": {"local": "local weights", "openai": f"API: {t.get('model')} at {t.get('endpoint')}",
                        "imported": f"imported completions: {t.get('source')}"}.get(t.get("backend"), "unknown"),
-            "terms_family": t.get("terms_family", "unknown"), "terms_url": t.get("terms_url"),
-            "weights_sha256": t.get("weights_sha256"),
+            # the family the gate found, not the recipe's field (which may say unknown, or be contradicted)
+            "terms_family": by_id[t["id"]]["family"] if t["id"] in by_id else declared,
+            "terms_url": t.get("terms_url"), "weights_sha256": t.get("weights_sha256"),
             "share_of_examples": t.get("share_of_examples", 1.0), "share_of_tokens": t.get("share_of_tokens", 1.0),
         })
+        if t["id"] in by_id and declared != by_id[t["id"]]["family"] and declared != "unknown":
+            teachers[-1]["terms_family_declared"] = declared
+    concluded, flows = concluded_licence(info)
     meta = {
         "license": info.get("license") or "other",
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["potstill", "distillation", "knowledge-distillation", "synthetic"],
     }
+    if flows:  # the teachers' terms pass to every user: the declared licence alone is not the model's
+        meta.update(license="other", license_name=re.sub(r"[^a-z0-9.]+", "-", concluded.lower()).strip("-"),
+                    license_link="TERMS.md")
     if info.get("student", {}).get("path"):
         meta["base_model"] = info["student"].get("base_model") or Path(info["student"]["path"]).name
         meta["base_model_relation"] = "finetune"
@@ -121,9 +133,9 @@ def card_text(info: dict, eval_report: dict | None = None, name: str = "student"
         "teachers": teachers, "ledger_sha256": info["ledger_sha256"], "examples": info["examples"],
         "recipe_sha256": info["recipe_sha256"],
     }
-    terms = info.get("terms")
+    if flows:
+        distillation["licence"] = {"declared": info.get("license"), "concluded": concluded, "flows_down": flows}
     if terms:
-        by_id = {r["teacher"]: r for r in terms["teachers"]}
         for t in teachers:  # the verdict beside each teacher; the merged obligations once
             if (r := by_id.get(t["id"])) is not None:
                 t.update(terms_registry=r["family"], terms_verdict=r["verdict"], licence=r["licence"],
@@ -140,7 +152,7 @@ def card_text(info: dict, eval_report: dict | None = None, name: str = "student"
         parameters=info.get("parameters", 0), method=method_of(train), examples=info["examples"], teachers=teachers,
         terms=terms, steps=info["steps"], train=train, loss=distillation["loss"], kd_ratio=distillation["kd_ratio"],
         ledger_sha256=info["ledger_sha256"], manifest_merkle_root=info.get("manifest_merkle_root"),
-        manifest_rows=info.get("manifest_rows"))
+        manifest_rows=info.get("manifest_rows"), licence=distillation.get("licence"))
     # parsed back: a card the Hub would not read fails here, not on upload
     return str(ModelCard(text)) + evaluation_text(eval_report, name)
 

@@ -69,12 +69,22 @@ def spdx_document(info: dict) -> dict:
         relationships.append(("generates", teacher["spdxId"], [dataset_id]))
         if record.get("licence"):
             licences.setdefault(record["licence"], []).append(dataset_id)
-    licences.setdefault(info.get("license") or "NOASSERTION", []).append(student_id)
-    for j, (expression, holders) in enumerate(licences.items()):
-        lic = {"type": "simplelicensing_LicenseExpression", "spdxId": f"{base}:license/{j}", "creationInfo": ci,
-               "simplelicensing_licenseExpression": _expression(expression)}
-        graph.append(lic)
-        relationships += [("hasConcludedLicense", h, [lic["spdxId"]]) for h in dict.fromkeys(holders)]
+    concluded, _ = concluded_licence(info)
+    licences.setdefault(concluded, []).append(student_id)
+    declared = licence_expression(info.get("license"))
+    expressions = {}  # one LicenseExpression element per expression
+    for expression, holders in licences.items():
+        expressions[licence_expression(expression)] = expressions.get(licence_expression(expression), []) + holders
+    kinds = [("hasConcludedLicense", e, h) for e, holders in expressions.items() for h in dict.fromkeys(holders)]
+    if declared != concluded:  # the recipe's licence, which the teachers' terms narrow
+        kinds.append(("hasDeclaredLicense", declared, student_id))
+    ids = {}
+    for kind, expression, holder in kinds:
+        if expression not in ids:
+            ids[expression] = f"{base}:license/{len(ids)}"
+            graph.append({"type": "simplelicensing_LicenseExpression", "spdxId": ids[expression], "creationInfo": ci,
+                          "simplelicensing_licenseExpression": expression})
+        relationships.append((kind, holder, [ids[expression]]))
     for k, (kind, src, dst) in enumerate(relationships):
         graph.append({"type": "Relationship", "spdxId": f"{base}:relationship/{k}", "creationInfo": ci,
                       "relationshipType": kind, "from": src, "to": dst})
@@ -86,13 +96,65 @@ def spdx_document(info: dict) -> dict:
     return {"@context": CONTEXT, "@graph": graph}
 
 
-def _expression(licence: str) -> str:
-    """An SPDX licence id as is; anything else (a free string) as a LicenseRef."""
-    if licence in ("NOASSERTION", "NONE") or licence.startswith("LicenseRef-"):
-        return licence
-    if re.fullmatch(r"[A-Za-z0-9.\-+]+", licence):
-        return licence
-    return "LicenseRef-" + re.sub(r"[^A-Za-z0-9.\-]", "-", licence)
+def licence_expression(licence: str | None) -> str:
+    """``licence`` as an SPDX licence expression: each licence id the SPDX list knows in its
+    canonical spelling (``apache-2.0`` -> ``Apache-2.0``), ``LicenseRef-...`` as it is, any other
+    name (a Hugging Face id such as ``llama3.1``, ``other``) as ``LicenseRef-<name>``, which SPDX
+    reserves for licences outside its list; a string that does not parse as an expression is one
+    LicenseRef. NOASSERTION for none. Parsed by ``license-expression`` (the SPDX grammar)."""
+    from license_expression import ExpressionError, get_spdx_licensing
+
+    text = " ".join(str(licence or "").split())
+    if text in ("", "NOASSERTION", "NONE"):
+        return text or "NOASSERTION"
+    licensing = get_spdx_licensing()
+    try:
+        parsed = licensing.parse(text, validate=False)
+    except ExpressionError:
+        return _licence_ref(text)
+    if parsed is None:
+        return "NOASSERTION"
+    names = {}
+    for symbol in licensing.license_symbols(parsed, unique=True, decompose=True):
+        key = symbol.key
+        if not (key in licensing.known_symbols or re.fullmatch(r"LicenseRef-[A-Za-z0-9.\-]+", key)):
+            names[key] = _licence_ref(key)
+    out = parsed.render("{symbol.key}")
+    for key, ref in names.items():  # whole symbols only: "mit" inside another name stays
+        out = re.sub(rf"(?<![A-Za-z0-9.\-+]){re.escape(key)}(?![A-Za-z0-9.\-+])", ref, out)
+    return out if not expression_problems(out) else _licence_ref(text)  # "X WITH <no exception>": one name
+
+
+def _licence_ref(name: str) -> str:
+    return "LicenseRef-" + (re.sub(r"[^A-Za-z0-9.\-]+", "-", name.removeprefix("LicenseRef-")).strip("-") or "unnamed")
+
+
+def expression_problems(expression: str) -> list[str]:
+    """What makes ``expression`` no valid SPDX licence expression (none when it is): parsed with
+    the SPDX licence list; LicenseRef-... ids are valid by the grammar, not by the list."""
+    from license_expression import get_spdx_licensing
+
+    if expression in ("NOASSERTION", "NONE"):
+        return []
+    info = get_spdx_licensing().validate(expression, strict=True)
+    unknown = [s for s in info.invalid_symbols if not re.fullmatch(r"LicenseRef-[A-Za-z0-9.\-]+", str(s))]
+    others = [e for e in info.errors if not e.startswith("Unknown license key")]
+    return others + ([f"unknown licence ids: {', '.join(map(str, unknown))}"] if unknown else [])
+
+
+def concluded_licence(info: dict) -> tuple[str, list[str]]:
+    """(the student's concluded licence, the licences that flow down to it): the recipe's
+    ``student.license`` AND the licence of every teacher family whose restrictions pass to every
+    user of the student (Gemma's terms, Llama's acceptable-use policy: ``obligations.licences``).
+    A student of a Gemma teacher declared ``apache-2.0`` is ``Apache-2.0 AND
+    LicenseRef-Gemma-Terms-of-Use``, not Apache-2.0."""
+    declared = licence_expression(info.get("license"))
+    flows = [licence_expression(x) for x in ((info.get("terms") or {}).get("obligations") or {}).get("licences", [])]
+    flows = [x for x in dict.fromkeys(flows) if x not in (declared, "NOASSERTION")]
+    parts = ([declared] if declared != "NOASSERTION" else []) + flows
+    if not parts:
+        return "NOASSERTION", []
+    return " AND ".join(f"({p})" if " OR " in p else p for p in parts), flows
 
 
 def write(folder: Path, info: dict) -> None:

@@ -19,6 +19,7 @@ import random
 import shutil
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,18 +253,24 @@ OVERFLOW = "fp16 gradient overflow"  # a skipped step that is the scaler's busin
 
 
 def ledger_examples(recipe: Recipe, name: str, accept_terms_risk: str | None = None) -> tuple[list, str, dict, dict]:
-    """The recipe's examples in the ledger, the ledger's content hash over them, the teacher's
-    description and its terms (checked against ``recipe.use``: a refusal stops here unless
-    ``accept_terms_risk`` gives a reason, kept in the ledger and the card); refused when generate
-    has not finished."""
+    """The recipe's examples in the ledger (``train.data`` ledger: all its done rows, every
+    teacher's), the ledger's content hash over them, each teacher's description (teacher key ->
+    description: the recipe's for its own) and their terms (checked against ``recipe.use``: a
+    refusal stops here unless ``accept_terms_risk`` gives a reason, kept in the ledger and the
+    card); refused when generate has not finished."""
     ledger_path = recipe.run_dir / "ledger.sqlite"
     if not ledger_path.is_file():
         raise PotstillError(f"{ledger_path} not found: run `potstill generate` first")
     teacher_desc, hashes = recipe_requests(recipe)
     with Ledger(ledger_path) as ledger:
-        examples = list(ledger.examples(hashes))
+        if recipe.train.data == "ledger":  # a merged ledger: every teacher's done rows, the failed ones aside
+            examples = list(ledger.examples())
+            hashes, failed = [ex.request_hash for ex in examples], 0
+        else:
+            examples = list(ledger.examples(hashes))
+            failed = ledger.failed_count(hashes)
         ledger_sha = ledger.content_sha256(hashes)
-        failed = ledger.failed_count(hashes)
+        descriptions = {**ledger.teachers(), teacher_key(teacher_desc): teacher_desc}
         terms = gate_training(ledger, examples, {teacher_key(teacher_desc): teacher_desc}, use=recipe.use,
                               declared=recipe.teacher.terms_declared, accept_risk=accept_terms_risk, student=name)
     # requests that failed for good (a refused prompt, an imported refusal) are left out, and said so;
@@ -274,7 +281,19 @@ def ledger_examples(recipe: Recipe, name: str, accept_terms_risk: str | None = N
     if failed:
         print(f"train {name}: {failed} of {len(hashes)} requests failed in generate (reasons in the ledger's "
               f"requests.error); training on the other {len(examples)}")
-    return examples, ledger_sha, teacher_desc, terms
+    return examples, ledger_sha, descriptions, terms
+
+
+def teacher_shares(examples: list, data: list[TrainExample], descriptions: dict[str, dict]) -> list[dict]:
+    """Each teacher with rows in ``examples`` (ledger rows; ``data``: the same, tokenized), its
+    description with its share of the examples and of the completion tokens trained on."""
+    rows, tokens = Counter(), Counter()
+    for ex, d in zip(examples, data, strict=True):
+        rows[ex.teacher_key] += 1
+        tokens[ex.teacher_key] += d.n_completion
+    n, t = sum(rows.values()) or 1, sum(tokens.values()) or 1
+    return [{**descriptions.get(k, {"id": k[:12]}), "share_of_examples": rows[k] / n, "share_of_tokens": tokens[k] / t}
+            for k in sorted(rows)]
 
 
 @dataclass
@@ -297,7 +316,7 @@ class Setup:
     mixed_precision: str
     compile: bool  # the chunked loss's step through torch.compile (train.compile, resolved for the device)
     ledger_sha: str
-    teacher_desc: dict
+    teachers: list[dict]  # each teacher's description, share_of_examples and share_of_tokens
     signature: dict  # what a checkpoint must match to be resumed
     ckpt_root: Path
     start: int  # the first step to run: 0, or the step of the checkpoint resumed
@@ -308,7 +327,7 @@ class Setup:
 def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | None = None) -> Setup:
     """Ledger examples (after the terms gate), accelerate, student, tokenizer match, optional online
     teacher, LoRA, optimizer, and the checkpoint to resume from when one matches."""
-    examples, ledger_sha, teacher_desc, terms = ledger_examples(recipe, name, accept_terms_risk)
+    examples, ledger_sha, descriptions, terms = ledger_examples(recipe, name, accept_terms_risk)
     if spec.objective == "kd" and spec.teacher_signal == "cached" and any(ex.topk_ids is None for ex in examples):
         raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; " + (
             "teacher.token_ids is false, so the HTTP teacher's logprobs were not asked for: set teacher.token_ids=true "
@@ -375,7 +394,8 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
             checkpoint.clear(ckpt_root)
     return Setup(spec, accelerator, model, optimizer, tokenizer, teacher, compat, heads, data, plan, pad_id,
                  spec.on_policy_max_new_tokens or recipe.generation.max_new_tokens, mixed_precision, compile,
-                 ledger_sha, teacher_desc, signature, ckpt_root, start, terms, [ex.request_hash for ex in examples])
+                 ledger_sha, teacher_shares(examples, data, descriptions), signature, ckpt_root, start, terms,
+                 [ex.request_hash for ex in examples])
 
 
 def train_step(s: Setup, step: int) -> dict:
@@ -477,8 +497,6 @@ def export(s: Setup, recipe: Recipe, name: str, seconds: float) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         tokens = sum(ex.n_completion for ex in s.data)
-        # a recipe has one teacher, so it supplied every example and token
-        teacher_desc = {**s.teacher_desc, "share_of_examples": 1.0, "share_of_tokens": 1.0}
         info = {
             "name": name, "objective": s.spec.objective,
             # the training section as the recipe asked (chunk_size auto stays auto: the pipeline compares
@@ -488,7 +506,7 @@ def export(s: Setup, recipe: Recipe, name: str, seconds: float) -> None:
             "examples": len(s.data), "steps": s.plan.total, "resumed_from": s.start, "seconds": round(seconds, 2),
             "processes": acc.num_processes, "threads": torch.get_num_threads(), "device": str(acc.device),
             "mixed_precision": s.mixed_precision,
-            "compile": s.compile, "tokenizers": s.compat.kind, "teachers": [teacher_desc], "license": recipe.student.license,
+            "compile": s.compile, "tokenizers": s.compat.kind, "teachers": s.teachers, "license": recipe.student.license,
             "completion_tokens": tokens, "terms": s.terms, "model_name": model_name(name, s.terms),
         }
         with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:  # the rows trained on, hashed into the manifest
@@ -532,7 +550,7 @@ def save_student(model, tokenizer, out: Path, info: dict, manifest_rows: list[tu
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_obligation_files(tmp, info.get("terms"))
+        write_obligation_files(tmp, info.get("terms"), info.get("license"))
         info["weights_sha256"] = weights_sha256(tmp)
         if manifest_rows is not None:
             info["manifest_merkle_root"] = manifest.write(tmp, manifest_rows)

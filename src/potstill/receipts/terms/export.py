@@ -59,11 +59,13 @@ def model_name(name: str, terms: dict | None) -> str:
     return prefixed_name(name, (terms or {}).get("obligations", {}).get("name_prefix"))
 
 
-def write_obligation_files(folder: Path, terms: dict | None) -> None:
+def write_obligation_files(folder: Path, terms: dict | None, licence: str | None = None) -> None:
     """Beside the weights: each teacher folder's licence and notice files named by its terms,
-    a NOTICE with the required notice lines, and TERMS.md saying what binds users of the student."""
+    a NOTICE with the required notice lines, and TERMS.md saying what binds users of the student
+    (``licence``: the recipe's student.license, which the teachers' flow-down terms join)."""
     if not terms:
         return
+    from potstill.receipts.spdx import concluded_licence
     ob = terms["obligations"]
     missing, notices = [], list(ob["notice"])
     for t in terms["teachers"]:
@@ -91,6 +93,11 @@ def write_obligation_files(folder: Path, terms: dict | None) -> None:
                      f"{md_url(t['url']) if t['url'] else 'no URL'}; {md_text(t['clause'])}")
         if t.get("contradiction"):
             lines.append(f"  - declared terms contradict the evidence: {md_text(t['contradiction'])}")
+    concluded, flows = concluded_licence({"license": licence, "terms": terms})
+    if flows:
+        lines += ["", "## Licence", "", f"{md_text(concluded)}: the terms of {md_text(', '.join(flows))} pass to every "
+                  f"user of this model, beside " + (f"the declared {md_text(licence)}" if licence else "any licence it is given")
+                  + "."]
     for title, key in (("Attribution", "attribution"), ("Restrictions that pass to every user", "flow_down"),
                        ("Thresholds", "thresholds")):
         if ob[key]:

@@ -308,10 +308,11 @@ def gate(terms: list[TeacherTerms], accept_risk: str | None = None) -> list[str]
 def merge_obligations(terms: list[TeacherTerms]) -> dict:
     """What the export must carry for every teacher together: name prefixes, attribution lines,
     notices, files, flow-down restrictions, thresholds, of every family the evidence names for
-    it; and the conflicts between them (two different required name prefixes) for the export to
-    refuse."""
+    it; ``licences``, the licence of each family whose restrictions flow down to every user of the
+    student (they join the student's declared licence in its concluded one: the card, SPDX); and
+    the conflicts between them (two different required name prefixes) for the export to refuse."""
     out = {"name_prefix": None, "attribution": [], "notice": [], "files": [], "flow_down": [], "thresholds": [],
-           "conflicts": []}
+           "licences": [], "conflicts": []}
     prefixes: dict[str, list[str]] = {}
     for t in terms:
         for key in t.families or (t.family,):
@@ -323,6 +324,8 @@ def merge_obligations(terms: list[TeacherTerms]) -> dict:
                     out[k].append(ob[k])
             for k in ("files", "flow_down", "thresholds"):
                 out[k] += [x for x in ob.get(k, []) if x not in out[k]]
+            if ob.get("flow_down") and family(key).licence not in out["licences"]:
+                out["licences"].append(family(key).licence)
     if len(prefixes) > 1:
         out["conflicts"].append("the name must begin with each of " + ", ".join(
             f"{p!r} ({', '.join(ids)})" for p, ids in prefixes.items()))
