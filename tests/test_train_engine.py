@@ -150,7 +150,9 @@ def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, ledger):
            *overrides(d, "train.log_every=1")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((d / "student" / "potstill.json").read_text())["processes"] == 2
+    info = json.loads((d / "student" / "potstill.json").read_text())
+    assert info["processes"] == 2 and info["distributed"] == {"type": "MULTI_CPU", "processes": 2, "backend": "gloo"}
+    assert json.loads((tmp_path / "one" / "student" / "potstill.json").read_text())["distributed"]["type"] == "NO"
     assert_same_training(tmp_path / "one", d)
     # the main process speaks for both: each status line once
     lines = [line for line in done.stdout.splitlines() if line.startswith("train")]

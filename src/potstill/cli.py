@@ -175,8 +175,10 @@ def cmd_import(args) -> None:
 def cmd_train(args) -> None:
     from potstill.pipeline import refuse_unusable_logit_kd, students, train_students
     from potstill.train import check_outputs
+    from potstill.train.distributed import check_launch
 
     recipe = _recipe(args)
+    check_launch(recipe.device_for("train"))  # before any work: a launch that would not distribute as it says
     refuse_unusable_logit_kd(recipe)  # as run does: before the terms gate and the training processes
     for name, _ in students(recipe):  # before the first student trains, not after
         check_outputs(recipe.run_dir, name)
@@ -197,9 +199,12 @@ def cmd_report(args) -> None:
 
 def cmd_run(args) -> int:
     from potstill.pipeline import run_all
+    from potstill.train.distributed import check_launch
 
+    recipe = _recipe(args)
+    check_launch(recipe.device_for("train"))  # before generate: a launch that would not distribute as it says
     codes = []  # generate's exit code: 1 if requests failed for good
-    print_summary(run_all(_recipe(args), args.accept_terms_risk,
+    print_summary(run_all(recipe, args.accept_terms_risk,
                           generated=lambda counts: codes.append(print_generated(counts))))
     return finished_despite(codes)
 
@@ -468,7 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except PotstillError as e:
-        print(f"potstill: error: {e}", file=sys.stderr)
+        from potstill.train.distributed import LaunchRefused
+
+        if not (isinstance(e, LaunchRefused) and _other_rank()):  # every rank refuses alike; the first says it
+            print(f"potstill: error: {e}", file=sys.stderr)
         return 2
     except (OSError, sqlite3.DatabaseError) as e:
         if (line := _user_error(e, args)) is None:

@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from potstill.train import checkpoint
+from potstill.train.distributed import check_launch, describe
 from potstill.train.tokenizer_match import Compat, check_tokenizers, ledger_samples
 from potstill.train.examples import TrainExample, build_examples, collate
 from potstill.devices import resolve_chunk_size, resolve_compile, resolve_mixed_precision
@@ -322,11 +323,14 @@ class Setup:
     start: int  # the first step to run: 0, or the step of the checkpoint resumed
     terms: dict | None = None  # the terms gate's record (potstill.json "terms")
     request_hashes: list[str] | None = None  # the ledger rows trained on: the Merkle manifest's rows
+    distributed: dict | None = None  # the distributed type, process count and backend that ran (distributed.describe)
 
 
 def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | None = None) -> Setup:
     """Ledger examples (after the terms gate), accelerate, student, tokenizer match, optional online
     teacher, LoRA, optimizer, and the checkpoint to resume from when one matches."""
+    device = recipe.device_for("train")
+    check_launch(device)  # before the terms gate writes to the ledger: a launch that would not distribute is refused
     examples, ledger_sha, descriptions, terms = ledger_examples(recipe, name, accept_terms_risk)
     if spec.objective == "kd" and spec.teacher_signal == "cached" and any(ex.topk_ids is None for ex in examples):
         raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; " + (
@@ -337,7 +341,6 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     # accelerate keeps one state per process; a second student (the baseline) in the same process may
     # ask for another mixed precision, so forget the previous setting but keep the process group
     AcceleratorState._reset_state(reset_partial_state=False)
-    device = recipe.device_for("train")
     mixed_precision = resolve_mixed_precision(spec.mixed_precision, device)
     if device.startswith("cuda:"):  # one process on a chosen GPU; under `accelerate launch` each rank has its own
         torch.cuda.set_device(int(device.partition(":")[2]))
@@ -395,7 +398,7 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     return Setup(spec, accelerator, model, optimizer, tokenizer, teacher, compat, heads, data, plan, pad_id,
                  spec.on_policy_max_new_tokens or recipe.generation.max_new_tokens, mixed_precision, compile,
                  ledger_sha, teacher_shares(examples, data, descriptions), signature, ckpt_root, start, terms,
-                 [ex.request_hash for ex in examples])
+                 [ex.request_hash for ex in examples], describe(accelerator.state))
 
 
 def train_step(s: Setup, step: int) -> dict:
@@ -504,7 +507,7 @@ def export(s: Setup, recipe: Recipe, name: str, seconds: float) -> None:
             "train": {**s.spec.model_dump(), **s.signature["train"]}, "chunk_size": s.spec.chunk_size,
             "student": recipe.student.model_dump(), "recipe_sha256": recipe.sha256(), "ledger_sha256": s.ledger_sha,
             "examples": len(s.data), "steps": s.plan.total, "resumed_from": s.start, "seconds": round(seconds, 2),
-            "processes": acc.num_processes, "threads": torch.get_num_threads(), "device": str(acc.device),
+            "processes": acc.num_processes, "distributed": s.distributed, "threads": torch.get_num_threads(), "device": str(acc.device),
             "mixed_precision": s.mixed_precision,
             "compile": s.compile, "tokenizers": s.compat.kind, "teachers": s.teachers, "license": recipe.student.license,
             "completion_tokens": tokens, "terms": s.terms, "model_name": model_name(name, s.terms),
