@@ -214,9 +214,9 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, ledger, monkeypatch):
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
-        loss, ce, kd = real(*args, **kwargs)
+        loss, *rest = real(*args, **kwargs)
         calls["n"] += 1
-        return (loss * float("nan"), ce, kd) if calls["n"] in poison else (loss, ce, kd)
+        return (loss * float("nan"), *rest) if calls["n"] in poison else (loss, *rest)
 
     monkeypatch.setattr(engine, "loss_sums", poisoned)
     d = run_dir(tmp_path, ledger)
@@ -291,12 +291,17 @@ def test_a_padded_student_learns_only_on_the_shared_rows(tmp_path, ledger, signa
 
 
 def test_an_sft_baseline_ignores_the_on_policy_signal(tmp_path, ledger):
-    """The baseline inherits train.teacher_signal; an SFT student has no teacher to score samples."""
+    """The baseline inherits the training section but none of its KD-only fields: an on-policy KD
+    student's SFT baseline samples nothing and has no teacher to score samples."""
+    from potstill.pipeline import baseline_spec
+
     d = run_dir(tmp_path, ledger)
-    recipe = load_recipe(RECIPE, overrides(d, "train.log_every=1", "train.teacher_signal=on_policy", "train.lmbda=1.0",
-                                          "train.objective=sft"))
-    train(recipe, recipe.train)
-    rows = [json.loads(line) for line in (d / "logs" / "student.jsonl").open()]
+    recipe = load_recipe(RECIPE, tiny_overrides(d) + ["train.epochs=2", "train.log_every=1",
+                                                      "train.teacher_signal=on_policy", "train.lmbda=1.0"])
+    spec = baseline_spec(recipe)
+    assert spec.objective == "sft" and spec.teacher_signal == "cached"
+    train(recipe, spec, "baseline")
+    rows = [json.loads(line) for line in (d / "logs" / "baseline.jsonl").open()]
     assert len(rows) == 8 and not any(r["on_policy"] for r in rows) and all(r["kd"] is None for r in rows)
 
 
