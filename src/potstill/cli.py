@@ -65,7 +65,9 @@ def print_summary(eval_report: dict) -> None:
     console = Console(width=max(Console().width, 90))
     console.print(table)
     console.print("retention: accuracy / the teacher's accuracy; agree: same answer as the teacher; KL/tok: KL(teacher || model) per token of the teacher's "
-                  "answers; top-1: same argmax as the teacher there; tok/s: batched greedy generation")
+                  "answers; top-1: same argmax as the teacher there; accept: the chance the teacher keeps a token the model drafts "
+                  "(speculative decoding; sum of min(p, q) at the sampling temperature; report.html has it by position and "
+                  "the measured speed-up); tok/s: batched greedy generation")
     for name, m in eval_report["models"].items():
         for why in sorted(set(m.get("not_applicable", {}).values())):
             console.print(f"n/a for {name}: {why}")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from potstill.evaluate import verifiers
+from potstill.evaluate.draft import GAMMA, Acceptance, expected_tokens_per_step, measure_assisted, universal_gap
 from potstill.receipts.card import add_results
 from potstill.errors import PotstillError
 from potstill.evaluate.judge import HTTPJudge, judge_pairs
@@ -96,10 +97,11 @@ def completion_logits(model: LocalTeacher, prompts: list[Prompt], completions) -
 
 
 def score_teacher_text(teacher: LocalTeacher, model: LocalTeacher, prompts: list[Prompt], completions,
-                       batch_size: int) -> dict:
+                       batch_size: int, accept: Acceptance | None = None) -> dict:
     """On the teacher's own completions (full vocabulary, temperature 1): mean per-token
     KL(teacher || model), top-1 agreement, and the model's perplexity of the teacher's text.
-    Needs the teacher's token ids to be the model's; each sees the prompt in its own chat template."""
+    Needs the teacher's token ids to be the model's; each sees the prompt in its own chat template.
+    ``accept`` gets the same logits: the model as a draft (acceptance), at no second forward pass."""
     kl_sum, nll_sum, top1, n = 0.0, 0.0, 0, 0
     for s in range(0, len(prompts), batch_size):
         batch_p, batch_c = prompts[s:s + batch_size], completions[s:s + batch_size]
@@ -107,6 +109,9 @@ def score_teacher_text(teacher: LocalTeacher, model: LocalTeacher, prompts: list
         q = completion_logits(model, batch_p, batch_c).to(t.device)  # (N, V_model)
         targets = torch.tensor([i for c in batch_c for i in c.token_ids], device=t.device)  # (N,) the teacher's tokens
         shared = min(t.shape[-1], q.shape[-1])  # padded vocabularies: compare on the rows both have
+        if accept is not None:  # each position's category and index in its answer
+            accept.add(t[:, :shared], q[:, :shared], [category(p) for p, c in zip(batch_p, batch_c) for _ in c.token_ids],
+                       [i for c in batch_c for i in range(len(c.token_ids))])
         t, q = t[:, :shared].log_softmax(-1), q[:, :shared].log_softmax(-1)
         kl_sum += (t.exp() * (t - q)).sum().item()
         nll_sum -= q.gather(-1, targets[:, None]).sum().item()
@@ -204,6 +209,7 @@ def evaluate(recipe: Recipe) -> dict:
     them (an API teacher), the teacher's answers come over HTTP, and what needs its distribution
     (KL, top-1, perplexity of its text) or its weights (size, speed) is left out; an imported
     teacher without weights has no row at all."""
+    start = time.perf_counter()
     spec = recipe.eval
     prompts = load_prompts(spec.prompts, spec.limit, need_user=True)
     models = models_to_score(recipe)
@@ -215,6 +221,7 @@ def evaluate(recipe: Recipe) -> dict:
     verify = verifiers.load(spec.verifier)
     results: dict[str, dict] = {}
     teacher_out = None  # the teacher's answers: scored first, then every other model against them
+    reference: dict = {}  # the teacher alone in the measured draft runs: timed once for every student
     with progress("eval", len(models)) as advance:
         for name, path in models.items():
             if name == "teacher" and teacher is None:  # an API teacher: its answers over HTTP, no weights
@@ -228,10 +235,13 @@ def evaluate(recipe: Recipe) -> dict:
             if model is not None:
                 row.update(model_metrics(model, Path(path), prompts, spec.max_new_tokens), **speed)
             if model is not None and teacher is not None:
+                accept = None
                 if gap := token_level_gap(name, model, teacher):
                     row.update({key: None for key in TOKEN_METRICS}, not_applicable=dict.fromkeys(TOKEN_METRICS, gap))
                 else:
-                    row.update(score_teacher_text(teacher, model, prompts, teacher_out, spec.batch_size))
+                    accept = Acceptance(recipe.generation.temperature)
+                    row.update(score_teacher_text(teacher, model, prompts, teacher_out, spec.batch_size, accept))
+                draft_metrics(row, recipe, name, teacher, model, prompts, accept, gap, reference)
             if spec.lm_eval is not None and path is not None:
                 row["lm_eval"] = lm_eval_scores(Path(path), spec.lm_eval, spec.batch_size, device)
             if judge is not None and name != "teacher" and teacher_out is not None:
@@ -240,12 +250,52 @@ def evaluate(recipe: Recipe) -> dict:
             results[name] = row
             advance(1)
     report = {"models": results, "prompts": prompts_record(spec.prompts, prompts),
+              "draft_cost": draft_cost(results, time.perf_counter() - start),
               "provenance": eval_provenance(recipe, device, judge)}
     (recipe.run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     for name, path in models.items():
         if name != "teacher":
             add_results(path, report)
     return report
+
+
+def draft_metrics(row: dict, recipe: Recipe, name: str, teacher: LocalTeacher, model: LocalTeacher,
+                  prompts: list[Prompt], accept: Acceptance | None, gap: str | None, reference: dict) -> None:
+    """The model as a speculative-decoding draft of the teacher (:mod:`potstill.evaluate.draft`), into
+    ``row``: ``acceptance`` for the table (alpha at the recipe's sampling temperature; at greedy when
+    it samples greedily), and ``draft``: alpha at greedy and at T, the expected tokens per step for
+    gamma = 1..8, by category and position, the teacher it was measured against, and (students) the
+    measured assisted-generation run."""
+    draft = accept.summary() if accept is not None else {"temperature": recipe.generation.temperature or None,
+                                                         "alpha": None, "expected_tokens_per_step": None}
+    if accept is None:
+        row["acceptance"] = None
+        row.setdefault("not_applicable", {})["acceptance"] = gap
+    else:
+        row["acceptance"] = draft["alpha"]["sampled"] if draft["temperature"] else draft["alpha"]["greedy"]
+    info = teacher.describe()
+    draft["teacher"] = {"id": recipe.teacher.id or info.get("id"), "weights_sha256": info.get("weights_sha256")}
+    draft["measured"] = None
+    if name != "teacher":
+        if gap and (why := universal_gap(teacher, model)):
+            row.setdefault("not_applicable", {})["draft_measured"] = why
+        else:
+            measured = measure_assisted(teacher, model, prompts, recipe.eval.max_new_tokens, same_tokenizer=gap is None,
+                                        reference=reference)
+            if accept is not None:  # the i.i.d. estimate at the measured gamma, beside the measurement
+                measured["expected_tokens_per_step"] = expected_tokens_per_step(draft["alpha"]["greedy"], GAMMA)
+            draft["measured"] = measured
+    row["draft"] = draft
+
+
+def draft_cost(results: dict, eval_seconds: float) -> dict:
+    """What the draft figures cost in this eval: the acceptance sums (on logits eval computes anyway)
+    and the measured assisted-generation runs, in seconds and as a share of the rest of eval."""
+    acceptance = sum((m.get("draft") or {}).get("seconds", 0.0) for m in results.values())
+    assisted = sum(((m.get("draft") or {}).get("measured") or {}).get("seconds", 0.0) for m in results.values())
+    rest = eval_seconds - acceptance - assisted
+    return {"eval_seconds": eval_seconds, "acceptance_seconds": acceptance, "assisted_seconds": assisted,
+            "added_share": (acceptance + assisted) / rest if rest > 0 else None}
 
 
 def models_to_score(recipe: Recipe) -> dict[str, Path | None]:
@@ -263,6 +313,11 @@ def models_to_score(recipe: Recipe) -> dict[str, Path | None]:
     return models
 
 
+def category(prompt: Prompt) -> str:
+    """The category a prompt is reported under (its ``skill``)."""
+    return str(prompt.meta.get("skill", "all"))
+
+
 def answer_metrics(prompts: list[Prompt], completions, teacher_out, verify) -> dict:
     """What the answers' text says, for any model: accuracy (per category, 95 % bootstrap CI),
     ROUGE-L against the reference, agreement with the teacher's answers, answer lengths."""
@@ -270,7 +325,7 @@ def answer_metrics(prompts: list[Prompt], completions, teacher_out, verify) -> d
     for p, c in zip(prompts, completions):
         ok = verify(p.text, c.text, p.meta)
         if ok is not None:
-            by_cat.setdefault(str(p.meta.get("skill", "all")), []).append(ok)
+            by_cat.setdefault(category(p), []).append(ok)
     checked = [float(ok) for v in by_cat.values() for ok in v]
     agree = None if teacher_out is None else [float(c.text == t.text) for c, t in zip(completions, teacher_out)]
     rouge = [rouge_l(c.text, str(p.meta["answer"])) for p, c in zip(prompts, completions) if "answer" in p.meta]

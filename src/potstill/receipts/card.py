@@ -168,7 +168,32 @@ def results_of(eval_report: dict | None, name: str) -> dict | None:
         if m.get(key) is not None:
             fmt = "{:,}" if key == "parameters" else "{:.3f}"
             rows.append((label, fmt.format(m[key]), fmt.format(t[key]) if t.get(key) is not None else "-"))
-    return {"prompts": eval_report["prompts"]["n"], "rows": rows}
+    return {"prompts": eval_report["prompts"]["n"], "rows": rows, "draft": draft_of(m, eval_report)}
+
+
+def draft_of(m: dict, eval_report: dict) -> dict | None:
+    """The card's draft figures: (label, value) rows and the teacher they were measured against."""
+    d = m.get("draft")
+    if not d or not (d.get("alpha") or d.get("measured")):
+        return None
+    rows, alpha, meas = [], d.get("alpha") or {}, d.get("measured")
+    if alpha.get("greedy") is not None:
+        rows.append(("acceptance α, greedy (the draft's argmax is the teacher's)", f"{alpha['greedy']:.3f}"))
+    if alpha.get("sampled") is not None:
+        rows.append((f"acceptance α at T={d['temperature']:g} (sum of min(p, q) = 1 - TVD)", f"{alpha['sampled']:.3f}"))
+    expected = (d.get("expected_tokens_per_step") or {}).get("greedy")
+    if expected:
+        rows.append(("expected tokens per verification step, greedy, γ = 1 / 2 / 4 / 8 (i.i.d. estimate)",
+                     " / ".join(f"{expected[str(g)]:.2f}" for g in (1, 2, 4, 8))))
+    if meas:
+        rows.append((f"measured tokens per verification step, γ = {meas['gamma']} ({meas['prompts']} prompts, batch 1)",
+                     f"{meas['tokens_per_step']:.2f}"))
+        device = (eval_report.get("provenance") or {}).get("device", "?")
+        rows.append((f"measured speed-up over the teacher alone ({device})",
+                     f"{meas['speedup']:.2f}x ({meas['teacher_tokens_per_second']:,.0f} → "
+                     f"{meas['assisted_tokens_per_second']:,.0f} tokens/s)"))
+    return {"teacher": d["teacher"]["id"], "weights_sha256": Markdown(md_code(d["teacher"]["weights_sha256"] or "-")),
+            "universal": bool(meas and meas["universal"]), "rows": rows}
 
 
 def write_card(model_dir: Path) -> Path:

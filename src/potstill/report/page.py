@@ -17,6 +17,7 @@ COLUMNS = [  # (key in eval.json, header, format)
     ("agreement", "agree", "{:.1%}"),  # same answer as the teacher
     ("kl_per_token", "KL/tok", "{:.3f}"),  # KL(teacher || model) per token of teacher text
     ("top1_agreement", "top-1", "{:.1%}"),  # same argmax as the teacher on teacher text
+    ("acceptance", "accept", "{:.1%}"),  # as the teacher's draft: alpha = sum min(p, q) at the sampling temperature
     ("parameters", "params", "{:,}"),
     ("tokens_per_second", "tok/s", "{:,.0f}"),  # greedy generation, batched
 ]
@@ -129,6 +130,12 @@ def _plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     images["Training curves"] = _png(fig, out_dir / "training.png")
     plt.close(fig)
 
+    drafts = [(label(run, name), m["draft"], colour[run["name"], name]) for run in runs
+              for name, m in run["eval"]["models"].items() if name != "teacher" and (m.get("draft") or {}).get("alpha")]
+    if drafts:  # beside the KD term: how the distance trained down shows as acceptance
+        images["Draft acceptance"] = _png(acceptance_figure(plt, drafts), out_dir / "acceptance.png")
+        plt.close("all")
+
     bars = [(label(run, name), m, colour[run["name"], name]) for run in runs for name, m in run["eval"]["models"].items()]
     cats = sorted({c for _, m, _ in bars for c in m["accuracy_by_category"]})
     fig, ax = plt.subplots(figsize=(13, 3.8))
@@ -153,6 +160,56 @@ def _plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     images["Completion lengths"] = _png(fig, out_dir / "lengths.png")
     plt.close(fig)
     return images
+
+
+def acceptance_figure(plt, drafts: list[tuple[str, dict, str]]):
+    """Acceptance by position in the answer (greedy solid, at T dashed) and by category (at T, else greedy)."""
+    fig, (by_pos, by_cat) = plt.subplots(1, 2, figsize=(13, 3.8))
+    for name, d, c in drafts:
+        xs = [b["positions"][0] for b in d["by_position"]]
+        by_pos.plot(xs, [b["greedy"] for b in d["by_position"]], marker="o", color=c, label=f"{name}, greedy")
+        if d["temperature"]:
+            by_pos.plot(xs, [b["sampled"] for b in d["by_position"]], "--", marker="x", color=c,
+                        label=f"{name}, T={d['temperature']:g}")
+    by_pos.set(title="acceptance by position in the answer (first position of each bucket)",
+               xlabel="token position", ylabel="acceptance", ylim=(0, 1.02))
+    by_pos.legend(fontsize=7)
+    cats = sorted({cat for _, d, _ in drafts for cat in d["by_category"]})
+    width = 0.8 / len(drafts)
+    for i, (name, d, c) in enumerate(drafts):
+        mode = "sampled" if d["temperature"] else "greedy"
+        by_cat.bar([j + i * width for j in range(len(cats))],
+                   [(d["by_category"].get(cat) or {}).get(mode) or 0 for cat in cats], width, label=name, color=c)
+    by_cat.set_xticks([j + width * (len(drafts) - 1) / 2 for j in range(len(cats))], [_mathtext_safe(c) for c in cats])
+    t = drafts[0][1]["temperature"]
+    by_cat.set(title=f"acceptance by category ({f'T={t:g}' if t else 'greedy'})", ylim=(0, 1.02))
+    by_cat.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def draft_rows(loaded: list[dict], several: bool) -> list[list[str]]:
+    """Each student as a draft of its teacher: alpha, the i.i.d. estimate, and the measured run."""
+    rows = []
+    for r in loaded:
+        for name, m in r["eval"]["models"].items():
+            d = m.get("draft")
+            if name == "teacher" or not d:
+                continue
+            alpha, meas = d.get("alpha") or {}, d.get("measured")
+            num = (lambda v, fmt="{:.3f}": fmt.format(v) if v is not None else "n/a")
+            expected = d.get("expected_tokens_per_step") or {}
+            rows.append(([r["name"]] if several else []) + [
+                name, f"{d['teacher']['id']} ({(d['teacher']['weights_sha256'] or '-')[:12]})",
+                num(alpha.get("greedy")), num(alpha.get("sampled")),
+                " / ".join(num((expected.get("greedy") or {}).get(str(g)), "{:.2f}") for g in (1, 2, 4, 8)),
+                (f"{meas['tokens_per_step']:.2f} (γ={meas['gamma']}, {meas['prompts']} prompts"
+                 + (", universal" if meas["universal"] else "") + ")") if meas else
+                "n/a" if "draft_measured" in m.get("not_applicable", {}) else "-",
+                (f"{meas['speedup']:.2f}x ({meas['speedup_range'][0]:.2f}-{meas['speedup_range'][1]:.2f}); "
+                 f"{meas['teacher_tokens_per_second']:,.0f} -> {meas['assisted_tokens_per_second']:,.0f} tok/s")
+                if meas else "-"])
+    return rows
 
 
 def terms_rows(loaded: list[dict], several: bool) -> list[list[str]]:
@@ -214,6 +271,11 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
     students_head = (["run"] if several else []) + ["student", "objective", "loss", "signal", "T", "kd_ratio", "steps",
                                                     "examples", "teachers (terms)", "ledger"]
 
+    drafts = draft_rows(loaded, several)
+    drafts_head = (["run"] if several else []) + ["draft", "teacher (weights)", "α greedy (= top-1)", "α at T",
+                                                  "E[tokens/step] γ=1/2/4/8, α greedy", "measured tokens/step",
+                                                  "measured speed-up (range); teacher -> assisted"]
+
     sessions = [([r["name"]] if several else []) + session_row(s) for r in loaded for s in r["sessions"]]
     sessions_head = (["run"] if several else []) + ["generate session", "started", "ended", "how it ended"]
 
@@ -232,7 +294,7 @@ def write_report(runs: list[str | Path] | str | Path, out: str | Path | None = N
                    if r["identical_samples"] and r["identical_samples"]["identical"]],
         summary_head=head, summary=summary, extra_head=extra_head, extra=extra,
         students_head=students_head, students=students, sessions_head=sessions_head, sessions=sessions,
-        terms_head=terms_head, terms=terms, figures=list(images.items()),
+        terms_head=terms_head, terms=terms, figures=list(images.items()), drafts_head=drafts_head, drafts=drafts,
         samples_of=loaded[0]["name"] if several else None, samples_head=["prompt"] + names, samples=samples,
         provenance=[(r["name"], json.dumps(r["eval"]["provenance"], indent=2)) for r in loaded],
         audit_head=(["run"] if several else []) + ["test", "target", "statistic", "p-value", "tokens", "verdict"],
