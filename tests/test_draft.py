@@ -157,3 +157,36 @@ def test_the_card_and_report_show_the_draft_figures_against_their_teacher(tmp_pa
     row = draft_rows([{"name": "run", "eval": report}], several=False)[0]
     assert row[0] == "student" and row[1].startswith("org/teacher") and "1.75 (γ=4, 16 prompts)" in row
     json.dumps(report)  # eval.json can hold it
+
+
+def test_a_student_with_another_tokenizer_is_measured_with_universal_assisted_decoding(models, tmp_path):
+    """transformers' universal assisted decoding (tokenizer=, assistant_tokenizer=): the teacher's output
+    stays its own; a tokenizer of the same vocabulary size is n/a with the reason (transformers would
+    read the draft's ids as the teacher's)."""
+    from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from potstill.evaluate.draft import universal_gap
+    from potstill.teachers.local import LocalTeacher
+
+    teacher, _, student, prompts = models
+    texts = [json.loads(line)["prompt"] for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:500]
+    bpe = Tokenizer(bpe_models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>", "<pad>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|end|>", pad_token="<pad>")
+    tok.chat_template = (TEACHER / "chat_template.jinja").read_text()
+    tok.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(TEACHER)
+    config.update({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "num_key_value_heads": 2, "head_dim": 16, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+                   "pad_token_id": tok.pad_token_id, "bos_token_id": None})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    other = LocalTeacher(tmp_path)
+    assert other.describe()["tokenizer_sha256"] != teacher.describe()["tokenizer_sha256"]
+    assert universal_gap(teacher, other) is None
+    m = measure_assisted(teacher, other, prompts[:2], 12, repeats=1, same_tokenizer=False)
+    assert m["universal"] and m["identical"] and m["tokens_per_step"] >= 1.0
+    assert "same size" in universal_gap(teacher, teacher)  # vocabularies of one size: not told apart
