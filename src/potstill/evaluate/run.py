@@ -4,7 +4,9 @@ Per model: accuracy against the reference (per category, with a 95% bootstrap in
 against the reference, agreement with the teacher's answers, per-token KL(teacher || model),
 top-1 agreement and perplexity on the teacher's own completions, a judge's win rate against the
 teacher (when the recipe names a judge), parameters, size on disk, generation tokens/s (batched)
-and latency (one request alone). Written to ``<run>/eval.json`` with provenance.
+and latency (one request alone), and each student as a speculative-decoding draft of the teacher
+(acceptance from the same logits as KL, and a measured assisted-generation run:
+:mod:`potstill.evaluate.draft`). Written to ``<run>/eval.json`` with provenance.
 
 The per-token metrics need the model to read the teacher's token ids. A student with another
 tokenizer (sequence-level KD, ``train.objective=sft``) gets them as null, with the reason under
