@@ -62,7 +62,7 @@ def print_summary(eval_report: dict) -> None:
         table.add_column(header, justify="right")
     for row in summary_rows(eval_report):
         table.add_row(*row)
-    console = Console(width=max(Console().width, 90))
+    console = Console(width=max(Console().width, 110))  # nine columns: no cell cut short
     console.print(table)
     console.print("retention: accuracy / the teacher's accuracy; agree: same answer as the teacher; KL/tok: KL(teacher || model) per token of the teacher's "
                   "answers; top-1: same argmax as the teacher there; accept: the chance the teacher keeps a token the model drafts "
