@@ -2,12 +2,14 @@
 through real ``accelerate launch`` subprocesses on this CPU machine (gloo)."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from potstill.generate import generate
 from potstill.recipe import load_recipe
@@ -111,3 +113,61 @@ def test_a_deepspeed_launch_is_refused_naming_what_to_use(tmp_path, ledger):
                   "--dynamo_backend", "no", POTSTILL, *train_args(d), env={"ACCELERATE_USE_DEEPSPEED": "true"})
     assert_refused(done, d, before, "asks for DeepSpeed")
     assert "FSDP2" in done.stderr and "DDP" in done.stderr
+
+
+# FSDP2 on CPUs. accelerate turns FSDP on only on an accelerator; POTSTILL_TEST_FSDP_ON_CPU makes
+# potstill's Accelerator take the path it takes on GPUs (accelerate's FSDP plugin from the launch's
+# FSDP_* variables, accelerator.prepare -> fully_shard per decoder layer) over a CPU gloo mesh.
+FSDP_ON_CPU = {"POTSTILL_TEST_FSDP_ON_CPU": "1"}
+
+
+def train_one(d: Path, *extra: str) -> None:
+    """The same training in one process, each step in two micro-batches as the two processes split it."""
+    from potstill.train import train
+
+    recipe = load_recipe(RECIPE, [*tiny_overrides(d), "baseline=null", "train.epochs=2", "train.micro_batch_size=8", *extra])
+    train(recipe, recipe.train)
+
+
+def fsdp_launch(tmp_path: Path, d: Path, *extra: str, env=None) -> subprocess.CompletedProcess:
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP2)
+    return launch("--config_file", str(config), POTSTILL, *train_args(d), "train.epochs=2", *extra,
+                  env={**FSDP_ON_CPU, **(env or {})})
+
+
+def rows(d: Path) -> list[dict]:
+    return [json.loads(line) for line in (d / "logs" / "student.jsonl").open()]
+
+
+def assert_same(one: Path, two: Path, tol: float = 1e-5, weights_tol: float = 1e-4) -> None:
+    """Loss, CE, KD and gradient norm within 1e-5 at every step; the weights within 1e-4, as for DDP
+    (test_train_engine.assert_same_training): Adam divides by sqrt(v), so a gradient of ~1e-9 turns
+    a different summation order into a visible step (measured here: 1.6e-5 after 8 steps)."""
+    a, b = rows(one), rows(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "ce", "kd", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=tol, abs=tol), (key, ra, rb)
+    wa, wb = load_file(one / "student" / "model.safetensors"), load_file(two / "student" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= weights_tol, worst
+
+
+@pytest.mark.parametrize("signal", [
+    [],                                                                     # cached top-k KD
+    ["train.teacher_signal=online"],                                        # the online teacher, replicated
+    ["train.teacher_signal=online", "train.chunk_size=5", "train.loss=jsd"],  # chunked: the gathered head
+], ids=["cached", "online", "chunked"])
+def test_fsdp2_two_processes_equal_one(tmp_path, ledger, signal):
+    train_one(run_dir(tmp_path, ledger, "one"), *signal)
+    d = run_dir(tmp_path, ledger, "two")
+    done = fsdp_launch(tmp_path, d, *signal)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((d / "student" / "potstill.json").read_text())
+    assert info["distributed"] == {"type": "FSDP", "processes": 2, "backend": "gloo"}
+    # the export is a plain Hugging Face folder, written once, by the main process
+    assert json.loads((d / "student" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert sum("train: wrote" in line for line in done.stdout.splitlines()) == 1
+    assert_same(tmp_path / "one", d)

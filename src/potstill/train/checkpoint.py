@@ -53,19 +53,32 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def gathered_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Under FSDP2: the full model and optimizer state (the optimizer's keyed by parameter name),
+    gathered into the main process's CPU memory; a collective, so every process calls it. Costs one
+    all-gather of the weights and of the optimizer state, and their full size in the main
+    process's RAM while the checkpoint is written, as one process's checkpoint does."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict, keep_last: int = 2) -> Path:
-    """Write ``root/step-<step>`` atomically; ``extra`` is JSON (step counters, data position)."""
+                    extra: dict, keep_last: int = 2, gathered: tuple[dict, dict] | None = None) -> Path:
+    """Write ``root/step-<step>`` atomically; ``extra`` is JSON (step counters, data position);
+    ``gathered``: under FSDP2, the full state ``gathered_state`` returned, written instead of the
+    model's and optimizer's own (sharded) state."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # separate contiguous copies: safetensors refuses tensors sharing storage (tied embeddings)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    model_state, optim_state = gathered or (model.state_dict(), optimizer.state_dict())
+    state = {k: v.detach().contiguous().clone() for k, v in model_state.items()}
     save_file(state, tmp / "model.safetensors")
     crash_point(f"save-{step}-weights")
-    tensors, rest = _split_optimizer_state(optimizer.state_dict())
+    tensors, rest = _split_optimizer_state(optim_state)
     save_file(tensors, tmp / "optimizer.safetensors")
     (tmp / "optimizer.json").write_text(json.dumps(rest))
     (tmp / "trainer.json").write_text(json.dumps({"step": step, **extra}, indent=2))
@@ -124,7 +137,8 @@ def latest(root: Path) -> Path | None:
 
 
 def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer state_dict as safetensors-ready tensors ("state.<param>.<key>") and JSON."""
+    """An optimizer state_dict as safetensors-ready tensors ("state.<param>.<key>") and JSON;
+    ``param`` is an index, or under FSDP2 a parameter's dotted name (the key has no dot)."""
     tensors, scalars = {}, {}
     for param, entries in state["state"].items():
         for key, value in entries.items():
@@ -136,25 +150,37 @@ def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state: dict[int, dict] = {int(p): dict(v) for p, v in rest["scalars"].items()}
+    def param(p: str) -> int | str:
+        return int(p) if p.isdigit() else p
+
+    state: dict[int | str, dict] = {param(p): dict(v) for p, v in rest["scalars"].items()}
     for name, value in tensors.items():
-        _, param, key = name.split(".", 2)
-        state.setdefault(int(param), {})[key] = value
+        p, key = name.split(".", 1)[1].rsplit(".", 1)
+        state.setdefault(param(p), {})[key] = value
     # JSON has no tuples; optimizers compare and unpack betas as either
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in rest["param_groups"]]
     return {"state": state, "param_groups": groups}
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool = False) -> dict:
     """Restore model and optimizer from a verified checkpoint; returns trainer.json. (No RNG state:
-    the loop reseeds every step from (seed, step, rank).)"""
+    the loop reseeds every step from (seed, step, rank).) ``fsdp``: the checkpoint holds the full
+    state ``gathered_state`` wrote; every process reads it and keeps its own shard."""
     if not (path / "optimizer.safetensors").is_file():
         raise PotstillError(f"checkpoint {path} keeps its optimizer state as a pickle (optimizer.pt, older potstill), "
                             f"which potstill never loads: delete {path.parent} or set train.resume=false")
     try:
-        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-        optimizer.load_state_dict(_join_optimizer_state(load_file(path / "optimizer.safetensors"),
-                                                        json.loads((path / "optimizer.json").read_text())))
+        weights = load_file(path / "model.safetensors")
+        optim = _join_optimizer_state(load_file(path / "optimizer.safetensors"),
+                                      json.loads((path / "optimizer.json").read_text()))
+        if fsdp:  # a collective: every process loads the same full state and shards it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                           options=StateDictOptions(full_state_dict=True, strict=True))
+        else:
+            model.load_state_dict(weights, strict=True)
+            optimizer.load_state_dict(optim)
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
         raise PotstillError(f"checkpoint {path} could not be loaded ({str(e).splitlines()[0][:200]}); "
                             f"delete {path} or set train.resume=false") from None

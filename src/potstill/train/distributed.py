@@ -55,6 +55,10 @@ def check_launch(device: str) -> dict:
         raise LaunchRefused(f"this launch started {world} processes but accelerate's distributed type is {kind} "
                             f"({why}): each process would train the whole student alone and write the same folder; "
                             f"launch one process, or train on a device with a process group (cuda: nccl, cpu: gloo)")
+    if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1").strip() != "2":
+        raise LaunchRefused(f"this launch asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; potstill trains "
+                            f"under FSDP2 only (the chunked loss reads the output head as FSDP2 gathers it): set "
+                            f"fsdp_version: 2 in the accelerate config")
     if _flag("ACCELERATE_USE_FSDP") and not fsdp_enabled(state):
         raise LaunchRefused(f"this launch asks for FSDP (ACCELERATE_USE_FSDP) but accelerate runs {kind} on {device}: "
                             f"it turns FSDP on only on an accelerator, so the student would not be sharded; launch "
@@ -62,13 +66,38 @@ def check_launch(device: str) -> dict:
     return describe(state)
 
 
+# Test-only: accelerate turns FSDP on only on an accelerator. With this variable set, an FSDP
+# launch on CPUs (gloo) takes the same path a GPU launch does: potstill's Accelerator gets
+# accelerate's FSDP plugin, built from the launch's FSDP_* variables as accelerate builds it,
+# and accelerator.prepare shards the student with fully_shard per decoder layer over a CPU mesh.
+FSDP_ON_CPU = "POTSTILL_TEST_FSDP_ON_CPU"
+
+
 def fsdp_enabled(state) -> bool:
-    """Whether accelerate will shard the model with FSDP in this process state."""
+    """Whether the model will be sharded with FSDP in this process state."""
     from accelerate.utils import DistributedType
 
-    return state.distributed_type == DistributedType.FSDP or (
-        _flag("ACCELERATE_USE_FSDP") and state.distributed_type.value.startswith("MULTI_")
-        and state.distributed_type != DistributedType.MULTI_CPU)
+    if state.distributed_type == DistributedType.FSDP:
+        return True
+    if not _flag("ACCELERATE_USE_FSDP"):
+        return False
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        return _flag(FSDP_ON_CPU)
+    return state.distributed_type.value.startswith("MULTI_")
+
+
+def fsdp_on_cpu(accelerator) -> None:
+    """Under ``POTSTILL_TEST_FSDP_ON_CPU`` in an FSDP launch on CPUs, turn accelerate's FSDP2 on as
+    it does on GPUs (its state's distributed type and plugin); otherwise nothing."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if _flag(FSDP_ON_CPU) and _flag("ACCELERATE_USE_FSDP") and state.distributed_type == DistributedType.MULTI_CPU:
+        from accelerate.state import PartialState
+
+        state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState sets both
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_AUTO_WRAP_POLICY, ...
 
 
 def describe(state) -> dict:

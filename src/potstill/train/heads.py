@@ -78,6 +78,7 @@ def output_head(model, what: str = "student") -> Head:
         out = inner(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
     finally:
         inner.train(was_training)
+    weight, bias = _full(linear, what)  # under FSDP2 the full head exists only now, after a forward
     hidden, logits = out.hidden_states[-1][0].float(), out.logits[0].float()  # (L, H), (L, V)
     tol = _tolerance(out.logits)
     best, best_err = None, float("inf")
@@ -92,6 +93,32 @@ def output_head(model, what: str = "student") -> Head:
             f"{best_err:.3g} with its lm_head{', bias' if bias is not None else ''}, scales {scales[1:] or 'none'}, "
             f"soft-caps {caps[1:] or 'none'}); set train.chunk_size=0 to train from the model's own logits")
     return best
+
+
+def _full(linear, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias as the model holds them now, refused while sharded.
+
+    Under FSDP2 (``fully_shard``) a parameter is a DTensor shard between forwards. The output head
+    belongs to the root module (only decoder layers are sharded apart), and FSDP2 leaves the root's
+    parameters gathered from its forward until its backward (it never reshards the root after
+    forward): read right after the model's forward, the weight is the full (V, H) tensor FSDP2
+    already gathered, at no extra communication, and the gradient the chunked loss gives it is
+    reduce-scattered by FSDP2 with every other gradient. A gather of our own (``full_tensor()``)
+    would instead cost one more all-gather and leave each process's head gradient unreduced."""
+    from torch.distributed.tensor import DTensor
+
+    weight, bias = linear.weight, getattr(linear, "bias", None)
+    if isinstance(weight, DTensor) or isinstance(bias, DTensor):
+        raise PotstillError(f"train.chunk_size: the {what}'s output head is sharded (FSDP) where the chunked loss reads "
+                            f"it; set train.chunk_size=0")
+    return weight, bias
+
+
+def current(head: Head, model, what: str = "student") -> Head:
+    """``head`` with the weight and bias ``model`` holds now (call after its forward): the same
+    tensors on one process or under DDP, the gathered ones under FSDP2 (``_full``)."""
+    weight, bias = _full(getattr(model, "module", model).get_output_embeddings(), what)
+    return Head(weight, bias, head.scale, head.softcap)
 
 
 def model_heads(student, teacher=None) -> dict[str, Head]:

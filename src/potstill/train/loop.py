@@ -29,13 +29,13 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from potstill.train import checkpoint
-from potstill.train.distributed import check_launch, describe
+from potstill.train.distributed import check_launch, describe, fsdp_on_cpu
 from potstill.train.tokenizer_match import Compat, check_tokenizers, ledger_samples
 from potstill.train.examples import TrainExample, build_examples, collate
 from potstill.devices import resolve_chunk_size, resolve_compile, resolve_mixed_precision
 from potstill.errors import PotstillError
 from potstill.ledger.requests import recipe_requests
-from potstill.train.heads import model_heads
+from potstill.train.heads import current, model_heads
 from potstill.ledger import Ledger, teacher_key
 from potstill.losses import kd_loss
 from potstill.losses.chunked import Head, chunked_kd_loss
@@ -158,7 +158,8 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_hidden_states=True, logits_to_keep=1)
         hidden = at(out.hidden_states[-1])  # (N, H)
-        loss, ce, kd = chunked_kd_loss(hidden, heads["student"].rows(vocab), labels, kd_ratio=kd_ratio, chunk_size=spec.chunk_size,
+        head = current(heads["student"], model)  # after the forward: under FSDP2 the gathered head
+        loss, ce, kd = chunked_kd_loss(hidden, head.rows(vocab), labels, kd_ratio=kd_ratio, chunk_size=spec.chunk_size,
                                        compile=compile, **kd_args, **targets)
         router = _router_loss(model, out)
         return (loss + router_coef(model) * router) * n, ce * n, kd * n, router.detach() * n
@@ -345,6 +346,10 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     if device.startswith("cuda:"):  # one process on a chosen GPU; under `accelerate launch` each rank has its own
         torch.cuda.set_device(int(device.partition(":")[2]))
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+    fsdp_on_cpu(accelerator)  # tests only: the GPUs' FSDP2 path over gloo (distributed.FSDP_ON_CPU)
+    if accelerator.is_fsdp2 and spec.lora is not None:
+        raise PotstillError("train.lora under FSDP is not supported yet: train LoRA with DDP (accelerate launch "
+                            "--multi_gpu), or the full student under FSDP")
     torch.manual_seed(spec.seed)
     tokenizer = load_student_tokenizer(recipe)
     model = load_student(recipe, tokenizer)
@@ -382,12 +387,14 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     plan = Plan(len(data), spec, accelerator.num_processes)
     signature = {"examples": len(data), "ledger_sha256": ledger_sha, "train": asked.model_dump(exclude={"resume"}),
                  "processes": accelerator.num_processes}
+    if accelerator.is_fsdp2:  # its checkpoints key the optimizer's state by parameter name
+        signature["fsdp"] = 2
 
     ckpt_root = recipe.run_dir / "checkpoints" / name
     start = 0
     found = checkpoint.latest(ckpt_root) if spec.resume else None
     if found is not None and json.loads((found / "trainer.json").read_text())["signature"] == signature:
-        start = checkpoint.load_checkpoint(found, _unwrap(model), optimizer)["step"]
+        start = checkpoint.load_checkpoint(found, _unwrap(model), optimizer, fsdp=accelerator.is_fsdp2)["step"]
         print(f"train {name}: resuming from {found}")
     else:
         if found is not None:
@@ -486,9 +493,11 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student", accept_terms_r
                 log.write(json.dumps({**row, "seconds": round(time.perf_counter() - began, 3)}) + "\n")
                 log.flush()
             if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < plan.total:
+                # FSDP2: every process gathers (a collective), the main one writes
+                gathered = checkpoint.gathered_state(s.model, s.optimizer) if acc.is_fsdp2 else None
                 if acc.is_main_process:
                     checkpoint.save_checkpoint(s.ckpt_root, done, _unwrap(s.model), s.optimizer,
-                                               {"signature": s.signature}, spec.keep_checkpoints)
+                                               {"signature": s.signature}, spec.keep_checkpoints, gathered)
                 acc.wait_for_everyone()
     export(s, recipe, name, time.perf_counter() - began)
     return run / name
@@ -498,6 +507,8 @@ def export(s: Setup, recipe: Recipe, name: str, seconds: float) -> None:
     """The trained student, its potstill.json (what made it) and its model card, to ``<run>/<name>/``."""
     acc = s.accelerator
     acc.wait_for_everyone()
+    # FSDP2: the full weights, gathered into the main process's CPU memory (a collective)
+    full = acc.get_state_dict(s.model) if acc.is_fsdp2 else None
     if acc.is_main_process:
         tokens = sum(ex.n_completion for ex in s.data)
         info = {
@@ -515,8 +526,24 @@ def export(s: Setup, recipe: Recipe, name: str, seconds: float) -> None:
         with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:  # the rows trained on, hashed into the manifest
             rows = manifest.ledger_leaves(ledger, s.request_hashes,
                                           {t["teacher_key"]: t["verdict"] for t in s.terms["teachers"]})
-        save_student(_unwrap(s.model), s.tokenizer, recipe.run_dir / name, info, rows)
+        save_student(_unwrap(s.model), s.tokenizer, recipe.run_dir / name, info, rows, full)
     acc.wait_for_everyone()
+
+
+def _save_full(model, state_dict: dict, out: Path) -> None:
+    """Save ``state_dict`` (full tensors) as a Hugging Face folder of ``model``'s own class.
+    fully_shard swaps a model's class for an FSDP subclass (FSDPLlamaForCausalLM) whose parameters
+    are shards; the folder is written from a plain model of the wrapped class, built on the meta
+    device (no memory) and given the gathered tensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        plain = cls(model.config)
+    plain.load_state_dict(state_dict, strict=False, assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(out, safe_serialization=True)
 
 
 def check_outputs(run: Path, name: str) -> None:
@@ -541,7 +568,8 @@ def check_outputs(run: Path, name: str) -> None:
                             f"{run / 'checkpoints' / name}: move it elsewhere; nothing was deleted")
 
 
-def save_student(model, tokenizer, out: Path, info: dict, manifest_rows: list[tuple[str, bytes]] | None = None) -> None:
+def save_student(model, tokenizer, out: Path, info: dict, manifest_rows: list[tuple[str, bytes]] | None = None,
+                 state_dict: dict | None = None) -> None:
     """Write to a temporary folder, then rename: a half-written student never looks finished.
     potstill.json lists the files, so that only a folder of these is ever replaced (check_outputs).
     ``manifest_rows`` (request hash, leaf) of the rows trained on become manifest.merkle; its root and
@@ -551,7 +579,10 @@ def save_student(model, tokenizer, out: Path, info: dict, manifest_rows: list[tu
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
         model = model.merge_and_unload()
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if state_dict is not None:  # FSDP2: the gathered weights, saved as the model's own class
+            _save_full(model, state_dict, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_obligation_files(tmp, info.get("terms"), info.get("license"))
         info["weights_sha256"] = weights_sha256(tmp)
