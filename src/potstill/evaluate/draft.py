@@ -51,7 +51,7 @@ from potstill.errors import PotstillError
 
 GAMMAS = range(1, 9)  # draft tokens per verification step in the expected-tokens table
 GAMMA = 4  # draft tokens per step in the measured run (vLLM's num_speculative_tokens is usually 3-5)
-DRAFT_PROMPTS = 8  # held-out prompts in the measured run (batch 1, a prompt at a time): within 10 % of eval
+DRAFT_PROMPTS = 6  # held-out prompts in the measured run (batch 1, a prompt at a time): within 10 % of eval
 DRAFT_TIMINGS = 3  # timed repeats of each; the median is the figure
 SINGLE_POSITIONS = 16  # positions 0..15 each their own bucket, then 16-31, 32-63, ... (doubling)
 
