@@ -278,7 +278,7 @@ def draft_metrics(row: dict, recipe: Recipe, name: str, teacher: LocalTeacher, m
     info = teacher.describe()
     draft["teacher"] = {"id": recipe.teacher.id or info.get("id"), "weights_sha256": info.get("weights_sha256")}
     draft["measured"] = None
-    if name != "teacher":
+    if name != "teacher" and prompts:
         if gap and (why := universal_gap(teacher, model)):
             row.setdefault("not_applicable", {})["draft_measured"] = why
         else:
