@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python bench/audit_students.py [--out runs/bench-audit-students]
         [--plain-ledger L] [--null-students 30] [--null-epochs 2] [--gt-epochs 12] [--train-only]
+    python bench/audit_students.py --out DIR --prompts 64 --probes 16 --lineage-probes 16 --shares 1 \
+        --epochs 1 --gt-epochs 1 --gt-models 2 --stages shares gt report      # seconds: the script works
 
 The bundled teacher answers the quickstart's 8,000 training prompts twice (`potstill generate`,
 temperature 1, top-20 logprobs): once plain (or --plain-ledger, copied), once watermarked with
@@ -101,7 +103,7 @@ def write_jsonl(path: Path, rows) -> None:
 def mixed_rows(plain: dict, marked: dict, share: float) -> list[dict]:
     """The training prompts in their file's order, a random ``share`` of them (fixed seed) answered
     by the watermarked teacher and the rest by the plain one."""
-    ids = sorted(plain)
+    ids = sorted(plain.keys() & marked.keys())  # a --plain-ledger may hold more prompts than --prompts
     chosen = set(np.random.default_rng(0).permutation(len(ids))[:round(share * len(ids))].tolist())
     return [marked[i] if n in chosen else plain[i] for n, i in enumerate(ids)]
 
@@ -193,6 +195,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-audit-students")
     p.add_argument("--plain-ledger", type=Path, help="an unwatermarked quickstart ledger to reuse (copied, never "
                    "written); default: generate one")
+    p.add_argument("--prompts", type=int, default=None, help="training prompts the teacher answers (default: "
+                   "all 8,000)")
     p.add_argument("--probes", type=int, default=8000, help="training prompts the suspects answer (radioactivity)")
     p.add_argument("--null-probes", type=int, default=4000, help="training prompts the null students answer")
     p.add_argument("--lineage-probes", type=int, default=1200, help="held-out prompts for lineage")
@@ -200,6 +204,8 @@ def main() -> None:
     p.add_argument("--null-students", type=int, default=30)
     p.add_argument("--epochs", type=int, default=24, help="share students (the quickstart's 24)")
     p.add_argument("--gt-epochs", type=int, default=12, help="ground-truth students (lineage references)")
+    p.add_argument("--gt-models", type=int, default=len(GT_MODELS), help="train the first N of GT_MODELS "
+                   f"(default: all {len(GT_MODELS)}, the last being the control)")
     p.add_argument("--null-epochs", type=int, default=2)
     p.add_argument("--train-only", action="store_true", help="train the students, audit nothing")
     p.add_argument("--audit-only", action="store_true", help="audit the students already trained, train nothing")
@@ -219,7 +225,7 @@ def main() -> None:
     (out / "K.key").write_bytes(KEY)
     data = out / "data"
     data.mkdir(exist_ok=True)
-    gen = [str(QS / "recipe.yaml"), "baseline=null"]
+    gen = [str(QS / "recipe.yaml"), "baseline=null", *([f"prompts.limit={args.prompts}"] if args.prompts else [])]
     marked_ledger = out / "teacher-wm" / "ledger.sqlite"
     if not (data / "share1.jsonl").is_file():  # generate resumes a ledger an interrupted run left
         cli("generate", *gen, f"output_dir={marked_ledger.parent}", f"teacher.watermark.key_file={out / 'K.key'}",
@@ -235,7 +241,7 @@ def main() -> None:
         plain, marked = ledger_rows(plain_ledger), ledger_rows(marked_ledger)
         for share in {*args.shares, 0.0}:  # share 0: the null students' data
             write_jsonl(data / f"share{share:g}.jsonl", mixed_rows(plain, marked, share))
-        truth = load_prompts(QS / "prompts" / "train.jsonl")
+        truth = load_prompts(QS / "prompts" / "train.jsonl", args.prompts)
         write_jsonl(data / "truth.jsonl", ({"id": q.meta["id"], "messages": q.chat, "response": q.meta["answer"]}
                                            for q in truth))
 
@@ -270,7 +276,7 @@ def main() -> None:
             print(f"{name}: trained {secs:.0f} s; " + ", ".join(f"{m} p(K) {r[m]['keys'][0]['p_value']:.3g}"
                                                                  for m in MODES), flush=True)
     if "gt" in args.stages:
-        for name, seed, hidden, inter, layers in GT_MODELS:
+        for name, seed, hidden, inter, layers in GT_MODELS[:args.gt_models]:
             secs = train_student(students / name, data / "truth.jsonl",
                                  ["train.objective=sft", f"train.seed={seed}", f"train.epochs={args.gt_epochs}",
                                   f"student.config.hidden_size={hidden}", f"student.config.intermediate_size={inter}",

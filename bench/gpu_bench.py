@@ -7,7 +7,8 @@ fused linear JSD on the same inputs.
     python bench/gpu_bench.py --tiny --tables generate --teacher examples/quickstart/teacher
 
 TRL and Liger come from the bench-gpu extra (pip install -e '.[bench-gpu]'); an arm whose library
-is missing, or that runs out of memory, is printed as skipped with the reason, and the rest go on.
+is missing, or that runs out of memory, is printed as skipped with the reason, and the rest go on;
+an arm or a table that fails otherwise is printed the same way, and the script exits 1 at the end.
 
 Models are built from configs (no downloads), Qwen2-shaped, V = 151,936: student 0.5B (24 layers,
 hidden 896, tied embeddings), teachers 1.5B (28 layers, hidden 1536) and 7B (28 layers, hidden
@@ -84,6 +85,7 @@ class Bench:
     shapes: dict
     compile: bool | str  # True: inductor; "eager": dynamo's tracer only (--tiny on CPU)
     rows: dict[str, list] = field(default_factory=dict)  # table -> rows of cells
+    failed: list[str] = field(default_factory=list)  # arms that raised (not a missing library, not out of memory)
 
     @property
     def cuda(self) -> bool:
@@ -129,6 +131,7 @@ class Bench:
         except Exception as e:  # noqa: BLE001 - a GPU session is short: one broken arm must not cost the rest
             traceback.print_exc()
             self.skip(table, name, f"failed, {type(e).__name__}: {first_line(e)}")
+            self.failed.append(name)
         finally:
             if self.cuda:
                 torch.cuda.empty_cache()
@@ -493,11 +496,13 @@ def main(argv: list[str] | None = None) -> str:
     say(*parts)
     tables = {"loss": lambda: loss_table(b), "step": lambda: step_table(b, peak),
               "generate": lambda: generation_table(b, args.teacher)}
+    failed = []
     for name in args.tables:
         try:
             tables[name]()
         except Exception:  # noqa: BLE001 - its setup failed (out of memory, a library): the other tables still run
             traceback.print_exc()
+            failed.append(name)
         if name == "loss" and "loss" in b.rows:
             say(f"\nKD loss alone (forward KL, fwd + bwd; student hidden {s['student']['hidden_size']}, teacher "
                 f"hidden {t_hidden}, V = {s['vocab']:,}, N = {s['rows']:,} tokens, {b.dtype}; median of "
@@ -512,6 +517,8 @@ def main(argv: list[str] | None = None) -> str:
             say(f"\nGeneration with top-k logprobs ({b.rows['generate-notes'][0]}):\n",
                 table(["arm", "tokens/s", "vs plain"], b.rows["generate"]))
     say(f"\n{time.perf_counter() - began:.0f} s in all")
+    if failed or b.failed:  # after every table that could run: a broken arm is an error, not a shorter printout
+        sys.exit(f"failed (tracebacks above): {', '.join([*(f'the {t} table' for t in failed), *b.failed])}")
     return "\n".join(parts)
 
 

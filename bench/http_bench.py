@@ -5,12 +5,14 @@
     python bench/http_bench.py kills        # SIGKILL at 20 random moments in a 2,000-prompt run
     python bench/http_bench.py independent  # bench/fault_server.py: spend vs billed, kills x 10 within
                                             # max_requests, the canary scan
+    python bench/http_bench.py throughput --smoke   # 0.05 s latency, C = 1 and 8: the script works (seconds)
 
 Each prints one JSON line per measurement.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -48,18 +50,21 @@ def mock_process(latency: float, faults: dict | None = None):
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
-def throughput() -> None:
-    for latency in (1.0, 0.25):
-        throughput_at(latency)
+def throughput(smoke: bool = False) -> None:
+    # latencies, concurrencies C, requests per connection, fewest requests a run
+    latencies, concurrency, per_slot, least = ((0.05,), (1, 8), 4, 8) if smoke else \
+        ((1.0, 0.25), (1, 8, 16, 32, 64), 16, 40)
+    for latency in latencies:
+        throughput_at(latency, concurrency, per_slot, least)
 
 
-def throughput_at(latency: float) -> None:
+def throughput_at(latency: float, concurrency: tuple[int, ...], per_slot: int, least: int) -> None:
     proc, url = mock_process(latency)
     try:
         with tempfile.TemporaryDirectory() as out:
             generate(recipe_for(out, url, 4))  # warm-up: imports and the tokenizer load are not the endpoint's time
-        for c in (1, 8, 16, 32, 64):
-            n = max(40, c * 16)
+        for c in concurrency:
+            n = max(least, c * per_slot)
             with tempfile.TemporaryDirectory() as out:
                 recipe = recipe_for(out, url, n, f"teacher.concurrency={c}")
                 start = time.perf_counter()
@@ -273,5 +278,18 @@ def independent() -> None:
                       "leaks": leaks, "stderr": run.stderr.strip()[-160:]}), flush=True)
 
 
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bench", choices=["throughput", "faults", "kills", "independent"])
+    p.add_argument("--smoke", action="store_true", help="throughput only: one short latency, C = 1 and 8")
+    args = p.parse_args()
+    if args.smoke and args.bench != "throughput":
+        p.error("--smoke is for throughput")
+    if args.bench == "throughput":
+        throughput(args.smoke)
+    else:
+        {"faults": faults, "kills": kills, "independent": independent}[args.bench]()
+
+
 if __name__ == "__main__":
-    {"throughput": throughput, "faults": faults, "kills": kills, "independent": independent}[sys.argv[1]]()
+    main()

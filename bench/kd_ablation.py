@@ -1,6 +1,6 @@
 """When does logit KD beat SFT on the quickstart task? Temperature, kd_ratio, teacher signal, data size.
 
-    python bench/kd_ablation.py --ledger runs/bench-quickstart/seed0/ledger.sqlite [--seeds 0 1 2]
+    python bench/kd_ablation.py --ledger runs/bench-quickstart/seed0/ledger.sqlite [--seeds 0 1 2] [key=value ...]
 
 Every arm trains the quickstart student from the same ledger (the teacher is never asked
 again) with the quickstart recipe plus the arm's overrides, for each seed, and evaluates it on
@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "ablation")
     p.add_argument("--arms", nargs="+", default=list(ARMS), help="arm names to run (default: all)")
+    p.add_argument("overrides", nargs="*", help="extra recipe overrides for every arm, after the arm's own")
     args = p.parse_args()
 
     results: dict[str, list[dict]] = {}
@@ -66,7 +67,8 @@ def main() -> None:
                 d.mkdir(parents=True)
                 shutil.copy(args.ledger, d / "ledger.sqlite")
                 subprocess.run([str(POTSTILL), "run", str(RECIPE), f"output_dir={d}", "baseline=null",
-                                f"train.seed={seed}", *ARMS[arm]], check=True, stdout=subprocess.DEVNULL)
+                                f"train.seed={seed}", *ARMS[arm], *args.overrides], check=True,
+                               stdout=subprocess.DEVNULL)
             results.setdefault(arm, []).append(json.loads((d / "eval.json").read_text())["models"]["student"])
             print(f"{arm} seed {seed}: {results[arm][-1]['accuracy']:.3f}", file=sys.stderr, flush=True)
 

@@ -1,11 +1,13 @@
 """Milliseconds per optimizer step of the quickstart student against batch size, on a real ledger.
 
-    OMP_NUM_THREADS=1 python bench/step_throughput.py --run DIR [--sizes 64 128 256 512] [key=value ...]
+    OMP_NUM_THREADS=1 python bench/step_throughput.py --run DIR [--sizes 64 128 256 512] [--examples 1280]
+        [key=value ...]
 
 DIR holds a ledger made by `potstill generate examples/quickstart/recipe.yaml output_dir=DIR`.
-One student per batch size, trained in interleaved rounds (about 1,280 examples each per round,
-after one warm-up step) so that a machine whose load changes affects every size alike. Prints ms
-per step, completion tokens per second (the tokens that carry the loss) and padded positions.
+One student per batch size, trained in interleaved rounds (about --examples each per round, at
+least 2 steps, after one warm-up step) so that a machine whose load changes affects every size
+alike. Prints ms per step, completion tokens per second (the tokens that carry the loss) and
+padded positions.
 Threads: set OMP_NUM_THREADS, which torch reads at start.
 """
 
@@ -28,6 +30,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
+    p.add_argument("--examples", type=int, default=1280, help="examples per batch size and round")
     p.add_argument("overrides", nargs="*", help="extra recipe overrides")
     args = p.parse_args()
 
@@ -39,7 +42,7 @@ def main() -> None:
     seconds, steps, completion, padded = ({b: 0.0 for b in args.sizes} for _ in range(4))
     for rnd in range(4):  # round 0 warms up and is not counted
         for b, s in setups.items():
-            n = max(2, 1280 // b) if rnd else 1
+            n = max(2, args.examples // b) if rnd else 1
             start = time.perf_counter()
             for k in range(n):
                 train_step(s, rnd * 100 + k)

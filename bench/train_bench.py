@@ -2,6 +2,7 @@
 
     python bench/train_bench.py                 # every arm, each in a fresh process; prints markdown
     python bench/train_bench.py --one ARM V N   # one measurement (used by the above), prints JSON
+    python bench/train_bench.py --vocab 512 --tokens 256 --arms loss-dense loss-chunked step-online   # seconds
 
 Arms:
   loss-dense       logits = hidden @ W.T for all N tokens, then top-k forward KL + CE, backward
@@ -16,12 +17,14 @@ Arms:
 N = B*T trained tokens per step (B = N / 256 sequences of 256 tokens for the step arms). Peak
 memory is the rise of ru_maxrss over the level after setup (models and inputs built), so it is
 what the step itself needs. Tokens/s is the median of 5 timed steps after 2 warm-ups. Every
-number comes from a fresh process: ru_maxrss never goes down.
+number comes from a fresh process: ru_maxrss never goes down. An arm that fails is printed with
+the reason and the script exits 1 after the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import resource
 import statistics
@@ -45,9 +48,9 @@ def predicted_dense_gb(v: int, n: int) -> float:
     return 10 * n * v * 4 / 2**30
 
 
-def measure(arm: str, v: int, n: int) -> dict:
+def measure(arm: str, v: int, n: int, threads: int) -> dict:
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     k, h = 20, 128
     if arm.startswith("loss"):
         from potstill.losses import kd_loss
@@ -77,6 +80,7 @@ def measure(arm: str, v: int, n: int) -> dict:
 
         from potstill.train.tokenizer_match import Compat
         from potstill.recipe import TrainSpec
+        from potstill.train.heads import model_heads
         from potstill.train.loop import loss_sums
 
         seq = 256
@@ -99,10 +103,11 @@ def measure(arm: str, v: int, n: int) -> dict:
                  "topk_ids": torch.arange(k) * (v // k) + torch.randint(0, v // k, (b, seq, 1)),
                  "topk_logprobs": torch.randn(b, seq, k).log_softmax(-1).sort(-1, descending=True).values}
         compat = Compat("identical", v, True)
+        heads = model_heads(student, teacher) if spec.chunk_size else None  # once, as the training loop's setup
         n = int((labels[:, 1:] != -100).sum())  # trained tokens
 
         def step():
-            loss, *_ = loss_sums(student, batch, spec, compat, teacher)
+            loss, *_ = loss_sums(student, batch, spec, compat, teacher, heads=heads)
             (loss / n).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -125,24 +130,29 @@ def main() -> None:
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--arms", nargs="+", default=list(ARMS))
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the development machine's 2 cores)")
     args = p.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), int(args.one[2]))))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), int(args.one[2]), args.threads)))
         return
-    rows = []
+    rows, failed = [], []
     for v in args.vocab:
         for n in args.tokens:
             for arm in args.arms:
                 if arm.endswith("dense") and predicted_dense_gb(v, n) > SKIP_ABOVE_GB:
                     rows.append({"arm": arm, "V": v, "N": n, "skipped": f"~{predicted_dense_gb(v, n):.0f} GB predicted"})
                     continue
-                out = subprocess.run([sys.executable, __file__, "--one", arm, str(v), str(n)],
+                out = subprocess.run([sys.executable, __file__, "--one", arm, str(v), str(n), "--threads",
+                                      str(args.threads)],
                                      capture_output=True, text=True)
                 if out.returncode != 0:
                     rows.append({"arm": arm, "V": v, "N": n, "skipped": f"failed: {out.stderr.strip().splitlines()[-1]}"})
+                    failed.append(f"{arm} V={v} N={n}")
                 else:
                     rows.append(json.loads(out.stdout))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("torch", "transformers", "accelerate"))
+          + f", {args.threads} threads\n")
     print("| arm | V | B*T | tokens/s | peak memory (GiB) |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
@@ -150,6 +160,8 @@ def main() -> None:
             print(f"| {r['arm']} | {r['V']:,} | {r['N']:,} | not run: {r['skipped']} | |")
         else:
             print(f"| {r['arm']} | {r['V']:,} | {r['N']:,} | {r['tokens_per_s']:,.0f} | {r['peak_gb']:.2f} |")
+    if failed:
+        sys.exit(f"{len(failed)} arm(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
