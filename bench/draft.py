@@ -2,6 +2,7 @@
 students of the quickstart teacher, several seeds, one ledger.
 
     OMP_NUM_THREADS=1 nice -n 5 python bench/draft.py [--seeds 0 1 2] [--out runs/bench-draft] [--stage all]
+        [key=value ...]   # recipe overrides for every run, e.g. prompts.limit=64 train.epochs=1 (a smoke test)
 
 1. generate: the quickstart's ledger once (OUT/ledger.sqlite); every run copies it, so the
    students differ only in their loss, initialisation and batch order.
@@ -48,24 +49,25 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-draft")
     p.add_argument("--stage", choices=["all", "train", "eval", "table"], default="all")
+    p.add_argument("overrides", nargs="*", help="extra recipe overrides for every run (generate, train, eval)")
     args = p.parse_args()
     out = args.out.resolve()
 
     if args.stage in ("all", "train"):
         if not (out / "ledger.sqlite").is_file():
             first = out / "generate"
-            potstill("generate", str(RECIPE), f"output_dir={first}")
+            potstill("generate", str(RECIPE), f"output_dir={first}", *args.overrides)
             shutil.copy(first / "ledger.sqlite", out / "ledger.sqlite")
         for seed, variant, d, overrides in runs(out, args.seeds):
             if not (d / "student" / "potstill.json").is_file():
                 d.mkdir(parents=True, exist_ok=True)
                 shutil.copy(out / "ledger.sqlite", d / "ledger.sqlite")
-                potstill("train", str(RECIPE), f"output_dir={d}", *overrides)
+                potstill("train", str(RECIPE), f"output_dir={d}", *overrides, *args.overrides)
                 print(f"trained {d.name}", flush=True)
     if args.stage in ("all", "eval"):
         for seed, variant, d, overrides in runs(out, args.seeds):
             if not (d / "eval.json").is_file():
-                potstill("eval", str(RECIPE), f"output_dir={d}", *overrides)
+                potstill("eval", str(RECIPE), f"output_dir={d}", *overrides, *args.overrides)
                 print(f"evaluated {d.name}", flush=True)
     if args.stage in ("all", "table"):
         table(out, args.seeds)
