@@ -57,7 +57,9 @@ def test_sft_student_with_another_tokenizer_is_evaluated_and_reported(tmp_path, 
         assert teacher[key] is not None and "not_applicable" not in teacher
     assert "n/a for student: the student's tokenizer differs" in printed
     html = (out / "report.html").read_text()
-    assert html.count("<td>n/a</td>") == 3  # KL/tok and top-1 in the summary, perplexity below it
+    assert "tokenizer differs" in student["not_applicable"]["acceptance"]  # a draft's alpha needs one vocabulary
+    # KL/tok, top-1 and the draft's acceptance in the summary, perplexity below it
+    assert html.count("<td>n/a</td>") == 4
 
 
 def test_run_refuses_logit_kd_across_tokenizers_before_generating(tmp_path, other_tokenizer, capsys):

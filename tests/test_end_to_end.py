@@ -39,8 +39,8 @@ def test_run_trains_evaluates_reports_and_then_skips_what_is_done(tmp_path, caps
     assert report["models"]["teacher"]["agreement"] == 1.0
     assert report["models"]["student"]["kl_per_token"] > 0
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "http://" not in html and "https://" not in html
-    for png in ("accuracy", "training", "lengths"):
+    assert html.count("data:image/png;base64,") == 4 and "http://" not in html and "https://" not in html
+    for png in ("accuracy", "training", "lengths", "acceptance"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000
 
     # everything is done: nothing is sent, no student is retrained
