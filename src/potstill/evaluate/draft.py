@@ -185,7 +185,11 @@ def measure_assisted(teacher, student, prompts, max_new_tokens: int, *, gamma: i
     model, tok = teacher.model, teacher.tokenizer
     config = stated_config(greedy_params(max_new_tokens), tok, model.get_output_embeddings().weight.shape[0])
     rows = [torch.tensor([prompt_ids(tok, p.chat)], device=model.device) for p in prompts[:n_prompts]]
-    extra = {} if same_tokenizer else {"tokenizer": tok, "assistant_tokenizer": student.tokenizer}
+    # transformers takes two vocabulary sizes for two tokenizers: a student of the same tokenizer with
+    # a padded vocabulary (more output rows) runs through universal assisted decoding too
+    universal = not same_tokenizer or (model.get_output_embeddings().weight.shape[0]
+                                       != student.model.get_output_embeddings().weight.shape[0])
+    extra = {"tokenizer": tok, "assistant_tokenizer": student.tokenizer} if universal else {}
 
     @torch.no_grad()
     def run(ids, assisted: bool) -> list[int]:
@@ -215,7 +219,7 @@ def measure_assisted(teacher, student, prompts, max_new_tokens: int, *, gamma: i
     t_alone, t_assisted = statistics.median(a[0] for a in alone), statistics.median(b[0] for b in assisted)
     return {
         "prompts": len(rows), "gamma": gamma, "batch_size": 1, "decoding": "greedy", "repeats": repeats,
-        "universal": not same_tokenizer, "identical": True,  # checked above: a difference raised
+        "universal": universal, "identical": True,  # checked above: a difference raised
         "new_tokens": tokens, "verification_steps": steps,
         "tokens_per_step": tokens / steps, "accepted_per_step": (tokens - steps) / steps,
         "expected_tokens_per_step": None,  # filled by the caller from alpha_greedy at this gamma
