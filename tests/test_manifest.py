@@ -45,6 +45,16 @@ def test_empty_tree_has_the_rfc_root():
     assert manifest.merkle_root([]) == hashlib.sha256(b"").digest()
 
 
+def answers_file(tmp, n: int):
+    """The first ``n`` quickstart prompts with their reference answers, as an import file."""
+    from conftest import QUICKSTART
+
+    prompts = [json.loads(line) for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:n]
+    data = tmp / "answers.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["answer"]}) + "\n" for r in prompts))
+    return data
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from conftest import QUICKSTART, TEACHER, tiny_overrides
@@ -53,9 +63,7 @@ def trained(tmp_path_factory):
     from potstill.train import train
 
     tmp = tmp_path_factory.mktemp("m")
-    prompts = [json.loads(line) for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:32]
-    data = tmp / "answers.jsonl"
-    data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["answer"]}) + "\n" for r in prompts))
+    data = answers_file(tmp, 32)
     recipe = load_recipe(QUICKSTART / "recipe.yaml", [
         *tiny_overrides(tmp / "run"), "prompts=null", "teacher.backend=imported", f"teacher.data={data}",
         f"student.tokenizer={TEACHER}", "train.objective=sft", "baseline=null", "teacher.id=deepseek-ai/DeepSeek-R1",
@@ -365,9 +373,7 @@ def hostile(tmp_path_factory):
     from potstill.cli import main
 
     tmp = tmp_path_factory.mktemp("h")
-    prompts = [json.loads(line) for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:16]
-    data = tmp / "answers.jsonl"
-    data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["answer"]}) + "\n" for r in prompts))
+    data = answers_file(tmp, 16)
     overrides = [*tiny_overrides(tmp / "run"), "prompts=null", "teacher.backend=imported", f"teacher.data={data}",
                  f"student.tokenizer={TEACHER}", "train.objective=sft", "baseline=null", "use=competing",
                  f"teacher.id={json.dumps('id ' + HOSTILE)}", "teacher.terms_family=openai-api",
