@@ -1,0 +1,165 @@
+"""Sequence-level KD across tokenizers: a student with its own tokenizer (trained here with the
+`tokenizers` library) learns from the teacher's text and is evaluated on text; logit KD across
+tokenizers is refused before the teacher is asked anything."""
+
+import filecmp
+import json
+import shutil
+import sqlite3
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from potstill.cli import main
+from potstill.pipeline import refuse_unusable_logit_kd
+from potstill.recipe import load_recipe
+
+from helpers import QUICKSTART, TEACHER, tiny_overrides
+
+RECIPE = str(QUICKSTART / "recipe.yaml")
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory):
+    """A byte-level BPE trained on the quickstart prompts: ids unlike the teacher's character vocabulary."""
+    texts = [json.loads(line)["prompt"] for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:2000]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|end|>", "<pad>", "<|user|>", "<|assistant|>"]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|end|>", pad_token="<pad>",
+                                  additional_special_tokens=["<|user|>", "<|assistant|>"])
+    tok.chat_template = (TEACHER / "chat_template.jinja").read_text()
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(out)
+    assert tok.get_vocab() != PreTrainedTokenizerFast.from_pretrained(TEACHER).get_vocab()
+    return out
+
+
+def test_sft_student_with_another_tokenizer_is_evaluated_and_reported(tmp_path, other_tokenizer, capsys):
+    out = tmp_path / "run"
+    args = ["run", RECIPE, *tiny_overrides(out), f"student.tokenizer={other_tokenizer}", "train.objective=sft",
+            "baseline=null"]
+    assert main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    info = json.loads((out / "student" / "potstill.json").read_text())
+    assert info["tokenizers"] == "different"
+    models = json.loads((out / "eval.json").read_text())["models"]
+    student, teacher = models["student"], models["teacher"]
+    for key in ("accuracy", "agreement", "rouge_l", "parameters", "size_bytes", "tokens_per_second", "latency_ms"):
+        assert student[key] is not None, key
+    assert len(student["completion_lengths"]) == 48  # in the student's own tokens
+    for key in ("kl_per_token", "top1_agreement", "perplexity_teacher_text"):
+        assert student[key] is None and "tokenizer differs" in student["not_applicable"][key]
+        assert teacher[key] is not None and "not_applicable" not in teacher
+    assert "n/a for student: the student's tokenizer differs" in printed
+    html = (out / "report.html").read_text()
+    assert "tokenizer differs" in student["not_applicable"]["acceptance"]  # a draft's alpha needs one vocabulary
+    # KL/tok, top-1 and the draft's acceptance in the summary, perplexity below it
+    assert html.count("<td>n/a</td>") == 4
+
+
+def test_run_refuses_logit_kd_across_tokenizers_before_generating(tmp_path, other_tokenizer, capsys):
+    out = tmp_path / "run"
+    for extra in ([], ["train.objective=sft", "baseline.objective=kd"]):  # the student's or the baseline's KD
+        assert main(["run", RECIPE, *tiny_overrides(out), f"student.tokenizer={other_tokenizer}", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "logit KD needs the student to share the teacher's tokenizer" in err and "train.objective=sft" in err
+        assert not (out / "ledger.sqlite").exists()  # the teacher was asked nothing
+
+
+def test_train_refuses_logit_kd_across_tokenizers_before_the_terms_gate_and_its_processes(tmp_path, other_tokenizer,
+                                                                                          capsys):
+    """As run does: the student and the baseline are not started side by side, to fail there."""
+    import time
+
+    out = tmp_path / "run"
+    assert main(["generate", RECIPE, *tiny_overrides(out, n_prompts=16)]) == 0
+    capsys.readouterr()
+    start = time.perf_counter()
+    assert main(["train", RECIPE, *tiny_overrides(out, n_prompts=16), f"student.tokenizer={other_tokenizer}"]) == 2
+    seconds = time.perf_counter() - start
+    printed = capsys.readouterr()
+    assert "logit KD needs the student to share the teacher's tokenizer" in printed.err and printed.err.count("\n") == 1
+    assert "side by side" not in printed.out and "terms" not in printed.out, printed.out
+    assert not (out / "logs").exists() and seconds < 10, seconds
+
+
+def test_generated_ledger_is_kept_when_run_refuses(tmp_path, other_tokenizer, capsys):
+    """A ledger from an earlier generate is neither touched nor extended by the refused run."""
+    out = tmp_path / "run"
+    assert main(["generate", RECIPE, *tiny_overrides(out, n_prompts=16)]) == 0
+    assert main(["run", RECIPE, *tiny_overrides(out), f"student.tokenizer={other_tokenizer}"]) == 2
+    with sqlite3.connect(out / "ledger.sqlite") as db:
+        assert db.execute("select count(*) from requests").fetchone()[0] == 16
+
+
+@pytest.fixture(scope="module")
+def split_apart(tmp_path_factory):
+    """Byte-identical tokenizer files (a byte-level BPE with GPT-2's split: digit runs stay whole) in
+    a Qwen2 teacher's folder and a Llama student's. By its config.json the teacher's loads as
+    Qwen2Tokenizer, which builds its own pre-tokenizer (one digit a token, NFC) and ignores
+    tokenizer.json's; the student's loads as the file says. Same vocabulary, same special tokens."""
+    texts = [json.loads(line)["prompt"] for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:2000]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    root = tmp_path_factory.mktemp("split")
+    teacher, student = root / "teacher", root / "student"
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(student)
+    config = json.loads((student / "tokenizer_config.json").read_text())
+    del config["tokenizer_class"]  # the class comes from config.json's model_type
+    (student / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copytree(student, teacher)
+    tiny = dict(vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    Qwen2Config(**tiny, num_key_value_heads=2).save_pretrained(teacher)
+    LlamaConfig(**tiny).save_pretrained(student)
+    assert not filecmp.dircmp(teacher, student, ignore=["config.json"]).diff_files
+    t, s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
+    assert type(t).__name__ == "Qwen2Tokenizer" and type(s).__name__ != "Qwen2Tokenizer"
+    assert t.get_vocab() == s.get_vocab() and t.all_special_tokens == s.all_special_tokens  # what was compared
+    assert t("sort 78368")["input_ids"] != s("sort 78368")["input_ids"]
+    return str(teacher), str(student)
+
+
+def test_doctor_compares_what_the_tokenizers_do(split_apart, capsys):
+    teacher, student = split_apart
+    assert main(["doctor", teacher, student, "--prompts", str(QUICKSTART / "prompts" / "heldout.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizers: different" in out and "logit KD: no" in out, out
+    assert "the tokenizers split text differently" in out and "loads as Qwen2Tokenizer" in out
+    differ = int(out.split("sample texts: 408 encoded by both tokenizers, ")[1].split(" ")[0])  # 8 probes, 200 x 2
+    assert 100 < differ < 408
+    assert main(["doctor", teacher, teacher]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizers: identical" in out and "sample texts: 8 encoded by both tokenizers, 0 to other ids" in out
+
+
+def test_run_refuses_logit_kd_when_the_tokenizers_split_text_differently(tmp_path, split_apart, capsys):
+    teacher, student = split_apart
+    out = tmp_path / "run"
+    args = ["run", RECIPE, *tiny_overrides(out), f"teacher.path={teacher}", f"student.tokenizer={student}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "logit KD needs the student to share the teacher's tokenizer" in err
+    assert "the tokenizers split text differently" in err and "Qwen2Tokenizer" in err, err
+    assert not (out / "ledger.sqlite").exists()
+    # the teacher's own folder as the student's tokenizer: loaded alike, so accepted
+    refuse_unusable_logit_kd(load_recipe(RECIPE, [*tiny_overrides(out), f"teacher.path={teacher}"]))
+
+
+def test_doctor_names_the_special_tokens_that_differ(tmp_path, capsys):
+    student = tmp_path / "student"
+    shutil.copytree(TEACHER, student)
+    config = json.loads((student / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|assistant|>"  # the same vocabulary; another end of sequence
+    (student / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["doctor", str(TEACHER), str(student)]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizers: different" in out
+    assert "special tokens differ (teacher vs student): eos_token '<|end|>' vs '<|assistant|>'" in out, out

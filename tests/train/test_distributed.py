@@ -1,0 +1,173 @@
+"""Past one process: a launch that would not distribute as it says is refused before any work,
+through real ``accelerate launch`` subprocesses on this CPU machine (gloo)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from potstill.generate import generate
+from potstill.recipe import load_recipe
+
+from helpers import QUICKSTART, tiny_overrides
+
+RECIPE = QUICKSTART / "recipe.yaml"
+POTSTILL = str(Path(sys.executable).parent / "potstill")
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+FSDP2 = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+rdzv_backend: static
+same_network: true
+use_cpu: false
+"""
+# a launch on a device with no collective backend (MPS): accelerate then says NO in every process
+AS_IF_MPS = """\
+import sys, torch
+torch.backends.mps.is_available = lambda: True
+from potstill.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ledger") / "run"
+    generate(load_recipe(RECIPE, tiny_overrides(out)))
+    return out / "ledger.sqlite"
+
+
+def run_dir(tmp_path, ledger, name="run") -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "ledger.sqlite").write_bytes(ledger.read_bytes())
+    return d
+
+
+def launch(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([*LAUNCH, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def assert_refused(done: subprocess.CompletedProcess, d: Path, before: str, says: str) -> None:
+    """Both processes exit 2 (the launcher reports it), the main one says why in one line, and
+    nothing was written: no student, no checkpoints, no log, the ledger (terms gate) untouched."""
+    assert done.returncode != 0, done.stdout[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("potstill: error:")]
+    assert len(errors) == 1 and says in errors[0], done.stderr[-3000:]
+    assert "exitcode  : 2" in done.stderr or "exit status 2" in done.stderr, done.stderr[-3000:]
+    assert sorted(p.name for p in d.iterdir()) == ["ledger.sqlite"]
+    assert hashlib.sha256((d / "ledger.sqlite").read_bytes()).hexdigest() == before
+    assert "Traceback" not in done.stderr.split("potstill: error:")[0]
+
+
+def ledger_sha(d: Path) -> str:
+    return hashlib.sha256((d / "ledger.sqlite").read_bytes()).hexdigest()
+
+
+def train_args(d: Path) -> list[str]:
+    return ["train", str(RECIPE), *tiny_overrides(d), "baseline=null"]
+
+
+def test_an_fsdp_launch_accelerate_does_not_shard_is_refused(tmp_path, ledger):
+    """accelerate turns FSDP on only on an accelerator: on CPUs it ran DDP (or, with cpu=False,
+    two whole students writing one folder) and said nothing."""
+    d, config = run_dir(tmp_path, ledger), tmp_path / "fsdp.yaml"
+    config.write_text(FSDP2)
+    before = ledger_sha(d)
+    done = launch("--config_file", str(config), POTSTILL, *train_args(d))
+    assert_refused(done, d, before, "asks for FSDP (ACCELERATE_USE_FSDP) but accelerate runs MULTI_CPU")
+
+
+def test_processes_without_a_process_group_are_refused(tmp_path, ledger):
+    d, script = run_dir(tmp_path, ledger), tmp_path / "as_if_mps.py"
+    script.write_text(AS_IF_MPS)
+    before = ledger_sha(d)
+    done = launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", str(script), *train_args(d), "device=mps")
+    assert_refused(done, d, before, "started 2 processes but accelerate's distributed type is NO")
+
+
+def test_a_deepspeed_launch_is_refused_naming_what_to_use(tmp_path, ledger):
+    """accelerate launch --use_deepspeed sets ACCELERATE_USE_DEEPSPEED (and needs deepspeed
+    installed, which it is not here); the processes it starts see that variable."""
+    d = run_dir(tmp_path, ledger)
+    before = ledger_sha(d)
+    done = launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", POTSTILL, *train_args(d), env={"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert_refused(done, d, before, "asks for DeepSpeed")
+    assert "FSDP2" in done.stderr and "DDP" in done.stderr
+
+
+# FSDP2 on CPUs. accelerate turns FSDP on only on an accelerator; POTSTILL_TEST_FSDP_ON_CPU makes
+# potstill's Accelerator take the path it takes on GPUs (accelerate's FSDP plugin from the launch's
+# FSDP_* variables, accelerator.prepare -> fully_shard per decoder layer) over a CPU gloo mesh.
+FSDP_ON_CPU = {"POTSTILL_TEST_FSDP_ON_CPU": "1"}
+
+
+def train_one(d: Path, *extra: str) -> None:
+    """The same training in one process, each step in two micro-batches as the two processes split it."""
+    from potstill.train import train
+
+    recipe = load_recipe(RECIPE, [*tiny_overrides(d), "baseline=null", "train.epochs=2", "train.micro_batch_size=8", *extra])
+    train(recipe, recipe.train)
+
+
+def fsdp_launch(tmp_path: Path, d: Path, *extra: str, env=None) -> subprocess.CompletedProcess:
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP2)
+    return launch("--config_file", str(config), POTSTILL, *train_args(d), "train.epochs=2", *extra,
+                  env={**FSDP_ON_CPU, **(env or {})})
+
+
+def rows(d: Path) -> list[dict]:
+    return [json.loads(line) for line in (d / "logs" / "student.jsonl").open()]
+
+
+def assert_same(one: Path, two: Path, tol: float = 1e-5, weights_tol: float = 1e-4) -> None:
+    """Loss, CE, KD and gradient norm within 1e-5 at every step; the weights within 1e-4, as for DDP
+    (test_train_engine.assert_same_training): Adam divides by sqrt(v), so a gradient of ~1e-9 turns
+    a different summation order into a visible step (measured here: 1.6e-5 after 8 steps)."""
+    a, b = rows(one), rows(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "ce", "kd", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=tol, abs=tol), (key, ra, rb)
+    wa, wb = load_file(one / "student" / "model.safetensors"), load_file(two / "student" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= weights_tol, worst
+
+
+@pytest.mark.parametrize("signal", [
+    [],                                                                     # cached top-k KD
+    ["train.teacher_signal=online"],                                        # the online teacher, replicated
+    ["train.teacher_signal=online", "train.chunk_size=5", "train.loss=jsd"],  # chunked: the gathered head
+], ids=["cached", "online", "chunked"])
+def test_fsdp2_two_processes_equal_one(tmp_path, ledger, signal):
+    train_one(run_dir(tmp_path, ledger, "one"), *signal)
+    d = run_dir(tmp_path, ledger, "two")
+    done = fsdp_launch(tmp_path, d, *signal)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((d / "student" / "potstill.json").read_text())
+    assert info["distributed"] == {"type": "FSDP", "processes": 2, "backend": "gloo"}
+    # the export is a plain Hugging Face folder, written once, by the main process
+    assert json.loads((d / "student" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert sum("train: wrote" in line for line in done.stdout.splitlines()) == 1
+    assert_same(tmp_path / "one", d)
