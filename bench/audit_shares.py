@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 QS = ROOT / "examples" / "quickstart"
 sys.path.insert(0, str(ROOT / "src"))
 
-from potstill.audit import Watermark  # noqa: E402
 from potstill.audit.radioactivity import local_samples, sampling_pairs, score_keys  # noqa: E402
+from potstill.hf import generate_ids, load_model_dir, prompt_ids  # noqa: E402
 from potstill.prompts import load_prompts  # noqa: E402
-from potstill.teachers.local import generate_ids, load_model_dir, prompt_ids  # noqa: E402
+from potstill.watermark import Watermark  # noqa: E402
 
 KEY = b"bench-audit-key-K-0123456789abcdef"
 OTHERS = [b"bench-audit-other-key-%02d-abcdef" % i for i in range(9)]

@@ -370,7 +370,7 @@ def word_tokenizer(vocab: int):
 def generation_table(b: Bench, teacher_dir: Path | None, rounds: int = 3) -> None:
     """Plain ``generate`` against potstill's ``generate_ids`` with top_logprobs=20, interleaved, the
     same prompts, seed and new tokens; tokens/s = batch x new tokens / seconds."""
-    from potstill.teachers.local import folder_defaults_off, generate_ids, load_model_dir, stated_config
+    from potstill.hf import folder_defaults_off, generate_ids, load_model_dir, stated_config
 
     s = b.shapes
     if teacher_dir is not None:

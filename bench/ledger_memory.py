@@ -26,7 +26,7 @@ TEACHER = ROOT / "examples" / "quickstart" / "teacher"
 def build(path: Path, rows: int, tokens: int, k: int) -> None:
     from potstill.ledger import Ledger, requests_for
     from potstill.prompts import Prompt
-    from potstill.teachers.base import Completion
+    from potstill.records import Completion
 
     rng = np.random.default_rng(0)
     with Ledger(path) as ledger:
@@ -43,8 +43,8 @@ def build(path: Path, rows: int, tokens: int, k: int) -> None:
 
 
 def measure(path: Path) -> None:
+    from potstill.hf import load_tokenizer_dir
     from potstill.ledger import Ledger
-    from potstill.teachers.local import load_tokenizer_dir
     from potstill.train.examples import build_examples
 
     tok = load_tokenizer_dir(TEACHER)

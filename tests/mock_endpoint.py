@@ -37,7 +37,7 @@ def request_shas(recipe) -> dict[str, str]:
     from potstill.generate import recipe_requests, sampling_params
     from potstill.ledger import requests_for, teacher_key
     from potstill.prompts import load_prompts
-    from potstill.teachers.base import Request
+    from potstill.records import Request
     from potstill.teachers.openai.wire import request_body, split_extras
 
     desc, _ = recipe_requests(recipe)

@@ -134,7 +134,7 @@ def cmd_serve(args) -> None:
 
 
 def watermark_of(args):
-    from potstill.audit import load_watermark
+    from potstill.watermark import load_watermark
 
     return load_watermark(args.watermark_key_file, args.watermark_gamma, args.watermark_delta, args.watermark_context)
 
@@ -163,7 +163,7 @@ def cmd_merge(args) -> None:
 def cmd_import(args) -> None:
     from potstill.teachers.imported import import_file
     from potstill.ledger import Ledger, exclusive
-    from potstill.teachers.local import load_tokenizer_dir
+    from potstill.hf import load_tokenizer_dir
 
     with exclusive(Path(args.ledger)), Ledger(args.ledger) as ledger:
         counts = import_file(ledger, args.file, format=args.format, teacher_id=args.teacher_id,

@@ -14,12 +14,15 @@ from collections import Counter
 from pathlib import Path
 
 from potstill.errors import PotstillError
-from potstill.ledger import Ledger, exclusive
-from potstill.ledger.requests import fitting_prompts, n_tokens, recipe_requests, sampling_params  # noqa: F401 (public)
-from potstill.prompts import load_prompts
+from potstill.hf import prompt_ids
+from potstill.ledger import Ledger, exclusive, requests_for, teacher_key
+from potstill.ledger.plans import plan_key
+from potstill.prompts import Prompt, load_prompts
 from potstill.recipe import Recipe, save_recipe
 from potstill.teachers.backends import ask, for_recipe
 from potstill.teachers.base import Teacher
+from potstill.teachers.imported import import_file, imported_requests
+from potstill.teachers.openai.wire import load_tokenizer
 
 
 def ledger_path(recipe: Recipe, shard: tuple[int, int] | None = None) -> Path:
@@ -51,6 +54,7 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
         prompts, skipped = fitting_prompts(recipe, prompts, backend.tokenizer)
         notes = [f"left out {skipped} prompts longer than the teacher's context allows "
                  f"(generation.long_prompts=skip)"] if skipped else []
+        ledger.record_plan(plan_key(recipe), *planned_hashes(recipe, backend.describe(), prompts))  # all shards'
         asked = ask(backend, ledger, prompts, params, recipe.sha256(), recipe.generation.samples_per_prompt, shard)
         stopped = asked.stopped
         counts = {"planned": len(asked.planned), "sent": asked.sent, **ledger.counts(), "spend": ledger.spend(asked.key),
@@ -76,10 +80,88 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
 
 def import_stage(recipe: Recipe) -> dict:
     """The generate stage of an ``imported`` teacher: its file goes into the ledger (idempotent)."""
-    from potstill.teachers.imported import import_file
-
     spec = recipe.teacher
     with exclusive(ledger_path(recipe)), Ledger(ledger_path(recipe)) as ledger:
         counts = import_file(ledger, spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
                              terms_family=spec.terms_family, terms_url=spec.terms_url, n_tokens=n_tokens(recipe))
+        ledger.record_plan(plan_key(recipe), *recipe_requests(recipe))
         return {"planned": counts["read"], "sent": 0, **ledger.counts(), "spend": ledger.spend(), "imported": counts}
+
+
+def sampling_params(recipe: Recipe) -> dict:
+    g = recipe.generation
+    params = {"max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+              "top_logprobs": g.top_logprobs, "seed": g.seed}
+    if g.stop:  # only when set: the params are part of every request hash
+        params["stop"] = list(g.stop)
+    return params
+
+
+def n_tokens(recipe: Recipe) -> int | None:
+    """How many ids the teacher's tokenizer has, when the recipe says where it is."""
+    tokenizer = load_tokenizer(recipe.teacher)
+    return None if tokenizer is None else len(tokenizer)
+
+
+def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
+    """The teacher's description and the request hashes this recipe asks for (every shard's), planned
+    as generate plans them: what generate records in the ledger for train to read."""
+    spec = recipe.teacher
+    if spec.backend == "imported":
+        return imported_requests(spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
+                                 terms_family=spec.terms_family, terms_url=spec.terms_url, n_tokens=n_tokens(recipe))
+    backend = for_recipe(recipe)
+    prompts, _ = fitting_prompts(recipe, load_prompts(recipe.prompts.path, recipe.prompts.limit), backend.tokenizer)
+    return planned_hashes(recipe, backend.describe(), prompts)
+
+
+def planned_hashes(recipe: Recipe, desc: dict, prompts: list[Prompt]) -> tuple[dict, list[str]]:
+    """The teacher's description and the hashes of every request for ``prompts`` (those that fit)."""
+    planned = requests_for(teacher_key(desc), prompts, sampling_params(recipe), recipe.generation.samples_per_prompt)
+    return desc, [h for h, _, _ in planned]
+
+
+def record_plan(recipe: Recipe) -> None:
+    """Plan the recipe's requests as generate does, sending nothing, and record the plan in its
+    ledger: for a ledger written before plans were kept, or a recipe edited since generate."""
+    with Ledger(ledger_path(recipe)) as ledger:
+        ledger.record_plan(plan_key(recipe), *recipe_requests(recipe))
+
+
+def context_length(recipe: Recipe, tokenizer) -> int | None:
+    """The teacher's context in tokens: its config's max_position_embeddings (the model folder, or
+    an HTTP teacher's tokenizer folder when it holds a config), else the tokenizer's
+    model_max_length when it states one; None when unknown."""
+    from transformers import AutoConfig
+
+    folder = recipe.teacher.tokenizer_dir
+    if folder and (Path(folder) / "config.json").is_file():
+        try:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=recipe.teacher.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise PotstillError(f"{folder}/config.json could not be read: {str(e).splitlines()[0]}") from None
+        n = getattr(config.get_text_config(), "max_position_embeddings", None)
+        if isinstance(n, int):
+            return n
+    n = getattr(tokenizer, "model_max_length", None)
+    return n if isinstance(n, int) and n < 10**8 else None  # transformers says 1e30 when it does not know
+
+
+def fitting_prompts(recipe: Recipe, prompts: list[Prompt], tokenizer) -> tuple[list[Prompt], int]:
+    """The prompts whose tokens leave generation.max_new_tokens of the teacher's context, and how
+    many were left out (generation.long_prompts=skip); with long_prompts=error the first that does
+    not fit stops the run, naming its file:line. Unchecked without a tokenizer or a known context."""
+    limit = None if tokenizer is None else context_length(recipe, tokenizer)
+    if limit is None:
+        return prompts, 0
+    room = limit - recipe.generation.max_new_tokens
+    kept = []
+    for p in prompts:
+        n = len(prompt_ids(tokenizer, p.chat))
+        if n <= room:
+            kept.append(p)
+        elif recipe.generation.long_prompts == "error":
+            raise PotstillError(f"{p.source}: the prompt is {n} tokens; the teacher's context of {limit} leaves {room} "
+                                f"with generation.max_new_tokens={recipe.generation.max_new_tokens}: shorten it, or "
+                                f"set generation.long_prompts=skip to leave such prompts out")
+    return kept, len(prompts) - len(kept)

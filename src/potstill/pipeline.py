@@ -105,6 +105,8 @@ def train_students(recipe: Recipe, todo: list[tuple[str, TrainSpec]], accept_ter
     from potstill.train import train
     from potstill.train.side_by_side import side_by_side_threads, train_side_by_side
 
+    if todo:
+        planned(recipe)
     if threads := side_by_side_threads(recipe, todo):
         say(f"train: {' and '.join(name for name, _ in todo)} side by side, {threads} thread(s) each")
         train_side_by_side(recipe, todo, accept_terms_risk, threads)
@@ -113,6 +115,23 @@ def train_students(recipe: Recipe, todo: list[tuple[str, TrainSpec]], accept_ter
             train(recipe, spec, name, accept_terms_risk)
     for name, _ in todo:
         say(f"train: wrote {recipe.run_dir / name}")
+
+
+def planned(recipe: Recipe) -> None:
+    """Make sure the ledger holds the recipe's plan, which train reads: a ledger written before
+    plans were kept, or a recipe whose prompts, teacher or generation changed since generate, is
+    planned here as generate plans (nothing is sent). Without a ledger, train says to generate."""
+    from potstill.generate import record_plan
+    from potstill.ledger import Ledger
+    from potstill.ledger.plans import plan_key
+
+    path = recipe.run_dir / "ledger.sqlite"
+    if not path.is_file():
+        return
+    with Ledger(path) as ledger:
+        if ledger.plan(plan_key(recipe)) is not None:
+            return
+    record_plan(recipe)
 
 
 def run_all(recipe: Recipe, accept_terms_risk: str | None = None, *,
@@ -124,13 +143,15 @@ def run_all(recipe: Recipe, accept_terms_risk: str | None = None, *,
     from potstill.evaluate import evaluate
     from potstill.generate import generate
     from potstill.ledger import Ledger
-    from potstill.ledger.requests import recipe_requests
+    from potstill.ledger.plans import recipe_plan
     from potstill.report import write_report
 
     refuse_unusable_logit_kd(recipe)
     generated(generate(recipe))
     with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
-        ledger_sha256 = ledger.content_sha256(recipe_requests(recipe)[1])
+        # train.data ledger trains on every done row, and hashes them all (train/loop.py: ledger_examples)
+        hashes = None if recipe.train.data == "ledger" else recipe_plan(ledger, recipe)[1]
+        ledger_sha256 = ledger.content_sha256(hashes)
     todo = []
     for name, spec in students(recipe):
         if student_is_current(recipe, name, spec, ledger_sha256):

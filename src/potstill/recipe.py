@@ -358,7 +358,7 @@ class EvalSpec(Section):
 
     @model_validator(mode="after")
     def _verifier_exists(self) -> EvalSpec:
-        from potstill.evaluate.verifiers import available
+        from potstill.verifiers import available
 
         if self.verifier not in available():
             raise ValueError(f"eval.verifier {self.verifier!r} is not installed; available: {', '.join(sorted(available()))}")

@@ -149,7 +149,7 @@ def test_kl_scores_equal_scipy_position_by_position(folders):
     from scipy.stats import entropy
 
     from potstill.audit.lineage import LocalModel
-    from potstill.teachers.local import prompt_ids
+    from potstill.hf import prompt_ids
 
     copy, randoms = folders
     teacher, other = LocalModel(TEACHER), LocalModel(randoms[0])
@@ -187,7 +187,7 @@ def test_answer_logprobs_equal_one_prompt_at_a_time(arch, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from potstill.audit.lineage import LocalModel
-    from potstill.teachers.local import load_tokenizer_dir, prompt_ids
+    from potstill.hf import load_tokenizer_dir, prompt_ids
 
     tok = load_tokenizer_dir(TEACHER, "tokenizer")
     config = AutoConfig.for_model(arch, vocab_size=len(tok) + 23, pad_token_id=tok.pad_token_id,

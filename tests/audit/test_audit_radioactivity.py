@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from potstill.audit import Watermark, binomial_test, score_pairs
+from potstill.watermark import Watermark
+from potstill.audit import binomial_test, score_pairs
 from potstill.audit.power import critical_green, plan, power, tokens_needed
 from potstill.audit.radioactivity import (endpoint_samples, local_samples, next_token_view, reading_pairs,
                                           sampling_pairs, score_keys)
@@ -23,7 +24,7 @@ def heldout(n):
 
 @pytest.fixture(scope="module")
 def teacher():
-    from potstill.teachers.local import load_model_dir
+    from potstill.hf import load_model_dir
 
     return load_model_dir(TEACHER)
 
@@ -65,7 +66,7 @@ def test_entropy_filter_scores_where_the_watermark_acts(teacher):
     """Text sampled with a weak watermark (delta 2), scored only where the model's own next-token
     entropy is at least 0.5 nats: fewer tokens, a higher green share and a smaller p-value for K
     (confident tokens are the same with or without the key), and still nothing for other keys."""
-    from potstill.teachers.local import generate_ids, prompt_ids
+    from potstill.hf import generate_ids, prompt_ids
 
     model, tok = teacher
     wm = Watermark(KEY, gamma=0.25, delta=2.0, context=3)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
-from potstill.audit import Watermark, binom_sf, binomial_test, holm, log_binom_sf, score_pairs, scored_pairs
+from potstill.watermark import Watermark, scored_pairs
+from potstill.audit import binom_sf, binomial_test, holm, log_binom_sf, score_pairs
 from potstill.errors import PotstillError
 
 KEY = b"0123456789abcdef-test-key"
@@ -206,7 +207,7 @@ def test_watermarked_generation_on_several_architectures(arch):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
 
     from helpers import TEACHER
-    from potstill.teachers.local import generate_ids
+    from potstill.hf import generate_ids
 
     tok = AutoTokenizer.from_pretrained(TEACHER)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

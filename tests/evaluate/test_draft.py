@@ -86,7 +86,7 @@ def models(tmp_path_factory):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from potstill.prompts import load_prompts
-    from potstill.teachers.local import LocalTeacher
+    from potstill.hf import LocalModel
 
     out = tmp_path_factory.mktemp("tiny-student")
     config = AutoConfig.from_pretrained(TEACHER)
@@ -96,7 +96,7 @@ def models(tmp_path_factory):
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(TEACHER).save_pretrained(out)
     prompts = load_prompts(str(QUICKSTART / "prompts" / "heldout.jsonl"), 4, need_user=True)
-    return LocalTeacher(TEACHER), LocalTeacher(TEACHER), LocalTeacher(out), prompts
+    return LocalModel(TEACHER), LocalModel(TEACHER), LocalModel(out), prompts
 
 
 def test_a_perfect_draft_is_accepted_whole_and_steps_are_counted(models):
@@ -167,7 +167,7 @@ def test_a_student_with_another_tokenizer_is_measured_with_universal_assisted_de
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from potstill.evaluate.draft import universal_gap
-    from potstill.teachers.local import LocalTeacher
+    from potstill.hf import LocalModel
 
     teacher, _, student, prompts = models
     texts = [json.loads(line)["prompt"] for line in (QUICKSTART / "prompts" / "train.jsonl").open()][:500]
@@ -184,7 +184,7 @@ def test_a_student_with_another_tokenizer_is_measured_with_universal_assisted_de
                    "pad_token_id": tok.pad_token_id, "bos_token_id": None})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    other = LocalTeacher(tmp_path)
+    other = LocalModel(tmp_path)
     assert other.describe()["tokenizer_sha256"] != teacher.describe()["tokenizer_sha256"]
     assert universal_gap(teacher, other) is None
     m = measure_assisted(teacher, other, prompts[:2], 12, repeats=1, same_tokenizer=False)

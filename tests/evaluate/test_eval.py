@@ -10,7 +10,7 @@ from potstill.cli import main
 from potstill.errors import PotstillError
 from potstill.evaluate.run import bootstrap_ci, rouge_l
 from potstill.evaluate.judge import JUDGE_PROMPT, judge_pairs, parse_verdict
-from potstill.teachers.base import Completion
+from potstill.records import Completion
 
 from helpers import QUICKSTART, tiny_overrides
 
@@ -80,7 +80,7 @@ def test_unparseable_verdicts_are_counted_not_scored():
 
 
 def test_verifiers_are_found_by_name():
-    from potstill.evaluate import verifiers
+    from potstill import verifiers
 
     assert verifiers.load("exact")("add 1 2", " 3 ", {"answer": 3}) is True
     assert verifiers.load("exact")("add 1 2", "3", {}) is None  # nothing to check against: not a zero
@@ -256,9 +256,9 @@ def test_student_with_another_chat_template_is_scored_in_its_own(trained_run, tm
 def test_teacher_scored_against_itself_has_zero_kl():
     from potstill.evaluate.run import greedy, score_teacher_text
     from potstill.prompts import load_prompts
-    from potstill.teachers.local import LocalTeacher
+    from potstill.hf import LocalModel
 
-    teacher = LocalTeacher(QUICKSTART / "teacher")
+    teacher = LocalModel(QUICKSTART / "teacher")
     prompts = load_prompts(str(QUICKSTART / "prompts" / "heldout.jsonl"), 12)
     completions, _ = greedy(teacher, prompts, 12, 5)
     scores = score_teacher_text(teacher, teacher, prompts, completions, batch_size=5)  # uneven last batch
@@ -271,9 +271,9 @@ def test_generation_speed_is_warmed_up_repeated_and_shows_its_spread(monkeypatch
     last batch is not), the first batch re-timed up to three timings; the median and its range."""
     from potstill.evaluate.run import greedy
     from potstill.prompts import load_prompts
-    from potstill.teachers.local import LocalTeacher
+    from potstill.hf import LocalModel
 
-    teacher = LocalTeacher(QUICKSTART / "teacher")
+    teacher = LocalModel(QUICKSTART / "teacher")
     prompts = load_prompts(str(QUICKSTART / "prompts" / "heldout.jsonl"), 20)
     sizes, complete = [], teacher.complete
     monkeypatch.setattr(teacher, "complete", lambda requests, params: sizes.append(len(requests)) or complete(requests, params))

@@ -17,7 +17,7 @@ from potstill.teachers.imported import LOGPROBS_DROPPED, import_file, imported_r
 from potstill.ledger import Attempt, Ledger, requests_for, teacher_key
 from potstill.ledger.merge import merge_ledgers
 from potstill.prompts import Prompt
-from potstill.teachers.base import Completion
+from potstill.records import Completion
 
 from helpers import done_hashes, plan
 

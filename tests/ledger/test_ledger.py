@@ -12,7 +12,7 @@ from potstill.teachers.backends import make_teacher
 from potstill.ledger import Ledger
 from potstill.prompts import load_prompts
 from potstill.recipe import load_recipe
-from potstill.teachers.base import Completion
+from potstill.records import Completion
 
 from helpers import QUICKSTART, plan, tiny_overrides
 

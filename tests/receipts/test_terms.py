@@ -350,7 +350,7 @@ def _teacher_folder(tmp_path: Path, name: str, licence: str, licence_file: str |
 
 def _local_desc(folder: Path, teacher_id: str, terms_family: str = "unknown") -> dict:
     """The description the local backend records for ``folder`` (its weights hashed, not loaded)."""
-    from potstill.teachers.local import describe_local, load_tokenizer_dir
+    from potstill.hf import describe_local, load_tokenizer_dir
 
     return describe_local(folder, load_tokenizer_dir(folder), id=teacher_id, revision=None,
                           terms_family=terms_family, dtype="float32")

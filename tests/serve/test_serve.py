@@ -1,5 +1,5 @@
 """`potstill serve`: the bundled teacher over HTTP, read by the official openai client, answers as
-LocalTeacher does (ids, top-k, logprobs), scores text as a plain forward pass does, and batches."""
+LocalModel does (ids, top-k, logprobs), scores text as a plain forward pass does, and batches."""
 
 import asyncio
 import json
@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from potstill.errors import PotstillError
 import potstill.serve.batcher as potstill_serve
 from potstill.serve import bind, build_app
-from potstill.teachers.base import Request
-from potstill.teachers.local import LocalTeacher
+from potstill.records import Request
+from potstill.hf import LocalModel
 
 from helpers import QUICKSTART, TEACHER, running
 
@@ -42,12 +42,12 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def teacher():
-    return LocalTeacher(TEACHER)
+    return LocalModel(TEACHER)
 
 
 @pytest.fixture(scope="module")
 def local(teacher):
-    """LocalTeacher's greedy completions of PROMPTS, in one batch as `potstill generate` sends them."""
+    """LocalModel's greedy completions of PROMPTS, in one batch as `potstill generate` sends them."""
     requests = [Request(str(i), [{"role": "user", "content": p}], 0, 0) for i, p in enumerate(PROMPTS)]
     return teacher.complete(requests, GREEDY)
 
@@ -66,7 +66,7 @@ def test_models_and_health(server, client):
 
 
 def test_chat_greedy_is_what_local_teacher_gives(client, teacher):
-    """One request alone is one batch of one row, the same generate call as LocalTeacher's: equal to the bit."""
+    """One request alone is one batch of one row, the same generate call as LocalModel's: equal to the bit."""
     eos = teacher.tokenizer.eos_token_id
     for i, prompt in enumerate(PROMPTS[:8]):
         [ref] = teacher.complete([Request(str(i), [{"role": "user", "content": prompt}], 0, 0)], GREEDY)
@@ -221,7 +221,7 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, client, loc
         entries = out.choices[0].logprobs.content
         assert out.choices[0].message.content == ref.text and ids_of(entries) == ref.token_ids
         assert [ids_of(e.top_logprobs) for e in entries] == ref.topk_ids.tolist()
-        # batches of other sizes and paddings than LocalTeacher's: equal up to float32 rounding
+        # batches of other sizes and paddings than LocalModel's: equal up to float32 rounding
         got = [x.logprob for e in entries for x in e.top_logprobs]
         assert got == pytest.approx(ref.topk_logprobs.ravel().tolist(), rel=1e-5, abs=1e-5)
 

@@ -10,15 +10,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from potstill.errors import PotstillError
 from potstill.ledger import teacher_key
-from potstill.teachers.base import Request
-from potstill.teachers.local import LocalTeacher, load_model_dir
+from potstill.records import Request
+from potstill.hf import LocalModel, load_model_dir
 
 from helpers import TEACHER, tiny_teacher
 
 PARAMS = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0, "top_logprobs": 5, "seed": 0}
 
 
-def ask(teacher: LocalTeacher, n: int = 32, params: dict = PARAMS):
+def ask(teacher: LocalModel, n: int = 32, params: dict = PARAMS):
     requests = [Request(f"{i:064x}", [{"role": "user", "content": f"add {i} {i + 1}"}], 0, 0) for i in range(n)]
     return teacher.complete(requests, params)
 
@@ -29,26 +29,26 @@ def repeats(ids: list[int]) -> bool:
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_a_folders_generation_config_changes_nothing_unless_the_recipe_opts_in(tmp_path, model_type):
-    plain = LocalTeacher(tiny_teacher(tmp_path / "plain", model_type))
+    plain = LocalModel(tiny_teacher(tmp_path / "plain", model_type))
     shipped = tiny_teacher(tmp_path / "shipped", model_type,
                            generation={"repetition_penalty": 1.05, "no_repeat_ngram_size": 1, "do_sample": False,
                                        "temperature": 0.1, "top_k": 3, "max_new_tokens": 2})
     expected = ask(plain)
     assert sum(repeats(c.token_ids) for c in expected) >= 8  # a random model repeats itself
-    got = ask(LocalTeacher(shipped))
+    got = ask(LocalModel(shipped))
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
-    assert LocalTeacher(shipped).describe().get("generation_config") is None
+    assert LocalModel(shipped).describe().get("generation_config") is None
 
-    opted = LocalTeacher(shipped, use_generation_config=True)
+    opted = LocalModel(shipped, use_generation_config=True)
     assert opted.describe()["generation_config"] == {"no_repeat_ngram_size": 1, "repetition_penalty": 1.05, "top_k": 3}
-    assert teacher_key(opted.describe()) != teacher_key(LocalTeacher(shipped).describe())
+    assert teacher_key(opted.describe()) != teacher_key(LocalModel(shipped).describe())
     applied = ask(opted)
     assert not any(repeats(c.token_ids) for c in applied)  # the folder's n-gram ban, opted in
     assert {len(c.token_ids) for c in applied} != {2}  # generation.max_new_tokens still rules
 
 
 def test_opting_out_keeps_the_teacher_key_it_always_had():
-    desc = LocalTeacher(TEACHER).describe()
+    desc = LocalModel(TEACHER).describe()
     assert "generation_config" not in desc and "code_sha256" not in desc
     identity = {"backend": "local", **{k: desc[k] for k in ("weights_sha256", "tokenizer_sha256",
                                                               "chat_template_sha256", "dtype")}}
@@ -61,7 +61,7 @@ def test_opting_out_keeps_the_teacher_key_it_always_had():
 @pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "llama"])
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_padding_rows_are_never_sampled_nor_cached(tmp_path, model_type, temperature):
-    teacher = LocalTeacher(tiny_teacher(tmp_path / "t", model_type, padding_rows=64))
+    teacher = LocalModel(tiny_teacher(tmp_path / "t", model_type, padding_rows=64))
     n_tok = len(teacher.tokenizer)
     assert teacher.model.get_output_embeddings().weight.shape[0] == n_tok + 64
     out = ask(teacher, 16, {**PARAMS, "temperature": temperature})
@@ -92,7 +92,7 @@ def test_a_folder_with_its_own_code_is_refused_and_the_code_never_runs(tmp_path,
         load_model_dir(folder, "teacher")
     assert "\n" not in str(err.value)
     with pytest.raises(PotstillError, match="trust_remote_code"):
-        LocalTeacher(folder)
+        LocalModel(folder)
     assert not marker.exists() and not asked
 
 
@@ -104,7 +104,7 @@ def test_training_data_with_an_id_outside_the_tokenizer_names_the_ledger_row(tmp
     from potstill.train.examples import build_examples
     from potstill.ledger import Ledger, requests_for
     from potstill.prompts import Prompt
-    from potstill.teachers.base import Completion
+    from potstill.records import Completion
 
     tok = AutoTokenizer.from_pretrained(TEACHER)
     with Ledger(tmp_path / "ledger.sqlite") as ledger:

@@ -385,7 +385,7 @@ def test_rate_limited_senders_do_not_overrun_the_budget(mock, tmp_path):
 
 
 def test_legacy_completions_keep_the_k_likeliest():
-    from potstill.teachers.base import Request
+    from potstill.records import Request
     from potstill.teachers.openai.wire import parse_response
 
     recipe = load_recipe(QUICKSTART / "recipe.yaml", ["teacher.backend=openai", "teacher.model=m",
@@ -658,7 +658,7 @@ def test_one_row_sqlite_cannot_hold_fails_alone(mock, tmp_path, monkeypatch):
 
 
 def test_text_that_is_not_unicode_is_malformed():
-    from potstill.teachers.base import Request
+    from potstill.records import Request
     from potstill.teachers.openai.wire import Malformed, parse_response
 
     recipe = load_recipe(QUICKSTART / "recipe.yaml", ["teacher.backend=openai", "teacher.model=m",

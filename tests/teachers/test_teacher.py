@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from potstill.tasks import skillmix
 from potstill.evaluate.run import greedy
 from potstill.prompts import load_prompts
-from potstill.teachers.local import LocalTeacher
+from potstill.hf import LocalModel
 
 from helpers import QUICKSTART, TEACHER
 
@@ -31,7 +31,7 @@ def test_teacher_folder_is_hugging_face_format_and_small():
 def test_teacher_beats_90_percent_on_a_held_out_sample():
     prompts = load_prompts(QUICKSTART / "prompts" / "heldout.jsonl")
     sample = random.Random(0).sample(prompts, 300)
-    completions, _ = greedy(LocalTeacher(TEACHER), sample, max_new_tokens=12, batch_size=150)
+    completions, _ = greedy(LocalModel(TEACHER), sample, max_new_tokens=12, batch_size=150)
     right = [skillmix.verify(p.text, c.text) for p, c in zip(sample, completions)]
     assert sum(right) / len(right) >= 0.90
 
@@ -64,7 +64,7 @@ def test_generation_with_logprobs_reads_the_device_a_fixed_number_of_times(monke
     at the end, however many rows and steps: not a sync per row or per step. The numbers equal a
     plain log-softmax of the logits generate returns."""
     from host_reads import HostReads
-    from potstill.teachers.local import generate_ids, load_model_dir
+    from potstill.hf import generate_ids, load_model_dir
 
     model, tok = load_model_dir(TEACHER)
     counts = []
@@ -78,7 +78,7 @@ def test_generation_with_logprobs_reads_the_device_a_fixed_number_of_times(monke
     assert counts[0] == counts[1] <= 4, reads.sites  # top-k values, ids, each token's logprob, the ids
     params = {**params, "max_new_tokens": new}
     config = {"output_logits": True, "return_dict_in_generate": True}
-    from potstill.teachers.local import folder_defaults_off, left_pad, stated_config
+    from potstill.hf import folder_defaults_off, left_pad, stated_config
 
     ids, att = left_pad(rows, tok.pad_token_id)
     torch.manual_seed(0)

@@ -116,13 +116,13 @@ def add_parser(verbs) -> None:
 
 
 def _watermarks(args):
-    from potstill.audit.watermark import load_watermark
+    from potstill.watermark import load_watermark
 
     return [load_watermark(f, args.gamma, 0.0, args.context) for f in args.key_file]
 
 
 def _tokenizer(path):
-    from potstill.teachers.local import load_tokenizer_dir
+    from potstill.hf import load_tokenizer_dir
 
     return load_tokenizer_dir(path, "tokenizer")
 
@@ -138,7 +138,7 @@ def _prompts(args):
 def _texts(path: Path, tokenizer) -> tuple[list[list[int]], list[int]]:
     """(token ids, first scored position) per text: a ledger's completions after their prompts, or
     the "text" of each JSONL line (scored from its ``context``-th token)."""
-    from potstill.teachers.local import prompt_ids
+    from potstill.hf import prompt_ids
 
     if not path.is_file():
         raise PotstillError(f"{path} not found")
@@ -174,7 +174,7 @@ def _key_rows(result: dict, alpha: float) -> list[dict]:
 
 def cmd_watermark(args) -> None:
     from potstill.audit.radioactivity import score_keys
-    from potstill.audit.watermark import scored_pairs
+    from potstill.watermark import scored_pairs
 
     marks, tok = _watermarks(args), _tokenizer(args.tokenizer)
     seqs, starts = _texts(Path(args.texts), tok)
@@ -214,7 +214,7 @@ def cmd_radioactivity(args) -> None:
                                             temperature=args.temperature, api_key=key, timeout=_timeout(args))
         suspect = f"{args.model_name}@{args.endpoint}"
     else:
-        from potstill.teachers.local import load_model_dir, tokenizer_sha256
+        from potstill.hf import load_model_dir, tokenizer_sha256
 
         model, own = load_model_dir(args.model, "suspect model")
         if tokenizer_sha256(own) != tokenizer_sha256(tok):
@@ -344,7 +344,7 @@ def cmd_lineage(args) -> None:
 
 def _one_tokenizer(models: dict[str, str]) -> None:
     """--statistic kl compares distributions id by id: every folder must have the teacher's vocabulary."""
-    from potstill.teachers.local import load_tokenizer_dir, tokenizer_sha256
+    from potstill.hf import load_tokenizer_dir, tokenizer_sha256
 
     want = tokenizer_sha256(load_tokenizer_dir(models["teacher"], "teacher tokenizer"))
     for role, spec in models.items():

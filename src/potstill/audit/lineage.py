@@ -55,13 +55,13 @@ class LocalModel:
     """A model folder answering greedily, with its own tokenizer and chat template."""
 
     def __init__(self, path: str | Path, device: str = "cpu"):
-        from potstill.teachers.local import load_model_dir
+        from potstill.hf import load_model_dir
 
         self.name = str(path)
         self.model, self.tokenizer = load_model_dir(path, "model", device=device)
 
     def answer(self, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-        from potstill.teachers.local import generate_ids, prompt_ids
+        from potstill.hf import generate_ids, prompt_ids
 
         params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0}
         rows = [prompt_ids(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
@@ -88,7 +88,7 @@ class LocalModel:
         A padded vocabulary's extra rows (no token's) are left out."""
         import inspect
 
-        from potstill.teachers.local import prompt_ids
+        from potstill.hf import prompt_ids
 
         vocab = len(self.tokenizer)
         accepts = inspect.signature(self.model.forward).parameters
@@ -162,7 +162,7 @@ class EndpointModel:
         """The text of the endpoint's answer to ``messages``."""
         from openai import APIConnectionError, APIError, APIStatusError, APITimeoutError
 
-        from potstill.teachers.openai.wire import redact
+        from potstill.redaction import redact
 
         probe = repr(str(messages[-1].get("content", ""))[:40])
         try:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from potstill.audit.stats import binomial_test, holm
-from potstill.audit.watermark import Watermark, scored_pairs
+from potstill.watermark import Watermark, scored_pairs
 
 
 @torch.no_grad()
@@ -112,7 +112,7 @@ def as_messages(prompt: str | list[dict]) -> list[dict]:
 def local_samples(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 1.0,
                   seed: int = 0, batch_size: int = 64) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, answer ids) of a local suspect answering ``prompts`` (texts as user turns, or messages)."""
-    from potstill.teachers.local import generate_ids, prompt_ids
+    from potstill.hf import generate_ids, prompt_ids
 
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0, "top_logprobs": 0}
     rows = [prompt_ids(tokenizer, as_messages(p)) for p in prompts]
@@ -130,7 +130,7 @@ def endpoint_samples(base_url: str, model: str, tokenizer, prompts: list, max_ne
     is tokenized with ``tokenizer``, the one the keys' green lists are over (the teacher's).
     ``timeout``: seconds for each probe's whole answer (``lineage.ENDPOINT_TIMEOUT`` if None)."""
     from potstill.audit.lineage import ENDPOINT_TIMEOUT, EndpointModel
-    from potstill.teachers.local import prompt_ids
+    from potstill.hf import prompt_ids
 
     suspect = EndpointModel(base_url, model, api_key, ENDPOINT_TIMEOUT if timeout is None else timeout)
     rows, answers = [], []

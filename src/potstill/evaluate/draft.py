@@ -174,12 +174,12 @@ def universal_gap(teacher, student) -> str | None:
 def measure_assisted(teacher, student, prompts, max_new_tokens: int, *, gamma: int = GAMMA,
                      n_prompts: int = DRAFT_PROMPTS, repeats: int = DRAFT_TIMINGS, same_tokenizer: bool = True,
                      reference: dict | None = None) -> dict:
-    """``student`` (a LocalTeacher) as the draft of ``teacher``: greedy assisted generation at batch 1
+    """``student`` (a LocalModel) as the draft of ``teacher``: greedy assisted generation at batch 1
     on the first ``n_prompts`` prompts against the teacher alone. Raises PotstillError when an
     assisted output differs from the teacher's own greedy output. ``reference``, a dict kept across
     calls with the same teacher and prompts, holds the teacher-alone runs: timed once, not per student."""
-    from potstill.teachers.base import greedy_params
-    from potstill.teachers.local import folder_defaults_off, prompt_ids, stated_config
+    from potstill.hf import folder_defaults_off, prompt_ids, stated_config
+    from potstill.records import greedy_params
 
     start = time.perf_counter()
     model, tok = teacher.model, teacher.tokenizer

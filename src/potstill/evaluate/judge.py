@@ -1,6 +1,6 @@
 """Pairwise judging: another model says which of two answers to a prompt is better.
 
-The judge is a local model folder (``LocalTeacher``, through its ``complete``) or an OpenAI-compatible
+The judge is a local model folder (``LocalModel``, through its ``complete``) or an OpenAI-compatible
 endpoint (:class:`HTTPJudge`), asked with ``JUDGE_PROMPT`` at temperature 0. Every pair is judged
 twice, with the answers in both orders, so a judge that prefers a position gains nothing from it.
 A verdict is parsed from the first non-empty line of the judge's reply (``parse_verdict``); a
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from potstill.errors import PotstillError
-from potstill.teachers.base import Request, greedy_params
+from potstill.records import Request, greedy_params
 
 JUDGE_PROMPT = """You are judging two answers to the same request. Decide which answer is better: more correct, \
 more helpful, more to the point. Reply with one line: "A" if answer A is better, "B" if answer B is better, or \
@@ -109,8 +109,8 @@ class HTTPJudge:
     rate and counted (their reasons stay in the ledger)."""
 
     def __init__(self, recipe):
+        from potstill.redaction import api_key
         from potstill.teachers.backends import HTTPBackend
-        from potstill.teachers.openai.wire import api_key
 
         spec = recipe.eval.judge
         self.ledger_path = recipe.run_dir / "judge-ledger.sqlite"

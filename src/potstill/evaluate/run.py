@@ -29,23 +29,22 @@ from pathlib import Path
 
 import torch
 
-from potstill.evaluate import verifiers
-from potstill.evaluate.draft import GAMMA, Acceptance, expected_tokens_per_step, measure_assisted, universal_gap
-from potstill.receipts.card import add_results
 from potstill.errors import PotstillError
+from potstill import verifiers
+from potstill.evaluate.draft import GAMMA, Acceptance, expected_tokens_per_step, measure_assisted, universal_gap
 from potstill.evaluate.judge import HTTPJudge, judge_pairs
+from potstill.hf import LocalModel
 from potstill.progress import progress
 from potstill.prompts import Prompt, load_prompts
 from potstill.provenance import git_commit, library_versions
+from potstill.receipts.card import add_results
 from potstill.recipe import Recipe
-from potstill.teachers.base import Request, greedy_params
-from potstill.teachers.local import LocalTeacher
-
+from potstill.records import Request, greedy_params
 
 SPEED_TIMINGS = 3  # tokens/s is the median of at least this many timed batches, after an untimed warm-up
 
 
-def greedy(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, batch_size: int):
+def greedy(model: LocalModel, prompts: list[Prompt], max_new_tokens: int, batch_size: int):
     """Greedy completions (text, token ids) and the generation speed: tokens/s of each batch of the
     first batch's size, after an untimed warm-up (a model's first calls allocate and pick kernels;
     timed cold, one run of the same model read 291 tokens/s and the next 5,021), re-timing the first
@@ -77,10 +76,10 @@ TOKEN_METRICS = ("kl_per_token", "top1_agreement", "perplexity_teacher_text")
 
 
 @torch.no_grad()
-def completion_logits(model: LocalTeacher, prompts: list[Prompt], completions) -> torch.Tensor:
+def completion_logits(model: LocalModel, prompts: list[Prompt], completions) -> torch.Tensor:
     """(N, V) float32 logits of ``model`` at the N positions that predict the completions' tokens
     (all completions, in order), each prompt formatted with the model's own chat template."""
-    from potstill.teachers.local import prompt_ids
+    from potstill.hf import prompt_ids
 
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -98,7 +97,7 @@ def completion_logits(model: LocalTeacher, prompts: list[Prompt], completions) -
     return logits[mask.to(device)].float()
 
 
-def score_teacher_text(teacher: LocalTeacher, model: LocalTeacher, prompts: list[Prompt], completions,
+def score_teacher_text(teacher: LocalModel, model: LocalModel, prompts: list[Prompt], completions,
                        batch_size: int, accept: Acceptance | None = None) -> dict:
     """On the teacher's own completions (full vocabulary, temperature 1): mean per-token
     KL(teacher || model), top-1 agreement, and the model's perplexity of the teacher's text.
@@ -123,7 +122,7 @@ def score_teacher_text(teacher: LocalTeacher, model: LocalTeacher, prompts: list
     return {"kl_per_token": kl_sum / n, "top1_agreement": top1 / n, "perplexity_teacher_text": math.exp(nll_sum / n)}
 
 
-def token_level_gap(name: str, model: LocalTeacher, teacher: LocalTeacher) -> str | None:
+def token_level_gap(name: str, model: LocalModel, teacher: LocalModel) -> str | None:
     """Why the per-token metrics (KL, top-1, perplexity of the teacher's text) do not apply to
     this model, or None when they do."""
     if model.describe()["tokenizer_sha256"] != teacher.describe()["tokenizer_sha256"]:
@@ -155,7 +154,7 @@ def bootstrap_ci(values: list[float], n: int = 1000, seed: int = 0) -> list[floa
     return [means[int(0.025 * n)], means[int(0.975 * n) - 1]]
 
 
-def latency_ms(model: LocalTeacher, prompts: list[Prompt], max_new_tokens: int, n: int = 8) -> float:
+def latency_ms(model: LocalModel, prompts: list[Prompt], max_new_tokens: int, n: int = 8) -> float:
     """Median wall time of one request alone (batch size 1), in milliseconds."""
     params = greedy_params(max_new_tokens)
     times = []
@@ -216,9 +215,9 @@ def evaluate(recipe: Recipe) -> dict:
     prompts = load_prompts(spec.prompts, spec.limit, need_user=True)
     models = models_to_score(recipe)
     device = recipe.device_for("eval")
-    teacher = LocalTeacher(models["teacher"], dtype=recipe.teacher.dtype, device=device,
-                           use_generation_config=recipe.teacher.use_generation_config,
-                           trust_remote_code=recipe.teacher.trust_remote_code) if models.get("teacher") else None
+    teacher = LocalModel(models["teacher"], dtype=recipe.teacher.dtype, device=device,
+                         use_generation_config=recipe.teacher.use_generation_config,
+                         trust_remote_code=recipe.teacher.trust_remote_code) if models.get("teacher") else None
     judge = make_judge(recipe, device)
     verify = verifiers.load(spec.verifier)
     results: dict[str, dict] = {}
@@ -229,7 +228,7 @@ def evaluate(recipe: Recipe) -> dict:
             if name == "teacher" and teacher is None:  # an API teacher: its answers over HTTP, no weights
                 model, completions, speed = None, http_teacher_answers(recipe, prompts), {}
             else:
-                model = teacher if name == "teacher" else LocalTeacher(path, device=device)
+                model = teacher if name == "teacher" else LocalModel(path, device=device)
                 completions, speed = greedy(model, prompts, spec.max_new_tokens, spec.batch_size)
             if name == "teacher":
                 teacher_out = completions
@@ -261,7 +260,7 @@ def evaluate(recipe: Recipe) -> dict:
     return report
 
 
-def draft_metrics(row: dict, recipe: Recipe, name: str, teacher: LocalTeacher, model: LocalTeacher,
+def draft_metrics(row: dict, recipe: Recipe, name: str, teacher: LocalModel, model: LocalModel,
                   prompts: list[Prompt], accept: Acceptance | None, gap: str | None, reference: dict) -> None:
     """The model as a speculative-decoding draft of the teacher (:mod:`potstill.evaluate.draft`), into
     ``row``: ``acceptance`` for the table (alpha at the recipe's sampling temperature; at greedy when
@@ -345,7 +344,7 @@ def answer_metrics(prompts: list[Prompt], completions, teacher_out, verify) -> d
     }
 
 
-def model_metrics(model: LocalTeacher, path: Path, prompts: list[Prompt], max_new_tokens: int) -> dict:
+def model_metrics(model: LocalModel, path: Path, prompts: list[Prompt], max_new_tokens: int) -> dict:
     """What only local weights tell: parameters, size on disk, latency, the weights' hash."""
     return {"parameters": sum(p.numel() for p in model.model.parameters()),
             "size_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
@@ -361,14 +360,14 @@ def prompts_record(path: str, prompts: list[Prompt]) -> dict:
 EVAL_LIBRARIES = ("rouge-score", "numpy")  # ROUGE-L and the bootstrap intervals
 
 
-def make_judge(recipe: Recipe, device: str) -> LocalTeacher | HTTPJudge | None:
+def make_judge(recipe: Recipe, device: str) -> LocalModel | HTTPJudge | None:
     spec = recipe.eval.judge
     if spec is None:
         return None
-    return HTTPJudge(recipe) if spec.backend == "openai" else LocalTeacher(spec.path, device=device)
+    return HTTPJudge(recipe) if spec.backend == "openai" else LocalModel(spec.path, device=device)
 
 
-def eval_provenance(recipe: Recipe, device: str, judge: LocalTeacher | HTTPJudge | None) -> dict:
+def eval_provenance(recipe: Recipe, device: str, judge: LocalModel | HTTPJudge | None) -> dict:
     """Where eval.json came from: versions, commit, machine, device, seeds, recipe and judge."""
     libraries = EVAL_LIBRARIES + (("lm_eval",) if recipe.eval.lm_eval else ())
     return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -379,7 +378,7 @@ def eval_provenance(recipe: Recipe, device: str, judge: LocalTeacher | HTTPJudge
             "judge": None if judge is None else judge.describe()}
 
 
-def judged(judge: LocalTeacher | HTTPJudge, prompts: list[Prompt], completions, teacher_out, spec) -> dict:
+def judged(judge: LocalModel | HTTPJudge, prompts: list[Prompt], completions, teacher_out, spec) -> dict:
     """Win rate of a model's answers over the teacher's, judged in both orders."""
     http = isinstance(judge, HTTPJudge)  # an endpoint gets every pair at once: its concurrency, one session
     result = judge_pairs(judge, [p.text for p in prompts], [c.text for c in completions], [t.text for t in teacher_out],

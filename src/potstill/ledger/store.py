@@ -31,7 +31,7 @@ import numpy as np
 from potstill.errors import PotstillError
 from potstill.prompts import Prompt
 from potstill.provenance import library_versions
-from potstill.teachers.base import Completion, Request
+from potstill.records import Completion, Request
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -118,6 +118,13 @@ CREATE TABLE IF NOT EXISTS batch_requests (
     local_id TEXT NOT NULL REFERENCES batches,
     request_hash TEXT NOT NULL REFERENCES requests,
     PRIMARY KEY (local_id, request_hash)
+);
+CREATE TABLE IF NOT EXISTS plans (          -- what generate planned for a recipe: train and run read it, never re-plan
+    plan_key TEXT PRIMARY KEY,             -- sha256 of the recipe's prompts, teacher and generation sections and the
+                                           -- files they name (ledger.plans.plan_key)
+    teacher_key TEXT NOT NULL REFERENCES teachers,
+    request_hashes TEXT NOT NULL,          -- JSON list: every request of the recipe (all shards), prompt by prompt
+    created_at TEXT NOT NULL
 );
 """
 SCHEMA_VERSION = "2"  # 2 added attempts and batches; a version 1 ledger is upgraded in place
@@ -281,6 +288,18 @@ class Ledger:
         self.db.execute("INSERT INTO teachers VALUES (?, ?) ON CONFLICT (teacher_key) DO UPDATE SET "
                         "description=excluded.description", (key, _canonical(description)))
         return key
+
+    def record_plan(self, plan_key: str, description: dict, request_hashes: list[str]) -> None:
+        """Keep which requests a recipe asks for (its teacher and their hashes), under its plan key."""
+        key = self.register_teacher(description)
+        self.db.execute("INSERT OR REPLACE INTO plans VALUES (?, ?, ?, ?)",
+                        (plan_key, key, json.dumps(request_hashes), _now()))
+
+    def plan(self, plan_key: str) -> tuple[dict, list[str]] | None:
+        """The teacher's description and the request hashes recorded under ``plan_key``, or None."""
+        row = self.db.execute("SELECT t.description, p.request_hashes FROM plans p JOIN teachers t USING (teacher_key) "
+                              "WHERE p.plan_key=?", (plan_key,)).fetchone()
+        return None if row is None else (json.loads(row[0]), json.loads(row[1]))
 
     def start_session(self, recipe_sha256: str | None) -> int:
         cur = self.db.execute(

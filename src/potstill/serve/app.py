@@ -2,9 +2,9 @@
 
 So that a local teacher (any causal LM folder with safetensors weights, such as the bundled
 quickstart teacher) can be read by any OpenAI client, and so replace the local backend: greedy
-output for a prompt is what :class:`~potstill.teachers.local.LocalTeacher` gives (same text, token
+output for a prompt is what :class:`~potstill.hf.LocalModel` gives (same text, token
 ids and top-k ids; logprobs to float rounding), because both generate with
-:func:`~potstill.teachers.local.generate_ids`.
+:func:`~potstill.hf.generate_ids`.
 
 Supported:
 
@@ -24,7 +24,7 @@ Supported:
 What a client must know:
 
 - Logprobs are the model's own distribution at temperature 1, before temperature and top_p, as
-  LocalTeacher records them. The generated tokens include the EOS a completion stopped on: its
+  LocalModel records them. The generated tokens include the EOS a completion stopped on: its
   entry is there with its logprob and its text is "" (special tokens in generated text decode to
   "", as in the returned text). Token strings are each token's share of the decoded text; use
   ``return_tokens_as_token_ids`` for exact ids (two tokens can share a string, and the legacy
@@ -88,7 +88,7 @@ from potstill.serve.formats import (chat_logprobs, completion_choice, make_choic
                                     usage)
 from potstill.serve.schema import (UNSUPPORTED, APIError, ChatRequest, CompletionRequest, Message, Sampling,
                                    error_body, validated)
-from potstill.teachers.local import DTYPES, load_model_dir, prompt_ids
+from potstill.hf import DTYPES, load_model_dir, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ def check_prompt(served: Served, prompt, n) -> None:
 
 
 def chat_prompt(tokenizer, messages: list[Message]) -> list[int]:
-    """Token ids of the messages through the chat template, as LocalTeacher builds them."""
+    """Token ids of the messages through the chat template, as LocalModel builds them."""
     flat = []
     for i, m in enumerate(messages):
         content = m.content

@@ -15,9 +15,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from potstill.hf import generate_ids
+from potstill.records import Completion
 from potstill.serve.schema import APIError
-from potstill.teachers.base import Completion
-from potstill.teachers.local import generate_ids
 
 SCORE_CHUNK = 512  # prompt positions scored per step of echo / prompt_logprobs
 LARGE_BODY = 1 << 20  # bytes: bodies over this are prepared one at a time, apart from the others
@@ -179,7 +179,7 @@ def run_batch(served: Served, jobs: list[Job]) -> list[list[tuple[Completion | N
 @torch.no_grad()
 def score_prompt(served: Served, ids: list[int], k: int) -> Scores:
     """Each prompt token's logprob given the tokens before it, its rank, and the top-k there
-    (temperature 1, over the tokenizer's ids as LocalTeacher samples and caches: a model's padding
+    (temperature 1, over the tokenizer's ids as LocalModel samples and caches: a model's padding
     rows are no tokens). One unpadded forward pass, so a score is what the model gives the text alone."""
     x = torch.tensor([ids], device=served.model.device)
     # the model's own logits (soft-capping, scaling and all), once; the float32 log-softmax, the

@@ -11,9 +11,9 @@ from itertools import accumulate
 
 import numpy as np
 
+from potstill.records import Completion
 from potstill.serve.batcher import Scores, Served
 from potstill.serve.schema import CompletionRequest
-from potstill.teachers.base import Completion
 
 
 @dataclass

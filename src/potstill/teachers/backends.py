@@ -24,7 +24,8 @@ from potstill.ledger.store import Ledger, requests_for
 from potstill.progress import progress
 from potstill.prompts import Prompt
 from potstill.recipe import Recipe
-from potstill.teachers.base import Request, Teacher
+from potstill.records import Request
+from potstill.teachers.base import Teacher
 
 
 class Backend(Protocol):
@@ -38,18 +39,18 @@ class Backend(Protocol):
 
 
 def make_teacher(recipe: Recipe) -> Teacher:
-    from potstill.teachers.local import LocalTeacher
+    from potstill.hf import LocalModel
 
     spec = recipe.teacher
-    return LocalTeacher(spec.path, id=recipe.teacher_id(), revision=spec.revision, terms_family=spec.terms_family,
-                        terms_url=spec.terms_url, dtype=spec.dtype, device=recipe.device_for("teacher"),
-                        use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code,
-                        watermark=recipe_watermark(recipe))
+    return LocalModel(spec.path, id=recipe.teacher_id(), revision=spec.revision, terms_family=spec.terms_family,
+                      terms_url=spec.terms_url, dtype=spec.dtype, device=recipe.device_for("teacher"),
+                      use_generation_config=spec.use_generation_config, trust_remote_code=spec.trust_remote_code,
+                      watermark=recipe_watermark(recipe))
 
 
 def recipe_watermark(recipe: Recipe):
     """teacher.watermark's Watermark (its key read from key_file), or None."""
-    from potstill.audit.watermark import load_watermark
+    from potstill.watermark import load_watermark
 
     w = recipe.teacher.watermark
     return load_watermark(w.key_file, w.gamma, w.delta, w.context) if w else None
@@ -60,7 +61,7 @@ class LocalBackend:
     answer, so a rerun with nothing to ask never loads them."""
 
     def __init__(self, recipe: Recipe, teacher: Teacher | None = None):
-        from potstill.teachers.local import check_model_dir, load_tokenizer_dir
+        from potstill.hf import check_model_dir, load_tokenizer_dir
 
         self.recipe, self._teacher = recipe, teacher
         spec = recipe.teacher
@@ -71,7 +72,7 @@ class LocalBackend:
     def describe(self) -> dict:
         if self._teacher is not None:
             return self._teacher.describe()
-        from potstill.teachers.local import describe_local
+        from potstill.hf import describe_local
 
         spec = self.recipe.teacher
         return describe_local(Path(spec.path), self.tokenizer, id=self.recipe.teacher_id(), revision=spec.revision,

@@ -47,7 +47,7 @@ from potstill.errors import PotstillError
 from potstill.ledger import Ledger, completion_problem, request_hash, teacher_key
 from potstill.prompts import ROLES, Prompt, jsonl_objects, parse_prompt
 from potstill.provenance import file_sha256
-from potstill.teachers.base import Completion
+from potstill.records import Completion
 from potstill.teachers.openai.wire import batch_line_problem
 
 FORMATS = ("openai_chat", "jsonl", "parquet")

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from potstill.errors import PotstillError
+from potstill.hf import prompt_ids
 from potstill.ledger import Example
-from potstill.teachers.local import prompt_ids
 
 
 @dataclass

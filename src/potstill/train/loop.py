@@ -28,15 +28,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from potstill.train import checkpoint
-from potstill.train.distributed import check_launch, describe, fsdp_on_cpu
-from potstill.train.tokenizer_match import Compat, check_tokenizers, ledger_samples
-from potstill.train.examples import TrainExample, build_examples, collate
 from potstill.devices import resolve_chunk_size, resolve_compile, resolve_mixed_precision
 from potstill.errors import PotstillError
-from potstill.ledger.requests import recipe_requests
-from potstill.train.heads import current, model_heads
+from potstill.hf import folder_defaults_off, left_pad, load_model_dir, load_tokenizer_dir
 from potstill.ledger import Ledger, teacher_key
+from potstill.ledger.plans import recipe_plan
 from potstill.losses import kd_loss
 from potstill.losses.chunked import Head, chunked_kd_loss
 from potstill.progress import progress
@@ -44,7 +40,11 @@ from potstill.provenance import weights_sha256
 from potstill.receipts import manifest, spdx
 from potstill.receipts.terms.export import gate_training, model_name, write_obligation_files
 from potstill.recipe import Recipe, TrainSpec
-from potstill.teachers.local import folder_defaults_off, left_pad, load_model_dir, load_tokenizer_dir
+from potstill.train import checkpoint
+from potstill.train.distributed import check_launch, describe, fsdp_on_cpu
+from potstill.train.examples import TrainExample, build_examples, collate
+from potstill.train.heads import current, model_heads
+from potstill.train.tokenizer_match import Compat, check_tokenizers, ledger_samples
 
 MAX_BAD_STEPS = 3  # consecutive non-finite steps before the run stops
 
@@ -259,12 +259,12 @@ def ledger_examples(recipe: Recipe, name: str, accept_terms_risk: str | None = N
     teacher's), the ledger's content hash over them, each teacher's description (teacher key ->
     description: the recipe's for its own) and their terms (checked against ``recipe.use``: a
     refusal stops here unless ``accept_terms_risk`` gives a reason, kept in the ledger and the
-    card); refused when generate has not finished."""
+    card); refused when generate has not finished, or recorded no plan for this recipe."""
     ledger_path = recipe.run_dir / "ledger.sqlite"
     if not ledger_path.is_file():
         raise PotstillError(f"{ledger_path} not found: run `potstill generate` first")
-    teacher_desc, hashes = recipe_requests(recipe)
     with Ledger(ledger_path) as ledger:
+        teacher_desc, hashes = recipe_plan(ledger, recipe)  # what generate planned: read, never planned again
         if recipe.train.data == "ledger":  # a merged ledger: every teacher's done rows, the failed ones aside
             examples = list(ledger.examples())
             hashes, failed = [ex.request_hash for ex in examples], 0

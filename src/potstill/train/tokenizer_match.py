@@ -98,7 +98,7 @@ def _special_differences(teacher_tok, student_tok) -> list[str]:
 def encode(tokenizer, sample, *, template: bool) -> list[int]:
     """A sample's ids as training makes them: an answer's text without special tokens; a prompt
     through the chat template, or as its text where the two templates differ (reported apart)."""
-    from potstill.teachers.local import prompt_ids
+    from potstill.hf import prompt_ids
 
     if isinstance(sample, str):
         return tokenizer(sample, add_special_tokens=False)["input_ids"]
@@ -179,7 +179,7 @@ def check_tokenizers(teacher_path: str | Path | None, student_tok, student_rows:
     """Compare the teacher at ``teacher_path`` with the student (``samples`` as in ``compare``, with
     the PROBES); refuse logit KD across tokenizers. No path: an HTTP teacher whose tokenizer is
     unknown, so its text is all a student can learn from."""
-    from potstill.teachers.local import load_tokenizer_dir
+    from potstill.hf import load_tokenizer_dir
 
     if teacher_path is None:
         if need_logits:
@@ -204,8 +204,8 @@ def check_tokenizers(teacher_path: str | Path | None, student_tok, student_rows:
 def doctor(teacher_path: str | Path, student_path: str | Path, prompts: str | Path | None = None) -> list[str]:
     """A human-readable report for ``potstill doctor``; ``prompts``: a prompt file (as prompts.path)
     whose first SAMPLE prompts, and their "answer"s, are encoded by both tokenizers besides the PROBES."""
+    from potstill.hf import load_tokenizer_dir
     from potstill.prompts import load_prompts
-    from potstill.teachers.local import load_tokenizer_dir
 
     samples = []
     if prompts is not None:

@@ -47,10 +47,18 @@ from datetime import datetime, timezone
 from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
-from potstill.teachers.base import Completion, Request
+from potstill.records import Completion, Request
+from potstill.redaction import api_key
 from potstill.teachers.openai.budget import Budget, price
-from potstill.teachers.openai.wire import (Malformed, api_key, batch_line_problem, counted_usage, estimate_tokens, parse_response,
-                                          request_body, worst_case)
+from potstill.teachers.openai.wire import (
+    Malformed,
+    batch_line_problem,
+    counted_usage,
+    estimate_tokens,
+    parse_response,
+    request_body,
+    worst_case,
+)
 
 MAX_LINES = 50_000  # requests per batch input file (API limit)
 MAX_BYTES = 200_000_000  # bytes per batch input file (API limit: 200 MB)

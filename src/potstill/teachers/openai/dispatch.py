@@ -48,11 +48,20 @@ from datetime import datetime, timezone
 from potstill.errors import PotstillError
 from potstill.ledger import Attempt, Ledger, completion_problem
 from potstill.progress import live_counts
-from potstill.teachers.base import Request
+from potstill.records import Request
+from potstill.redaction import api_key, redact
 from potstill.teachers.openai.budget import Budget
-from potstill.teachers.openai.wire import (Malformed, api_key, counted_usage, endpoint_path, estimate_tokens,
-                                          make_client, parse_response, redact, request_body, split_extras,
-                                          worst_case)
+from potstill.teachers.openai.wire import (
+    Malformed,
+    counted_usage,
+    endpoint_path,
+    estimate_tokens,
+    make_client,
+    parse_response,
+    request_body,
+    split_extras,
+    worst_case,
+)
 
 MALFORMED_RETRIES = 2
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds: 0.5 * 2^n, capped, + up to 25 % jitter

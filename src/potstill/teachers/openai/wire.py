@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 
 import numpy as np
 
 from potstill.errors import PotstillError
 from potstill.provenance import text_sha256
-from potstill.teachers.base import Completion, Request
+from potstill.records import Completion, Request
 
 
 class Malformed(Exception):
@@ -34,7 +32,7 @@ def load_tokenizer(spec):
     """The teacher's tokenizer, when the recipe says where it is."""
     if not spec.tokenizer_dir:
         return None
-    from potstill.teachers.local import load_tokenizer_dir
+    from potstill.hf import load_tokenizer_dir
 
     return load_tokenizer_dir(spec.tokenizer_dir, "teacher tokenizer", spec.trust_remote_code)
 
@@ -42,7 +40,7 @@ def load_tokenizer(spec):
 def describe_openai(spec, tokenizer, teacher_id: str) -> dict:
     """Provenance of an HTTP teacher. Only part of it keys the requests (``ledger.IDENTITY``: the
     endpoint(s), model, api, token ids, and the tokenizer when it shapes the request or the ids)."""
-    from potstill.teachers.local import tokenizer_sha256
+    from potstill.hf import tokenizer_sha256
 
     return {
         "id": teacher_id,
@@ -57,46 +55,6 @@ def describe_openai(spec, tokenizer, teacher_id: str) -> dict:
         "terms_family": spec.terms_family,
         "terms_url": spec.terms_url,
     }
-
-
-def api_key(spec, field: str = "teacher.api_key_env") -> str:
-    """The key from the environment variable the recipe names (at ``field``); local servers need none."""
-    if spec.api_key_env is None:
-        return "none"
-    key = os.environ.get(spec.api_key_env)
-    if not key:
-        raise PotstillError(f"{field} names {spec.api_key_env}, which is not set: export it first")
-    return key
-
-
-KEY_ECHO = 8  # characters: an echo sharing this many consecutive characters with the key is redacted
-KEYISH = re.compile(r"[\w\-*.~+/=]")  # what a key, or a masked echo of one, is made of
-
-
-def redact(text: str, key: str | None = None) -> str:
-    """``text`` on one line without the API key or any echo of it: a run of key-like characters
-    that shares ``KEY_ECHO`` consecutive characters with the key (a prefix, a suffix, a masked
-    ``s4CANARY****dEzz``: error bodies such as OpenAI's 401 echo part of the key, whatever its
-    shape), nor anything shaped like an OpenAI key (sk-...)."""
-    text = " ".join(text.split())
-    if key and key != "none":
-        text = text.replace(key, "***")
-        grams = {key[i:i + KEY_ECHO] for i in range(len(key) - KEY_ECHO + 1)}
-        spans, i = [], 0
-        while i <= len(text) - KEY_ECHO:
-            if text[i:i + KEY_ECHO] not in grams:
-                i += 1
-                continue
-            start, end = i, i + KEY_ECHO
-            while start > 0 and KEYISH.match(text[start - 1]):
-                start -= 1
-            while end < len(text) and (KEYISH.match(text[end]) or text[end - KEY_ECHO + 1:end + 1] in grams):
-                end += 1
-            spans.append((start, end))
-            i = end
-        for start, end in reversed(spans):
-            text = text[:start] + "***" + text[end:]
-    return re.sub(r"\bsk-[\w*\-]{6,}", "sk-***", text)
 
 
 def request_seed(request: Request) -> int:
@@ -118,7 +76,7 @@ def request_body(request: Request, params: dict, spec, tokenizer) -> dict:
             body["logprobs"] = True
             body["top_logprobs"] = k
     else:
-        from potstill.teachers.local import prompt_ids
+        from potstill.hf import prompt_ids
 
         # token ids when we have the tokenizer: the endpoint sees exactly what the local backend would
         body["prompt"] = prompt_ids(tokenizer, request.messages) if tokenizer is not None \
@@ -136,7 +94,7 @@ def request_body(request: Request, params: dict, spec, tokenizer) -> dict:
 def estimate_tokens(request: Request, params: dict, tokenizer) -> tuple[int, int]:
     """(prompt, completion) tokens at most: what a request may cost before it is answered."""
     if tokenizer is not None:
-        from potstill.teachers.local import prompt_ids
+        from potstill.hf import prompt_ids
 
         prompt = len(prompt_ids(tokenizer, request.messages))
     else:

@@ -1,4 +1,9 @@
-"""A local Hugging Face causal LM as the teacher: batched generation with top-k logprobs."""
+"""Hugging Face model folders, for every stage: loading (safetensors only, no folder code unless
+trusted), the provenance of a folder, prompt encoding through the chat template, left padding, and
+batched generation with top-k logprobs.
+
+Not a teacher backend: the local teacher (``teachers.backends``), the students, the judge, eval,
+serve and audit all load and run models through this module."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import torch
 
 from potstill.errors import PotstillError
 from potstill.provenance import text_sha256, weights_sha256
-from potstill.teachers.base import Completion, Request
+from potstill.records import Completion, Request
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -215,7 +220,7 @@ def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: in
     neither the key nor the unwatermarked distribution. Logprobs are the model's own
     distribution over the tokenizer's ids (temperature 1, before sampling filters), whatever the
     sampling temperature. ``token_logprobs`` also returns each generated id's logprob in that
-    distribution. LocalTeacher and ``potstill serve`` both generate here, so that a teacher served
+    distribution. LocalModel and ``potstill serve`` both generate here, so that a teacher served
     over HTTP gives the same ids and logprobs as the local backend.
     """
     tok = tokenizer
@@ -277,7 +282,10 @@ def generate_ids(model, tokenizer, rows: list[list[int]], params: dict, seed: in
     return completions
 
 
-class LocalTeacher:
+class LocalModel:
+    """A local model folder that answers ``Request``s: the local teacher, an eval student, a local
+    judge. ``describe()`` is its provenance (terms fields only matter when it is a teacher)."""
+
     def __init__(self, path: str | Path, *, id: str | None = None, revision: str | None = None,
                  terms_family: str = "unknown", terms_url: str | None = None, dtype: str = "float32",
                  device: str = "cpu", use_generation_config: bool = False, trust_remote_code: bool = False,
