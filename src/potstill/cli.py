@@ -322,33 +322,57 @@ def cmd_doctor(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potstill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    add_quickstart(verbs)
+    add_stages(verbs)
+    add_terms(verbs)
+    add_verify(verbs)
+    add_doctor(verbs)
+    add_serve(verbs)
+    add_merge(verbs)
+    add_import(verbs)
+    from potstill.audit.commands import add_parser as add_audit
 
-    def with_recipe(name, func, help_):
-        p = verbs.add_parser(name, help=help_, description=help_)
-        p.add_argument("recipe", help="recipe YAML file")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
-        p.set_defaults(func=func)
-        return p
+    add_audit(verbs)
+    add_report(verbs)
+    return parser
 
+
+def add_quickstart(verbs) -> None:
     q = verbs.add_parser("quickstart", help="the whole pipeline on the bundled teacher (about 5 minutes on 2 CPU cores)")
     q.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the bundled recipe "
                    "(examples/quickstart/recipe.yaml, installed as potstill/quickstart/recipe.yaml)")
     q.set_defaults(func=cmd_quickstart)
-    def accept_risk(p):
-        p.add_argument("--accept-terms-risk", metavar="REASON", default=None,
-                       help="train although the terms gate refuses (a teacher's terms forbid the recipe's `use`, or "
-                            "are unknown); REASON is kept in the ledger and the model card. The gate is a "
-                            "record-keeping aid, not legal advice")
-        return p
 
-    accept_risk(with_recipe("run", cmd_run, "run every stage, resuming whatever is already done"))
-    g = with_recipe("generate", cmd_generate, "ask the teacher for every prompt not yet in the ledger")
+
+def add_stages(verbs) -> None:
+    """The verbs that take a recipe and its overrides: run, generate, train, eval."""
+    accept_terms_risk(with_recipe(verbs, "run", cmd_run, "run every stage, resuming whatever is already done"))
+    g = with_recipe(verbs, "generate", cmd_generate, "ask the teacher for every prompt not yet in the ledger")
     g.add_argument("--shard", default=None, metavar="i/n", help="only shard i of n (from 0) of the requests, into "
                    "RUN/ledger-shard-i-of-n.sqlite, e.g. --shard $SLURM_ARRAY_TASK_ID/8")
-    accept_risk(with_recipe("train", cmd_train, "train the student (and the baseline, if the recipe has one) on the "
-                                                "ledger, after checking the teacher's terms against the recipe's use"))
-    with_recipe("eval", cmd_eval, "evaluate teacher, student and baseline on the held-out prompts")
+    accept_terms_risk(with_recipe(verbs, "train", cmd_train, "train the student (and the baseline, if the recipe has "
+                                                             "one) on the ledger, after checking the teacher's terms "
+                                                             "against the recipe's use"))
+    with_recipe(verbs, "eval", cmd_eval, "evaluate teacher, student and baseline on the held-out prompts")
+
+
+def with_recipe(verbs, name, func, help_) -> argparse.ArgumentParser:
+    p = verbs.add_parser(name, help=help_, description=help_)
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+    p.set_defaults(func=func)
+    return p
+
+
+def accept_terms_risk(p) -> None:
+    p.add_argument("--accept-terms-risk", metavar="REASON", default=None,
+                   help="train although the terms gate refuses (a teacher's terms forbid the recipe's `use`, or "
+                        "are unknown); REASON is kept in the ledger and the model card. The gate is a "
+                        "record-keeping aid, not legal advice")
+
+
+def add_terms(verbs) -> None:
     t = verbs.add_parser("terms", help="the terms registry (list), or the verdict for every teacher of a run (check)",
                          description="potstill terms list: every terms family and its verdict per intended use. "
                                      "potstill terms check RUN --use USE: the verdict for each teacher with rows in "
@@ -359,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--use", default="commercial", choices=["research", "internal", "commercial", "competing"],
                    help="check: the intended use of the student (default: commercial)")
     t.set_defaults(func=cmd_terms)
+
+
+def add_verify(verbs) -> None:
     v = verbs.add_parser("verify", help="check a trained student against its ledger and potstill.json: Merkle "
                          "manifest, every file train wrote, the card", description="Recompute the Merkle root of the "
                          "ledger rows STUDENT was trained on and name the first row that differs; check the sha256 of "
@@ -373,12 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "request hash (or a unique prefix): its path to the root, without any other row's content; and "
                    "check that row's leaf against the ledger")
     v.set_defaults(func=cmd_verify)
+
+
+def add_doctor(verbs) -> None:
     d = verbs.add_parser("doctor", help="can STUDENT learn from TEACHER's logits? (tokenizers, vocabulary, chat template)")
     d.add_argument("teacher", help="teacher model folder")
     d.add_argument("student", help="student model folder (or any folder with a tokenizer and config.json)")
     d.add_argument("--prompts", default=None, metavar="JSONL", help="a prompt file (as prompts.path): its first 200 "
                    "prompts and their answers are encoded by both tokenizers too, besides built-in probe texts")
     d.set_defaults(func=cmd_doctor)
+
+
+def add_serve(verbs) -> None:
     s = verbs.add_parser("serve", help="serve a local model folder over an OpenAI-compatible HTTP API",
                          description="An OpenAI-compatible server (/v1/models, /v1/chat/completions, /v1/completions: "
                                      "logprobs, echo scoring, streaming, batching) for a Hugging Face model folder.")
@@ -406,10 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-messages", type=int, default=2048, help="refuse chat requests of more messages than this, "
                    "or as many content parts, before they are validated or tokenized (default 2048)")
     s.set_defaults(func=cmd_serve)
+
+
+def add_merge(verbs) -> None:
     m = verbs.add_parser("merge", help="combine ledgers (e.g. --shard outputs) into one, without duplicates")
     m.add_argument("out", help="the ledger to write (created, or merged into)")
     m.add_argument("inputs", nargs="+", help="ledgers to merge")
     m.set_defaults(func=cmd_merge)
+
+
+def add_import(verbs) -> None:
     i = verbs.add_parser("import", help="bring existing completions (OpenAI chat JSONL, JSONL, Parquet) into a ledger")
     i.add_argument("file", help="JSONL or Parquet file of completions")
     i.add_argument("ledger", help="the ledger to add them to, e.g. runs/x/ledger.sqlite")
@@ -419,16 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--terms-url", default=None)
     i.add_argument("--tokenizer", default=None, help="the teacher's tokenizer folder: token ids outside it are refused")
     i.set_defaults(func=cmd_import)
-    from potstill.audit.commands import add_parser as add_audit
 
-    add_audit(verbs)
 
+def add_report(verbs) -> None:
     r = verbs.add_parser("report", help="write one report.html for one run, or several side by side")
     r.add_argument("runs", nargs="+", help="run directories")
     r.add_argument("--out", default=None, help="output file (default: RUN/report.html; for several runs, "
                                                  "report.html beside the first)")
     r.set_defaults(func=cmd_report)
-    return parser
 
 
 # what the user can do about an OSError of these kinds; any other is a bug, and keeps its traceback

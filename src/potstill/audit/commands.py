@@ -28,36 +28,28 @@ def add_parser(verbs) -> None:
     a = verbs.add_parser("audit", help="watermark and distillation tests: was text, or a model, made from yours?",
                          description="watermark and distillation tests (docs/audit.md)")
     tests = a.add_subparsers(dest="test", required=True, metavar="TEST")
+    _add_watermark(tests)
+    _add_radioactivity(tests)
+    _add_plan(tests)
+    _add_lineage(tests)
 
-    def common(p):
-        p.add_argument("--out", default="audit.json", help="JSON results (default audit.json; in a run folder, "
-                       "potstill report shows them)")
-        p.add_argument("--alpha", type=float, default=1e-3, help="flag when the p-value is below this (default 1e-3)")
 
-    def deadline(p):
-        p.add_argument("--timeout", type=float, default=ENDPOINT_TIMEOUT, metavar="SECONDS",
-                       help=f"an endpoint's deadline for each probe's whole answer (connect, headers and body; "
-                            f"default {ENDPOINT_TIMEOUT:g}); a probe is sent once, never retried")
-
-    def keys(p):
-        p.add_argument("--key-file", action="append", required=True, metavar="F",
-                       help="a watermark key file; repeat for one key per dataset release (Holm-corrected)")
-        p.add_argument("--gamma", type=float, default=0.25, help="the keys' green share (default 0.25)")
-        p.add_argument("--context", type=int, default=1, help="the keys' context width (default 1)")
-        p.add_argument("--tokenizer", required=True, help="the watermarked teacher's tokenizer folder")
-
+def _add_watermark(tests) -> None:
     w = tests.add_parser("watermark", help="is this text watermarked with key K? (a ledger or a JSONL of text)")
     w.add_argument("texts", help="ledger.sqlite, or JSONL with a \"text\" per line")
-    keys(w), common(w)
+    _keys(w)
+    _common(w)
     w.set_defaults(func=cmd_watermark)
 
+
+def _add_radioactivity(tests) -> None:
     r = tests.add_parser("radioactivity", help="was a suspect model trained on text watermarked with key K?")
     where = r.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", help="the suspect's model folder (open weights)")
     where.add_argument("--endpoint", help="the suspect's OpenAI-compatible base URL, e.g. http://host:8000/v1")
     r.add_argument("--model-name", help="with --endpoint: the model name it serves")
     r.add_argument("--api-key-env", metavar="VAR", help="with --endpoint: environment variable holding the API key")
-    deadline(r)
+    _deadline(r)
     r.add_argument("--prompts", required=True, help="probe prompts (a prompt file, as in recipes)")
     r.add_argument("--mode", choices=["sampling", "reading"], default="sampling",
                    help="sampling: score the suspect's answers; reading (open weights): score its next-token "
@@ -74,9 +66,12 @@ def add_parser(verbs) -> None:
                    "the text read)")
     r.add_argument("--samples", type=int, default=1, help="answers per prompt, at --temperature > 0 (each adds the "
                    "distinct windows of the suspect's less likely choices; repeats are scored once)")
-    keys(r), common(r)
+    _keys(r)
+    _common(r)
     r.set_defaults(func=cmd_radioactivity)
 
+
+def _add_plan(tests) -> None:
     n = tests.add_parser("plan", help="how many distinct tokens a radioactivity test needs (exact binomial power)")
     n.add_argument("--gamma", type=float, default=0.25, help="the key's green share (default 0.25)")
     n.add_argument("--green-rate", type=float, required=True, help="green share of the pairs of a suspect trained on "
@@ -88,6 +83,8 @@ def add_parser(verbs) -> None:
     n.add_argument("--pairs-per-query", type=float, default=None, help="distinct pairs one answer adds, for queries")
     n.set_defaults(func=cmd_plan)
 
+
+def _add_lineage(tests) -> None:
     g = tests.add_parser("lineage", help="does a suspect agree with a teacher beyond unrelated reference models?")
     g.add_argument("--teacher", required=True, help="model folder, or URL#MODEL for an OpenAI-compatible endpoint")
     g.add_argument("--suspect", required=True, help="model folder, or URL#MODEL")
@@ -106,13 +103,34 @@ def add_parser(verbs) -> None:
                         "reference is a folder, else match")
     g.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key sent to the "
                    "endpoints among the models (one key for all)")
-    deadline(g)
+    _deadline(g)
     g.add_argument("--batch-size", type=int, default=16, help="probes per forward pass of a folder's model "
                    "(likelihood, kl; default 16): lower it for long probes or a large vocabulary")
     g.add_argument("--tokenizer", help="tokenizer for match rates (default: the teacher's folder; characters for "
                    "an endpoint teacher without one)")
-    common(g)
+    _common(g)
     g.set_defaults(func=cmd_lineage)
+
+
+def _common(p) -> None:
+    """--out and --alpha, which every test has."""
+    p.add_argument("--out", default="audit.json", help="JSON results (default audit.json; in a run folder, "
+                   "potstill report shows them)")
+    p.add_argument("--alpha", type=float, default=1e-3, help="flag when the p-value is below this (default 1e-3)")
+
+
+def _deadline(p) -> None:
+    p.add_argument("--timeout", type=float, default=ENDPOINT_TIMEOUT, metavar="SECONDS",
+                   help=f"an endpoint's deadline for each probe's whole answer (connect, headers and body; "
+                        f"default {ENDPOINT_TIMEOUT:g}); a probe is sent once, never retried")
+
+
+def _keys(p) -> None:
+    p.add_argument("--key-file", action="append", required=True, metavar="F",
+                   help="a watermark key file; repeat for one key per dataset release (Holm-corrected)")
+    p.add_argument("--gamma", type=float, default=0.25, help="the keys' green share (default 0.25)")
+    p.add_argument("--context", type=int, default=1, help="the keys' context width (default 1)")
+    p.add_argument("--tokenizer", required=True, help="the watermarked teacher's tokenizer folder")
 
 
 def _watermarks(args):

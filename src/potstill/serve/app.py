@@ -451,8 +451,6 @@ def build_app(model_dir: str | Path, spec: ServeSpec | None = None, **options):
     the prompt scorings its requests asked for)."""
     require_server_libraries()
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
 
     spec = spec or ServeSpec(**options)
     served = load_served(model_dir, spec)
@@ -468,29 +466,38 @@ def build_app(model_dir: str | Path, spec: ServeSpec | None = None, **options):
     app = FastAPI(title="potstill serve", lifespan=lifespan)
     app.state.served, app.state.batcher = served, batcher
     app.add_middleware(Guard, api_key=spec.api_key, max_body_bytes=int(spec.max_body_mb * 2**20))
+    add_error_handlers(app)
+    add_routes(app, served, batcher)
+    return app
 
-    def error(status: int, message: str, param: str | None = None, code: str | None = None):
-        return JSONResponse(error_body(message, status, param, code), status_code=status)
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(message, status, param, code), status_code=status)
+
+
+def add_error_handlers(app) -> None:
+    """Every failure answered in OpenAI's error shape: a refused request, a body FastAPI could not
+    read (or one too large), and a crash (500)."""
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return error(e.status, e.message, e.param, e.code)
+        return error_response(e.status, e.message, e.param, e.code)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         if isinstance(e, BodyTooLarge):
-            return error(e.status_code, e.detail, code="request_too_large")
-        return error(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
+            return error_response(e.status_code, e.detail, code="request_too_large")
+        return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
 
     @app.exception_handler(Exception)
     async def crash(request, e: Exception):
-        return error(500, f"the server failed: {type(e).__name__}: {e}")
+        return error_response(500, f"the server failed: {type(e).__name__}: {e}")
 
-    def respond(result):
-        if isinstance(result, dict):
-            return JSONResponse(result)
-        return StreamingResponse(result, media_type="text/event-stream")
 
+def add_routes(app, served: Served, batcher: Batcher) -> None:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": served.name}
@@ -499,24 +506,6 @@ def build_app(model_dir: str | Path, spec: ServeSpec | None = None, **options):
     async def models():
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
                                             "owned_by": "potstill", "max_model_len": served.context}]}
-
-    async def unless_gone(request, work):
-        """``work``'s result, or None once the client has disconnected: its jobs are then
-        cancelled, and a batch not yet started leaves them out (a timed-out client retries, and
-        would otherwise have the server answer every request twice)."""
-        task = asyncio.ensure_future(work)
-
-        async def gone():
-            while not await request.is_disconnected():
-                await asyncio.sleep(0.1)
-
-        watcher = asyncio.ensure_future(gone())
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            task.cancel()
-            return error(499, "client disconnected")
-        watcher.cancel()
-        return respond(task.result())
 
     # The bodies are read as bytes, not as FastAPI's pydantic parameters, which parse and validate
     # on the event loop, before any limit is checked (450,000 tiny messages: 4 s and 400 MiB).
@@ -530,7 +519,33 @@ def build_app(model_dir: str | Path, spec: ServeSpec | None = None, **options):
         check_json_type(request.headers.get("content-type"))
         return await unless_gone(request, completion(served, batcher, await request.body()))
 
-    return app
+
+async def unless_gone(request, work):
+    """The response to ``work``'s result, or a 499 once the client has disconnected: its jobs are
+    then cancelled, and a batch not yet started leaves them out (a timed-out client retries, and
+    would otherwise have the server answer every request twice)."""
+    task = asyncio.ensure_future(work)
+
+    async def gone():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+
+    watcher = asyncio.ensure_future(gone())
+    await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        return error_response(499, "client disconnected")
+    watcher.cancel()
+    return respond(task.result())
+
+
+def respond(result):
+    """A JSON answer, or a stream of server-sent events."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    return StreamingResponse(result, media_type="text/event-stream")
 
 
 def bind(host: str, port: int) -> socket.socket:
