@@ -16,7 +16,7 @@ from pathlib import Path
 from potstill.errors import PotstillError
 from potstill.hf import prompt_ids
 from potstill.ledger import Ledger, exclusive, requests_for, teacher_key
-from potstill.ledger.plans import plan_key
+from potstill.ledger.plans import plan_key, prompt_limit
 from potstill.prompts import Prompt, load_prompts
 from potstill.recipe import Recipe, save_recipe
 from potstill.teachers.backends import ask, for_recipe
@@ -51,10 +51,12 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
                             f"return at most 20")
     with exclusive(ledger_path(recipe, shard)), Ledger(ledger_path(recipe, shard)) as ledger:
         backend = for_recipe(recipe, teacher)
-        prompts, skipped = fitting_prompts(recipe, prompts, backend.tokenizer)
+        loaded = prompts
+        prompts, skipped = fitting_prompts(recipe, loaded, backend.tokenizer)
         notes = [f"left out {skipped} prompts longer than the teacher's context allows "
                  f"(generation.long_prompts=skip)"] if skipped else []
-        ledger.record_plan(plan_key(recipe), *planned_hashes(recipe, backend.describe(), prompts))  # all shards'
+        ledger.record_plan(plan_key(recipe), *planned_pairs(recipe, backend.describe(), loaded, prompts),  # all shards'
+                           prompt_limit(recipe))
         asked = ask(backend, ledger, prompts, params, recipe.sha256(), recipe.generation.samples_per_prompt, shard)
         stopped = asked.stopped
         counts = {"planned": len(asked.planned), "sent": asked.sent, **ledger.counts(), "spend": ledger.spend(asked.key),
@@ -84,7 +86,7 @@ def import_stage(recipe: Recipe) -> dict:
     with exclusive(ledger_path(recipe)), Ledger(ledger_path(recipe)) as ledger:
         counts = import_file(ledger, spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
                              terms_family=spec.terms_family, terms_url=spec.terms_url, n_tokens=n_tokens(recipe))
-        ledger.record_plan(plan_key(recipe), *recipe_requests(recipe))
+        ledger.record_plan(plan_key(recipe), *planned_requests(recipe), None)
         return {"planned": counts["read"], "sent": 0, **ledger.counts(), "spend": ledger.spend(), "imported": counts}
 
 
@@ -106,26 +108,38 @@ def n_tokens(recipe: Recipe) -> int | None:
 def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
     """The teacher's description and the request hashes this recipe asks for (every shard's), planned
     as generate plans them: what generate records in the ledger for train to read."""
+    desc, pairs = planned_requests(recipe)
+    return desc, [h for _, h in pairs]
+
+
+def planned_requests(recipe: Recipe) -> tuple[dict, list[tuple[int, str]]]:
+    """The teacher's description and (prompt index, request hash) for every request of the recipe."""
     spec = recipe.teacher
     if spec.backend == "imported":
-        return imported_requests(spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
-                                 terms_family=spec.terms_family, terms_url=spec.terms_url, n_tokens=n_tokens(recipe))
+        desc, hashes = imported_requests(spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
+                                         terms_family=spec.terms_family, terms_url=spec.terms_url,
+                                         n_tokens=n_tokens(recipe))
+        return desc, list(enumerate(hashes))
     backend = for_recipe(recipe)
-    prompts, _ = fitting_prompts(recipe, load_prompts(recipe.prompts.path, recipe.prompts.limit), backend.tokenizer)
-    return planned_hashes(recipe, backend.describe(), prompts)
+    loaded = load_prompts(recipe.prompts.path, recipe.prompts.limit)
+    fitted, _ = fitting_prompts(recipe, loaded, backend.tokenizer)
+    return planned_pairs(recipe, backend.describe(), loaded, fitted)
 
 
-def planned_hashes(recipe: Recipe, desc: dict, prompts: list[Prompt]) -> tuple[dict, list[str]]:
-    """The teacher's description and the hashes of every request for ``prompts`` (those that fit)."""
-    planned = requests_for(teacher_key(desc), prompts, sampling_params(recipe), recipe.generation.samples_per_prompt)
-    return desc, [h for h, _, _ in planned]
+def planned_pairs(recipe: Recipe, desc: dict, loaded: list[Prompt],
+                  fitted: list[Prompt]) -> tuple[dict, list[tuple[int, str]]]:
+    """The teacher's description and (index in ``loaded``, hash) of every request for the prompts
+    that fit the teacher's context (``fitted``, a subset of ``loaded`` in its order)."""
+    index = {id(p): i for i, p in enumerate(loaded)}
+    planned = requests_for(teacher_key(desc), fitted, sampling_params(recipe), recipe.generation.samples_per_prompt)
+    return desc, [(index[id(p)], h) for h, p, _ in planned]
 
 
 def record_plan(recipe: Recipe) -> None:
     """Plan the recipe's requests as generate does, sending nothing, and record the plan in its
     ledger: for a ledger written before plans were kept, or a recipe edited since generate."""
     with Ledger(ledger_path(recipe)) as ledger:
-        ledger.record_plan(plan_key(recipe), *recipe_requests(recipe))
+        ledger.record_plan(plan_key(recipe), *planned_requests(recipe), prompt_limit(recipe))
 
 
 def context_length(recipe: Recipe, tokenizer) -> int | None:

@@ -13,28 +13,28 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from potstill.losses import LOSSES
 from potstill.recipe import Recipe, TrainSpec
 
-
+# the train.* fields some loss reads (beta, alpha: potstill.losses.LOSSES); each changes only the
+# models of the losses that read it
+LOSS_PARAMS = tuple(dict.fromkeys(p for loss in LOSSES.values() for p in loss.params))
 # the fields only logit KD reads: an SFT model is the same whatever they say
-KD_ONLY = ("loss", "beta", "alpha", "kd_ratio", "temperature", "teacher_signal", "lmbda", "on_policy_max_new_tokens")
+KD_ONLY = ("loss", *LOSS_PARAMS, "kd_ratio", "temperature", "teacher_signal", "lmbda", "on_policy_max_new_tokens")
 # how an update is computed or kept, not what it is (the chunked loss equals the dense one within
 # 1e-5, tested): changing them does not make another model
 NOT_WHAT = ("chunk_size", "compile", "checkpoint_every", "keep_checkpoints", "resume")
 
 
 def unused_fields(spec: TrainSpec) -> set[str]:
-    """The fields of ``spec`` that do not change the model it trains."""
+    """The fields of ``spec`` that do not change the model it trains (of the loss parameters, those
+    its loss does not read)."""
     unused = set(NOT_WHAT)
     if spec.objective == "sft":
         return unused | set(KD_ONLY)
     if spec.teacher_signal != "on_policy":
         unused |= {"lmbda", "on_policy_max_new_tokens"}
-    if spec.loss != "jsd":
-        unused.add("beta")
-    if spec.loss not in ("skew_kl", "skew_reverse_kl"):
-        unused.add("alpha")
-    return unused
+    return unused | (set(LOSS_PARAMS) - set(LOSSES[spec.loss].params))
 
 
 def baseline_spec(recipe: Recipe) -> TrainSpec | None:
@@ -123,13 +123,13 @@ def planned(recipe: Recipe) -> None:
     planned here as generate plans (nothing is sent). Without a ledger, train says to generate."""
     from potstill.generate import record_plan
     from potstill.ledger import Ledger
-    from potstill.ledger.plans import plan_key
+    from potstill.ledger.plans import plan_key, prompt_limit
 
     path = recipe.run_dir / "ledger.sqlite"
     if not path.is_file():
         return
     with Ledger(path) as ledger:
-        if ledger.plan(plan_key(recipe)) is not None:
+        if ledger.plan(plan_key(recipe), prompt_limit(recipe)) is not None:
             return
     record_plan(recipe)
 

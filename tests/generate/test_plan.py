@@ -60,8 +60,13 @@ def test_a_ledger_from_before_plans_is_planned_by_train_and_trains_the_same_rows
 def test_an_edited_recipe_has_no_plan_until_planned(tmp_path):
     recipe = quick(tmp_path)
     generate(recipe)
+    fewer = quick(tmp_path, "prompts.limit=5")  # a plan serves any recipe asking for fewer prompts
+    assert plan_key(fewer) == plan_key(recipe)
+    assert [ex.request_hash for ex in ledger_examples(fewer, "student")[0]] == \
+        [ex.request_hash for ex in ledger_examples(recipe, "student")[0] if ex.request_hash in
+         recipe_requests(fewer)[1]]
+    assert len(recipe_requests(fewer)[1]) == 5
     more = quick(tmp_path, "prompts.limit=16")  # 4 prompts generate never answered
-    assert plan_key(more) != plan_key(recipe)
     with pytest.raises(PotstillError, match="has no plan"):
         ledger_examples(more, "student")
     pipeline.planned(more)
@@ -70,7 +75,7 @@ def test_an_edited_recipe_has_no_plan_until_planned(tmp_path):
     # a file the plan names changing (same recipe text) also needs a new plan
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text((QUICKSTART / "prompts" / "train.jsonl").read_text())
-    copied = quick(tmp_path, f"prompts.path={prompts}")
+    copied = quick(tmp_path, f"prompts.path={prompts}", "prompts.limit=null")
     generate(copied)
     key = plan_key(copied)
     prompts.write_text(prompts.read_text() + prompts.read_text().splitlines()[0] + "\n")

@@ -194,8 +194,8 @@ def _merge_one(db: sqlite3.Connection) -> dict:
                "SELECT local_id, request_hash FROM src.batch_requests")
     if db.execute("SELECT 1 FROM src.sqlite_master WHERE type='table' AND name='plans'").fetchone():
         # a shard's plan is the whole recipe's: every shard of one recipe holds the same one
-        db.execute("INSERT OR IGNORE INTO main.plans (plan_key, teacher_key, request_hashes, created_at) "
-                   "SELECT plan_key, teacher_key, request_hashes, created_at FROM src.plans")
+        db.execute("INSERT OR IGNORE INTO main.plans (plan_key, teacher_key, prompt_limit, request_hashes, created_at) "
+                   "SELECT plan_key, teacher_key, prompt_limit, request_hashes, created_at FROM src.plans")
     db.execute("DROP TABLE temp.session_map")
     db.execute("DROP TABLE temp.new_completions")
     return n

@@ -120,10 +120,11 @@ CREATE TABLE IF NOT EXISTS batch_requests (
     PRIMARY KEY (local_id, request_hash)
 );
 CREATE TABLE IF NOT EXISTS plans (          -- what generate planned for a recipe: train and run read it, never re-plan
-    plan_key TEXT PRIMARY KEY,             -- sha256 of the recipe's prompts, teacher and generation sections and the
-                                           -- files they name (ledger.plans.plan_key)
+    plan_key TEXT PRIMARY KEY,             -- sha256 of the recipe's prompts (but their limit), teacher and generation
+                                           -- sections and the files they name (ledger.plans.plan_key)
     teacher_key TEXT NOT NULL REFERENCES teachers,
-    request_hashes TEXT NOT NULL,          -- JSON list: every request of the recipe (all shards), prompt by prompt
+    prompt_limit INTEGER,                  -- the prompts.limit planned for; null: every prompt of the file
+    request_hashes TEXT NOT NULL,          -- JSON [[prompt index in the file, request hash], ...], all shards'
     created_at TEXT NOT NULL
 );
 """
@@ -182,6 +183,11 @@ def teacher_key(description: dict) -> str:
 
 def request_hash(teacher_key: str, messages: list[dict], params: dict, sample_index: int) -> str:
     return hashlib.sha256(_canonical([teacher_key, messages, params, sample_index]).encode()).hexdigest()
+
+
+def covers(planned: int | None, wanted: int | None) -> bool:
+    """Whether a plan of the first ``planned`` prompts (None: all) holds the first ``wanted``."""
+    return planned is None or (wanted is not None and wanted <= planned)
 
 
 def requests_for(teacher_key: str, prompts: list[Prompt], params: dict, samples_per_prompt: int = 1,
@@ -289,17 +295,26 @@ class Ledger:
                         "description=excluded.description", (key, _canonical(description)))
         return key
 
-    def record_plan(self, plan_key: str, description: dict, request_hashes: list[str]) -> None:
-        """Keep which requests a recipe asks for (its teacher and their hashes), under its plan key."""
+    def record_plan(self, plan_key: str, description: dict, requests: list[tuple[int, str]],
+                    prompt_limit: int | None) -> None:
+        """Keep which requests a recipe asks for (its teacher, and (prompt index, hash) pairs for the
+        first ``prompt_limit`` prompts, None: all) under its plan key, unless a plan kept there
+        already covers more prompts."""
+        old = self.db.execute("SELECT prompt_limit FROM plans WHERE plan_key=?", (plan_key,)).fetchone()
+        if old is not None and covers(old[0], prompt_limit) and not covers(prompt_limit, old[0]):
+            return
         key = self.register_teacher(description)
-        self.db.execute("INSERT OR REPLACE INTO plans VALUES (?, ?, ?, ?)",
-                        (plan_key, key, json.dumps(request_hashes), _now()))
+        self.db.execute("INSERT OR REPLACE INTO plans VALUES (?, ?, ?, ?, ?)",
+                        (plan_key, key, prompt_limit, json.dumps(requests), _now()))
 
-    def plan(self, plan_key: str) -> tuple[dict, list[str]] | None:
-        """The teacher's description and the request hashes recorded under ``plan_key``, or None."""
-        row = self.db.execute("SELECT t.description, p.request_hashes FROM plans p JOIN teachers t USING (teacher_key) "
-                              "WHERE p.plan_key=?", (plan_key,)).fetchone()
-        return None if row is None else (json.loads(row[0]), json.loads(row[1]))
+    def plan(self, plan_key: str, prompt_limit: int | None) -> tuple[dict, list[str]] | None:
+        """The teacher's description and the request hashes of the first ``prompt_limit`` prompts
+        (None: all) planned under ``plan_key``; None when no plan there covers them."""
+        row = self.db.execute("SELECT t.description, p.prompt_limit, p.request_hashes FROM plans p "
+                              "JOIN teachers t USING (teacher_key) WHERE p.plan_key=?", (plan_key,)).fetchone()
+        if row is None or not covers(row[1], prompt_limit):
+            return None
+        return json.loads(row[0]), [h for i, h in json.loads(row[2]) if prompt_limit is None or i < prompt_limit]
 
     def start_session(self, recipe_sha256: str | None) -> int:
         cur = self.db.execute(
