@@ -333,23 +333,8 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     device = recipe.device_for("train")
     check_launch(device)  # before the terms gate writes to the ledger: a launch that would not distribute is refused
     examples, ledger_sha, descriptions, terms = ledger_examples(recipe, name, accept_terms_risk)
-    if spec.objective == "kd" and spec.teacher_signal == "cached" and any(ex.topk_ids is None for ex in examples):
-        raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; " + (
-            "teacher.token_ids is false, so the HTTP teacher's logprobs were not asked for: set teacher.token_ids=true "
-            "(vLLM, potstill serve) and generate again" if recipe.teacher.http and not recipe.teacher.token_ids else
-            "generate with generation.top_logprobs > 0") + ", or use train.teacher_signal=online")
-
-    # accelerate keeps one state per process; a second student (the baseline) in the same process may
-    # ask for another mixed precision, so forget the previous setting but keep the process group
-    AcceleratorState._reset_state(reset_partial_state=False)
-    mixed_precision = resolve_mixed_precision(spec.mixed_precision, device)
-    if device.startswith("cuda:"):  # one process on a chosen GPU; under `accelerate launch` each rank has its own
-        torch.cuda.set_device(int(device.partition(":")[2]))
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
-    fsdp_on_cpu(accelerator)  # tests only: the GPUs' FSDP2 path over gloo (distributed.FSDP_ON_CPU)
-    if accelerator.is_fsdp2 and spec.lora is not None:
-        raise PotstillError("train.lora under FSDP is not supported yet: train LoRA with DDP (accelerate launch "
-                            "--multi_gpu), or the full student under FSDP")
+    refuse_missing_topk(recipe, spec, examples)
+    accelerator, mixed_precision = make_accelerator(device, spec)
     torch.manual_seed(spec.seed)
     tokenizer = load_student_tokenizer(recipe)
     model = load_student(recipe, tokenizer)
@@ -371,41 +356,74 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
                                   weight_decay=spec.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # chunk_size auto: picked from the memory left with the student and the teacher on the device
-    # (CHUNK_SHARE leaves room for activations and the optimizer's state, made at the first step);
-    # the steps and potstill.json see the number, the resume signature what was asked
-    asked = spec
-    head_weight = _unwrap(model).get_output_embeddings().weight
-    v, h = head_weight.shape
-    dtype_bytes = 2 if mixed_precision in ("bf16", "fp16") else head_weight.element_size()
-    spec = spec.model_copy(update={"chunk_size": resolve_chunk_size(spec.chunk_size, device, v, h, dtype_bytes)})
-    compile = bool(spec.chunk_size) and resolve_compile(spec.compile, device)
-    heads = None
-    if spec.chunk_size:  # checked once, before any step: a head the loss cannot rebuild is refused here
-        heads = model_heads(model, teacher)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    plan = Plan(len(data), spec, accelerator.num_processes)
+    asked, spec = spec, with_chunk_size(spec, model, device, mixed_precision)
     signature = {"examples": len(data), "ledger_sha256": ledger_sha, "train": asked.model_dump(exclude={"resume"}),
                  "processes": accelerator.num_processes}
     if accelerator.is_fsdp2:  # its checkpoints key the optimizer's state by parameter name
         signature["fsdp"] = 2
-
     ckpt_root = recipe.run_dir / "checkpoints" / name
-    start = 0
+    return Setup(
+        spec=spec, accelerator=accelerator, model=model, optimizer=optimizer, tokenizer=tokenizer, teacher=teacher,
+        compat=compat, heads=model_heads(model, teacher) if spec.chunk_size else None,  # checked before any step
+        data=data, plan=Plan(len(data), spec, accelerator.num_processes),
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        on_policy_max_new_tokens=spec.on_policy_max_new_tokens or recipe.generation.max_new_tokens,
+        mixed_precision=mixed_precision, compile=bool(spec.chunk_size) and resolve_compile(spec.compile, device),
+        ledger_sha=ledger_sha, teachers=teacher_shares(examples, data, descriptions), signature=signature,
+        ckpt_root=ckpt_root, start=resume_step(ckpt_root, signature, spec, model, optimizer, accelerator, name),
+        terms=terms, request_hashes=[ex.request_hash for ex in examples], distributed=describe(accelerator.state))
+
+
+def refuse_missing_topk(recipe: Recipe, spec: TrainSpec, examples: list) -> None:
+    """Logit KD from the cache needs every example's top-k: one line saying how to get it."""
+    if spec.objective == "kd" and spec.teacher_signal == "cached" and any(ex.topk_ids is None for ex in examples):
+        raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; " + (
+            "teacher.token_ids is false, so the HTTP teacher's logprobs were not asked for: set teacher.token_ids=true "
+            "(vLLM, potstill serve) and generate again" if recipe.teacher.http and not recipe.teacher.token_ids else
+            "generate with generation.top_logprobs > 0") + ", or use train.teacher_signal=online")
+
+
+def make_accelerator(device: str, spec: TrainSpec) -> tuple[Accelerator, str]:
+    """This student's Accelerator and its mixed precision ("no", "bf16" or "fp16")."""
+    # accelerate keeps one state per process; a second student (the baseline) in the same process may
+    # ask for another mixed precision, so forget the previous setting but keep the process group
+    AcceleratorState._reset_state(reset_partial_state=False)
+    mixed_precision = resolve_mixed_precision(spec.mixed_precision, device)
+    if device.startswith("cuda:"):  # one process on a chosen GPU; under `accelerate launch` each rank has its own
+        torch.cuda.set_device(int(device.partition(":")[2]))
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+    fsdp_on_cpu(accelerator)  # tests only: the GPUs' FSDP2 path over gloo (distributed.FSDP_ON_CPU)
+    if accelerator.is_fsdp2 and spec.lora is not None:
+        raise PotstillError("train.lora under FSDP is not supported yet: train LoRA with DDP (accelerate launch "
+                            "--multi_gpu), or the full student under FSDP")
+    return accelerator, mixed_precision
+
+
+def with_chunk_size(spec: TrainSpec, model, device: str, mixed_precision: str) -> TrainSpec:
+    """``spec`` with chunk_size auto resolved: the chunk that fits the memory left with the student
+    and the teacher on the device (CHUNK_SHARE leaves room for activations and the optimizer's state,
+    made at the first step). The steps and potstill.json see the number, the resume signature what
+    was asked."""
+    head_weight = _unwrap(model).get_output_embeddings().weight
+    v, h = head_weight.shape
+    dtype_bytes = 2 if mixed_precision in ("bf16", "fp16") else head_weight.element_size()
+    return spec.model_copy(update={"chunk_size": resolve_chunk_size(spec.chunk_size, device, v, h, dtype_bytes)})
+
+
+def resume_step(ckpt_root: Path, signature: dict, spec: TrainSpec, model, optimizer, accelerator, name: str) -> int:
+    """The step to start from: a resumed checkpoint's whose signature matches, else 0 (and the
+    checkpoints of other settings or data are cleared)."""
     found = checkpoint.latest(ckpt_root) if spec.resume else None
     if found is not None and json.loads((found / "trainer.json").read_text())["signature"] == signature:
         start = checkpoint.load_checkpoint(found, _unwrap(model), optimizer, fsdp=accelerator.is_fsdp2)["step"]
         print(f"train {name}: resuming from {found}")
-    else:
-        if found is not None:
-            print(f"train {name}: {ckpt_root} holds checkpoints of other settings or data; starting over")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            checkpoint.clear(ckpt_root)
-    return Setup(spec, accelerator, model, optimizer, tokenizer, teacher, compat, heads, data, plan, pad_id,
-                 spec.on_policy_max_new_tokens or recipe.generation.max_new_tokens, mixed_precision, compile,
-                 ledger_sha, teacher_shares(examples, data, descriptions), signature, ckpt_root, start, terms,
-                 [ex.request_hash for ex in examples], describe(accelerator.state))
+        return start
+    if found is not None:
+        print(f"train {name}: {ckpt_root} holds checkpoints of other settings or data; starting over")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoint.clear(ckpt_root)
+    return 0
 
 
 def train_step(s: Setup, step: int) -> dict:
