@@ -1,9 +1,10 @@
 """The generate stage: ask the teacher for every prompt not yet answered, and store each answer
 in the ledger before counting it done. Rerunning sends nothing already done.
 
-The teacher answers through its backend (``potstill.teachers.backends``): ``local``
+The teacher answers through its backend (``potstill.teachers.backends.BACKENDS``): ``local``
 (transformers), ``openai`` (any OpenAI-compatible endpoint), ``openai_batch`` (OpenAI's Batch API);
-an ``imported`` teacher's file is read into the ledger instead.
+a backend that reads no prompts (``imported``: its file holds prompts and answers) stores its file
+in the ledger instead.
 ``shard=(i, n)`` keeps only the requests of shard i of n, in a ledger of its own
 (``ledger-shard-i-of-n.sqlite``) for ``potstill merge`` to combine.
 """
@@ -19,10 +20,8 @@ from potstill.ledger import Ledger, exclusive, requests_for, teacher_key
 from potstill.ledger.plans import plan_key, prompt_limit
 from potstill.prompts import Prompt, load_prompts
 from potstill.recipe import Recipe, save_recipe
-from potstill.teachers.backends import ask, for_recipe
+from potstill.teachers.backends import BACKENDS, Backend, ask, for_recipe
 from potstill.teachers.base import Teacher
-from potstill.teachers.imported import import_file, imported_requests
-from potstill.teachers.openai.wire import load_tokenizer
 
 
 def ledger_path(recipe: Recipe, shard: tuple[int, int] | None = None) -> Path:
@@ -36,11 +35,12 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
     failed (ledger). A run that stops early (budget, a non-retryable error) raises after saving."""
     run = recipe.run_dir
     spec = recipe.teacher
+    reads_prompts = BACKENDS[spec.backend].reads_prompts
     # a bad prompt file is refused before anything is written
-    prompts = None if spec.backend == "imported" else load_prompts(recipe.prompts.path, recipe.prompts.limit)
+    prompts = load_prompts(recipe.prompts.path, recipe.prompts.limit) if reads_prompts else None
     run.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run / "recipe.yaml")
-    if spec.backend == "imported":
+    if not reads_prompts:
         return import_stage(recipe)
     params = sampling_params(recipe)
     if recipe.generation.stop and not spec.http:
@@ -81,12 +81,12 @@ def generate(recipe: Recipe, teacher: Teacher | None = None, shard: tuple[int, i
 
 
 def import_stage(recipe: Recipe) -> dict:
-    """The generate stage of an ``imported`` teacher: its file goes into the ledger (idempotent)."""
-    spec = recipe.teacher
+    """The generate stage of a teacher whose file holds the prompts and the answers (``imported``):
+    the file goes into the ledger (idempotent), and its rows are the recipe's plan."""
     with exclusive(ledger_path(recipe)), Ledger(ledger_path(recipe)) as ledger:
-        counts = import_file(ledger, spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
-                             terms_family=spec.terms_family, terms_url=spec.terms_url, n_tokens=n_tokens(recipe))
-        ledger.record_plan(plan_key(recipe), *planned_requests(recipe), None)
+        backend = for_recipe(recipe)
+        counts = backend.store(ledger)
+        ledger.record_plan(plan_key(recipe), *planned_requests(recipe, backend), None)
         return {"planned": counts["read"], "sent": 0, **ledger.counts(), "spend": ledger.spend(), "imported": counts}
 
 
@@ -99,12 +99,6 @@ def sampling_params(recipe: Recipe) -> dict:
     return params
 
 
-def n_tokens(recipe: Recipe) -> int | None:
-    """How many ids the teacher's tokenizer has, when the recipe says where it is."""
-    tokenizer = load_tokenizer(recipe.teacher)
-    return None if tokenizer is None else len(tokenizer)
-
-
 def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
     """The teacher's description and the request hashes this recipe asks for (every shard's), planned
     as generate plans them: what generate records in the ledger for train to read."""
@@ -112,15 +106,13 @@ def recipe_requests(recipe: Recipe) -> tuple[dict, list[str]]:
     return desc, [h for _, h in pairs]
 
 
-def planned_requests(recipe: Recipe) -> tuple[dict, list[tuple[int, str]]]:
-    """The teacher's description and (prompt index, request hash) for every request of the recipe."""
-    spec = recipe.teacher
-    if spec.backend == "imported":
-        desc, hashes = imported_requests(spec.data, format=spec.format, teacher_id=recipe.teacher_id(),
-                                         terms_family=spec.terms_family, terms_url=spec.terms_url,
-                                         n_tokens=n_tokens(recipe))
+def planned_requests(recipe: Recipe, backend: Backend | None = None) -> tuple[dict, list[tuple[int, str]]]:
+    """The teacher's description and (prompt index, request hash) for every request of the recipe
+    (``backend``: the recipe's, when already built)."""
+    backend = backend or for_recipe(recipe)
+    if not backend.reads_prompts:  # its file's rows, in file order
+        desc, hashes = backend.plan()
         return desc, list(enumerate(hashes))
-    backend = for_recipe(recipe)
     loaded = load_prompts(recipe.prompts.path, recipe.prompts.limit)
     fitted, _ = fitting_prompts(recipe, loaded, backend.tokenizer)
     return planned_pairs(recipe, backend.describe(), loaded, fitted)

@@ -65,7 +65,30 @@ class WatermarkSpec(Section):
     context: int = Field(1, ge=1, le=8)  # previous token ids that seed each green list
 
 
-class TeacherSpec(Section):
+class HTTPSettings(Section):
+    """How an OpenAI-compatible endpoint is asked: the same keys under ``teacher`` (an HTTP teacher)
+    and ``eval.judge`` (a judge behind an endpoint), declared once here."""
+
+    model: str | None = None  # the model name the endpoint serves, e.g. gpt-4o-mini
+    endpoints: list[str] = []  # base URLs, e.g. [https://api.openai.com/v1]; several = a fleet (least-loaded)
+    api_key_env: str | None = None  # NAME of the environment variable holding the key; keys never go in recipes
+    concurrency: int = Field(16, ge=1, le=4096)  # the in-flight window is concurrency x endpoints
+    requests_per_minute: float | None = Field(None, gt=0.0)  # over all endpoints
+    tokens_per_minute: float | None = Field(None, gt=0.0)  # prompt estimate + max tokens, as providers count
+    timeout: float = Field(120.0, gt=0.0)  # seconds per attempt
+    max_attempts: int = Field(6, ge=1, le=100)  # per request, first send included
+    max_retry_wait: float = Field(120.0, ge=0.0)  # a Retry-After longer than this stops the run (rerun later)
+    prices: PricesSpec = PricesSpec()
+    budget: BudgetSpec = BudgetSpec()
+
+    _api_key_env = field_validator("api_key_env")(_env_name)
+
+
+# what an endpoint's teacher cannot do without, and what to put there
+_ENDPOINT_REQUIRED = {"model": " (the name the endpoint serves)", "endpoints": ", e.g. [https://api.openai.com/v1]"}
+
+
+class TeacherSpec(HTTPSettings):
     # local: a Hugging Face model directory run with transformers; openai: any OpenAI-compatible
     # endpoint (OpenAI, vLLM, llama.cpp, Ollama, `potstill serve`); openai_batch: OpenAI's Batch API;
     # imported: completions someone already has (a JSONL or Parquet file at teacher.data)
@@ -89,26 +112,21 @@ class TeacherSpec(Section):
     # (with a hash of the folder's .py files) in the teacher's description
     trust_remote_code: bool = False
     watermark: WatermarkSpec | None = None  # local: watermark the teacher's samples and logprobs
-    # -- HTTP backends ------------------------------------------------------------------------
-    model: str | None = None  # the model name the endpoint serves, e.g. gpt-4o-mini
-    endpoints: list[str] = []  # base URLs, e.g. [https://api.openai.com/v1]; several = a fleet (least-loaded)
+    # -- HTTP backends: HTTPSettings (model, endpoints, api_key_env, limits, prices, budget), and --------
     # chat: /chat/completions; completions: /completions with the chat template applied here (the
     # token ids when teacher.tokenizer is known, else the messages' text joined by newlines)
     api: Literal["chat", "completions"] = "chat"
-    api_key_env: str | None = None  # NAME of the environment variable holding the key; keys never go in recipes
     tokenizer: str | None = None  # the teacher's tokenizer folder: token ids, logit KD; default: path
     token_ids: bool = False  # ask for ids (vLLM / potstill serve `return_tokens_as_token_ids`); needed for logit KD
-    concurrency: int = Field(16, ge=1, le=4096)  # the in-flight window is concurrency x endpoints
-    requests_per_minute: float | None = Field(None, gt=0.0)  # over all endpoints
-    tokens_per_minute: float | None = Field(None, gt=0.0)  # prompt estimate + max tokens, as providers count
-    timeout: float = Field(120.0, gt=0.0)  # seconds per attempt
-    max_attempts: int = Field(6, ge=1, le=100)  # per request, first send included
-    max_retry_wait: float = Field(120.0, ge=0.0)  # a Retry-After longer than this stops the run (rerun later)
-    prices: PricesSpec = PricesSpec()
-    budget: BudgetSpec = BudgetSpec()
     batch_poll_seconds: float = Field(30.0, gt=0.0)  # openai_batch: seconds between status polls
 
-    _api_key_env = field_validator("api_key_env")(_env_name)
+    # the fields each backend cannot do without (a new backend: its name in `backend` and a line here)
+    REQUIRED: ClassVar[dict[str, dict[str, str]]] = {
+        "local": {"path": " (a Hugging Face model folder)"},
+        "openai": _ENDPOINT_REQUIRED,
+        "openai_batch": _ENDPOINT_REQUIRED,
+        "imported": {"data": " (the file of completions)"},
+    }
 
     @field_validator("terms_declared")
     @classmethod
@@ -119,23 +137,17 @@ class TeacherSpec(Section):
 
     @model_validator(mode="after")
     def _backend_fields(self) -> TeacherSpec:
-        if self.backend == "local" and not self.path:
-            raise ValueError("teacher.path is required for backend local (a Hugging Face model folder)")
         if self.watermark is not None and self.backend != "local":
             raise ValueError("teacher.watermark needs backend local (watermark a hosted teacher with "
                              "`potstill serve --watermark-key-file`)")
-        if self.backend == "imported" and not self.data:
-            raise ValueError("teacher.data is required for backend imported (the file of completions)")
-        if self.backend in ("openai", "openai_batch"):
-            if not self.model:
-                raise ValueError(f"teacher.model is required for backend {self.backend} (the name the endpoint serves)")
-            if not self.endpoints:
-                raise ValueError(f"teacher.endpoints is required for backend {self.backend}, e.g. [https://api.openai.com/v1]")
-            if self.backend == "openai_batch" and len(self.endpoints) != 1:
-                raise ValueError("teacher.endpoints: the Batch API takes exactly one endpoint")
-            if self.token_ids and not self.tokenizer_dir:
-                raise ValueError("teacher.token_ids needs teacher.tokenizer (or teacher.path): the folder of the "
-                                 "tokenizer the endpoint uses")
+        for name, what in self.REQUIRED[self.backend].items():
+            if not getattr(self, name):
+                raise ValueError(f"teacher.{name} is required for backend {self.backend}{what}")
+        if self.backend == "openai_batch" and len(self.endpoints) != 1:
+            raise ValueError("teacher.endpoints: the Batch API takes exactly one endpoint")
+        if self.http and self.token_ids and not self.tokenizer_dir:
+            raise ValueError("teacher.token_ids needs teacher.tokenizer (or teacher.path): the folder of the "
+                             "tokenizer the endpoint uses")
         return self
 
     @property
@@ -209,8 +221,9 @@ class LoraSpec(Section):
 
 class TrainSpec(Section):
     objective: Literal["kd", "sft"] = "kd"  # kd: kd_ratio * KD + (1 - kd_ratio) * CE; sft: CE on teacher text
-    # KD divergence (formulas: src/potstill/losses/); over the teacher's top-k + tail when cached
-    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    # KD divergence, a name in potstill.losses.LOSSES: forward_kl, reverse_kl, jsd, skew_kl,
+    # skew_reverse_kl, tvd (formulas: src/potstill/losses/); over the teacher's top-k + tail when cached
+    loss: str = "forward_kl"
     beta: float = Field(0.5, ge=0.0, le=1.0)  # jsd: 0 = forward KL, 1 = reverse KL (GKD)
     alpha: float = Field(0.1, ge=0.0, lt=1.0)  # skew_kl / skew_reverse_kl mixing weight (DistiLLM); 1 = no signal
     kd_ratio: float = Field(0.5, ge=0.0, le=1.0)  # weight of the KD term against cross-entropy
@@ -250,6 +263,16 @@ class TrainSpec(Section):
     data: Literal["recipe", "ledger"] = "recipe"
 
 
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _known_loss(cls, value: Any) -> Any:
+        from potstill.losses import LOSSES
+
+        if not (isinstance(value, str) and value in LOSSES):
+            *names, last = (repr(name) for name in LOSSES)
+            raise ValueError(f"Input should be {', '.join(names)} or {last}")  # the words of a Literal's error
+        return value
+
     @field_validator("chunk_size", mode="before")
     @classmethod
     def _chunk(cls, value: Any) -> Any:
@@ -286,7 +309,7 @@ class BaselineSpec(Section):
         return self
 
 
-class JudgeSpec(Section):
+class JudgeSpec(HTTPSettings):
     """A model that follows instructions judges each student's answers against the teacher's,
     pairwise (prompt: potstill/evaluate/judge.py): a local folder, or an OpenAI-compatible endpoint
     asked as an HTTP teacher is (retries, limits, budget; replies kept in judge-ledger.sqlite)."""
@@ -294,23 +317,7 @@ class JudgeSpec(Section):
     backend: Literal["local", "openai"] = "local"
     path: str | None = None  # local: the model folder
     max_new_tokens: int = Field(16, ge=1)
-    # -- openai: as teacher.* ----------------------------------------------------------------------
-    model: str | None = None  # the model name the endpoint serves, e.g. gpt-4o
-    endpoints: list[str] = []  # base URLs, e.g. [https://api.openai.com/v1]
-    api_key_env: str | None = None  # NAME of the environment variable holding the key
-    concurrency: int = Field(16, ge=1, le=4096)
-    requests_per_minute: float | None = Field(None, gt=0.0)
-    tokens_per_minute: float | None = Field(None, gt=0.0)
-    timeout: float = Field(120.0, gt=0.0)
-    max_attempts: int = Field(6, ge=1, le=100)
-    max_retry_wait: float = Field(120.0, ge=0.0)
-    prices: PricesSpec = PricesSpec()
-    budget: BudgetSpec = BudgetSpec()
-
-    _api_key_env = field_validator("api_key_env")(_env_name)
-    HTTP_FIELDS: ClassVar[tuple[str, ...]] = ("model", "endpoints", "api_key_env", "concurrency", "requests_per_minute",
-                                              "tokens_per_minute", "timeout", "max_attempts", "max_retry_wait",
-                                              "prices", "budget")
+    # -- openai: HTTPSettings, as teacher.* (model, endpoints, api_key_env, limits, prices, budget) ----
 
     @model_validator(mode="after")
     def _backend_fields(self) -> JudgeSpec:
@@ -332,7 +339,7 @@ class JudgeSpec(Section):
     def as_teacher(self) -> TeacherSpec:
         """An HTTP judge as the teacher spec the HTTP backend sends with (chat API, no token ids)."""
         return TeacherSpec(backend="openai", id=f"judge:{self.model}",
-                           **{f: getattr(self, f) for f in self.HTTP_FIELDS})
+                           **{f: getattr(self, f) for f in HTTPSettings.model_fields})
 
 
 class LmEvalSpec(Section):
@@ -358,10 +365,10 @@ class EvalSpec(Section):
 
     @model_validator(mode="after")
     def _verifier_exists(self) -> EvalSpec:
-        from potstill.verifiers import available
+        from potstill.verifiers import not_installed
 
-        if self.verifier not in available():
-            raise ValueError(f"eval.verifier {self.verifier!r} is not installed; available: {', '.join(sorted(available()))}")
+        if why := not_installed(self.verifier):
+            raise ValueError(why)
         return self
 
 

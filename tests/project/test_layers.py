@@ -16,11 +16,11 @@ LAYERS = {
     "entry": ["cli", "__main__"],
     "pipeline": ["pipeline"],
     "stages": ["generate", "train", "evaluate", "report", "serve", "audit"],
-    "components": ["teachers", "losses", "receipts", "tasks"],
+    "components": ["teachers", "receipts", "tasks"],
     "ledger": ["ledger"],
     "recipe": ["recipe"],
-    "bottom": ["hf", "records", "redaction", "watermark", "verifiers", "prompts", "devices", "student_config",
-               "provenance", "progress", "errors"],
+    "bottom": ["hf", "records", "redaction", "watermark", "verifiers", "losses", "prompts", "devices",
+               "student_config", "provenance", "progress", "errors"],
 }
 # layers whose members may not import each other (the bottom's pieces may use one another)
 SEALED = {"stages", "components"}

@@ -1,11 +1,18 @@
 """Distillation losses: pure functions, one file per family (formula and paper in each docstring).
 
-Each family is a per-row divergence over two log-distributions on the same buckets. ``kd_loss``
-gives every family in its dense form (full teacher logits, buckets = vocabulary) and its sparse
-form (teacher top-k + one tail bucket), by the name used in recipes.
+Each family is a per-row divergence over two log-distributions on the same buckets. ``LOSSES`` is
+the registry of the names recipes use (``train.loss``): the recipe validates against it, the
+training step looks the divergence up in it, and ``potstill run`` reads from it which parameters a
+loss uses. A new loss is one file here and one line in ``LOSSES`` (docs/extending.md).
+
+``kd_loss`` gives every family in its dense form (full teacher logits, buckets = vocabulary) and
+its sparse form (teacher top-k + one tail bucket).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -16,25 +23,36 @@ from potstill.losses.reverse_kl import reverse_kl
 from potstill.losses.skew_kl import skew_kl, skew_reverse_kl
 from potstill.losses.tvd import tvd
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+@dataclass(frozen=True)
+class Loss:
+    """A loss family as recipes name it. ``rows(teacher_logp, student_logp, **params)``: two (N, B)
+    log-distributions over the same buckets -> (N,), the divergence of each row. ``params``: the
+    ``train.*`` fields it reads, passed by these names (the others do not change what it trains)."""
+
+    rows: Callable[..., Tensor]
+    params: tuple[str, ...] = ()
+
+
+LOSSES: dict[str, Loss] = {
+    "forward_kl": Loss(forward_kl),
+    "reverse_kl": Loss(reverse_kl),
+    "jsd": Loss(generalized_jsd, ("beta",)),
+    "skew_kl": Loss(skew_kl, ("alpha",)),
+    "skew_reverse_kl": Loss(skew_reverse_kl, ("alpha",)),
+    "tvd": Loss(tvd),
+}
 
 
 def divergence(name: str, teacher_logp: Tensor, student_logp: Tensor, *, beta: float = 0.5,
                alpha: float = 0.1) -> Tensor:
-    """Per-row divergence ``name`` between two log-distributions over the same buckets."""
-    if name == "forward_kl":
-        return forward_kl(teacher_logp, student_logp)
-    if name == "reverse_kl":
-        return reverse_kl(teacher_logp, student_logp)
-    if name == "jsd":
-        return generalized_jsd(teacher_logp, student_logp, beta)
-    if name == "skew_kl":
-        return skew_kl(teacher_logp, student_logp, alpha)
-    if name == "skew_reverse_kl":
-        return skew_reverse_kl(teacher_logp, student_logp, alpha)
-    if name == "tvd":
-        return tvd(teacher_logp, student_logp)
-    raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+    """Per-row divergence ``name`` between two log-distributions over the same buckets; the loss
+    gets the parameters it reads (``LOSSES[name].params``)."""
+    loss = LOSSES.get(name)
+    if loss is None:
+        raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+    given = {"beta": beta, "alpha": alpha}
+    return loss.rows(teacher_logp, student_logp, **{p: given[p] for p in loss.params})
 
 
 def kd_loss(name: str, student_logits: Tensor, *, teacher_logits: Tensor | None = None,
@@ -48,4 +66,4 @@ def kd_loss(name: str, student_logits: Tensor, *, teacher_logits: Tensor | None 
     return reduce(divergence(name, p, q, beta=beta, alpha=alpha) * temperature**2, reduction)
 
 
-__all__ = ["LOSSES", "divergence", "kd_loss"]
+__all__ = ["LOSSES", "Loss", "divergence", "kd_loss"]

@@ -1,14 +1,17 @@
-"""One way to ask a teacher. ``for_recipe`` picks the backend the recipe names; ``ask`` plans the
-requests, keeps those the ledger lacks, and has the backend answer them into the ledger. generate
-and eval both call ``ask``; neither knows which backend answers.
+"""One way to ask a teacher. ``BACKENDS`` is the registry of ``teacher.backend`` names; ``for_recipe``
+builds the one the recipe names; ``ask`` plans the requests, keeps those the ledger lacks, and has
+the backend answer them into the ledger. generate and eval both call ``ask``; neither knows which
+backend answers.
 
-A backend has a ``tokenizer`` (None for an HTTP teacher without one), ``describe()`` (provenance,
-computed without loading weights or calling an endpoint: its hash is part of every request hash)
-and ``answer(requests, params, ledger, session, key)``, which stores each answer in the ledger and
-returns why sending stopped early (budget, a non-retryable error), or None.
-
-An ``imported`` teacher has no backend: its file holds the requests and the answers at once
-(``teachers/imported.py``).
+A backend is built as ``Backend(recipe, teacher=None, online=False)`` and has a ``tokenizer`` (None
+for an HTTP teacher without one), ``describe()`` (provenance, computed without loading weights or
+calling an endpoint: its hash is part of every request hash) and ``reads_prompts``. One that reads
+the recipe's prompts answers them: ``answer(requests, params, ledger, session, key)`` stores each
+answer in the ledger and returns why sending stopped early (budget, a non-retryable error), or None.
+One that does not (``imported``) has a file that holds the prompts and the answers at once:
+``plan()`` gives its description and the hashes of its rows, ``store(ledger)`` puts the file in the
+ledger. A new backend is a class here (or in its own module) and a line in ``BACKENDS``, plus its
+name and required fields in the recipe's ``TeacherSpec`` (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from potstill.teachers.base import Teacher
 
 class Backend(Protocol):
     tokenizer: object | None
+    reads_prompts: bool  # False: its own file holds the prompts and the answers (plan, store; no answer)
 
     def describe(self) -> dict:
         """The teacher's provenance: id, backend, weights or endpoint, tokenizer and template hashes, terms."""
@@ -58,9 +62,11 @@ def recipe_watermark(recipe: Recipe):
 
 class LocalBackend:
     """A Hugging Face model folder, generated from here in batches; the weights load on the first
-    answer, so a rerun with nothing to ask never loads them."""
+    answer, so a rerun with nothing to ask never loads them. ``teacher``: the model already loaded."""
 
-    def __init__(self, recipe: Recipe, teacher: Teacher | None = None):
+    reads_prompts = True
+
+    def __init__(self, recipe: Recipe, teacher: Teacher | None = None, online: bool = False):
         from potstill.hf import check_model_dir, load_tokenizer_dir
 
         self.recipe, self._teacher = recipe, teacher
@@ -97,10 +103,12 @@ class LocalBackend:
 class HTTPBackend:
     """An OpenAI-compatible endpoint, one request at a time with retries (``potstill.teachers.openai.dispatch``)."""
 
-    def __init__(self, recipe: Recipe, spec=None, label: str = "generate"):
+    reads_prompts = True
+
+    def __init__(self, recipe: Recipe, teacher: Teacher | None = None, online: bool = False, label: str = "generate"):
         from potstill.teachers.openai.wire import load_tokenizer
 
-        self.recipe, self.spec = recipe, spec or recipe.teacher  # spec: how to send, which may differ from the recipe's
+        self.recipe, self.spec = recipe, recipe.teacher  # spec: how to send (a judge's: eval.judge as a teacher)
         self.tokenizer = load_tokenizer(recipe.teacher)
         self.label = label  # the progress bar's name
 
@@ -116,26 +124,69 @@ class HTTPBackend:
 
 
 class BatchBackend(HTTPBackend):
-    """OpenAI's Batch API: files of requests, collected when done (``potstill.teachers.openai.batch``)."""
+    """OpenAI's Batch API: files of requests, collected when done (``potstill.teachers.openai.batch``).
+    ``online``: one request at a time instead, as ``openai`` (a few hundred held-out prompts do not
+    need a day's batch)."""
+
+    def __init__(self, recipe: Recipe, teacher: Teacher | None = None, online: bool = False):
+        super().__init__(recipe)
+        self.online = online
 
     def answer(self, requests: list[Request], params: dict, ledger: Ledger, session: int, key: str) -> str | None:
+        if self.online:
+            return super().answer(requests, params, ledger, session, key)
         from potstill.teachers.openai.batch import run_batches
 
         return run_batches(self.spec, params, requests, ledger, session, key, self.tokenizer)
 
 
+class ImportedBackend:
+    """Completions someone already has (teacher.data: OpenAI chat JSONL, or JSONL / Parquet of prompt +
+    response; ``teachers/imported.py``). The file holds the prompts and the answers at once, so it
+    reads no prompt file and answers nothing: its generate step stores the file in the ledger."""
+
+    reads_prompts = False
+
+    def __init__(self, recipe: Recipe, teacher: Teacher | None = None, online: bool = False):
+        from potstill.teachers.openai.wire import load_tokenizer
+
+        spec = recipe.teacher
+        tokenizer = self.tokenizer = load_tokenizer(spec)  # when known, an id past it stops the import
+        self.path = spec.data
+        self.how = dict(format=spec.format, teacher_id=recipe.teacher_id(), terms_family=spec.terms_family,
+                        terms_url=spec.terms_url, n_tokens=None if tokenizer is None else len(tokenizer))
+
+    def describe(self) -> dict:
+        from potstill.teachers.imported import imported_description
+
+        return imported_description(self.path, **self.how)
+
+    def plan(self) -> tuple[dict, list[str]]:
+        """The description and the request hashes of the file's rows, in file order (no ledger needed)."""
+        from potstill.teachers.imported import imported_requests
+
+        return imported_requests(self.path, **self.how)
+
+    def store(self, ledger: Ledger) -> dict:
+        """The file into ``ledger`` (idempotent); counts: read, new, already, skipped (and why)."""
+        from potstill.teachers.imported import import_file
+
+        return import_file(ledger, self.path, **self.how)
+
+
+# teacher.backend -> the class that answers for it
+BACKENDS: dict[str, type[Backend]] = {
+    "local": LocalBackend,
+    "openai": HTTPBackend,
+    "openai_batch": BatchBackend,
+    "imported": ImportedBackend,
+}
+
+
 def for_recipe(recipe: Recipe, teacher: Teacher | None = None, online: bool = False) -> Backend:
-    """The recipe's teacher backend. ``teacher``: an already loaded local teacher; ``online``: an
-    ``openai_batch`` teacher answers one request at a time (a few hundred held-out prompts do not
-    need a day's batch)."""
-    spec = recipe.teacher
-    if spec.backend == "openai_batch":
-        return HTTPBackend(recipe, spec.model_copy(update={"backend": "openai"})) if online else BatchBackend(recipe)
-    if spec.http:
-        return HTTPBackend(recipe)
-    if spec.backend == "imported":
-        raise ValueError("an imported teacher has no backend: its file is read into the ledger (teachers/imported.py)")
-    return LocalBackend(recipe, teacher)
+    """The recipe's teacher backend. ``teacher``: an already loaded local teacher; ``online``:
+    answer a few requests now, never through a batch job (eval's held-out prompts)."""
+    return BACKENDS[recipe.teacher.backend](recipe, teacher, online)
 
 
 @dataclass

@@ -103,6 +103,14 @@ def imported_requests(path: str | Path, *, format: str = "auto", teacher_id: str
     return desc, [h for h, _, _ in _keyed(path, fmt, teacher_key(desc)) if h is not None]
 
 
+def imported_description(path: str | Path, *, format: str = "auto", teacher_id: str | None = None,
+                         terms_family: str = "unknown", terms_url: str | None = None,
+                         n_tokens: int | None = None) -> dict:
+    """The teacher description of the file (every row checked), without its request hashes."""
+    path, fmt = _resolve(path, format)
+    return _describe(path, fmt, teacher_id, terms_family, terms_url, n_tokens)
+
+
 def import_file(ledger: Ledger, path: str | Path, *, format: str = "auto", teacher_id: str | None = None,
                 terms_family: str = "unknown", terms_url: str | None = None, n_tokens: int | None = None) -> dict:
     """Store the file's completions in ``ledger``. Returns counts: read (rows), new (stored now),
