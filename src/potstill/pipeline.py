@@ -101,15 +101,19 @@ def eval_is_current(recipe: Recipe) -> bool:
 def train_students(recipe: Recipe, todo: list[tuple[str, TrainSpec]], accept_terms_risk: str | None = None,
                    say: Callable[[str], object] = print) -> None:
     """Train each ``(name, spec)``: side by side, one process each, on a CPU with a core per student
-    (train/side_by_side.py says why), else one after the other."""
+    or on a GPU each (train/side_by_side.py says why), else one after the other."""
     from potstill.train import train
-    from potstill.train.side_by_side import side_by_side_threads, train_side_by_side
+    from potstill.train.side_by_side import cpu_cores, side_by_side_gpus, side_by_side_threads, train_side_by_side
 
     if todo:
         planned(recipe)
+    names = " and ".join(name for name, _ in todo)
     if threads := side_by_side_threads(recipe, todo):
-        say(f"train: {' and '.join(name for name, _ in todo)} side by side, {threads} thread(s) each")
+        say(f"train: {names} side by side, {threads} thread(s) each")
         train_side_by_side(recipe, todo, accept_terms_risk, threads)
+    elif gpus := side_by_side_gpus(recipe, todo):
+        say(f"train: {names} side by side, one GPU each ({', '.join(gpus)})")
+        train_side_by_side(recipe, todo, accept_terms_risk, max(1, cpu_cores() // len(todo)), devices=gpus)
     else:
         for name, spec in todo:
             train(recipe, spec, name, accept_terms_risk)

@@ -94,3 +94,29 @@ def test_a_childs_lines_reach_the_parent_whole_and_the_last_one_too():
     lines.write("o\nthree")
     lines.close()
     assert [events.get_nowait()[2] for _ in range(events.qsize())] == ["one", "two", "three"]
+
+
+def test_on_a_machine_with_a_gpu_per_student_each_trains_on_its_own(tmp_path, monkeypatch):
+    """No GPU here: the decision and the child's recipe are checked; the children's training is the
+    CPU path above (the device is the only difference)."""
+    import torch
+
+    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path}"])
+    both = students(recipe)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr("potstill.devices.resolve_device", lambda name, key="device": "cuda")
+    assert sbs.side_by_side_gpus(recipe, both) == ["cuda:0", "cuda:1"]
+    assert sbs.side_by_side_gpus(recipe, both[:1]) == []  # one student: nothing to share
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert sbs.side_by_side_gpus(recipe, both) == []  # they would take turns on the one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("WORLD_SIZE", "8")  # under `accelerate launch` the processes are already there
+    assert sbs.side_by_side_gpus(recipe, both) == []
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr("potstill.devices.resolve_device", lambda name, key="device": "cuda:0" if "0" in name else
+                        "cuda")
+    pinned = load_recipe(RECIPE, [f"output_dir={tmp_path}", "train.device=cuda:0"])
+    assert sbs.side_by_side_gpus(pinned, students(pinned)) == []  # a chosen GPU is respected
+    moved = sbs.on_device(recipe, "cuda:1")
+    assert moved.train.device == "cuda:1" and recipe.train.device is None
+    assert moved.train.model_dump(exclude={"device"}) == recipe.train.model_dump(exclude={"device"})

@@ -1,4 +1,5 @@
-"""Train the student and the baseline at the same time, one process each, on a CPU with cores to spare.
+"""Train the student and the baseline at the same time, one process each: on a CPU with cores to
+spare, or on a machine with a GPU for each.
 
 Why: a small student on a CPU uses its cores badly. On 2 cores one training process runs a
 quickstart step in about 27 ms with 2 threads and 40 ms with 1; two processes of 1 thread each
@@ -9,6 +10,10 @@ Each student trains exactly as ``train`` would (same seed, data order and checkp
 spawned process. The children's progress and printed lines come back to this process through
 one queue, so there is one set of bars; the first failure stops the other student and is raised
 here as it was raised there.
+
+On GPUs (``device`` auto or cuda, as many GPUs as students, no launcher) each student gets a GPU
+of its own (``cuda:0``, ``cuda:1``): without this they would take turns on ``cuda:0`` while the
+other GPUs idle. A student's recorded training section is unchanged: only where it runs moves.
 """
 
 from __future__ import annotations
@@ -42,9 +47,35 @@ def side_by_side_threads(recipe: Recipe, todo: list[tuple[str, TrainSpec]]) -> i
     return cpu_cores() // len(todo)
 
 
+def side_by_side_gpus(recipe: Recipe, todo: list[tuple[str, TrainSpec]]) -> list[str]:
+    """One CUDA device per student (cuda:0, cuda:1, ...) when ``todo`` should train at the same time
+    on GPUs: two students or more, each asking for ``cuda`` or ``auto`` that resolves to CUDA (not a
+    chosen cuda:N), at least a GPU each, and not already one of several ``accelerate launch``
+    processes; else []."""
+    import torch
+
+    from potstill.devices import resolve_device
+
+    if len(todo) < 2 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return []
+    if any(resolve_device(spec.device or recipe.device) != "cuda" for _, spec in todo):
+        return []
+    if torch.cuda.device_count() < len(todo):
+        return []
+    return [f"cuda:{i}" for i in range(len(todo))]
+
+
+def on_device(recipe: Recipe, device: str) -> Recipe:
+    """``recipe`` with training on ``device``: what a side-by-side child trains with (train reads
+    ``recipe.device_for("train")``; the student's own training section, recorded in its
+    potstill.json, is left as it was)."""
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"device": device})})
+
+
 def train_side_by_side(recipe: Recipe, todo: list[tuple[str, TrainSpec]], accept_terms_risk: str | None,
-                       threads: int) -> None:
-    """Train every ``(name, spec)`` of ``todo`` at once, ``threads`` torch threads each."""
+                       threads: int, devices: list[str] | None = None) -> None:
+    """Train every ``(name, spec)`` of ``todo`` at once, ``threads`` torch threads each, on
+    ``devices`` (one per student, from ``side_by_side_gpus``) or where the recipe says."""
     from potstill.progress import live_bars
 
     from transformers.utils import logging
@@ -52,9 +83,11 @@ def train_side_by_side(recipe: Recipe, todo: list[tuple[str, TrainSpec]], accept
     ctx = multiprocessing.get_context("spawn")  # fork would copy this process's torch thread pools
     events = ctx.Queue()
     bars_off = not logging.is_progress_bar_enabled()  # the CLI turns transformers' bars off; so do the children
-    children = {name: ctx.Process(target=_child, args=(recipe, spec, name, accept_terms_risk, threads, events,
+    recipes = [on_device(recipe, device) for device in devices] if devices else [recipe] * len(todo)
+    children = {name: ctx.Process(target=_child, args=(mine, spec, name, accept_terms_risk, threads, events,
                                                        bars_off),
-                                  name=f"potstill-train-{name}", daemon=True) for name, spec in todo}
+                                  name=f"potstill-train-{name}", daemon=True)
+                for (name, spec), mine in zip(todo, recipes, strict=True)}
     for child in children.values():
         child.start()
     running = set(children)
