@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from potstill.generate import generate
 from potstill.recipe import load_recipe
+from potstill.train import checkpoint
 
 from helpers import QUICKSTART, tiny_overrides
 
@@ -171,3 +172,18 @@ def test_fsdp2_two_processes_equal_one(tmp_path, ledger, signal):
     assert json.loads((d / "student" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert sum("train: wrote" in line for line in done.stdout.splitlines()) == 1
     assert_same(tmp_path / "one", d)
+
+
+def test_fsdp2_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, ledger):
+    """Both ranks SIGKILL themselves after step 5 (checkpoints every 2 steps); the same launch again
+    resumes from step 4's sharded-then-gathered checkpoint and ends where one process ends."""
+    train_one(run_dir(tmp_path, ledger, "one"), "train.checkpoint_every=2")
+    d = run_dir(tmp_path, ledger, "two")
+    killed = fsdp_launch(tmp_path, d, "train.checkpoint_every=2", env={"POTSTILL_CRASH_AT": "step-5"})
+    assert killed.returncode != 0 and not (d / "student").exists()
+    assert checkpoint.latest(d / "checkpoints" / "student").name == "step-4"
+    resumed = fsdp_launch(tmp_path, d, "train.checkpoint_every=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    info = json.loads((d / "student" / "potstill.json").read_text())
+    assert info["resumed_from"] == 4 and info["distributed"]["type"] == "FSDP"
+    assert_same(tmp_path / "one", d)  # the log holds each step once, as one process logged it
