@@ -190,6 +190,8 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from potstill.evaluate import evaluate
 
+    if _other_rank():  # under a launcher eval runs once, in the first process (eval.json records one process)
+        return
     print_summary(evaluate(_recipe(args)))
 
 
@@ -206,8 +208,9 @@ def cmd_run(args) -> int:
     recipe = _recipe(args)
     check_launch(recipe.device_for("train"))  # before generate: a launch that would not distribute as it says
     codes = []  # generate's exit code: 1 if requests failed for good
-    print_summary(run_all(recipe, args.accept_terms_risk,
-                          generated=lambda counts: codes.append(print_generated(counts))))
+    report = run_all(recipe, args.accept_terms_risk, generated=lambda counts: codes.append(print_generated(counts)))
+    if report:  # {} in the other processes of a launch: the first evaluated
+        print_summary(report)
     return finished_despite(codes)
 
 

@@ -10,6 +10,7 @@ always rewritten (it is cheap).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -121,6 +122,12 @@ def train_students(recipe: Recipe, todo: list[tuple[str, TrainSpec]], accept_ter
         say(f"train: wrote {recipe.run_dir / name}")
 
 
+def main_process() -> bool:
+    """Not one of the other processes of a multi-process launch (RANK, as `accelerate launch` and
+    torchrun set it): eval and the report run once, in the first."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 def planned(recipe: Recipe) -> None:
     """Make sure the ledger holds the recipe's plan, which train reads: a ledger written before
     plans were kept, or a recipe whose prompts, teacher or generation changed since generate, is
@@ -163,6 +170,8 @@ def run_all(recipe: Recipe, accept_terms_risk: str | None = None, *,
         else:
             todo.append((name, spec))
     train_students(recipe, todo, accept_terms_risk, say)
+    if not main_process():  # eval is one process's work: the first of a launch evaluates and reports for all
+        return {}
     if todo or not eval_is_current(recipe):
         report = evaluate(recipe)
     else:

@@ -2,6 +2,7 @@
 a student's potstill.json and eval.json. The whole pipeline run twice is tests/pipeline/test_end_to_end.py."""
 
 import json
+import sys
 
 from potstill.pipeline import baseline_spec, eval_is_current, student_is_current, students
 from potstill.recipe import load_recipe
@@ -71,3 +72,20 @@ def test_eval_is_current_for_the_recipe_it_was_written_for(tmp_path):
     (tmp_path / "eval.json").write_text(json.dumps({"provenance": {"recipe_sha256": recipe.sha256()}}))
     assert eval_is_current(recipe)
     assert not eval_is_current(recipe_for(tmp_path, "eval.limit=3"))
+
+
+def test_under_a_launcher_only_the_first_process_evaluates(tmp_path, monkeypatch):
+    """eval is one process's work: the other ranks of `accelerate launch potstill run|eval` leave it
+    to the first (each used to evaluate and write eval.json), and eval.json says one process ran it."""
+    from potstill import pipeline
+    from potstill.cli import main
+
+    calls = []
+    monkeypatch.setattr("potstill.evaluate.evaluate", lambda recipe: calls.append(recipe) or {})
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("POTSTILL_QUIET", raising=False)  # main() quiets another rank: undone after the test
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    assert not pipeline.main_process()
+    assert main(["eval", str(QUICKSTART / "recipe.yaml"), f"output_dir={tmp_path}"]) == 0 and calls == []
+    monkeypatch.setenv("RANK", "0")
+    assert pipeline.main_process()

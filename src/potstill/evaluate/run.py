@@ -375,7 +375,9 @@ def eval_provenance(recipe: Recipe, device: str, judge: LocalModel | HTTPJudge |
             "device": device, "threads": torch.get_num_threads(), "recipe_sha256": recipe.sha256(),
             "verifier": recipe.eval.verifier,
             "seeds": {"train": recipe.train.seed, "generation": recipe.generation.seed, "bootstrap": 0},
-            "judge": None if judge is None else judge.describe()}
+            "judge": None if judge is None else judge.describe(),
+            # eval runs in one process, also after a multi-process training launch (its first process)
+            "distributed": {"type": "NO", "processes": 1, "backend": None}}
 
 
 def judged(judge: LocalModel | HTTPJudge, prompts: list[Prompt], completions, teacher_out, spec) -> dict:
