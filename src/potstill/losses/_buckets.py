@@ -48,26 +48,45 @@ def sparse_logprobs(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Ten
     teacher's tail mass t = 1 - sum_i exp(l_i) is taken as spread evenly over the V - k other ids,
     so softened by T its total weight is (V - k) * (t / (V - k))^(1/T). At T = 1, or with k = V,
     or with a truly flat tail, this is exact.
+
+    Padding: a row with fewer than k ids (cross-tokenizer targets, ``potstill.align``) repeats its
+    first id at logprob -inf in the entries j > 0 it does not use. Such an entry is no bucket: both
+    sides hold NEG there (no mass, no gradient), the teacher's tail is spread over the V - k' ids
+    outside the row's k' real ones, and the loss equals that of the row with its k' buckets alone.
+    Rows without padding give the same bits as without this rule.
     """
     t = temperature
     n_vocab, k = student_logits.shape[-1], topk_ids.shape[-1]
     ids = topk_ids.long()
+    pad = _padding(ids, topk_logprobs)  # (N, k) bool
+    no_bucket = torch.cat([pad, torch.zeros_like(pad[:, :1])], -1)  # (N, k + 1): the tail is always one
 
     s = _wide(student_logits) / t  # (N, V)
     log_z = s.logsumexp(-1, keepdim=True)  # (N, 1)
     s_top = s.gather(-1, ids) - log_z  # (N, k)
-    s_tail = s.scatter(-1, ids, NEG).logsumexp(-1, keepdim=True) - log_z  # (N, 1)
-    student_logp = _student(torch.cat([s_top, s_tail], -1))  # (N, k + 1)
+    s_tail = s.scatter(-1, ids, NEG).logsumexp(-1, keepdim=True) - log_z  # (N, 1); a padded id is the first one
+    student_logp = _student(torch.cat([s_top, s_tail], -1)).masked_fill(no_bucket, NEG)  # (N, k + 1)
 
     lp = _wide(topk_logprobs).to(s.dtype).clamp_min(LOG_FLOOR)  # (N, k); -inf / -9999 sentinels become finite
+    tail_mass = (1.0 - lp.masked_fill(pad, -math.inf).exp().sum(-1, keepdim=True)).clamp_min(0.0)  # (N, 1) at T = 1
     n_tail = n_vocab - k
     if n_tail > 0:
-        tail_mass = (1.0 - lp.exp().sum(-1, keepdim=True)).clamp_min(0.0)  # (N, 1) at T = 1
         tail_weight = math.log(n_tail) + (tail_mass.clamp_min(1e-30).log() - math.log(n_tail)) / t
     else:
         tail_weight = torch.full_like(lp[:, :1], LOG_FLOOR)
-    teacher_logp = torch.cat([lp / t, tail_weight], -1).log_softmax(-1).clamp_min(LOG_FLOOR)  # (N, k + 1)
+    # a padded row's tail is spread over the V - k' ids outside its k' real ones
+    log_n = (n_tail + pad.sum(-1, keepdim=True)).clamp_min(1).to(lp.dtype).log()  # (N, 1); read only where pad is
+    padded_weight = log_n + (tail_mass.clamp_min(1e-30).log() - log_n) / t
+    tail_weight = torch.where(pad.any(-1, keepdim=True), padded_weight, tail_weight)
+    buckets = torch.cat([(lp / t).masked_fill(pad, -math.inf), tail_weight], -1)  # (N, k + 1)
+    teacher_logp = buckets.log_softmax(-1).clamp_min(LOG_FLOOR).masked_fill(no_bucket, NEG)
     return teacher_logp, student_logp
+
+
+def _padding(ids: Tensor, logprobs: Tensor) -> Tensor:
+    """(N, k) bool: the entries j > 0 that repeat their row's first id at logprob -inf."""
+    later = torch.arange(ids.shape[-1], device=ids.device) > 0
+    return (ids == ids[:, :1]) & (logprobs == -math.inf) & later
 
 
 def reduce(per_row: Tensor, reduction: str) -> Tensor:
