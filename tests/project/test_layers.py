@@ -19,7 +19,7 @@ LAYERS = {
     "components": ["teachers", "receipts", "tasks"],
     "ledger": ["ledger"],
     "recipe": ["recipe"],
-    "bottom": ["hf", "records", "redaction", "watermark", "verifiers", "losses", "prompts", "devices",
+    "bottom": ["hf", "records", "redaction", "watermark", "verifiers", "losses", "align", "prompts", "devices",
                "student_config", "provenance", "progress", "errors"],
 }
 # layers whose members may not import each other (the bottom's pieces may use one another)
