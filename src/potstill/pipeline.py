@@ -60,16 +60,17 @@ def students(recipe: Recipe) -> list[tuple[str, TrainSpec]]:
 
 
 def refuse_unusable_logit_kd(recipe: Recipe) -> None:
-    """Logit KD across tokenizers is refused before the teacher is asked anything (run: an HTTP
-    teacher is paid for every answer, and these could not be trained on) and before the terms gate
-    and the training processes (train)."""
+    """Logit KD from an online or on-policy teacher across tokenizers is refused before the teacher
+    is asked anything (run: an HTTP teacher is paid for every answer, and these could not be trained
+    on) and before the terms gate and the training processes (train). From the cache it works
+    across tokenizers (train/examples.py, potstill.align)."""
     from potstill.train.loop import load_student_tokenizer
     from potstill.train.tokenizer_match import check_tokenizers, logit_rows, recipe_samples
 
     teacher_dir = recipe.teacher.tokenizer_dir
     if teacher_dir is not None and not Path(teacher_dir).is_dir():
         return  # generate stops at once, naming the missing folder, before asking the teacher anything
-    if any(spec.objective == "kd" for _, spec in students(recipe)):
+    if any(spec.objective == "kd" and spec.teacher_signal != "cached" for _, spec in students(recipe)):
         tokenizer = load_student_tokenizer(recipe)
         check_tokenizers(teacher_dir, tokenizer, logit_rows(recipe.student, tokenizer),
                          need_logits=True, samples=recipe_samples(recipe))

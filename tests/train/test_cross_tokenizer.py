@@ -1,6 +1,7 @@
-"""Sequence-level KD across tokenizers: a student with its own tokenizer (trained here with the
-`tokenizers` library) learns from the teacher's text and is evaluated on text; logit KD across
-tokenizers is refused before the teacher is asked anything."""
+"""KD across tokenizers: a student with its own tokenizer (trained here with the `tokenizers`
+library) learns from the teacher's text (SFT) or its cached top-k mapped onto the student's tokens
+(potstill.align), and is evaluated on text; logit KD from an online teacher across tokenizers is
+refused before the teacher is asked anything."""
 
 import filecmp
 import json
@@ -62,16 +63,16 @@ def test_sft_student_with_another_tokenizer_is_evaluated_and_reported(tmp_path, 
     assert html.count("<td>n/a</td>") == 4
 
 
-def test_run_refuses_logit_kd_across_tokenizers_before_generating(tmp_path, other_tokenizer, capsys):
+def test_run_refuses_online_logit_kd_across_tokenizers_before_generating(tmp_path, other_tokenizer, capsys):
     out = tmp_path / "run"
-    for extra in ([], ["train.objective=sft", "baseline.objective=kd"]):  # the student's or the baseline's KD
+    for extra in (["train.teacher_signal=online"], ["train.teacher_signal=on_policy", "train.lmbda=0.5"]):
         assert main(["run", RECIPE, *tiny_overrides(out), f"student.tokenizer={other_tokenizer}", *extra]) == 2
         err = capsys.readouterr().err
         assert "logit KD needs the student to share the teacher's tokenizer" in err and "train.objective=sft" in err
         assert not (out / "ledger.sqlite").exists()  # the teacher was asked nothing
 
 
-def test_train_refuses_logit_kd_across_tokenizers_before_the_terms_gate_and_its_processes(tmp_path, other_tokenizer,
+def test_train_refuses_online_logit_kd_across_tokenizers_before_the_terms_gate_and_its_processes(tmp_path, other_tokenizer,
                                                                                           capsys):
     """As run does: the student and the baseline are not started side by side, to fail there."""
     import time
@@ -80,7 +81,8 @@ def test_train_refuses_logit_kd_across_tokenizers_before_the_terms_gate_and_its_
     assert main(["generate", RECIPE, *tiny_overrides(out, n_prompts=16)]) == 0
     capsys.readouterr()
     start = time.perf_counter()
-    assert main(["train", RECIPE, *tiny_overrides(out, n_prompts=16), f"student.tokenizer={other_tokenizer}"]) == 2
+    assert main(["train", RECIPE, *tiny_overrides(out, n_prompts=16), f"student.tokenizer={other_tokenizer}",
+                 "train.teacher_signal=online"]) == 2
     seconds = time.perf_counter() - start
     printed = capsys.readouterr()
     assert "logit KD needs the student to share the teacher's tokenizer" in printed.err and printed.err.count("\n") == 1
@@ -92,7 +94,8 @@ def test_generated_ledger_is_kept_when_run_refuses(tmp_path, other_tokenizer, ca
     """A ledger from an earlier generate is neither touched nor extended by the refused run."""
     out = tmp_path / "run"
     assert main(["generate", RECIPE, *tiny_overrides(out, n_prompts=16)]) == 0
-    assert main(["run", RECIPE, *tiny_overrides(out), f"student.tokenizer={other_tokenizer}"]) == 2
+    assert main(["run", RECIPE, *tiny_overrides(out), f"student.tokenizer={other_tokenizer}",
+                 "train.teacher_signal=online"]) == 2
     with sqlite3.connect(out / "ledger.sqlite") as db:
         assert db.execute("select count(*) from requests").fetchone()[0] == 16
 
@@ -131,7 +134,9 @@ def test_doctor_compares_what_the_tokenizers_do(split_apart, capsys):
     teacher, student = split_apart
     assert main(["doctor", teacher, student, "--prompts", str(QUICKSTART / "prompts" / "heldout.jsonl")]) == 0
     out = capsys.readouterr().out
-    assert "tokenizers: different" in out and "logit KD: no" in out, out
+    assert "tokenizers: different" in out and "logit KD: across tokenizers, from the cached top-k" in out, out
+    share = out.split("% of the student's tokens (")[0].rsplit("- ", 1)[1]
+    assert 0 < int(share) < 100, out  # the same vocabulary, split otherwise: some tokens align, not all
     assert "the tokenizers split text differently" in out and "loads as Qwen2Tokenizer" in out
     differ = int(out.split("sample texts: 408 encoded by both tokenizers, ")[1].split(" ")[0])  # 8 probes, 200 x 2
     assert 100 < differ < 408
@@ -140,17 +145,19 @@ def test_doctor_compares_what_the_tokenizers_do(split_apart, capsys):
     assert "tokenizers: identical" in out and "sample texts: 8 encoded by both tokenizers, 0 to other ids" in out
 
 
-def test_run_refuses_logit_kd_when_the_tokenizers_split_text_differently(tmp_path, split_apart, capsys):
+def test_run_refuses_online_logit_kd_when_the_tokenizers_split_text_differently(tmp_path, split_apart, capsys):
     teacher, student = split_apart
     out = tmp_path / "run"
-    args = ["run", RECIPE, *tiny_overrides(out), f"teacher.path={teacher}", f"student.tokenizer={student}"]
+    args = ["run", RECIPE, *tiny_overrides(out), f"teacher.path={teacher}", f"student.tokenizer={student}",
+            "train.teacher_signal=online"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "logit KD needs the student to share the teacher's tokenizer" in err
     assert "the tokenizers split text differently" in err and "Qwen2Tokenizer" in err, err
     assert not (out / "ledger.sqlite").exists()
     # the teacher's own folder as the student's tokenizer: loaded alike, so accepted
-    refuse_unusable_logit_kd(load_recipe(RECIPE, [*tiny_overrides(out), f"teacher.path={teacher}"]))
+    refuse_unusable_logit_kd(load_recipe(RECIPE, [*tiny_overrides(out), f"teacher.path={teacher}",
+                                                  "train.teacher_signal=online"]))
 
 
 def test_doctor_names_the_special_tokens_that_differ(tmp_path, capsys):
@@ -163,3 +170,37 @@ def test_doctor_names_the_special_tokens_that_differ(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tokenizers: different" in out
     assert "special tokens differ (teacher vs student): eos_token '<|end|>' vs '<|assistant|>'" in out, out
+
+
+def test_cached_logit_kd_across_tokenizers_trains_on_the_top_k_mapped_to_the_students_tokens(tmp_path, other_tokenizer,
+                                                                                             capsys):
+    """The local teacher's ledger (its ids and top-k) read through its tokenizer as bytes, mapped onto
+    the student's byte-level BPE tokens: every student token gets a target, and KD trains."""
+    import numpy as np
+
+    from potstill.ledger import Ledger
+    from potstill.train.examples import CrossTokenizer, build_examples
+
+    out = tmp_path / "run"
+    args = ["run", RECIPE, *tiny_overrides(out), f"student.tokenizer={other_tokenizer}", "baseline=null"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "logit KD across tokenizers (potstill.align)" in capsys.readouterr().out
+    info = json.loads((out / "student" / "potstill.json").read_text())
+    assert info["tokenizers"] == "different" and info["objective"] == "kd"
+    rows = [json.loads(line) for line in (out / "logs" / "student.jsonl").open()]
+    assert rows and all(r["kd"] > 0 for r in rows)
+
+    student_tok = AutoTokenizer.from_pretrained(other_tokenizer)
+    cross = CrossTokenizer.build(student_tok, AutoTokenizer.from_pretrained(TEACHER), 20)
+    with Ledger(out / "ledger.sqlite") as ledger:
+        examples = list(ledger.examples())[:16]
+    data = build_examples(examples, student_tok, same_tokenizer=False, cross=cross)
+    for ex, d in zip(examples, data):
+        completion = d.input_ids[d.n_prompt:]
+        assert student_tok.decode(completion, skip_special_tokens=True) == ex.text
+        assert d.topk_ids.shape == d.topk_logprobs.shape == (len(completion), 20)
+        mass = np.exp(d.topk_logprobs.astype(np.float64)).sum(-1)
+        assert (mass <= 1 + 1e-5).all() and (mass > 0).all()
+        # the text's own student token always holds the chosen path's mass
+        assert all(tok in ids for tok, ids in zip(completion, d.topk_ids.tolist()))
+    assert cross.counts["positions"] > 0 and cross.counts["rows_text_differs"] == 0

@@ -1,12 +1,21 @@
-"""Ledger -> tokenized training examples (labels -100 on the prompt) + sparse teacher targets."""
+"""Ledger -> tokenized training examples (labels -100 on the prompt) + sparse teacher targets.
+
+A student of the teacher's tokenizer trains on the teacher's own ids and top-k. A student of
+another tokenizer re-tokenizes the text; with ``cross`` (logit KD from the cache), each ledger row's
+top-k, as bytes (an API teacher's) or as the teacher's ids read through its tokenizer, becomes a
+top-k over the student's ids at every student token (``potstill.align``: the rule and what in it is
+exact), once per row, before the first step."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from potstill.align import ByteTrie, encode_with_offsets, student_targets, token_bytes
 from potstill.errors import PotstillError
 from potstill.hf import prompt_ids
 from potstill.ledger import Example
@@ -25,10 +34,30 @@ class TrainExample:
         return len(self.input_ids) - self.n_prompt
 
 
-def build_examples(examples: list[Example], tokenizer, *, same_tokenizer: bool) -> list[TrainExample]:
+@dataclass
+class CrossTokenizer:
+    """What targets across tokenizers need, built once: the student's token bytes and their trie,
+    the teacher's token bytes (to read a ledger of the teacher's ids), the width k of every
+    target row; ``counts`` adds up ``align.student_targets``' counts over the rows."""
+
+    pieces: list[bytes | None]
+    trie: ByteTrie
+    teacher_pieces: list[bytes | None] | None
+    k: int
+    counts: Counter = field(default_factory=Counter)
+
+    @classmethod
+    def build(cls, student_tok, teacher_tok, k: int) -> CrossTokenizer:
+        pieces = token_bytes(student_tok)
+        return cls(pieces, ByteTrie(pieces), None if teacher_tok is None else token_bytes(teacher_tok), k)
+
+
+def build_examples(examples: list[Example], tokenizer, *, same_tokenizer: bool,
+                   cross: CrossTokenizer | None = None) -> list[TrainExample]:
     """With the teacher's tokenizer, the teacher's own token ids and top-k are used; otherwise the
-    completion text is re-tokenized (sequence-level KD only: no logits). An id the tokenizer does
-    not have (a teacher's padding row, an imported file's) is refused, naming the ledger row."""
+    completion text is re-tokenized, with targets across tokenizers when ``cross`` is given and the
+    row has a top-k (else sequence-level KD only: no logits). An id the tokenizer does not have (a
+    teacher's padding row, an imported file's) is refused, naming the ledger row."""
     out = []
     for ex in examples:
         p_ids = prompt_ids(tokenizer, ex.messages)
@@ -36,6 +65,8 @@ def build_examples(examples: list[Example], tokenizer, *, same_tokenizer: bool) 
             check_ids(ex, len(tokenizer))
             c_ids = ex.token_ids.tolist()
             topk_ids, topk_lp = ex.topk_ids, ex.topk_logprobs
+        elif cross is not None:
+            c_ids, topk_ids, topk_lp = cross_example(ex, tokenizer, cross, teacher_tokens(ex, cross))
         else:
             c_ids = tokenizer(ex.text, add_special_tokens=False)["input_ids"]
             if ex.finish_reason == "stop" and tokenizer.eos_token_id is not None:
@@ -46,11 +77,62 @@ def build_examples(examples: list[Example], tokenizer, *, same_tokenizer: bool) 
     return out
 
 
+def teacher_tokens(ex: Example, cross: CrossTokenizer) -> tuple[list, list, list, list] | None:
+    """A row's generated tokens and top-k as bytes: (chosen (T,), chosen logprobs (T,), alternatives
+    (T, k), their logprobs (T, k)); None when the row has no top-k to read."""
+    if ex.topk_bytes is not None and ex.token_bytes is not None:
+        chosen, alternatives = ex.token_bytes.tolist(), ex.topk_bytes.tolist()
+    elif ex.topk_ids is not None and ex.token_ids is not None and cross.teacher_pieces is not None:
+        pieces = cross.teacher_pieces
+        chosen = [pieces[i] or b"" for i in ex.token_ids.tolist()]  # a special token (EOS) is no text
+        alternatives = [[pieces[i] or b"" for i in row] for row in ex.topk_ids.tolist()]
+    else:
+        return None
+    if not b"".join(chosen).startswith(ex.text.encode("utf-8")):  # e.g. a decode that dropped or added spaces
+        cross.counts["rows_text_differs"] += 1  # trained on its text alone
+        return None
+    alt_lp = np.asarray(ex.topk_logprobs, np.float64)
+    if ex.token_logprobs is not None:
+        chosen_lp = np.asarray(ex.token_logprobs, np.float64).tolist()
+    else:  # the chosen token's logprob from the top-k; outside it, at most the tail's mass
+        chosen_lp = []
+        for t, c in enumerate(chosen):
+            hit = [alt_lp[t, j] for j, a in enumerate(alternatives[t]) if a == c]
+            tail = max(1.0 - float(np.exp(alt_lp[t]).sum()), 1e-6)
+            chosen_lp.append(hit[0] if hit else math.log(tail))
+    return chosen, chosen_lp, alternatives, alt_lp.tolist()
+
+
+def cross_example(ex: Example, tokenizer, cross: CrossTokenizer, teacher) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The student's completion ids for the row's text and a target row for each (``align``'s rule);
+    the EOS a stopped answer ends with gets the teacher's stop probability when the teacher's last
+    token is a special one (its EOS), else certainty. A row without a top-k (``teacher`` None) gets
+    its own tokens, certain: KD toward the text, as CE."""
+    if teacher is None:  # no top-k to read: the text itself, certain, at every token (CE's target)
+        teacher = ([ex.text.encode("utf-8")], [0.0], [[]], [[]])
+    chosen, chosen_lp, alternatives, alt_lp = teacher
+    end = len(chosen)
+    while end and not chosen[end - 1]:  # trailing special tokens (EOS): not text
+        end -= 1
+    ids, offsets = encode_with_offsets(tokenizer, ex.text, cross.pieces)
+    topk_ids, topk_lp, counts = student_targets(chosen[:end], chosen_lp[:end], alternatives[:end], alt_lp[:end],
+                                                offsets, ids, cross.trie, cross.k)
+    cross.counts.update(counts)
+    if ex.finish_reason == "stop" and tokenizer.eos_token_id is not None:
+        stop_lp = float(chosen_lp[end]) if end < len(chosen) else 0.0
+        row_ids = np.full((1, cross.k), tokenizer.eos_token_id, np.int32)
+        row_lp = np.full((1, cross.k), -np.inf, np.float32)
+        row_lp[0, 0] = stop_lp
+        ids = [*ids, tokenizer.eos_token_id]
+        topk_ids, topk_lp = np.concatenate([topk_ids, row_ids]), np.concatenate([topk_lp, row_lp])
+    return list(ids), topk_ids, topk_lp
+
+
 def check_ids(ex: Example, n_tokens: int) -> None:
-    for field, ids in (("token_ids", ex.token_ids), ("topk_ids", ex.topk_ids)):
+    for name, ids in (("token_ids", ex.token_ids), ("topk_ids", ex.topk_ids)):
         if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= n_tokens):
             bad = int(ids.max()) if ids.max() >= n_tokens else int(ids.min())
-            raise PotstillError(f"ledger request {ex.request_hash}: {field} holds id {bad}, outside the tokenizer's "
+            raise PotstillError(f"ledger request {ex.request_hash}: {name} holds id {bad}, outside the tokenizer's "
                                 f"{n_tokens} ids (0..{n_tokens - 1}): a teacher that sampled its vocabulary's padding rows "
                                 f"(regenerate with this potstill) or an imported file of another tokenizer's ids")
 

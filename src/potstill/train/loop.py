@@ -42,7 +42,7 @@ from potstill.receipts.terms.export import gate_training, model_name, write_obli
 from potstill.recipe import Recipe, TrainSpec
 from potstill.train import checkpoint
 from potstill.train.distributed import check_launch, describe, fsdp_on_cpu
-from potstill.train.examples import TrainExample, build_examples, collate
+from potstill.train.examples import CrossTokenizer, TrainExample, build_examples, collate
 from potstill.train.heads import current, model_heads
 from potstill.train.tokenizer_match import Compat, check_tokenizers, ledger_samples
 
@@ -338,9 +338,18 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     torch.manual_seed(spec.seed)
     tokenizer = load_student_tokenizer(recipe)
     model = load_student(recipe, tokenizer)
+    cached_kd = spec.objective == "kd" and spec.teacher_signal == "cached"
     compat = check_tokenizers(recipe.teacher.tokenizer_dir, tokenizer, model.config.vocab_size,
-                              need_logits=spec.objective == "kd", samples=ledger_samples(examples))
-    data = build_examples(examples, tokenizer, same_tokenizer=compat.same_ids)
+                              need_logits=spec.objective == "kd" and not cached_kd, samples=ledger_samples(examples))
+    cross = None if compat.same_ids or not cached_kd else cross_tokenizer(recipe, tokenizer)
+    data = build_examples(examples, tokenizer, same_tokenizer=compat.same_ids, cross=cross)
+    if cross is not None and accelerator.is_main_process:
+        c = cross.counts
+        print(f"train {name}: logit KD across tokenizers (potstill.align): {c['positions']:,} student tokens, "
+              f"{c['exact'] / max(c['positions'], 1):.0%} cut where the teacher's tokens are cut; "
+              f"{c['unmappable']:,} teacher alternatives no student token starts (their mass in the tail)"
+              + (f"; {c['rows_text_differs']:,} rows whose tokens do not spell their text, trained on the text"
+                 if c["rows_text_differs"] else ""))
     teacher = None
     if spec.objective == "kd" and spec.teacher_signal != "cached":  # teacher.path: checked when the recipe loaded
         teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype,
@@ -374,9 +383,18 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
         terms=terms, request_hashes=[ex.request_hash for ex in examples], distributed=describe(accelerator.state))
 
 
+def cross_tokenizer(recipe: Recipe, tokenizer) -> CrossTokenizer:
+    """What cached logit KD needs across tokenizers: the student's token bytes, and the teacher's
+    (for rows of its ids) when its tokenizer is known."""
+    folder = recipe.teacher.tokenizer_dir
+    teacher_tok = load_tokenizer_dir(folder, "teacher tokenizer") if folder else None
+    return CrossTokenizer.build(tokenizer, teacher_tok, max(recipe.generation.top_logprobs, 1))
+
+
 def refuse_missing_topk(recipe: Recipe, spec: TrainSpec, examples: list) -> None:
     """Logit KD from the cache needs every example's top-k: one line saying how to get it."""
-    if spec.objective == "kd" and spec.teacher_signal == "cached" and any(ex.topk_ids is None for ex in examples):
+    if spec.objective == "kd" and spec.teacher_signal == "cached" and any(
+            ex.topk_ids is None and ex.topk_bytes is None for ex in examples):
         raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; " + (
             "teacher.token_ids is false, so the HTTP teacher's logprobs were not asked for: set teacher.token_ids=true "
             "(vLLM, potstill serve) and generate again" if recipe.teacher.http and not recipe.teacher.token_ids else

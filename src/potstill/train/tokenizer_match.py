@@ -218,8 +218,17 @@ def doctor(teacher_path: str | Path, student_path: str | Path, prompts: str | Pa
     except (OSError, ValueError) as e:
         raise PotstillError(f"student {student_path} could not be read: {str(e).splitlines()[0]}") from None
     verdict = {"identical": "logit KD: yes (identical tokenizers)",
-               "padded": "logit KD: yes, on the shared vocabulary rows",
-               "different": "logit KD: no; sequence-level KD (train.objective=sft) only"}[compat.kind]
+               "padded": "logit KD: yes, on the shared vocabulary rows"}.get(compat.kind)
+    if verdict is None:
+        teacher_tok = load_tokenizer_dir(teacher_path, "teacher tokenizer")
+        exact, total, skipped = aligned_share(teacher_tok, student_tok, samples)
+        verdict = ("logit KD: across tokenizers, from the cached top-k (teacher_signal cached; potstill.align maps "
+                   "the teacher's top-k onto the student's tokens); online and on-policy: no"
+                   + (f"\n  - {exact / total:.0%} of the student's tokens ({exact:,} of {total:,}, on "
+                      f"{len(samples) + len(PROBES) - skipped} sample texts) are exactly one teacher token: their "
+                      f"targets are the teacher's top-k as it is" if total else "")
+                   + (f"\n  - {skipped} sample texts the tokenizers cannot spell byte for byte: such rows "
+                      f"train on their text alone" if skipped else ""))
     lines.append(f"tokenizers: {compat.kind}")
     lines += [f"  - {n}" for n in compat.notes]
     if compat.sampled:
@@ -228,3 +237,25 @@ def doctor(teacher_path: str | Path, student_path: str | Path, prompts: str | Pa
     lines.append(verdict)
     lines.append(f"chat template: {'same' if compat.same_template else 'different'}")
     return lines
+
+
+def aligned_share(teacher_tok, student_tok, samples=()) -> tuple[int, int, int]:
+    """(student tokens that are exactly one teacher token, student tokens, texts skipped) over the
+    PROBES and ``samples`` (texts, or chat messages whose contents are joined), both tokenizers
+    spelling each text byte for byte (``align.encode_with_offsets``; a text either cannot is skipped)."""
+    from potstill.align import encode_with_offsets, token_bytes
+
+    t_pieces, s_pieces = token_bytes(teacher_tok), token_bytes(student_tok)
+    exact = total = skipped = 0
+    for sample in [*PROBES, *samples]:
+        text = sample if isinstance(sample, str) else "\n".join(m["content"] for m in sample)
+        try:
+            _, t_spans = encode_with_offsets(teacher_tok, text, t_pieces)
+            _, s_spans = encode_with_offsets(student_tok, text, s_pieces)
+        except PotstillError:
+            skipped += 1
+            continue
+        teacher_spans = {tuple(span) for span in t_spans}
+        exact += sum(tuple(span) in teacher_spans for span in s_spans)
+        total += len(s_spans)
+    return exact, total, skipped
