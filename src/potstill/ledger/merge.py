@@ -14,7 +14,8 @@ is fast and a crash leaves ``out`` as it was before that input. What is kept:
 - batches, batch_requests: unioned by key; a batch collected in any input is collected in ``out``,
   and ids an input recorded (file, batch) fill those ``out`` lacks.
 
-So merging the same input twice adds nothing.
+So merging the same input twice adds nothing. An input written before a column was added
+(``ledger.store.ADDED_COLUMNS``: session endings, token bytes) is merged with that column null.
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ import tempfile
 from pathlib import Path
 
 from potstill.errors import PotstillError
-from potstill.ledger.store import SCHEMA_VERSION, Ledger, exclusive
+from potstill.ledger.store import ADDED_COLUMNS, SCHEMA_VERSION, Ledger, exclusive
 
 TABLES = ("meta", "teachers", "prompts", "sessions", "requests", "completions", "attempts", "batches",
           "batch_requests")
 COMPLETION_COLUMNS = ("text", "token_ids", "top_k", "topk_ids", "topk_logprobs", "finish_reason", "prompt_tokens",
-                      "completion_tokens", "seed", "seconds", "created_at")
+                      "completion_tokens", "seed", "seconds", "created_at", "token_bytes", "topk_bytes",
+                      "token_logprobs")
 ATTEMPT_COLUMNS = ("request_hash", "endpoint", "sent_at", "seconds", "outcome", "http_status", "error",
                    "prompt_tokens", "completion_tokens", "cost")
 SAME_SESSION = "m.started_at = s.started_at AND m.recipe_sha256 IS s.recipe_sha256 AND m.versions = s.versions"
-SAME_CONTENT = " AND ".join(f"m.{c} IS s.{c}" for c in ("text", "token_ids", "top_k", "topk_ids", "topk_logprobs",
-                                                          "finish_reason"))
+CONTENT = ("text", "token_ids", "top_k", "topk_ids", "topk_logprobs", "finish_reason", "token_bytes", "topk_bytes",
+           "token_logprobs")
 
 
 def merge_ledgers(out: str | Path, inputs: list[str | Path]) -> dict:
@@ -126,6 +128,14 @@ def _source(path: Path, scratch: Path) -> Path:
     return path
 
 
+def _source_columns(db: sqlite3.Connection, table: str, columns: tuple[str, ...], prefix: str = "") -> list[str]:
+    """What to select for ``columns`` of the input's ``table``: the column, or NULL for one added
+    since the input was written (``ADDED_COLUMNS``; ``out`` has them all)."""
+    have = {r[1] for r in db.execute(f"PRAGMA src.table_info({table})")}
+    added = {c for t, c, _ in ADDED_COLUMNS if t == table}
+    return [f"{prefix}{c}" if c in have or c not in added else "NULL" for c in columns]
+
+
 def _merge_one(db: sqlite3.Connection) -> dict:
     """Copy the attached ``src`` into main; the caller holds the transaction."""
     n = {}
@@ -144,8 +154,9 @@ def _merge_one(db: sqlite3.Connection) -> dict:
                "AND s.status = 'failed'")
 
     # sessions: new ids in main, mapped from the input's
+    ended, stopped = _source_columns(db, "sessions", ("ended_at", "stopped"))
     db.execute(f"INSERT INTO main.sessions (started_at, recipe_sha256, versions, ended_at, stopped) "
-               f"SELECT DISTINCT started_at, recipe_sha256, versions, ended_at, stopped FROM src.sessions s "
+               f"SELECT DISTINCT started_at, recipe_sha256, versions, {ended}, {stopped} FROM src.sessions s "
                f"WHERE NOT EXISTS (SELECT 1 FROM main.sessions m WHERE {SAME_SESSION}) ORDER BY session_id")
     n["sessions"] = db.execute("SELECT changes()").fetchone()[0]
     db.execute("CREATE TEMP TABLE session_map (old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
@@ -153,8 +164,10 @@ def _merge_one(db: sqlite3.Connection) -> dict:
                f"(SELECT min(m.session_id) FROM main.sessions m WHERE {SAME_SESSION}) FROM src.sessions s")
 
     # completions: count what main already holds before copying the rest
+    columns = dict(zip(COMPLETION_COLUMNS, _source_columns(db, "completions", COMPLETION_COLUMNS, "s.")))
+    same = " AND ".join(f"m.{c} IS {columns[c]}" for c in CONTENT)
     n["duplicates"], n["conflicts"] = db.execute(
-        f"SELECT count(*), ifnull(sum(NOT ({SAME_CONTENT})), 0) "
+        f"SELECT count(*), ifnull(sum(NOT ({same})), 0) "
         f"FROM src.completions s JOIN main.completions m USING (request_hash)").fetchone()
     db.execute("CREATE TEMP TABLE new_completions (request_hash TEXT PRIMARY KEY)")
     db.execute("INSERT INTO temp.new_completions SELECT request_hash FROM src.completions s "
@@ -162,9 +175,9 @@ def _merge_one(db: sqlite3.Connection) -> dict:
     cols = ", ".join(COMPLETION_COLUMNS)
     n["completions"] = db.execute(
         f"INSERT INTO main.completions (request_hash, session_id, {cols}) "
-        f"SELECT c.request_hash, sm.new, {', '.join('c.' + c for c in COMPLETION_COLUMNS)} "
-        f"FROM src.completions c JOIN temp.new_completions USING (request_hash) "
-        f"JOIN temp.session_map sm ON sm.old = c.session_id ORDER BY c.request_hash").rowcount
+        f"SELECT s.request_hash, sm.new, {', '.join(columns.values())} "
+        f"FROM src.completions s JOIN temp.new_completions USING (request_hash) "
+        f"JOIN temp.session_map sm ON sm.old = s.session_id ORDER BY s.request_hash").rowcount
     db.execute("UPDATE main.requests AS m SET status = 'done', error = NULL, updated_at = s.updated_at "
                "FROM src.requests AS s WHERE m.request_hash = s.request_hash AND m.status != 'done' "
                "AND m.request_hash IN (SELECT request_hash FROM temp.new_completions)")

@@ -13,6 +13,15 @@ It is the single source of truth for generated data. Rules it keeps:
 Top-k logprobs are stored compactly: ids as little-endian int32 and logprobs as float16, each
 a (T, k) array in one blob (4 + 2 bytes per entry, so 120 bytes per token at k = 20, plus 4 for
 the token id itself).
+
+An endpoint that names tokens by their strings (OpenAI) gives bytes instead of ids: ``token_bytes``
+(T strings) and ``topk_bytes`` (T x k, row by row) are each one blob of N as uint32, N lengths
+as uint16, then the N byte strings joined, all little-endian (``records.TokenBytes``); and
+``token_logprobs`` is the chosen tokens' logprobs, float16 (T,), which the top-k may not hold
+(a sampled token). So 4 + 4k bytes per token (lengths, logprobs) plus the strings: 161 bytes per
+token at k = 20 on English text (3.5-byte tokens; 201 with 5.8-byte alternatives), against 124
+with ids (``bench/ledger_memory.py --bytes``). The three columns are additive: null in rows
+without them, and added (null) to a ledger written before them when it is opened.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import numpy as np
 from potstill.errors import PotstillError
 from potstill.prompts import Prompt
 from potstill.provenance import library_versions
-from potstill.records import Completion, Request
+from potstill.records import Completion, Request, TokenBytes
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,7 +87,10 @@ CREATE TABLE IF NOT EXISTS completions (
     completion_tokens INTEGER NOT NULL,
     seed INTEGER,
     seconds REAL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    token_bytes BLOB,                      -- the T generated tokens' raw bytes (TokenBytes), when ids are not known
+    topk_bytes BLOB,                       -- the (T, k) top-k tokens' raw bytes, in topk_logprobs' order
+    token_logprobs BLOB                    -- float16 (T,): each generated token's logprob, temperature 1
 );
 CREATE TABLE IF NOT EXISTS attempts (      -- one row per HTTP send, written before it is sent
     attempt_id INTEGER PRIMARY KEY,
@@ -129,6 +141,10 @@ CREATE TABLE IF NOT EXISTS plans (          -- what generate planned for a recip
 );
 """
 SCHEMA_VERSION = "2"  # 2 added attempts and batches; a version 1 ledger is upgraded in place
+# (table, column, type) added since schema 2, at the end of their tables
+ADDED_COLUMNS = (("attempts", "usage_claimed", "TEXT"), ("sessions", "ended_at", "TEXT"), ("sessions", "stopped", "TEXT"),
+                 ("completions", "token_bytes", "BLOB"), ("completions", "topk_bytes", "BLOB"),
+                 ("completions", "token_logprobs", "BLOB"))
 
 
 def _now() -> str:
@@ -234,6 +250,12 @@ class Example:
     topk_ids: np.ndarray | None  # (T, k) int32
     topk_logprobs: np.ndarray | None  # (T, k) float16, as stored (read-only)
     finish_reason: str
+    # the raw bytes from an endpoint that names tokens by their strings (None where ids are kept):
+    # they join to ``text`` (+ the stop string that ended it, as vLLM returns it)
+    token_bytes: TokenBytes | None = None  # (T,)
+    topk_bytes: TokenBytes | None = None  # (T, k), in topk_logprobs' order
+    # each generated token's logprob, from an HTTP teacher asked for a top-k (None for local or imported rows)
+    token_logprobs: np.ndarray | None = None  # (T,) float16, as stored (read-only)
 
 
 class Ledger:
@@ -259,9 +281,9 @@ class Ledger:
         elif version[0] != SCHEMA_VERSION:
             raise PotstillError(f"{self.path}: ledger schema {version[0]}, this potstill reads {SCHEMA_VERSION}")
         # additive columns: a ledger written before them gets them (null) when opened, and older potstills read it
-        for table, column in (("attempts", "usage_claimed"), ("sessions", "ended_at"), ("sessions", "stopped")):
+        for table, column, kind in ADDED_COLUMNS:
             if column not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
-                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -381,17 +403,8 @@ class Ledger:
                     self.db.execute("UPDATE requests SET status='failed', error=?, updated_at=? WHERE request_hash=?",
                                     (problem, now, c.request_hash))
                     continue
-                k = 0 if c.topk_ids is None else c.topk_ids.shape[1]
-                self.db.execute(
-                    "INSERT OR REPLACE INTO completions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (c.request_hash, session_id, c.text,
-                     None if c.token_ids is None else np.asarray(c.token_ids, "<i4").tobytes(),
-                     k,
-                     None if c.topk_ids is None else np.ascontiguousarray(c.topk_ids, "<i4").tobytes(),
-                     None if c.topk_logprobs is None else np.ascontiguousarray(c.topk_logprobs, "<f2").tobytes(),
-                     c.finish_reason, c.prompt_tokens,
-                     (c.completion_tokens or 0) if c.token_ids is None else len(c.token_ids), c.seed, c.seconds, now),
-                )
+                self.db.execute(f"INSERT OR REPLACE INTO completions ({', '.join(STORED)}) "
+                                f"VALUES ({', '.join('?' * len(STORED))})", (c.request_hash, session_id, *stored(c), now))
                 self.db.execute("UPDATE requests SET status='done', error=NULL, updated_at=? WHERE request_hash=?",
                                 (now, c.request_hash))
                 valid += 1
@@ -533,10 +546,10 @@ class Ledger:
         """Done completions (all, or those of ``request_hashes``) in a stable order: by prompt, then
         sample index, so the same prompts answered by another backend train in the same order."""
         sql = f"""SELECT c.request_hash, p.messages, p.meta, r.teacher_key, c.text, c.token_ids, c.top_k,
-                         c.topk_ids, c.topk_logprobs, c.finish_reason
+                         c.topk_ids, c.topk_logprobs, c.finish_reason, c.token_bytes, c.topk_bytes, c.token_logprobs
                   FROM {self._select(request_hashes)} JOIN requests r USING (request_hash)
                   JOIN prompts p USING (prompt_sha256) ORDER BY r.prompt_sha256, r.sample_index, c.request_hash"""
-        for h, msgs, meta, tkey, text, ids, k, tids, tlp, finish in self.db.execute(sql).fetchall():
+        for h, msgs, meta, tkey, text, ids, k, tids, tlp, finish, tb, kb, lps in self.db.execute(sql).fetchall():
             token_ids = None if ids is None else np.frombuffer(ids, "<i4")
             yield Example(
                 h, json.loads(msgs), json.loads(meta), tkey, text, token_ids,
@@ -545,18 +558,28 @@ class Ledger:
                 # collate widens each batch
                 None if tlp is None else np.frombuffer(tlp, "<f2").reshape(-1, k),
                 finish,
+                None if tb is None else TokenBytes(tb),
+                None if kb is None else TokenBytes(kb, k),
+                None if lps is None else np.frombuffer(lps, "<f2"),
             )
 
     def content_sha256(self, request_hashes: list[str] | None = None) -> str:
-        """A hash of done completions (prompt, text, ids, logprobs): names the training data."""
+        """A hash of done completions (prompt, text, ids, logprobs, token bytes): names the training
+        data. A column added since (token bytes, token logprobs) counts only where a row holds it, so
+        rows without it hash as they always did."""
         h = hashlib.sha256()
+        added = ("token_bytes", "topk_bytes", "token_logprobs")
         for row in self.db.execute(
-            f"""SELECT c.request_hash, r.prompt_sha256, c.text, c.token_ids, c.topk_ids, c.topk_logprobs
+            f"""SELECT c.request_hash, r.prompt_sha256, c.text, c.token_ids, c.topk_ids, c.topk_logprobs,
+                       {', '.join('c.' + a for a in added)}
                 FROM {self._select(request_hashes)} JOIN requests r USING (request_hash) ORDER BY c.request_hash"""
         ):
-            for field in row:
+            for field in row[:6]:
                 h.update(b"\x00" if field is None else (field.encode() if isinstance(field, str) else field))
                 h.update(b"\x1f")
+            for name, field in zip(added, row[6:]):
+                if field is not None:  # named: which of them a row holds is part of what it hashes
+                    h.update(b"\x1e" + name.encode() + b"\x1f" + field + b"\x1f")
         return h.hexdigest()
 
     def manifest_rows(self, request_hashes: list[str]) -> Iterator[tuple]:
@@ -575,21 +598,54 @@ class Ledger:
                                     f"JOIN requests r USING (request_hash) GROUP BY r.teacher_key"))
 
     def bytes_per_token(self) -> float:
-        """Stored bytes of token ids + top-k ids + top-k logprobs, per completion token."""
+        """Stored bytes of token ids or bytes, top-k ids or bytes, and logprobs, per completion token."""
+        columns = ("token_ids", "topk_ids", "topk_logprobs", "token_bytes", "topk_bytes", "token_logprobs")
         row = self.db.execute(
-            "SELECT sum(length(token_ids) + ifnull(length(topk_ids), 0) + ifnull(length(topk_logprobs), 0)),"
-            " sum(completion_tokens) FROM completions"
-        ).fetchone()
+            f"SELECT sum({' + '.join(f'ifnull(length({c}), 0)' for c in columns)}), sum(completion_tokens) "
+            f"FROM completions WHERE token_ids IS NOT NULL OR token_bytes IS NOT NULL").fetchone()
         return (row[0] or 0) / max(row[1] or 0, 1)
 
 
+STORED = ("request_hash", "session_id", "text", "token_ids", "top_k", "topk_ids", "topk_logprobs", "finish_reason",
+          "prompt_tokens", "completion_tokens", "seed", "seconds", "token_bytes", "topk_bytes", "token_logprobs",
+          "created_at")
+
+
+def stored(c: Completion) -> tuple:
+    """A completion's columns, from text to token_logprobs (``STORED`` less the key, session and time)."""
+    def blob(a, dtype):
+        return None if a is None else np.ascontiguousarray(a, dtype).tobytes()
+
+    k = next((a.shape[1] for a in (c.topk_logprobs, c.topk_ids) if a is not None), 0)
+    if k == 0 and c.topk_bytes:
+        k = len(c.topk_bytes[0])
+    known = c.token_ids if c.token_ids is not None else c.token_bytes
+    return (c.text, blob(c.token_ids, "<i4"), k, blob(c.topk_ids, "<i4"), blob(c.topk_logprobs, "<f2"), c.finish_reason,
+            c.prompt_tokens, (c.completion_tokens or 0) if known is None else len(known), c.seed, c.seconds,
+            None if c.token_bytes is None else TokenBytes.pack(c.token_bytes),
+            None if c.topk_bytes is None else TokenBytes.pack([b for row in c.topk_bytes for b in row]),
+            blob(c.token_logprobs, "<f2"))
+
+
 def completion_problem(c: Completion) -> str | None:
-    if c.topk_logprobs is not None:
-        lp = np.asarray(c.topk_logprobs, np.float32)
-        if np.isnan(lp).any() or np.isposinf(lp).any() or (lp > 1e-3).any():
-            return "non-finite or positive logprob in the teacher's top-k"
-        if c.token_ids is not None and lp.shape[0] != len(c.token_ids):
-            return f"top-k rows ({lp.shape[0]}) do not match completion tokens ({len(c.token_ids)})"
+    for name, lp in (("top-k", c.topk_logprobs), ("generated tokens", c.token_logprobs)):
+        if lp is not None:
+            lp = np.asarray(lp, np.float32)
+            if np.isnan(lp).any() or np.isposinf(lp).any() or (lp > 1e-3).any():
+                return f"non-finite or positive logprob in the teacher's {name}"
+    known = c.token_ids if c.token_ids is not None else c.token_bytes
+    if known is not None:
+        for name in ("topk_logprobs", "token_logprobs", "topk_bytes"):
+            rows = getattr(c, name)
+            if rows is not None and len(rows) != len(known):
+                return f"{name} rows ({len(rows)}) do not match completion tokens ({len(known)})"
+    if c.topk_bytes is not None:
+        k = None if c.topk_logprobs is None else np.shape(c.topk_logprobs)[1]
+        if c.topk_logprobs is None or any(len(row) != k for row in c.topk_bytes):
+            return f"topk_bytes rows are not the {k} entries of topk_logprobs"
+    strings = [*(c.token_bytes or ()), *(b for row in c.topk_bytes or () for b in row)]
+    if any(not isinstance(b, bytes) or len(b) > 0xFFFF for b in strings):
+        return "a token's bytes are not a byte string of at most 65,535 bytes"
     if c.finish_reason not in ("stop", "length"):
         return f"unknown finish_reason {c.finish_reason!r}"
     return None
