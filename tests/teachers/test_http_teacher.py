@@ -13,6 +13,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import QUICKSTART, ROOT
@@ -59,7 +60,8 @@ def test_clean_run_stores_every_answer_once(mock, tmp_path):
         (desc,) = ledger.teachers().values()
         assert desc["backend"] == "openai" and desc["model"] == "mock" and desc["endpoint"] == m.url
         ex = next(ledger.examples())
-        assert ex.text and ex.token_ids is None and ex.topk_ids is None  # token strings: text only
+        assert ex.text and ex.token_ids is None and ex.topk_ids is None  # token strings: bytes, no ids
+        assert b"".join(ex.token_bytes) == ex.text.encode() and ex.topk_bytes.shape == (len(ex.token_bytes), 5)
     again = generate(recipe)
     assert again["sent"] == 0 and len(m.log) == 80  # done keys are never re-sent
 
@@ -73,6 +75,8 @@ def test_token_ids_give_topk_rows(mock, tmp_path):
             assert ex.topk_ids.shape == (len(ex.token_ids), 5)
             assert list(ex.token_ids) == [ord(ch) % VOCAB for ch in ex.text]
             assert (ex.topk_ids[:, 0] == ex.token_ids).all()
+            assert ex.token_bytes is None and ex.topk_bytes is None  # ids, as before; and the chosen logprobs
+            assert ex.token_logprobs.shape == (len(ex.token_ids),) and (ex.token_logprobs == np.float16(-0.1)).all()
             assert (ex.topk_logprobs[:, :-1] >= ex.topk_logprobs[:, 1:]).all()
 
 

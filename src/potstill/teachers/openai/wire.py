@@ -5,17 +5,28 @@ goes online and into a Batch API line), and the parse of a response body into a 
 or a ``Malformed`` error naming what was wrong. Sending, retries, limits and budgets live in
 ``potstill.teachers.openai.dispatch``; the Batch API in ``potstill.teachers.openai.batch``.
 
-Token ids: OpenAI returns logprobs keyed by token *strings*, which cannot be mapped back to ids
-reliably, so potstill does not ask for them: such completions keep their text (sequence-level KD)
-and no top-k. vLLM and ``potstill serve`` return ids when asked (``return_tokens_as_token_ids``:
-tokens read ``token_id:123``); with ``teacher.token_ids: true`` potstill asks for them and stores
-the top-k like the local backend does, so logit KD works over HTTP.
+Logprobs: whenever the sampling params ask for a top-k (``top_logprobs`` > 0, at most 20, OpenAI's
+cap), a request asks for logprobs, and each generated position keeps the chosen token's logprob and
+the k likeliest alternatives' logprobs (descending). Tokens are kept as raw bytes: an entry's
+``bytes`` (a token may end inside a UTF-8 character), else the UTF-8 of its string (the legacy
+completions API has no bytes, and spells a partial character ``bytes:\\xe2\\x80``): strings
+cannot be mapped back to ids, but bytes compare across tokenizers. vLLM and ``potstill serve``
+return ids when asked (``return_tokens_as_token_ids``: tokens read ``token_id:123``, and ``bytes``
+then spell that string); with ``teacher.token_ids: true`` potstill asks for them and stores ids
+instead of bytes, like the local backend does, so logit KD works over HTTP.
+
+A body is ``Malformed``, never stored as valid, when a position's logprob is not a log-probability
+(NaN, infinite, OpenAI's -9999 "unknown" or less, above 0 past rounding), when it has fewer
+alternatives than asked or one twice (the same id, or the same bytes: only special tokens, which
+spell no text, may share empty ones), when bytes are not values 0-255, when a token but the
+last has no bytes, when there are more positions than max tokens, or when the tokens' bytes do not
+join to the text's UTF-8 (a stop string the endpoint cut off may follow it, as vLLM returns it).
 """
 
 from __future__ import annotations
 
 import json
-import math
+import re
 
 import numpy as np
 
@@ -67,8 +78,7 @@ def request_body(request: Request, params: dict, spec, tokenizer) -> dict:
     """The JSON body for ``request``, vendor extras included (``split_extras`` separates them)."""
     body = {"model": spec.model, "temperature": params["temperature"], "top_p": params["top_p"],
             "seed": request_seed(request), "n": 1}
-    # logprobs only when they can be stored: without ids (OpenAI) they would be read and dropped
-    k = params["top_logprobs"] if spec.token_ids else 0
+    k = top_k(params)
     if spec.api == "chat":
         body["messages"] = request.messages
         body["max_completion_tokens"] = params["max_new_tokens"]
@@ -89,6 +99,14 @@ def request_body(request: Request, params: dict, spec, tokenizer) -> dict:
     if spec.token_ids:
         body["return_tokens_as_token_ids"] = True
     return body
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's cap (generate refuses more for an HTTP teacher)
+
+
+def top_k(params: dict) -> int:
+    """The alternatives a request asks for at each position, and a valid answer holds."""
+    return min(params["top_logprobs"], MAX_TOP_LOGPROBS)
 
 
 def estimate_tokens(request: Request, params: dict, tokenizer) -> tuple[int, int]:
@@ -146,37 +164,124 @@ def split_extras(body: dict) -> tuple[dict, dict]:
     return ({k: v for k, v in body.items() if k not in EXTRAS}, {k: v for k, v in body.items() if k in EXTRAS})
 
 
-def _token_id(token: str, vocab: int | None) -> int:
+def _token_id(token: str, vocab: int | None, where: str = "") -> int:
     """The id in ``token_id:N``; it must name a token of the teacher's tokenizer (``vocab`` of them):
     an id outside it would be stored, then crash training."""
+    where = f"{where}: " if where else ""
     if not isinstance(token, str) or not token.startswith("token_id:"):
-        raise Malformed(f"token {str(token)[:20]!r} is not token_id:N; does the endpoint support "
+        raise Malformed(f"{where}token {str(token)[:20]!r} is not token_id:N; does the endpoint support "
                         f"return_tokens_as_token_ids?")
     try:
         i = int(token[9:])
     except ValueError:
-        raise Malformed(f"token {token[:20]!r} is not token_id:N") from None
+        raise Malformed(f"{where}token {token[:20]!r} is not token_id:N") from None
     if i < 0 or (vocab is not None and i >= vocab):
-        raise Malformed(f"token id {i} is outside the teacher tokenizer's {vocab} tokens: is teacher.tokenizer the "
-                        f"one the endpoint serves?")
+        raise Malformed(f"{where}token id {i} is outside the teacher tokenizer's {vocab} tokens: is teacher.tokenizer "
+                        f"the one the endpoint serves?")
     return i
 
 
-def _topk_rows(rows: list[list[tuple[str, float]]], k: int, vocab: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(T, k) ids and logprobs, descending; every row must have k entries and finite logprobs. A
-    row may hold more than k (vLLM's legacy completions add the sampled token): the k likeliest stay."""
-    if any(len(row) < k for row in rows):
-        t = next(t for t, row in enumerate(rows) if len(row) < k)
-        raise Malformed(f"position {t} has {len(rows[t])} top logprobs, asked for {k}")
-    for t, row in enumerate(rows):
-        for _, lp in row:
-            if not isinstance(lp, (int, float)) or isinstance(lp, bool) or math.isnan(lp) or lp > 1e-3:
-                raise Malformed(f"position {t}: logprob {lp!r} is not a finite log-probability")
-    rows = [sorted(row, key=lambda e: -e[1])[:k] for row in rows]
-    lps = np.array([[lp for _, lp in row] for row in rows], np.float32)  # (T, k), descending
-    ids = np.array([[_token_id(tok, vocab) for tok, _ in row] for row in rows], np.int32)
-    # -inf (or OpenAI's -9999 sentinel) becomes -1e4: finite, and zero mass after exp
-    return ids, np.maximum(lps, -1e4)
+UNKNOWN = -9999.0  # OpenAI's logprob for "no value": not a log-probability, so never stored as one
+SLACK = 1e-3  # a logprob above 0 by rounding at most (a near-certain token's log-softmax)
+BYTE_ESCAPES = re.compile(r"bytes:((?:\\x[0-9a-fA-F]{2})+)")  # the legacy API's spelling of a partial character
+
+
+def _logprob(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not UNKNOWN < value <= SLACK:
+        raise Malformed(f"{where}: logprob {value!r} is not a log-probability (NaN, infinite, {UNKNOWN:g} or less, "
+                        f"or above 0)")
+    return float(value)
+
+
+def _raw_bytes(token, raw, where: str) -> bytes:
+    """A token's raw bytes: its ``bytes`` when sent, else its string's UTF-8 (or the bytes a legacy
+    ``bytes:\\xNN...`` spells)."""
+    if raw is not None:
+        if not isinstance(raw, list) or not all(type(b) is int and 0 <= b <= 255 for b in raw):
+            raise Malformed(f"{where}: bytes {str(raw)[:40]} are not byte values (a list of ints 0-255)")
+        return bytes(raw)
+    if not isinstance(token, str):
+        raise Malformed(f"{where}: token {str(token)[:20]!r} is not a string")
+    if escaped := BYTE_ESCAPES.fullmatch(token):
+        return bytes.fromhex(escaped.group(1).replace("\\x", ""))
+    try:
+        return token.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        raise Malformed(f"{where}: token {ascii(token)[:30]} is not valid Unicode") from None
+
+
+def _positions(lp: dict, api: str) -> list[tuple]:
+    """(token, logprob, bytes, [(token, logprob, bytes), ...]) at each generated position, as sent."""
+    if api == "chat":
+        return [(e.get("token"), e.get("logprob"), e.get("bytes"),
+                 [(a.get("token"), a.get("logprob"), a.get("bytes")) for a in e.get("top_logprobs") or []])
+                for e in lp.get("content") or []]
+    tokens, tops = lp.get("tokens") or [], lp.get("top_logprobs") or []
+    chosen = lp.get("token_logprobs") or [None] * len(tokens)
+    if not len(tokens) == len(chosen) == len(tops):
+        raise Malformed(f"{len(tokens)} tokens but {len(chosen)} token_logprobs and {len(tops)} top-logprob rows")
+    return [(token, value, None, [(a, v, None) for a, v in (top or {}).items()])
+            for token, value, top in zip(tokens, chosen, tops)]
+
+
+def _stops(params: dict) -> list[str]:
+    stop = params.get("stop") or []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _check_spelling(tokens: list[bytes], text: str, finish: str, params: dict) -> None:
+    """The chosen tokens' bytes spell the text's UTF-8: exactly, or followed by the stop string that
+    ended it (vLLM returns the tokens through it, and cuts the text before it)."""
+    for t, b in enumerate(tokens[:-1]):
+        if not b:
+            raise Malformed(f"position {t}: the token has no bytes, and is not the last")
+    want, joined = text.encode(), b"".join(tokens)
+    if joined == want or finish == "stop" and joined.startswith(want) and any(
+            s and joined[len(want):].startswith(s.encode()) for s in _stops(params)):
+        return
+    at = next((i for i, (x, y) in enumerate(zip(joined, want)) if x != y), min(len(joined), len(want)))
+    t = int(np.searchsorted(np.cumsum([len(b) for b in tokens]), at, side="right"))
+    raise Malformed(f"position {min(t, len(tokens) - 1)}: the tokens' bytes differ from the text's UTF-8 at byte "
+                    f"{at} ({len(joined)} bytes of tokens, {len(want)} of text)")
+
+
+def _logprob_fields(choice: dict, text: str, finish: str, params: dict, spec, vocab: int | None) -> dict:
+    """The ``Completion`` fields a choice's logprobs give, checked: ids (token_ids) or raw bytes of
+    the chosen tokens and of the k likeliest alternatives (descending), and their logprobs."""
+    k = top_k(params)
+    lp = choice.get("logprobs")
+    if not lp:
+        raise Malformed("asked for logprobs, the response has none")
+    positions = _positions(lp, spec.api)
+    if not positions:
+        raise Malformed("asked for logprobs, the response has none for its tokens")
+    if len(positions) > params["max_new_tokens"]:
+        raise Malformed(f"{len(positions)} logprob positions, more than max tokens ({params['max_new_tokens']})")
+
+    def name(token, raw, where):  # what a token is kept as
+        return _token_id(token, vocab, where) if spec.token_ids else _raw_bytes(token, raw, where)
+
+    chosen, chosen_lps, top, top_lps = [], [], [], []
+    for t, (token, value, raw, alternatives) in enumerate(positions):
+        where = f"position {t}"
+        chosen_lps.append(_logprob(value, where))
+        chosen.append(name(token, raw, where))
+        if len(alternatives) < k:
+            raise Malformed(f"{where}: {len(alternatives)} top_logprobs, asked for {k}")
+        # more than k (vLLM's legacy completions add the sampled token): the k likeliest, ties in sent order
+        row = sorted([(_logprob(v, f"{where} top_logprobs[{j}]"), name(a, b, f"{where} top_logprobs[{j}]"))
+                      for j, (a, v, b) in enumerate(alternatives)], key=lambda e: -e[0])[:k]
+        named = [n for _, n in row if n != b""]  # special tokens spell no text: several may have no bytes
+        if len(set(named)) < len(named):
+            twice = next(n for i, n in enumerate(named) if n in named[:i])
+            raise Malformed(f"{where}: top_logprobs hold {twice!r} twice")
+        top.append([n for _, n in row])
+        top_lps.append([v for v, _ in row])
+    fields = {"token_logprobs": np.array(chosen_lps, np.float32), "topk_logprobs": np.array(top_lps, np.float32)}
+    if spec.token_ids:
+        return {**fields, "token_ids": chosen, "topk_ids": np.array(top, np.int32)}
+    _check_spelling(chosen, text, finish, params)
+    return {**fields, "token_bytes": chosen, "topk_bytes": top}
 
 
 def parse_response(request: Request, data: dict, params: dict, spec, seconds: float, used: tuple[int, int],
@@ -207,26 +312,11 @@ def _parse_response(request: Request, data: dict, params: dict, spec, seconds: f
         text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate (JSON allows "\ud800"): SQLite could not store it
         raise Malformed("response text is not valid Unicode") from None
-    k = params["top_logprobs"] if spec.token_ids else 0  # as request_body asked
-    token_ids = topk_ids = topk_lps = None
-    if k:
-        lp = choice.get("logprobs")
-        if not lp:
-            raise Malformed("asked for logprobs, the response has none")
-        if spec.api == "chat":
-            content = lp.get("content") or []
-            chosen = [e.get("token") for e in content]
-            rows = [[(c.get("token"), c.get("logprob")) for c in (e.get("top_logprobs") or [])] for e in content]
-        else:
-            chosen = lp.get("tokens") or []
-            rows = [list((d or {}).items()) for d in (lp.get("top_logprobs") or [])]
-        if len(rows) != len(chosen) or not chosen:
-            raise Malformed(f"{len(chosen)} tokens but {len(rows)} top-logprob rows")
-        token_ids = [_token_id(t, vocab) for t in chosen]
-        topk_ids, topk_lps = _topk_rows(rows, k, vocab)
-    return Completion(request_hash=request.request_hash, text=text, token_ids=token_ids, topk_ids=topk_ids,
-                      topk_logprobs=topk_lps, finish_reason=finish, prompt_tokens=used[0],
-                      seed=request_seed(request), seconds=seconds, completion_tokens=used[1])
+    fields = _logprob_fields(choice, text, finish, params, spec, vocab) if top_k(params) else {}
+    return Completion(request_hash=request.request_hash, text=text, token_ids=fields.pop("token_ids", None),
+                      topk_ids=fields.pop("topk_ids", None), topk_logprobs=fields.pop("topk_logprobs", None),
+                      finish_reason=finish, prompt_tokens=used[0], seed=request_seed(request), seconds=seconds,
+                      completion_tokens=used[1], **fields)
 
 
 CONNECT_SHARE = 0.5  # of the attempt's deadline: a connection not made by then is given up as never sent
