@@ -1,11 +1,13 @@
 """What ``potstill serve`` answers with: a completion cut at its stop strings, each token's piece
-of the text, and the logprob formats (OpenAI chat ``logprobs.content``, the completions endpoint's
-legacy ``logprobs``, vLLM's ``prompt_logprobs``), as JSON or server-sent events."""
+of the text and its raw bytes, and the logprob formats (OpenAI chat ``logprobs.content``, the
+completions endpoint's legacy ``logprobs``, vLLM's ``prompt_logprobs``), as JSON or server-sent
+events."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -56,6 +58,72 @@ def token_alone(served: Served, i: int, skip_special: bool) -> str:
     return served.alone[key]
 
 
+# GPT-2's byte alphabet: the character a byte-level BPE vocabulary spells each byte with
+_PRINTABLE = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+BYTE_LEVEL = {**{chr(b): b for b in _PRINTABLE},
+              **{chr(256 + n): b for n, b in enumerate(b for b in range(256) if b not in _PRINTABLE)}}
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
+
+
+def decoder_kinds(tokenizer) -> set[str]:
+    """The types in a fast tokenizer's decoder (ByteLevel, ByteFallback, ...), nested ones included."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    found, todo = set(), [json.loads(backend.to_str()).get("decoder") if backend is not None else None]
+    while todo:
+        d = todo.pop()
+        if isinstance(d, dict):
+            found.add(d.get("type"))
+            todo += d.get("decoders") or []
+    return found
+
+
+def own_bytes(served: Served, i: int, skip_special: bool) -> bytes:
+    """The bytes token ``i`` adds to a text (cached): a byte-level BPE token's spelling in GPT-2's
+    byte alphabet, or a byte-fallback ``<0xNN>``, which may be part of a UTF-8 character; nothing
+    for a special token that is skipped; else (an added token, a tokenizer of other pieces) the
+    UTF-8 of the token decoded alone."""
+    key = (i, skip_special)
+    if key not in served.own_bytes:
+        if served.decoders is None:
+            served.decoders = decoder_kinds(served.tokenizer)
+        kinds, alone = served.decoders, token_alone(served, i, skip_special)
+        spelled = served.tokenizer.convert_ids_to_tokens(i)
+        raw = alone.encode()
+        if alone and i not in served.tokenizer.added_tokens_decoder and isinstance(spelled, str):
+            if "ByteLevel" in kinds and all(c in BYTE_LEVEL for c in spelled):
+                raw = bytes(BYTE_LEVEL[c] for c in spelled)
+            elif "ByteFallback" in kinds and (byte := BYTE_FALLBACK.fullmatch(spelled)):
+                raw = bytes([int(byte.group(1), 16)])
+        served.own_bytes[key] = raw
+    return served.own_bytes[key]
+
+
+def piece_bytes(served: Served, ids: list[int], pieces: list[str], skip_special: bool) -> list[bytes]:
+    """Each token's raw bytes, joining to the pieces' UTF-8 (the text): a token's own bytes where
+    they spell its share (a token that ends inside a character holds its part of it, as OpenAI's
+    ``bytes`` do), else its piece's UTF-8 (a tokenizer whose tokens read differently in context)."""
+    out, run = [], []  # run: the tokens since the last that completed a piece
+    for t, piece in enumerate(pieces):
+        run.append(t)
+        if piece or t == len(pieces) - 1:
+            own = [own_bytes(served, ids[r], skip_special) for r in run]
+            spelled = [pieces[r].encode() for r in run]
+            out += own if b"".join(own) == b"".join(spelled) else spelled
+            run = []
+    return out
+
+
+def legacy_name(piece: str, raw: bytes) -> str:
+    """A token's string in the legacy completions format, which has no bytes: its piece, or as
+    OpenAI spells a token that is not text on its own, ``bytes:\\xe2\\x80``."""
+    if raw == piece.encode():
+        return piece
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 def logprob(x) -> float:
     """OpenAI's convention: -9999.0 stands for a token the model gives no probability; so does a
     non-finite value (an fp16 overflow), which JSON could not carry."""
@@ -94,32 +162,33 @@ def token_name(i: int, text: str, as_ids: bool) -> str:
 
 
 def chat_logprobs(served: Served, ch: Choice, as_ids: bool) -> list[dict]:
-    """OpenAI's ``logprobs.content``: one entry per generated token, EOS included."""
+    """OpenAI's ``logprobs.content``: one entry per generated token, EOS included; ``bytes`` are the
+    token's raw bytes (part of a character for a token that ends inside one)."""
     out = []
-    for t, (i, piece) in enumerate(zip(ch.ids, ch.pieces)):
+    for t, (i, piece, raw) in enumerate(zip(ch.ids, ch.pieces, piece_bytes(served, ch.ids, ch.pieces, True))):
         top = []
         if ch.top_ids is not None:
             for j, lp in zip(ch.top_ids[t].tolist(), ch.top_logprobs[t]):
-                alone = token_alone(served, j, True)
-                top.append({"token": token_name(j, alone, as_ids), "logprob": logprob(lp),
-                            "bytes": list(alone.encode())})
+                top.append({"token": token_name(j, token_alone(served, j, True), as_ids), "logprob": logprob(lp),
+                            "bytes": list(own_bytes(served, j, True))})
         out.append({"token": token_name(i, piece, as_ids), "logprob": logprob(ch.logprobs[t]),
-                    "bytes": list(piece.encode()), "top_logprobs": top})
+                    "bytes": list(raw), "top_logprobs": top})
     return out
 
 
 def legacy_logprobs(served: Served, rows: list[tuple], as_ids: bool) -> dict:
     """The completions endpoint's logprobs. ``rows``, one per token of the returned text: (id, piece,
-    logprob, top (id, logprob) pairs, skip_special), logprob and top None for an echoed prompt's
-    first token. Two alternatives with the same string keep the likelier (it comes first)."""
+    raw bytes, logprob, top (id, logprob) pairs, skip_special), logprob and top None for an echoed
+    prompt's first token. Two alternatives with the same string keep the likelier (it comes first)."""
     tops = []
-    for i, piece, lp, top, skip in rows:
+    for i, piece, raw, lp, top, skip in rows:
         named = None if top is None else {}
         for j, v in top or ():
-            named.setdefault(token_name(j, token_alone(served, j, skip), as_ids), logprob(v))
+            name = legacy_name(token_alone(served, j, skip), own_bytes(served, j, skip))
+            named.setdefault(token_name(j, name, as_ids), logprob(v))
         tops.append(named)
-    return {"tokens": [token_name(r[0], r[1], as_ids) for r in rows],
-            "token_logprobs": [None if r[2] is None else logprob(r[2]) for r in rows],
+    return {"tokens": [token_name(r[0], legacy_name(r[1], r[2]), as_ids) for r in rows],
+            "token_logprobs": [None if r[3] is None else logprob(r[3]) for r in rows],
             "top_logprobs": tops,
             "text_offset": [0, *accumulate(len(r[1]) for r in rows)][:len(rows)]}
 
@@ -147,11 +216,13 @@ def completion_choice(served: Served, body: CompletionRequest, ids: list[int], c
     if body.logprobs is not None:
         k, rows = body.logprobs, []
         if body.echo:
-            rows.append((ids[0], prompt[0], None, None, False))
-            rows += [(i, piece, scores.logprobs[t], zip(scores.top_ids[t, :k].tolist(), scores.top_logprobs[t, :k]), False)
-                     for t, (i, piece) in enumerate(zip(ids[1:], prompt[1:]))]
-        rows += [(i, piece, ch.logprobs[t], () if ch.top_ids is None else zip(ch.top_ids[t].tolist(), ch.top_logprobs[t]), True)
-                 for t, (i, piece) in enumerate(zip(ch.ids, ch.pieces))]
+            raw = piece_bytes(served, ids, prompt, False)
+            rows.append((ids[0], prompt[0], raw[0], None, None, False))
+            rows += [(i, piece, b, scores.logprobs[t], zip(scores.top_ids[t, :k].tolist(), scores.top_logprobs[t, :k]),
+                      False) for t, (i, piece, b) in enumerate(zip(ids[1:], prompt[1:], raw[1:]))]
+        rows += [(i, piece, b, ch.logprobs[t], () if ch.top_ids is None else zip(ch.top_ids[t].tolist(),
+                                                                                 ch.top_logprobs[t]), True)
+                 for t, (i, piece, b) in enumerate(zip(ch.ids, ch.pieces, piece_bytes(served, ch.ids, ch.pieces, True)))]
         choice["logprobs"] = legacy_logprobs(served, rows, body.return_tokens_as_token_ids)
     if body.prompt_logprobs is not None:
         choice["prompt_logprobs"] = vllm_prompt_logprobs(served, ids, scores, body.prompt_logprobs,
