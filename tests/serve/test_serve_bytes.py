@@ -16,7 +16,7 @@ from helpers import QUICKSTART, running
 from potstill.hf import prompt_ids
 from potstill.records import Request
 from potstill.serve import build_app
-from potstill.serve.formats import BYTE_LEVEL, piece_bytes, token_pieces
+from potstill.serve.formats import piece_bytes, token_pieces
 from potstill.teachers.openai.wire import parse_response
 
 ANSWER = "café 🙂 ok"  # é and 🙂 are single bytes in this vocabulary: 2 and 4 tokens
@@ -72,7 +72,9 @@ def client(server):
 
 def own(tokenizer, i: int) -> bytes:
     """A byte-level BPE token's bytes, from its spelling in GPT-2's byte alphabet."""
-    return bytes(BYTE_LEVEL[c] for c in tokenizer.convert_ids_to_tokens(i))
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return bytes({c: b for b, c in bytes_to_unicode().items()}[c] for c in tokenizer.convert_ids_to_tokens(i))
 
 
 def ask(client, **kw):

@@ -40,8 +40,7 @@ class Served:
     max_messages: int = 2048  # messages in a chat request, and content parts in all
     created: int = field(default_factory=lambda: int(time.time()))
     alone: dict = field(default_factory=dict)  # (id, skip_special) -> the token decoded by itself
-    own_bytes: dict = field(default_factory=dict)  # (id, skip_special) -> the bytes the token adds to a text
-    decoders: set | None = None  # the tokenizer's decoder types (ByteLevel, ByteFallback, ...), once read
+    vocabulary: list | None = None  # every id's bytes (align.token_bytes), read when logprobs are first asked
     # Request bodies are parsed, checked, validated, templated and tokenized in these threads, off
     # the event loop: those up to LARGE_BODY bytes a few at once, larger ones one at a time, so a
     # large body never makes a small request wait and only one is held parsed at once (the JSON of

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from itertools import accumulate
 
 import numpy as np
 
+from potstill.align import token_bytes
 from potstill.records import Completion
 from potstill.serve.batcher import Scores, Served
 from potstill.serve.schema import CompletionRequest
@@ -58,44 +58,14 @@ def token_alone(served: Served, i: int, skip_special: bool) -> str:
     return served.alone[key]
 
 
-# GPT-2's byte alphabet: the character a byte-level BPE vocabulary spells each byte with
-_PRINTABLE = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-BYTE_LEVEL = {**{chr(b): b for b in _PRINTABLE},
-              **{chr(256 + n): b for n, b in enumerate(b for b in range(256) if b not in _PRINTABLE)}}
-BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
-
-
-def decoder_kinds(tokenizer) -> set[str]:
-    """The types in a fast tokenizer's decoder (ByteLevel, ByteFallback, ...), nested ones included."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    found, todo = set(), [json.loads(backend.to_str()).get("decoder") if backend is not None else None]
-    while todo:
-        d = todo.pop()
-        if isinstance(d, dict):
-            found.add(d.get("type"))
-            todo += d.get("decoders") or []
-    return found
-
-
 def own_bytes(served: Served, i: int, skip_special: bool) -> bytes:
-    """The bytes token ``i`` adds to a text (cached): a byte-level BPE token's spelling in GPT-2's
-    byte alphabet, or a byte-fallback ``<0xNN>``, which may be part of a UTF-8 character; nothing
-    for a special token that is skipped; else (an added token, a tokenizer of other pieces) the
-    UTF-8 of the token decoded alone."""
-    key = (i, skip_special)
-    if key not in served.own_bytes:
-        if served.decoders is None:
-            served.decoders = decoder_kinds(served.tokenizer)
-        kinds, alone = served.decoders, token_alone(served, i, skip_special)
-        spelled = served.tokenizer.convert_ids_to_tokens(i)
-        raw = alone.encode()
-        if alone and i not in served.tokenizer.added_tokens_decoder and isinstance(spelled, str):
-            if "ByteLevel" in kinds and all(c in BYTE_LEVEL for c in spelled):
-                raw = bytes(BYTE_LEVEL[c] for c in spelled)
-            elif "ByteFallback" in kinds and (byte := BYTE_FALLBACK.fullmatch(spelled)):
-                raw = bytes([int(byte.group(1), 16)])
-        served.own_bytes[key] = raw
-    return served.own_bytes[key]
+    """The bytes token ``i`` adds to a text: its vocabulary piece's (``align.token_bytes``: a
+    byte-level BPE token or a ``<0xNN>`` byte may be part of a UTF-8 character); for a special
+    token or a piece that is no text, the token decoded alone ("" for a special token skipped)."""
+    if served.vocabulary is None:  # read once: the backend's JSON for the whole vocabulary
+        served.vocabulary = token_bytes(served.tokenizer) if hasattr(served.tokenizer, "backend_tokenizer") else []
+    raw = served.vocabulary[i] if i < len(served.vocabulary) else None
+    return token_alone(served, i, skip_special).encode() if raw is None else raw
 
 
 def piece_bytes(served: Served, ids: list[int], pieces: list[str], skip_special: bool) -> list[bytes]:
