@@ -287,9 +287,10 @@ class TrainSpec(Section):
             raise ValueError(f"train.teacher_signal {self.teacher_signal} needs train.objective kd: objective sft "
                              f"trains on the teacher's text alone, and would run plain SFT; set train.objective=kd, "
                              f"or leave train.teacher_signal out")
-        if self.data == "ledger" and self.objective == "kd":
-            raise ValueError("train.data ledger trains on every teacher's rows, and each teacher's top-k logprobs are "
-                             "in its own vocabulary: set train.objective=sft, or train.data=recipe")
+        if self.data == "ledger" and self.objective == "kd" and self.teacher_signal != "cached":
+            raise ValueError(f"train.data ledger trains on every teacher's rows, and the {self.teacher_signal} "
+                             f"teacher is one of them: use train.teacher_signal=cached (each row's top-k, mapped "
+                             f"onto the student's tokens where its tokenizer differs), or train.data=recipe")
         return self
 
 

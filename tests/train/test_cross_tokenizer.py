@@ -57,6 +57,8 @@ def test_sft_student_with_another_tokenizer_is_evaluated_and_reported(tmp_path, 
         assert student[key] is None and "tokenizer differs" in student["not_applicable"][key]
         assert teacher[key] is not None and "not_applicable" not in teacher
     assert "n/a for student: the student's tokenizer differs" in printed
+    # the per-byte gap reads the teacher's answers in each model's own tokens: every model has it
+    assert teacher["kl_per_byte"] == 0 and student["kl_per_byte"] > 0
     html = (out / "report.html").read_text()
     assert "tokenizer differs" in student["not_applicable"]["acceptance"]  # a draft's alpha needs one vocabulary
     # KL/tok, top-1 and the draft's acceptance in the summary, perplexity below it
@@ -191,9 +193,9 @@ def test_cached_logit_kd_across_tokenizers_trains_on_the_top_k_mapped_to_the_stu
     assert rows and all(r["kd"] > 0 for r in rows)
 
     student_tok = AutoTokenizer.from_pretrained(other_tokenizer)
-    cross = CrossTokenizer.build(student_tok, AutoTokenizer.from_pretrained(TEACHER), 20)
     with Ledger(out / "ledger.sqlite") as ledger:
         examples = list(ledger.examples())[:16]
+    cross = CrossTokenizer.build(student_tok, {examples[0].teacher_key: AutoTokenizer.from_pretrained(TEACHER)}, 20)
     data = build_examples(examples, student_tok, same_tokenizer=False, cross=cross)
     for ex, d in zip(examples, data):
         completion = d.input_ids[d.n_prompt:]
@@ -204,3 +206,53 @@ def test_cached_logit_kd_across_tokenizers_trains_on_the_top_k_mapped_to_the_stu
         # the text's own student token always holds the chosen path's mass
         assert all(tok in ids for tok, ids in zip(completion, d.topk_ids.tolist()))
     assert cross.counts["positions"] > 0 and cross.counts["rows_text_differs"] == 0
+
+
+def test_a_merged_ledger_of_two_tokenizers_trains_one_student(tmp_path, other_tokenizer, capsys):
+    """A second local teacher's rows (the student's byte-level BPE: its ids and top-k as they are)
+    and the quickstart teacher's (another tokenizer: its ids read as bytes through its folder's
+    tokenizer, mapped onto the student's tokens), merged into one ledger, train one student by
+    cached logit KD; the card's teachers list both shares."""
+    import numpy as np
+    from safetensors.torch import save_model
+    from transformers import LlamaForCausalLM
+
+    from potstill.ledger import Ledger, merge_ledgers
+    from potstill.train.examples import CrossTokenizer, build_examples
+
+    other = tmp_path / "other-teacher"  # a tiny random Llama reading text with the byte-level BPE
+    shutil.copytree(other_tokenizer, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, eos_token_id=tok.eos_token_id))
+    model.config.save_pretrained(other)
+    save_model(model, str(other / "model.safetensors"))
+    (other / "LICENSE").write_text((TEACHER / "LICENSE").read_text()) if (TEACHER / "LICENSE").exists() else None
+    base = [*tiny_overrides(tmp_path / "a", n_prompts=12), "generation.max_new_tokens=12"]
+    assert main(["generate", RECIPE, *base]) == 0
+    assert main(["generate", RECIPE, *tiny_overrides(tmp_path / "b", n_prompts=12), "generation.max_new_tokens=12",
+                 f"teacher.path={other}", "teacher.id=other-teacher", "teacher.terms_family=apache-2.0"]) == 0
+    out = tmp_path / "run"
+    merge_ledgers(out / "ledger.sqlite", [tmp_path / "a" / "ledger.sqlite", tmp_path / "b" / "ledger.sqlite"])
+    capsys.readouterr()
+    assert main(["train", RECIPE, *tiny_overrides(out, n_prompts=12), "generation.max_new_tokens=12", "baseline=null",
+                 "train.data=ledger", f"student.tokenizer={other_tokenizer}"]) == 0, capsys.readouterr().err
+    assert "logit KD across tokenizers (potstill.align)" in capsys.readouterr().out
+    info = json.loads((out / "student" / "potstill.json").read_text())
+    assert sorted(t["id"] for t in info["teachers"]) == ["other-teacher", "potstill/quickstart-teacher"]
+    assert all(t["share_of_examples"] == 0.5 for t in info["teachers"])
+
+    student_tok = tok
+    with Ledger(out / "ledger.sqlite") as ledger:
+        examples = list(ledger.examples())
+        keys = {d["id"]: k for k, d in ledger.teachers().items()}
+    mine, theirs = keys["potstill/quickstart-teacher"], keys["other-teacher"]
+    cross = CrossTokenizer.build(student_tok, {mine: AutoTokenizer.from_pretrained(TEACHER)}, 20)
+    data = build_examples(examples, student_tok, same_tokenizer={theirs}, cross=cross)
+    for ex, d in zip(examples, data):
+        if ex.teacher_key == theirs:  # the teacher's own ids and top-k, untouched
+            assert d.input_ids[d.n_prompt:] == ex.token_ids.tolist() and np.array_equal(d.topk_ids, ex.topk_ids)
+        else:  # re-tokenized in the student's tokens, targets on its ids
+            assert student_tok.decode(d.input_ids[d.n_prompt:], skip_special_tokens=True) == ex.text
+            assert d.topk_ids.max() < len(student_tok)
+    assert cross.counts["rows_without_topk"] == 0 and cross.counts["positions"] > 0

@@ -42,26 +42,28 @@ class CrossTokenizer:
 
     pieces: list[bytes | None]
     trie: ByteTrie
-    teacher_pieces: list[bytes | None] | None
+    teacher_pieces: dict[str, list[bytes | None]]  # teacher key -> its tokens' bytes (its tokenizer is here)
     k: int
     counts: Counter = field(default_factory=Counter)
 
     @classmethod
-    def build(cls, student_tok, teacher_tok, k: int) -> CrossTokenizer:
+    def build(cls, student_tok, teacher_toks: dict[str, object], k: int) -> CrossTokenizer:
         pieces = token_bytes(student_tok)
-        return cls(pieces, ByteTrie(pieces), None if teacher_tok is None else token_bytes(teacher_tok), k)
+        return cls(pieces, ByteTrie(pieces), {key: token_bytes(tok) for key, tok in teacher_toks.items()}, k)
 
 
-def build_examples(examples: list[Example], tokenizer, *, same_tokenizer: bool,
+def build_examples(examples: list[Example], tokenizer, *, same_tokenizer: bool | set[str],
                    cross: CrossTokenizer | None = None) -> list[TrainExample]:
-    """With the teacher's tokenizer, the teacher's own token ids and top-k are used; otherwise the
-    completion text is re-tokenized, with targets across tokenizers when ``cross`` is given and the
-    row has a top-k (else sequence-level KD only: no logits). An id the tokenizer does not have (a
-    teacher's padding row, an imported file's) is refused, naming the ledger row."""
+    """With the teacher's tokenizer (``same_tokenizer``: for every row, or the set of teacher keys
+    whose rows it is), the teacher's own token ids and top-k are used; otherwise the completion text
+    is re-tokenized, with targets across tokenizers when ``cross`` is given (else sequence-level KD
+    only: no logits). An id the tokenizer does not have (a teacher's padding row, an imported
+    file's) is refused, naming the ledger row."""
     out = []
     for ex in examples:
         p_ids = prompt_ids(tokenizer, ex.messages)
-        if same_tokenizer and ex.token_ids is not None:
+        same = ex.teacher_key in same_tokenizer if isinstance(same_tokenizer, set) else same_tokenizer
+        if same and ex.token_ids is not None:
             check_ids(ex, len(tokenizer))
             c_ids = ex.token_ids.tolist()
             topk_ids, topk_lp = ex.topk_ids, ex.topk_logprobs
@@ -82,11 +84,12 @@ def teacher_tokens(ex: Example, cross: CrossTokenizer) -> tuple[list, list, list
     (T, k), their logprobs (T, k)); None when the row has no top-k to read."""
     if ex.topk_bytes is not None and ex.token_bytes is not None:
         chosen, alternatives = ex.token_bytes.tolist(), ex.topk_bytes.tolist()
-    elif ex.topk_ids is not None and ex.token_ids is not None and cross.teacher_pieces is not None:
-        pieces = cross.teacher_pieces
+    elif ex.topk_ids is not None and ex.token_ids is not None and ex.teacher_key in cross.teacher_pieces:
+        pieces = cross.teacher_pieces[ex.teacher_key]
         chosen = [pieces[i] or b"" for i in ex.token_ids.tolist()]  # a special token (EOS) is no text
         alternatives = [[pieces[i] or b"" for i in row] for row in ex.topk_ids.tolist()]
     else:
+        cross.counts["rows_without_topk"] += 1  # no top-k, or ids of a tokenizer that is not here
         return None
     if not b"".join(chosen).startswith(ex.text.encode("utf-8")):  # e.g. a decode that dropped or added spaces
         cross.counts["rows_text_differs"] += 1  # trained on its text alone
@@ -106,26 +109,40 @@ def teacher_tokens(ex: Example, cross: CrossTokenizer) -> tuple[list, list, list
 def cross_example(ex: Example, tokenizer, cross: CrossTokenizer, teacher) -> tuple[list[int], np.ndarray, np.ndarray]:
     """The student's completion ids for the row's text and a target row for each (``align``'s rule);
     the EOS a stopped answer ends with gets the teacher's stop probability when the teacher's last
-    token is a special one (its EOS), else certainty. A row without a top-k (``teacher`` None) gets
-    its own tokens, certain: KD toward the text, as CE."""
-    if teacher is None:  # no top-k to read: the text itself, certain, at every token (CE's target)
-        teacher = ([ex.text.encode("utf-8")], [0.0], [[]], [[]])
-    chosen, chosen_lp, alternatives, alt_lp = teacher
-    end = len(chosen)
-    while end and not chosen[end - 1]:  # trailing special tokens (EOS): not text
-        end -= 1
-    ids, offsets = encode_with_offsets(tokenizer, ex.text, cross.pieces)
-    topk_ids, topk_lp, counts = student_targets(chosen[:end], chosen_lp[:end], alternatives[:end], alt_lp[:end],
-                                                offsets, ids, cross.trie, cross.k)
-    cross.counts.update(counts)
-    if ex.finish_reason == "stop" and tokenizer.eos_token_id is not None:
+    token is a special one (its EOS), else certainty. A row without a top-k (``teacher`` None), or
+    whose text the student's tokenizer cannot spell byte for byte (an unknown token), gets its own
+    tokens, certain: KD toward the text, as CE (counted)."""
+    stop_lp = 0.0
+    try:
+        ids, offsets = encode_with_offsets(tokenizer, ex.text, cross.pieces)
+    except PotstillError:
+        cross.counts["rows_student_cannot_spell"] += 1
+        ids, teacher = tokenizer(ex.text, add_special_tokens=False)["input_ids"], None
+    if teacher is None:
+        topk_ids, topk_lp = certain(ids, cross.k)
+    else:
+        chosen, chosen_lp, alternatives, alt_lp = teacher
+        end = len(chosen)
+        while end and not chosen[end - 1]:  # trailing special tokens (EOS): not text
+            end -= 1
+        topk_ids, topk_lp, counts = student_targets(chosen[:end], chosen_lp[:end], alternatives[:end], alt_lp[:end],
+                                                    offsets, ids, cross.trie, cross.k)
+        cross.counts.update(counts)
         stop_lp = float(chosen_lp[end]) if end < len(chosen) else 0.0
-        row_ids = np.full((1, cross.k), tokenizer.eos_token_id, np.int32)
-        row_lp = np.full((1, cross.k), -np.inf, np.float32)
+    if ex.finish_reason == "stop" and tokenizer.eos_token_id is not None:
+        row_ids, row_lp = certain([tokenizer.eos_token_id], cross.k)
         row_lp[0, 0] = stop_lp
         ids = [*ids, tokenizer.eos_token_id]
         topk_ids, topk_lp = np.concatenate([topk_ids, row_ids]), np.concatenate([topk_lp, row_lp])
     return list(ids), topk_ids, topk_lp
+
+
+def certain(ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Target rows that put all the mass on ``ids`` (one a row), padded as ``align`` pads."""
+    topk_ids = np.repeat(np.asarray(ids, np.int32).reshape(-1, 1), k, axis=1)
+    topk_lp = np.full((len(ids), k), -np.inf, np.float32)
+    topk_lp[:, 0] = 0.0
+    return topk_ids, topk_lp
 
 
 def check_ids(ex: Example, n_tokens: int) -> None:

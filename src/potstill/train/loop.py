@@ -30,7 +30,7 @@ from accelerate.state import AcceleratorState
 
 from potstill.devices import resolve_chunk_size, resolve_compile, resolve_mixed_precision
 from potstill.errors import PotstillError
-from potstill.hf import folder_defaults_off, left_pad, load_model_dir, load_tokenizer_dir
+from potstill.hf import folder_defaults_off, left_pad, load_model_dir, load_tokenizer_dir, tokenizer_sha256
 from potstill.ledger import Ledger, teacher_key
 from potstill.ledger.plans import recipe_plan
 from potstill.losses import kd_loss
@@ -338,18 +338,8 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     torch.manual_seed(spec.seed)
     tokenizer = load_student_tokenizer(recipe)
     model = load_student(recipe, tokenizer)
-    cached_kd = spec.objective == "kd" and spec.teacher_signal == "cached"
-    compat = check_tokenizers(recipe.teacher.tokenizer_dir, tokenizer, model.config.vocab_size,
-                              need_logits=spec.objective == "kd" and not cached_kd, samples=ledger_samples(examples))
-    cross = None if compat.same_ids or not cached_kd else cross_tokenizer(recipe, tokenizer)
-    data = build_examples(examples, tokenizer, same_tokenizer=compat.same_ids, cross=cross)
-    if cross is not None and accelerator.is_main_process:
-        c = cross.counts
-        print(f"train {name}: logit KD across tokenizers (potstill.align): {c['positions']:,} student tokens, "
-              f"{c['exact'] / max(c['positions'], 1):.0%} cut where the teacher's tokens are cut; "
-              f"{c['unmappable']:,} teacher alternatives no student token starts (their mass in the tail)"
-              + (f"; {c['rows_text_differs']:,} rows whose tokens do not spell their text, trained on the text"
-                 if c["rows_text_differs"] else ""))
+    compat, data = training_data(recipe, spec, name, examples, descriptions, tokenizer, model.config.vocab_size,
+                                 accelerator.is_main_process)
     teacher = None
     if spec.objective == "kd" and spec.teacher_signal != "cached":  # teacher.path: checked when the recipe loaded
         teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype,
@@ -383,12 +373,52 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
         terms=terms, request_hashes=[ex.request_hash for ex in examples], distributed=describe(accelerator.state))
 
 
-def cross_tokenizer(recipe: Recipe, tokenizer) -> CrossTokenizer:
-    """What cached logit KD needs across tokenizers: the student's token bytes, and the teacher's
-    (for rows of its ids) when its tokenizer is known."""
-    folder = recipe.teacher.tokenizer_dir
-    teacher_tok = load_tokenizer_dir(folder, "teacher tokenizer") if folder else None
-    return CrossTokenizer.build(tokenizer, teacher_tok, max(recipe.generation.top_logprobs, 1))
+def training_data(recipe: Recipe, spec: TrainSpec, name: str, examples: list, descriptions: dict[str, dict],
+                  tokenizer, vocab_rows: int, say: bool) -> tuple[Compat, list[TrainExample]]:
+    """The student's tokens and targets for ``examples``, and how its tokenizer compares with the
+    recipe teacher's. Logit KD from the cache works across tokenizers: a row whose ids are not the
+    student's (another tokenizer; in a merged ledger, another teacher's) gets targets mapped onto
+    the student's tokens (potstill.align); online and on-policy KD need one tokenizer."""
+    cached_kd = spec.objective == "kd" and spec.teacher_signal == "cached"
+    compat = check_tokenizers(recipe.teacher.tokenizer_dir, tokenizer, vocab_rows,
+                              need_logits=spec.objective == "kd" and not cached_kd, samples=ledger_samples(examples))
+    same: bool | set[str] = compat.same_ids
+    if recipe.train.data == "ledger":  # several teachers: the rows whose teacher reads text as the student does
+        student_sha = tokenizer_sha256(tokenizer)
+        same = {k for k, d in descriptions.items() if d.get("tokenizer_sha256") == student_sha}
+        if compat.same_ids:
+            same.add(recipe_teacher_key(recipe))
+    mixed = isinstance(same, set) and any(ex.teacher_key not in same for ex in examples)
+    cross = cross_tokenizer(recipe, tokenizer, descriptions) if cached_kd and (mixed or same is False) else None
+    data = build_examples(examples, tokenizer, same_tokenizer=same, cross=cross)
+    if cross is not None and say:
+        c = cross.counts
+        print(f"train {name}: logit KD across tokenizers (potstill.align): {c['positions']:,} student tokens, "
+              f"{c['exact'] / max(c['positions'], 1):.0%} cut where the teacher's tokens are cut; "
+              f"{c['unmappable']:,} teacher alternatives no student token starts (their mass in the tail)"
+              + (f"; {c['rows_text_differs']:,} rows whose tokens do not spell their text, trained on the text"
+                 if c["rows_text_differs"] else "")
+              + (f"; {c['rows_without_topk']:,} rows of a teacher whose tokenizer is unknown here, trained on the "
+                 f"text" if c["rows_without_topk"] else "")
+              + (f"; {c['rows_student_cannot_spell']:,} rows with bytes the student's tokenizer cannot spell (an "
+                 f"unknown token), trained on the text" if c["rows_student_cannot_spell"] else ""))
+    return compat, data
+
+
+def recipe_teacher_key(recipe: Recipe) -> str:
+    with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
+        return teacher_key(recipe_plan(ledger, recipe)[0])
+
+
+def cross_tokenizer(recipe: Recipe, tokenizer, descriptions: dict[str, dict]) -> CrossTokenizer:
+    """What cached logit KD needs across tokenizers: the student's token bytes, and each teacher's
+    (to read rows of its ids) whose tokenizer is here: the recipe teacher's tokenizer folder, another
+    teacher's model folder as its description names it."""
+    folders = {k: d["path"] for k, d in descriptions.items() if d.get("backend") == "local" and d.get("path")}
+    if recipe.teacher.tokenizer_dir:
+        folders[recipe_teacher_key(recipe)] = recipe.teacher.tokenizer_dir
+    teachers = {k: load_tokenizer_dir(f, "teacher tokenizer") for k, f in folders.items() if Path(f).is_dir()}
+    return CrossTokenizer.build(tokenizer, teachers, max(recipe.generation.top_logprobs, 1))
 
 
 def refuse_missing_topk(recipe: Recipe, spec: TrainSpec, examples: list) -> None:
