@@ -62,10 +62,10 @@ def print_summary(eval_report: dict) -> None:
         table.add_column(header, justify="right")
     for row in summary_rows(eval_report):
         table.add_row(*row)
-    console = Console(width=max(Console().width, 110))  # nine columns: no cell cut short
+    console = Console(width=max(Console().width, 120))  # ten columns: no cell cut short
     console.print(table)
     console.print("retention: accuracy / the teacher's accuracy; agree: same answer as the teacher; KL/tok: KL(teacher || model) per token of the teacher's "
-                  "answers; top-1: same argmax as the teacher there; accept: the chance the teacher keeps a token the model drafts "
+                  "answers; KL/byte: log p_teacher - log p_model of those answers per byte, in each model's own tokens; top-1: same argmax as the teacher there; accept: the chance the teacher keeps a token the model drafts "
                   "(speculative decoding; sum of min(p, q) at the sampling temperature; report.html has it by position and "
                   "the measured speed-up); tok/s: batched greedy generation")
     for name, m in eval_report["models"].items():

@@ -12,7 +12,7 @@ from potstill.evaluate.run import bootstrap_ci, rouge_l
 from potstill.evaluate.judge import JUDGE_PROMPT, judge_pairs, parse_verdict
 from potstill.records import Completion
 
-from helpers import QUICKSTART, tiny_overrides
+from helpers import QUICKSTART, TEACHER, tiny_overrides
 
 RECIPE = str(QUICKSTART / "recipe.yaml")
 
@@ -324,3 +324,23 @@ def test_padded_student_vocabulary_trains_and_evaluates(tmp_path):
     assert m["kl_per_token"] > 0 and m["perplexity_teacher_text"] > 1
     # transformers takes two vocabulary sizes for two tokenizers: the draft run goes the universal way
     assert m["acceptance"] is not None and m["draft"]["measured"]["universal"] is True
+
+
+def test_the_per_byte_gap_reads_each_models_own_tokens():
+    """The teacher's answers scored by the teacher in its own ids and re-tokenized from their text
+    give the same log-likelihood (its tokenizer spells them back), so its gap is 0 both ways; a
+    model that finds every answer less likely has a positive gap per byte."""
+    from potstill.evaluate.run import answer_logliks, greedy, kl_per_byte
+    from potstill.hf import LocalModel
+    from potstill.prompts import load_prompts
+
+    teacher = LocalModel(TEACHER)
+    prompts = load_prompts(QUICKSTART / "prompts" / "heldout.jsonl", 6)
+    answers, _ = greedy(teacher, prompts, 24, 6)
+    own = answer_logliks(teacher, prompts, answers, 4, own_ids=True)
+    text = answer_logliks(teacher, prompts, answers, 4)
+    assert own == pytest.approx(text, abs=1e-4) and all(x < 0 for x in own)
+    assert kl_per_byte(own, text, answers) == pytest.approx(0, abs=1e-5)
+    worse = [x - 2.0 for x in own]  # 2 nats less likely on every answer
+    n_bytes = sum(len(a.text.encode()) for a in answers)
+    assert kl_per_byte(own, worse, answers) == pytest.approx(2.0 * len(answers) / n_bytes)

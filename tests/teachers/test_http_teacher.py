@@ -541,12 +541,23 @@ def test_fastapi_validation_detail_is_read():
     assert classify(exc)[2] == "HTTP 422: body.max_tokens: Input should be a valid integer"
 
 
-def test_kd_refusal_names_token_ids_as_the_cause(mock, tmp_path):
+def test_logit_kd_from_an_endpoint_without_ids_and_the_refusal_when_it_returned_no_logprobs(mock, tmp_path):
+    """The endpoint's top-k as token bytes (no ids, no teacher tokenizer) trains the student by logit
+    KD across tokenizers; a ledger whose HTTP answers hold no logprobs (an endpoint that returned
+    none, an older potstill) is refused in one line saying so."""
+    import sqlite3
+
     from potstill.train import train
 
-    recipe = http_recipe(tmp_path, [mock()], 8, "train.objective=kd")
+    recipe = http_recipe(tmp_path, [mock()], 8, "train.objective=kd", "train.batch_size=4", "baseline=null",
+                         "train.epochs=1", "train.log_every=1")
     generate(recipe)
-    with pytest.raises(PotstillError, match="teacher.token_ids is false"):
+    train(recipe, recipe.train)
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "student.jsonl").open()]
+    assert rows and all(r["kd"] > 0 for r in rows)
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        db.execute("UPDATE completions SET topk_ids=NULL, topk_logprobs=NULL, topk_bytes=NULL, token_bytes=NULL")
+    with pytest.raises(PotstillError, match="the HTTP teacher's answers hold none .the endpoint returned no logprobs"):
         train(recipe, recipe.train)
 
 

@@ -26,6 +26,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -120,6 +121,38 @@ def score_teacher_text(teacher: LocalModel, model: LocalModel, prompts: list[Pro
         n += t.shape[0]
     n = max(n, 1)
     return {"kl_per_token": kl_sum / n, "top1_agreement": top1 / n, "perplexity_teacher_text": math.exp(nll_sum / n)}
+
+
+@torch.no_grad()
+def answer_logliks(model: LocalModel, prompts: list[Prompt], completions, batch_size: int,
+                   own_ids: bool = False) -> list[float]:
+    """Each answer's log-likelihood under ``model`` at temperature 1, teacher-forced after the prompt
+    in the model's own chat template: the model's own tokens of the answer's text (``own_ids``: the
+    answer's token ids, when they are the model's), with its EOS when the answer stopped."""
+    tok, out = model.tokenizer, []
+    for s in range(0, len(prompts), batch_size):
+        batch_p, batch_c = prompts[s:s + batch_size], completions[s:s + batch_size]
+        rows = [SimpleNamespace(token_ids=list(c.token_ids) if own_ids else
+                                tok(c.text, add_special_tokens=False)["input_ids"]
+                                + ([tok.eos_token_id] if c.finish_reason == "stop" and tok.eos_token_id is not None
+                                   else [])) for c in batch_c]
+        logits = completion_logits(model, batch_p, rows)  # (N, V)
+        targets = torch.tensor([i for r in rows for i in r.token_ids], dtype=torch.long, device=logits.device)
+        per_token = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0].tolist() if len(targets) else []
+        start = 0
+        for r in rows:
+            out.append(sum(per_token[start:start + len(r.token_ids)]))
+            start += len(r.token_ids)
+    return out
+
+
+def kl_per_byte(teacher_ll: list[float], model_ll: list[float], completions) -> float:
+    """sum(log p_teacher - log p_model) over the teacher's answers / their bytes: how much less likely
+    the model finds the teacher's answers than the teacher does, per byte of text. Every tokenizer
+    spells the same bytes, so models of any tokenizer compare on it (on the teacher's greedy answers:
+    a KL-type gap, not an unbiased KL estimate; 0 for the teacher)."""
+    n_bytes = sum(len(c.text.encode("utf-8")) for c in completions) or 1
+    return (sum(teacher_ll) - sum(model_ll)) / n_bytes
 
 
 def token_level_gap(name: str, model: LocalModel, teacher: LocalModel) -> str | None:
@@ -236,6 +269,11 @@ def evaluate(recipe: Recipe) -> dict:
             if model is not None:
                 row.update(model_metrics(model, Path(path), prompts, spec.max_new_tokens), **speed)
             if model is not None and teacher is not None:
+                if name == "teacher":
+                    teacher_ll = answer_logliks(teacher, prompts, teacher_out, spec.batch_size, own_ids=True)
+                model_ll = teacher_ll if name == "teacher" else answer_logliks(model, prompts, teacher_out,
+                                                                               spec.batch_size)
+                row["kl_per_byte"] = kl_per_byte(teacher_ll, model_ll, teacher_out)
                 accept = None
                 if gap := token_level_gap(name, model, teacher):
                     row.update({key: None for key in TOKEN_METRICS}, not_applicable=dict.fromkeys(TOKEN_METRICS, gap))

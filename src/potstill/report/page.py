@@ -16,6 +16,7 @@ COLUMNS = [  # (key in eval.json, header, format)
     ("retention", "retention", "{:.1%}"),  # accuracy / the teacher's accuracy: how much of its skill was kept
     ("agreement", "agree", "{:.1%}"),  # same answer as the teacher
     ("kl_per_token", "KL/tok", "{:.3f}"),  # KL(teacher || model) per token of teacher text
+    ("kl_per_byte", "KL/byte", "{:.4f}"),  # log-likelihood gap on the teacher's answers per byte: any tokenizer
     ("top1_agreement", "top-1", "{:.1%}"),  # same argmax as the teacher on teacher text
     ("acceptance", "accept", "{:.1%}"),  # as the teacher's draft: alpha = sum min(p, q) at the sampling temperature
     ("parameters", "params", "{:,}"),

@@ -388,8 +388,10 @@ def training_data(recipe: Recipe, spec: TrainSpec, name: str, examples: list, de
         same = {k for k, d in descriptions.items() if d.get("tokenizer_sha256") == student_sha}
         if compat.same_ids:
             same.add(recipe_teacher_key(recipe))
-    mixed = isinstance(same, set) and any(ex.teacher_key not in same for ex in examples)
-    cross = cross_tokenizer(recipe, tokenizer, descriptions) if cached_kd and (mixed or same is False) else None
+    # rows whose ids are not the student's: another tokenizer, or an endpoint's bytes without ids
+    mapped = any(ex.token_ids is None or not (ex.teacher_key in same if isinstance(same, set) else same)
+                 for ex in examples)
+    cross = cross_tokenizer(recipe, tokenizer, descriptions) if cached_kd and mapped else None
     data = build_examples(examples, tokenizer, same_tokenizer=same, cross=cross)
     if cross is not None and say:
         c = cross.counts
@@ -426,9 +428,11 @@ def refuse_missing_topk(recipe: Recipe, spec: TrainSpec, examples: list) -> None
     if spec.objective == "kd" and spec.teacher_signal == "cached" and any(
             ex.topk_ids is None and ex.topk_bytes is None for ex in examples):
         raise PotstillError("logit KD from the cache needs top-k logprobs in the ledger; " + (
-            "teacher.token_ids is false, so the HTTP teacher's logprobs were not asked for: set teacher.token_ids=true "
-            "(vLLM, potstill serve) and generate again" if recipe.teacher.http and not recipe.teacher.token_ids else
-            "generate with generation.top_logprobs > 0") + ", or use train.teacher_signal=online")
+            "the HTTP teacher's answers hold none (the endpoint returned no logprobs, or they were generated before "
+            "potstill asked HTTP teachers for them): generate into a new ledger with generation.top_logprobs > 0 "
+            "from an endpoint that returns logprobs (OpenAI, vLLM; or ids: teacher.token_ids=true)"
+            if recipe.teacher.http else "generate with generation.top_logprobs > 0")
+            + ", or use train.teacher_signal=online")
 
 
 def make_accelerator(device: str, spec: TrainSpec) -> tuple[Accelerator, str]:
