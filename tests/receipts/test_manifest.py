@@ -398,3 +398,44 @@ def test_terms_md_writes_every_id_reason_and_declaration_as_text(hostile, capsys
         assert f"{what} evil&lt;/td&gt;&lt;script&gt;alert(1)&lt;/script&gt; # Injected heading" in html, what
     rc, out = _verify(hostile, capsys)
     assert rc == 0, out
+
+
+def test_a_leaf_covers_an_endpoints_token_bytes_and_keeps_old_rows_leaves(tmp_path):
+    """A row kept as bytes (an API teacher's) has its token bytes, top-k bytes and chosen logprobs in
+    its leaf: changing one changes the leaf; a row without them hashes exactly as before."""
+    import sqlite3
+
+    import numpy as np
+    from helpers import plan
+
+    from potstill.ledger import Ledger
+    from potstill.prompts import Prompt
+    from potstill.receipts.manifest import leaf_hash, ledger_leaves, row_digest
+    from potstill.records import Completion, TokenBytes
+
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path) as ledger:
+        key = ledger.register_teacher({"id": "api", "backend": "openai"})
+        prompts = [Prompt((("user", f"q{i}"),), source=f"p:{i}") for i in range(2)]
+        params = {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "top_logprobs": 2, "seed": 0}
+        todo = plan(ledger, key, prompts, params)
+        session = ledger.start_session(None)
+        ledger.record(session, [
+            Completion(todo[0].request_hash, "hi", None, None, np.log(np.array([[0.6, 0.3]], np.float32)), "stop",
+                       3, 0, 0.1, token_bytes=[b"hi"], topk_bytes=[[b"hi", b"ho"]],
+                       token_logprobs=np.log(np.array([0.6], np.float32))),
+            Completion(todo[1].request_hash, "yo", [5], None, None, "stop", 3, 0, 0.1)])
+        hashes = sorted(r.request_hash for r in todo)
+        before = dict(ledger_leaves(ledger, hashes, {}))
+        old_formula = {row[0]: leaf_hash(row_digest([*row[:11], json.dumps(ledger.teachers()[key], sort_keys=True,
+                                                                                separators=(",", ":")), None]))
+                       for row in ledger.manifest_rows(hashes)}
+    plain = todo[1].request_hash
+    assert before[plain] == old_formula[plain]  # a row without bytes: the leaf it always had
+    assert before[todo[0].request_hash] != old_formula[todo[0].request_hash]
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE completions SET topk_bytes=? WHERE request_hash=?",
+                   (TokenBytes.pack([b"hi", b"ha"]), todo[0].request_hash))
+    with Ledger(path) as ledger:
+        after = dict(ledger_leaves(ledger, hashes, {}))
+    assert after[plain] == before[plain] and after[todo[0].request_hash] != before[todo[0].request_hash]

@@ -870,12 +870,13 @@ def test_two_teachers_requiring_different_name_prefixes_refuse_the_export(tmp_pa
     assert "names cleared" in (run / "student" / "TERMS.md").read_text()
 
 
-def test_train_data_ledger_with_logit_kd_is_one_line(tmp_path, capsys):
+def test_train_data_ledger_with_an_online_teacher_is_one_line(tmp_path, capsys):
+    """Cached logit KD reads every teacher's rows (mapped across tokenizers); an online teacher is one."""
     from helpers import QUICKSTART
 
     from potstill.cli import main
 
     assert main(["train", str(QUICKSTART / "recipe.yaml"), f"output_dir={tmp_path}", "train.data=ledger",
-                 "train.objective=kd"]) == 2
+                 "train.objective=kd", "train.teacher_signal=online"]) == 2
     err = capsys.readouterr().err
     assert "train.data ledger trains on every teacher's rows" in err and err.count("\n") == 1

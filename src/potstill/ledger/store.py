@@ -585,10 +585,12 @@ class Ledger:
     def manifest_rows(self, request_hashes: list[str]) -> Iterator[tuple]:
         """What each done row of ``request_hashes`` was asked and answered, in request-hash order:
         (request hash, teacher key, messages, params, sample index, text, token ids, top_k, top-k
-        ids, top-k logprobs, finish reason). The Merkle manifest hashes these."""
+        ids, top-k logprobs, finish reason, token bytes, top-k bytes, token logprobs: the last three
+        null but for an endpoint's answers). The Merkle manifest hashes these."""
         return self.db.execute(
             f"""SELECT c.request_hash, r.teacher_key, p.messages, r.params, r.sample_index, c.text, c.token_ids,
-                       c.top_k, c.topk_ids, c.topk_logprobs, c.finish_reason
+                       c.top_k, c.topk_ids, c.topk_logprobs, c.finish_reason, c.token_bytes, c.topk_bytes,
+                       c.token_logprobs
                 FROM {self._select(request_hashes)} JOIN requests r USING (request_hash)
                 JOIN prompts p USING (prompt_sha256) ORDER BY c.request_hash""")
 

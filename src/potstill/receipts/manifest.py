@@ -36,6 +36,9 @@ MANIFEST = "manifest.merkle"
 RECORD, CARD = "potstill.json", "README.md"  # the record holds the other files' hashes; the card is bound apart
 
 
+BYTES_FIELDS = b"token_bytes,topk_bytes,token_logprobs"  # names the fields a leaf holds after the verdict
+
+
 def row_digest(fields: list) -> bytes:
     """sha256 over the fields, each length-prefixed so no two rows can run into the same bytes."""
     h = hashlib.sha256()
@@ -98,7 +101,10 @@ def ledger_leaves(ledger, request_hashes: list[str], verdicts: dict[str, str]) -
     out = []
     for row in ledger.manifest_rows(request_hashes):
         h, teacher = row[0], row[1]
-        out.append((h, leaf_hash(row_digest([*row, descriptions.get(teacher), verdicts.get(teacher)]))))
+        fields = [*row[:11], descriptions.get(teacher), verdicts.get(teacher)]
+        if any(f is not None for f in row[11:]):  # an endpoint's token bytes and logprobs, trained on too;
+            fields += [BYTES_FIELDS, *row[11:]]  # a row without them keeps the leaf it always had
+        out.append((h, leaf_hash(row_digest(fields))))
     return out
 
 
