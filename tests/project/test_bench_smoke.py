@@ -83,6 +83,8 @@ RUNS = {
                                             "--null-seeds"),
     "kd_ablation": lambda d, ledger: bench("kd_ablation.py", "--ledger", ledger.result(), "--seeds", 0, "--out", d,
                                            "--arms", "KD, T=1, kd_ratio=1", "--", *TINY),
+    # the planning table (formulas) and three tiny measured configurations, one of them FSDP2 over 2 processes
+    "memory_plan": lambda d, ledger: bench("memory_plan.py", "--table") + bench("memory_plan.py", "--smoke"),
     "train_bench": lambda d, ledger: bench("train_bench.py", "--vocab", 512, "--tokens", 256, "--threads", 1,
                                            "--arms", "loss-chunked", "step-online"),
     # the loss table on the CPU (no CUDA needed); tests/project/test_gpu_bench.py runs all three tables in-process
@@ -175,6 +177,13 @@ def test_train_bench(runs):  # train_bench exits 1 when an arm fails
     _, out = output(runs, "train_bench")
     assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith(("| loss", "| step"))] == \
         ["| loss-chunked", "| step-online"]
+
+
+def test_memory_plan(runs):
+    _, out = output(runs, "memory_plan")
+    assert "| full, float32 | chunked 1,024 | " in out and "| full, bf16, FSDP2 x 8 | bfloat16 | " in out
+    assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| smoke")] == \
+        ["| smoke: chunked, bf16, LoRA", "| smoke: dense, online", "| smoke: FSDP2, 2 processes"]
 
 
 def test_gpu_bench(runs):  # TRL's and Liger's arms are printed as skipped when missing; any other failure exits 1
