@@ -160,3 +160,29 @@ def test_a_moe_students_router_loss_is_added_as_hugging_face_adds_it(model_type)
     model = AutoModelForCausalLM.from_config(config)
     loss, ce, kd, router = loss_sums(model, b, TrainSpec(chunk_size=0, kd_ratio=0.5), compat)
     assert router.item() == 0 and loss.item() == pytest.approx(0.5 * ce.item() + 0.5 * kd.item(), rel=1e-6)
+
+
+def test_a_head_under_bf16_mixed_precision_is_checked_at_bf16_rounding():
+    """accelerate runs a bf16 student's forward under autocast and hands its logits back as float32:
+    float32's tolerance refused every such head (so bf16, the GPU default, could not chunk); the
+    student's check now knows the logits carry bf16 rounding."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from potstill.errors import PotstillError
+    from potstill.train.heads import output_head
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512,
+                                         num_hidden_layers=2, num_attention_heads=4))
+    AcceleratorState._reset_state(reset_partial_state=False)
+    prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    try:
+        with pytest.raises(PotstillError, match="cannot reproduce"):
+            output_head(prepared)  # float32's 1e-4: bf16's rounding is far above it
+        head = output_head(prepared, half=True)
+        assert head.weight.shape == (4096, 256)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)

@@ -46,14 +46,16 @@ def _fields(config, names, *, skip_one: bool) -> list[float]:
     return sorted(set(values))
 
 
-def _tolerance(logits: torch.Tensor) -> float:
-    """What a re-computed head may differ by: float32 rounding, or half precision's much coarser one."""
-    rel = 1e-4 if logits.dtype in (torch.float32, torch.float64) else 2e-2
+def _tolerance(logits: torch.Tensor, half: bool = False) -> float:
+    """What a re-computed head may differ by: float32 rounding, or half precision's much coarser one
+    (half-precision logits, or ``half``: computed under bf16/fp16 autocast and handed back as float32,
+    as accelerate's mixed precision does)."""
+    rel = 1e-4 if logits.dtype in (torch.float32, torch.float64) and not half else 2e-2
     return rel * max(1.0, logits.abs().max().item())
 
 
 @torch.no_grad()
-def output_head(model, what: str = "student") -> Head:
+def output_head(model, what: str = "student", half: bool = False) -> Head:
     """The model's output head as a ``Head``, checked against ``model(...).logits`` on a probe.
 
     ``model`` is a Hugging Face causal LM (or a wrapper with ``.module`` or a PEFT model). Raises
@@ -80,7 +82,7 @@ def output_head(model, what: str = "student") -> Head:
         inner.train(was_training)
     weight, bias = _full(linear, what)  # under FSDP2 the full head exists only now, after a forward
     hidden, logits = out.hidden_states[-1][0].float(), out.logits[0].float()  # (L, H), (L, V)
-    tol = _tolerance(out.logits)
+    tol = _tolerance(out.logits, half)
     best, best_err = None, float("inf")
     for scale, cap in itertools.product(scales, caps):
         head = Head(weight, bias, scale, cap)
@@ -121,6 +123,8 @@ def current(head: Head, model, what: str = "student") -> Head:
     return Head(weight, bias, head.scale, head.softcap)
 
 
-def model_heads(student, teacher=None) -> dict[str, Head]:
-    """The checked heads of the student and, when it runs in the loop, the teacher."""
-    return {"student": output_head(student), **({"teacher": output_head(teacher, "teacher")} if teacher else {})}
+def model_heads(student, teacher=None, half: bool = False) -> dict[str, Head]:
+    """The checked heads of the student and, when it runs in the loop, the teacher; ``half``: the
+    student's forward runs under bf16/fp16 mixed precision (its logits carry half precision's rounding)."""
+    return {"student": output_head(student, half=half),
+            **({"teacher": output_head(teacher, "teacher")} if teacher else {})}

@@ -363,7 +363,8 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     ckpt_root = recipe.run_dir / "checkpoints" / name
     return Setup(
         spec=spec, accelerator=accelerator, model=model, optimizer=optimizer, tokenizer=tokenizer, teacher=teacher,
-        compat=compat, heads=model_heads(model, teacher) if spec.chunk_size else None,  # checked before any step
+        compat=compat,  # the heads are checked before any step
+        heads=model_heads(model, teacher, half=mixed_precision in ("bf16", "fp16")) if spec.chunk_size else None,
         data=data, plan=Plan(len(data), spec, accelerator.num_processes),
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         on_policy_max_new_tokens=spec.on_policy_max_new_tokens or recipe.generation.max_new_tokens,
