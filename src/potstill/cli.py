@@ -231,9 +231,19 @@ def cmd_quickstart(args) -> int:
     if not found:
         raise PotstillError(f"the bundled quickstart is missing (looked in {', '.join(map(str, QUICKSTART_DIRS))}): "
                             f"reinstall potstill")
-    recipe = load_recipe(found[0], [f"output_dir={args.out}", *args.overrides])
     codes = []
-    print_summary(run_all(recipe, generated=lambda counts: codes.append(print_generated(counts))))
+
+    def generated(counts: dict) -> None:
+        codes.append(print_generated(counts))
+
+    if args.student_tokenizer == "bpe":
+        from potstill.quickstart_cross import run_cross
+
+        recipe, report = run_cross(found[0], args.out, args.overrides, generated)
+    else:
+        recipe = load_recipe(found[0], [f"output_dir={args.out}", *args.overrides])
+        report = run_all(recipe, generated=generated)
+    print_summary(report)
     print(f"open {recipe.run_dir / 'report.html'} for plots and samples")
     return finished_despite(codes)
 
@@ -343,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
 def add_quickstart(verbs) -> None:
     q = verbs.add_parser("quickstart", help="the whole pipeline on the bundled teacher (about 5 minutes on 2 CPU cores)")
     q.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
+    q.add_argument("--student-tokenizer", choices=["teacher", "bpe"], default="teacher", help="teacher (default): the "
+                   "student reads text with the teacher's tokenizer and trains on its token ids and top-20. bpe: the "
+                   "student has a tokenizer of its own, a byte-level BPE of 512 tokens trained first on the training "
+                   "prompts (RUN/student-tokenizer), and the teacher is asked as an API teacher is: the bundled teacher "
+                   "behind `potstill serve` on a free loopback port (stopped at the end), answering with each token's "
+                   "bytes and its top-20 as (bytes, logprob), no ids; the KD student learns from that top-20 mapped "
+                   "onto its own tokens (potstill.align), the SFT baseline from the text. About as long as the "
+                   "quickstart")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the bundled recipe "
                    "(examples/quickstart/recipe.yaml, installed as potstill/quickstart/recipe.yaml)")
     q.set_defaults(func=cmd_quickstart)

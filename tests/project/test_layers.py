@@ -13,7 +13,7 @@ SRC = ROOT / "src" / "potstill"
 
 # top to bottom; a name is a top-level module or package of potstill
 LAYERS = {
-    "entry": ["cli", "__main__"],
+    "entry": ["cli", "__main__", "quickstart_cross"],
     "pipeline": ["pipeline"],
     "stages": ["generate", "train", "evaluate", "report", "serve", "audit"],
     "components": ["teachers", "receipts", "tasks"],
