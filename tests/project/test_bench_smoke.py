@@ -75,6 +75,9 @@ RUNS = {
         "--lineage-probes", 16, "--shares", 1, "--epochs", 1, "--gt-epochs", 1, "--gt-models", 2,
         "--stages", "shares", "gt", "report"),
     "quickstart": lambda d, ledger: bench("quickstart.py", "--seeds", 0, "--out", d, *TINY),
+    # both quickstarts (the teacher's tokenizer; a BPE student, the teacher served), then the step costs
+    "cross_tokenizer": lambda d, ledger: bench("cross_tokenizer.py", "--seeds", 0, "--out", d, "--rounds", 1,
+                                               "--steps", 2, *TINY),
     # the shared ledger in --out: draft.py generates none of its own
     "draft": lambda d, ledger: bench("draft.py", "--seeds", 0, "--out", run_dir(d, ledger), *TINY),
     "side_by_side": lambda d, ledger: bench("side_by_side.py", "--run", run_dir(d, ledger), "--rounds", 1, *TINY),
@@ -140,6 +143,13 @@ def test_audit_students(runs):
 def test_quickstart(runs):
     _, out = output(runs, "quickstart")
     assert "quickstart wall time" in out and "| KD student |" in out and "| SFT student |" in out
+
+
+def test_cross_tokenizer(runs):
+    _, out = output(runs, "cross_tokenizer")
+    assert "| 0 | " in out and "cross-tokenizer KD - SFT" in out
+    assert "| top-20 aligned (BPE, KD) | 64 |" in out and "| cross KD | " in out
+    assert "cached cross-tokenizer KD step / same-tokenizer KD step" in out
 
 
 def test_draft(runs):
