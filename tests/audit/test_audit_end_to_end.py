@@ -15,6 +15,7 @@ RECIPE = str(QUICKSTART / "recipe.yaml")
 KEY = "e2e-secret-watermark-key-3f9a1c7d"
 
 
+@pytest.mark.slow
 def test_watermarked_teacher_to_flagged_student(tmp_path, capsys):
     (tmp_path / "key").write_text(KEY + "\n")
     others = []

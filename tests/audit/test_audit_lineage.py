@@ -96,6 +96,7 @@ def folders(tmp_path_factory):
     return copy, paths
 
 
+@pytest.mark.slow
 def test_lineage_cli_flags_a_copy_and_not_a_random_model(folders, tmp_path, capsys):
     copy, randoms = folders
     refs = [a for p in randoms[:5] for a in ("--reference", str(p))]
@@ -143,6 +144,7 @@ def test_kl_refuses_another_tokenizer_in_one_line(folders, tmp_path, capsys):
     assert "needs the teacher's weights" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_kl_scores_equal_scipy_position_by_position(folders):
     """minus the mean KL(teacher || model) over the teacher's answer, batched, equals scipy's
     entropy(p, q) at each position of a one-prompt forward; the teacher's copy scores 0."""
@@ -209,6 +211,7 @@ def test_answer_logprobs_equal_one_prompt_at_a_time(arch, tmp_path):
     assert got[2] == 0.0 and all(g < 0 for i, g in enumerate(got) if i != 2)
 
 
+@pytest.mark.slow
 def test_lineage_reaches_a_teacher_behind_an_endpoint(folders, tmp_path, capsys):
     """The teacher served by `potstill serve` (official openai client): its copy is flagged as
     when the teacher is a folder, with the same match rates; a probe the endpoint refuses (too

@@ -29,6 +29,7 @@ def teacher():
     return load_model_dir(TEACHER)
 
 
+@pytest.mark.slow
 def test_served_watermark_is_found_for_its_key_only(teacher):
     """`potstill serve` with a key, sampled through the official openai client: the answers carry
     key K (p < 1e-6; a strong delta keeps 100 requests enough) and none of four other keys (Holm-adjusted p > 0.01)."""
@@ -62,6 +63,7 @@ def test_a_model_that_never_saw_the_key_is_not_flagged(teacher):
         assert all(k["p_value"] > 0.01 and k["tokens"] > 0 for k in result["keys"])
 
 
+@pytest.mark.slow
 def test_entropy_filter_scores_where_the_watermark_acts(teacher):
     """Text sampled with a weak watermark (delta 2), scored only where the model's own next-token
     entropy is at least 0.5 nats: fewer tokens, a higher green share and a smaller p-value for K

@@ -99,6 +99,7 @@ def models(tmp_path_factory):
     return LocalModel(TEACHER), LocalModel(TEACHER), LocalModel(out), prompts
 
 
+@pytest.mark.slow
 def test_a_perfect_draft_is_accepted_whole_and_steps_are_counted(models):
     """A copy of the teacher as its draft: every step yields gamma + 1 tokens until the answer ends,
     so the teacher's forward passes are ceil(length / (gamma + 1)) per prompt."""
@@ -159,6 +160,7 @@ def test_the_card_and_report_show_the_draft_figures_against_their_teacher(tmp_pa
     json.dumps(report)  # eval.json can hold it
 
 
+@pytest.mark.slow
 def test_a_student_with_another_tokenizer_is_measured_with_universal_assisted_decoding(models, tmp_path):
     """transformers' universal assisted decoding (tokenizer=, assistant_tokenizer=): the teacher's output
     stays its own; a tokenizer of the same vocabulary size is n/a with the reason (transformers would

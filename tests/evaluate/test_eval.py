@@ -106,6 +106,7 @@ def trained_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_eval_json_has_the_metrics_and_provenance(trained_run):
     report = json.loads((trained_run / "eval.json").read_text())
     m = report["models"]["student"]
@@ -126,6 +127,7 @@ def test_eval_json_has_the_metrics_and_provenance(trained_run):
     assert len(report["prompts"]["sha256"]) == 64
 
 
+@pytest.mark.slow
 def test_a_judge_that_talks_nonsense_is_refused_not_scored(trained_run, capsys):
     # the bundled teacher only knows arithmetic: as a judge, none of its replies is a verdict
     args = ["eval", RECIPE, *tiny_overrides(trained_run), "baseline=null", f"eval.judge.path={QUICKSTART / 'teacher'}"]
@@ -140,6 +142,7 @@ def _correctness(text):
     return "tie" if ok_a == ok_b else ("A" if ok_a else "B")
 
 
+@pytest.mark.slow
 def test_a_judge_behind_an_endpoint_scores_as_the_same_rule_does_here(trained_run, tmp_path, monkeypatch):
     """eval.judge.backend: openai, through the official openai client and potstill's dispatch, to a
     loopback endpoint that judges by the task's verifier: the win rate is what the same rule gives
@@ -211,6 +214,7 @@ def test_an_endpoint_judge_sends_a_repeated_pair_once_and_counts_failures_apart(
     assert got.losses == 0 and got.ties in (0, 2) and got.wins + got.ties == got.parsed
 
 
+@pytest.mark.slow
 def test_an_endpoint_judge_names_its_own_settings(tmp_path, trained_run, capsys):
     from mock_endpoint import MockEndpoint
 
@@ -230,12 +234,14 @@ def test_an_endpoint_judge_names_its_own_settings(tmp_path, trained_run, capsys)
     assert "never the key itself" in err and "sk-proj-pasted" not in err
 
 
+@pytest.mark.slow
 def test_an_endpoint_judge_without_model_or_endpoints_is_one_line(trained_run, capsys):
     assert main(["eval", RECIPE, *tiny_overrides(trained_run), "eval.judge.backend=openai"]) == 2
     err = capsys.readouterr().err
     assert "eval.judge.model and eval.judge.endpoints are required for backend openai" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_student_with_another_chat_template_is_scored_in_its_own(trained_run, tmp_path, capsys):
     """Each model reads the prompt in its own chat template; the teacher's tokens are compared after it."""
     run = tmp_path / "run"
@@ -283,6 +289,7 @@ def test_generation_speed_is_warmed_up_repeated_and_shows_its_spread(monkeypatch
     assert 0 < low <= speed["tokens_per_second"] <= high
 
 
+@pytest.mark.slow
 def test_lm_eval_adapter_scores_a_local_task(trained_run, tmp_path):
     pytest.importorskip("lm_eval")
     tasks = tmp_path / "tasks"
@@ -316,6 +323,7 @@ metric_list:
     assert 0.5 < teacher <= 1.0 and 0.0 <= student < teacher
 
 
+@pytest.mark.slow
 def test_padded_student_vocabulary_trains_and_evaluates(tmp_path):
     """A student with more logit rows than the tokenizer (48 vs 41): KD and eval use the shared rows."""
     out = tmp_path / "run"

@@ -46,6 +46,7 @@ def test_an_endpoint_that_ignores_temperature_is_named_in_the_summary(tmp_path, 
            "teacher honour sampling parameters?" in " ".join(page.split())
 
 
+@pytest.mark.slow
 def test_a_teacher_that_samples_is_not_flagged(tmp_path):
     """The quickstart teacher at temperature 1 varies its "shuffle" answers: some prompts differ."""
     recipe = load_recipe(QUICKSTART / "recipe.yaml", tiny_overrides(tmp_path / "run", 24) + [

@@ -57,6 +57,7 @@ def test_a_ledger_from_before_plans_is_planned_by_train_and_trains_the_same_rows
     assert len(ledger_examples(recipe, "student")[0]) == len(before[1])
 
 
+@pytest.mark.slow
 def test_an_edited_recipe_has_no_plan_until_planned(tmp_path):
     recipe = quick(tmp_path)
     generate(recipe)

@@ -13,6 +13,7 @@ from helpers import QUICKSTART, tiny_overrides
 RECIPE = str(QUICKSTART / "recipe.yaml")
 
 
+@pytest.mark.slow
 def test_run_trains_evaluates_reports_and_then_skips_what_is_done(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", RECIPE, *tiny_overrides(out)]) == 0
@@ -69,6 +70,7 @@ def test_user_mistakes_get_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_train_before_generate_says_what_to_do(tmp_path, capsys):
     assert main(["train", RECIPE, f"output_dir={tmp_path}"]) == 2
     assert "run `potstill generate` first" in capsys.readouterr().err
@@ -82,6 +84,7 @@ def test_model_dir_without_safetensors_is_refused(tmp_path, capsys):
     assert "no *.safetensors weights" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_model_card_names_the_teacher_and_parses(tmp_path, capsys):
     from huggingface_hub import ModelCard
 

@@ -130,6 +130,7 @@ def small_ledger(tmp_path_factory):
     return run / "ledger.sqlite"
 
 
+@pytest.mark.slow
 def test_a_corrupted_ledger_page(tmp_path, capsys, small_ledger):
     run = tmp_path / "run"
     run.mkdir()
@@ -191,6 +192,7 @@ def test_a_student_config_typo_is_one_line_before_any_work(tmp_path, capsys):
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_train_prints_the_students_size_before_it_trains(tmp_path, capsys, small_ledger):
     run = tmp_path / "run"
     run.mkdir()

@@ -6,9 +6,12 @@ import importlib.util
 import re
 import sys
 
+import pytest
+
 from helpers import ROOT
 
 
+@pytest.mark.slow
 def test_the_gpu_bench_runs_tiny_on_the_cpu(capsys):
     spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu_bench.py")
     bench = importlib.util.module_from_spec(spec)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import ROOT, tiny_overrides
 
 README = (ROOT / "README.md").read_text()
@@ -52,6 +54,7 @@ def test_pyproject_lower_bounds_are_the_tested_pins():
         assert pins.get(_norm(name)) == lower, f"{dep}: constraints.txt pins {pins.get(_norm(name))}"
 
 
+@pytest.mark.slow
 def test_the_quickstart_command_runs(tmp_path):
     """The README's quickstart verb, through the installed console script, on a tiny cut."""
     verb = setup_commands()[0].split("&&")[-1].split()
@@ -64,6 +67,7 @@ def test_the_quickstart_command_runs(tmp_path):
     assert (tmp_path / "qs" / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_every_verb_has_help():
     script = Path(sys.executable).parent / "potstill"
     for verb in ("quickstart", "run", "generate", "train", "eval", "report", "doctor", "serve", "merge", "import",

@@ -53,6 +53,7 @@ def test_every_package_under_src_is_listed_for_the_wheel():
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="venv layout")
+@pytest.mark.slow
 def test_quickstart_runs_from_an_installed_wheel_outside_the_checkout(tmp_path):
     source = _copy_source(tmp_path / "source")
     _pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "dist"), str(source))

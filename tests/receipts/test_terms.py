@@ -304,6 +304,7 @@ def test_report_has_a_terms_section(tmp_path):
     assert reason in text and "<b>counsel" not in page and "ab" * 32 in text
 
 
+@pytest.mark.slow
 def test_run_checks_the_terms_again_when_the_use_changes(tmp_path, capsys):
     """A student trained for research is not "up to date" for use=competing: the gate runs again."""
     from helpers import QUICKSTART
@@ -419,6 +420,7 @@ def test_train_past_a_contradiction_records_it_in_ledger_card_and_spdx(tmp_path,
     assert "openai-api" in teacher["comment"] and "contradict" in teacher["comment"]
 
 
+@pytest.mark.slow
 def test_a_llama_folder_declared_apache_is_refused_and_keeps_llamas_obligations(tmp_path, capsys):
     """Item 1: a folder whose README says llama3.1, declared apache-2.0."""
     from helpers import QUICKSTART, tiny_overrides
@@ -706,6 +708,7 @@ def _licences_of(graph: list, ids: dict, holder: str, kind: str = "hasConcludedL
             if r["type"] == "Relationship" and r["relationshipType"] == kind and r["from"] == holder]
 
 
+@pytest.mark.slow
 def test_a_llama_3_1_teacher_gets_llama_3_1s_text_and_the_card_names_the_family_found(tmp_path, capsys):
     """Items 7 and 8: a Llama 3.1 folder (README licence, LICENSE title, NOTICE) with the recipe's
     terms_family left unknown: NOTICE, TERMS.md, the card and SPDX carry 3.1's notice, URL,
@@ -739,6 +742,7 @@ def test_a_llama_3_1_teacher_gets_llama_3_1s_text_and_the_card_names_the_family_
     assert main(["verify", str(recipe.run_dir)]) == 0, capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_gemmas_terms_flow_down_into_the_concluded_licence(tmp_path, capsys):
     """Item 9: a Gemma teacher, the student declared apache-2.0: the card and SPDX conclude
     Apache-2.0 AND the Gemma terms, keep apache-2.0 as the declared licence, and say why."""
@@ -813,6 +817,7 @@ def _merged_run(tmp_path: Path, *overrides: str):
     return run, [*args, f"output_dir={run}", "train.data=ledger", "use=commercial", *overrides]
 
 
+@pytest.mark.slow
 def test_a_merged_ledger_of_two_teachers_trains_one_student_with_their_shares(tmp_path, capsys):
     """Item 12: train.data=ledger: one student on a merged ledger of a Llama 3.1 and a Gemma teacher;
     the card names both with their shares, the export carries both terms' obligations, verify holds."""

@@ -43,6 +43,7 @@ def not_blank(png) -> bool:
 HOSTILE = "run<svg onload=console.error(404)>"  # a folder name that once ran in the page
 
 
+@pytest.mark.slow
 def test_report_renders_without_console_errors(tmp_path):
     out = tmp_path / HOSTILE
     assert main(["run", str(QUICKSTART / "recipe.yaml"), *tiny_overrides(out), "baseline=null"]) == 0

@@ -226,6 +226,7 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, client, loc
         assert got == pytest.approx(ref.topk_logprobs.ravel().tolist(), rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_requests_of_clients_that_went_away_are_not_run():
     """A client that times out (and would retry) leaves no work behind in a batch not yet started."""
     serving = running(build_app(TEACHER, model_name="teacher", batch_wait_ms=1500))
@@ -257,6 +258,7 @@ def test_seeded_sampled_requests_are_batched_too(server):
     assert app.state.batcher.batches - before < len(PROMPTS)
 
 
+@pytest.mark.slow
 def test_served_teacher_distills_like_the_local_one(server, tmp_path):
     """The bundled teacher behind `potstill serve` as an HTTP teacher: the ledger holds the same
     ids and top-k as the local backend's, and the KD students trained from either match."""
@@ -481,6 +483,7 @@ def test_a_large_body_is_prepared_aside_while_small_ones_are_answered(server, mo
     assert entered == ["large 1", "large 2"]
 
 
+@pytest.mark.slow
 def test_serve_checks_its_port_before_loading_and_warns_when_exposed(tmp_path):
     import os
     import subprocess

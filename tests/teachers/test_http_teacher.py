@@ -98,6 +98,7 @@ def test_rate_limits_are_waited_out(mock, tmp_path):
             last_429[sha] = t
 
 
+@pytest.mark.slow
 def test_transient_faults_cost_few_extra_attempts(mock, tmp_path):
     # 400 prompts: the expected 1.11 sends per prompt is then 4 standard errors under the bound
     # (the faults are drawn per body, and bodies carry seeds that depend on the mock's port)
@@ -230,6 +231,7 @@ def test_retry_after_ms_wins_and_dates_parse():
     assert 25 < retry_after({"retry-after": date}) <= 30
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_lose_nothing_and_resend_only_the_window(mock, tmp_path):
     """Kill the generate process at random moments; each rerun sends only what was not done."""
     m = mock(latency=0.03)
@@ -283,6 +285,7 @@ def test_sigkill_and_resume_lose_nothing_and_resend_only_the_window(mock, tmp_pa
     assert len(m.log) - n <= window * 2 * kills
 
 
+@pytest.mark.slow
 def test_eval_without_teacher_weights_asks_the_endpoint_once(mock, tmp_path):
     """An API teacher (no teacher.path): eval gets its held-out answers over HTTP into
     eval-ledger.sqlite, leaves out what needs its weights, and a rerun pays for nothing."""
@@ -505,6 +508,7 @@ def test_generate_exits_1_and_says_why_requests_failed(mock, tmp_path, capsys):
     assert main([*args[:-1], f"output_dir={tmp_path / 'b'}", f"teacher.endpoints=[{good.url}]"]) == 0
 
 
+@pytest.mark.slow
 def test_run_goes_on_without_failed_requests_and_exits_1(mock, tmp_path, capsys):
     """`potstill run` trains on what it has (as train says), then exits 1 with one line, as
     `potstill generate` does: a script must not take a run with holes for a whole one."""
@@ -621,6 +625,7 @@ def test_unparseable_bodies_count_the_estimate(mock, tmp_path):
     assert bad and all(c == recipe.generation.max_new_tokens and cost > 0 for c, cost in bad)
 
 
+@pytest.mark.slow
 def test_sends_in_flight_at_a_kill_count_against_the_budget(mock, tmp_path):
     """SIGKILL while sends are in flight, twice: every send was in the ledger before it left, so
     the reruns' budget counts it and the endpoint never receives more than max_requests."""
@@ -646,6 +651,7 @@ def test_sends_in_flight_at_a_kill_count_against_the_budget(mock, tmp_path):
         assert ledger.spend()["requests"] == 12
 
 
+@pytest.mark.slow
 def test_a_retry_after_that_is_not_rfc_9110_backs_off_normally(mock, tmp_path):
     m = mock(rate_limit=0.3, retry_after="1e9")
     assert generate(http_recipe(tmp_path, [m], 20))["done"] == 20  # was: "asks to wait 1000000000 s", every run
@@ -710,6 +716,7 @@ def test_the_retry_rules_as_a_table():
     assert decide("malformed", 200, "bad", None, **{**rule, "malformed": 2}).retry_in == 0.5
 
 
+@pytest.mark.slow
 def test_rate_limit_buckets_pace_requests_and_tokens():
     """teacher.requests_per_minute / tokens_per_minute: a burst of one second's worth, then the rate."""
     from potstill.teachers.openai.dispatch import TokenBucket
@@ -786,6 +793,7 @@ def test_a_connect_timeout_is_not_charged(tmp_path):
     assert rows and all(r == (0, 0, 0.0) for r in rows), rows
 
 
+@pytest.mark.slow
 def test_an_endpoint_that_answers_most_requests_is_not_down(mock, tmp_path):
     """20 % of bodies trickle past the deadline. Those slow failures pile up in the window and time
     out together, while the other requests are answered all along: one invocation finishes every

@@ -40,6 +40,7 @@ def other_tokenizer(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sft_student_with_another_tokenizer_is_evaluated_and_reported(tmp_path, other_tokenizer, capsys):
     out = tmp_path / "run"
     args = ["run", RECIPE, *tiny_overrides(out), f"student.tokenizer={other_tokenizer}", "train.objective=sft",
@@ -92,6 +93,7 @@ def test_train_refuses_online_logit_kd_across_tokenizers_before_the_terms_gate_a
     assert not (out / "logs").exists() and seconds < 10, seconds
 
 
+@pytest.mark.slow
 def test_generated_ledger_is_kept_when_run_refuses(tmp_path, other_tokenizer, capsys):
     """A ledger from an earlier generate is neither touched nor extended by the refused run."""
     out = tmp_path / "run"
@@ -174,6 +176,7 @@ def test_doctor_names_the_special_tokens_that_differ(tmp_path, capsys):
     assert "special tokens differ (teacher vs student): eos_token '<|end|>' vs '<|assistant|>'" in out, out
 
 
+@pytest.mark.slow
 def test_cached_logit_kd_across_tokenizers_trains_on_the_top_k_mapped_to_the_students_tokens(tmp_path, other_tokenizer,
                                                                                              capsys):
     """The local teacher's ledger (its ids and top-k) read through its tokenizer as bytes, mapped onto
@@ -208,6 +211,7 @@ def test_cached_logit_kd_across_tokenizers_trains_on_the_top_k_mapped_to_the_stu
     assert cross.counts["positions"] > 0 and cross.counts["rows_text_differs"] == 0
 
 
+@pytest.mark.slow
 def test_a_merged_ledger_of_two_tokenizers_trains_one_student(tmp_path, other_tokenizer, capsys):
     """A second local teacher's rows (the student's byte-level BPE: its ids and top-k as they are)
     and the quickstart teacher's (another tokenizer: its ids read as bytes through its folder's

@@ -17,6 +17,8 @@ from potstill.train import checkpoint
 
 from helpers import QUICKSTART, tiny_overrides
 
+pytestmark = pytest.mark.slow  # every test launches processes
+
 RECIPE = QUICKSTART / "recipe.yaml"
 POTSTILL = str(Path(sys.executable).parent / "potstill")
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]

@@ -33,6 +33,7 @@ def _recipe(ledger_dir, out, *extra):
     return load_recipe(RECIPE, [*tiny_overrides(out, n_prompts=32), *extra])
 
 
+@pytest.mark.slow
 def test_side_by_side_trains_the_same_models_as_one_at_a_time(ledger_dir, tmp_path, capfd):
     together = _recipe(ledger_dir, tmp_path / "together")
     hf_logging.disable_progress_bar()  # as the CLI does: the children must follow
@@ -55,6 +56,7 @@ def test_side_by_side_trains_the_same_models_as_one_at_a_time(ledger_dir, tmp_pa
                              for n in ("student", "baseline")))
 
 
+@pytest.mark.slow
 def test_a_refusal_in_a_child_is_raised_here_and_no_child_is_left(ledger_dir, tmp_path):
     recipe = _recipe(ledger_dir, tmp_path / "run", "teacher.terms_family=openai-api")
     with pytest.raises(PotstillError, match="openai-api"):
@@ -62,6 +64,7 @@ def test_a_refusal_in_a_child_is_raised_here_and_no_child_is_left(ledger_dir, tm
     assert not multiprocessing.active_children()
 
 
+@pytest.mark.slow
 def test_a_child_killed_mid_training_is_one_clear_error(ledger_dir, tmp_path, monkeypatch):
     recipe = _recipe(ledger_dir, tmp_path / "run")
     monkeypatch.setenv("POTSTILL_CRASH_AT", "step-1")  # both children SIGKILL themselves after their first step

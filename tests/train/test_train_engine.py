@@ -76,6 +76,7 @@ def assert_same_training(run_a: Path, run_b: Path, rtol: float = 1e-5, atol: flo
     assert_close(weights(run_a), weights(run_b), atol)
 
 
+@pytest.mark.slow
 def test_batch_times_accumulation_swaps_give_the_same_update(tmp_path, ledger):
     trained(tmp_path, ledger, "whole", "train.log_every=1")
     trained(tmp_path, ledger, "acc", "train.log_every=1", "train.micro_batch_size=4")
@@ -142,6 +143,7 @@ def test_host_reads_count_potstill_s_code_only_wherever_the_libraries_live(tmp_p
     assert reads.sites == []
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, ledger):
     trained(tmp_path, ledger, "one", "train.log_every=1", "train.micro_batch_size=8")
     d = run_dir(tmp_path, ledger, "two")
@@ -172,6 +174,7 @@ def run_killed(d: Path, crash_at: str, *extra: str) -> subprocess.CompletedProce
     ("save-4-marker", 2),      # everything written but the COMPLETE marker
     ("save-4-renamed", 4),     # saved, before the old one is pruned
 ])
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, ledger, crash_at, resumes_from):
     reference = trained(tmp_path, ledger, "ref", "train.checkpoint_every=2")
     d = run_dir(tmp_path, ledger, "killed")
@@ -188,6 +191,7 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, ledger, cra
     assert steps == list(range(1, 9))  # the log has each step once
 
 
+@pytest.mark.slow
 def test_tampered_checkpoint_is_refused_and_keep_last_prunes(tmp_path, ledger):
     d = run_dir(tmp_path, ledger)
     assert run_killed(d, "step-7").returncode == -9
@@ -254,6 +258,7 @@ def test_online_and_on_policy_teachers(tmp_path, ledger, extra):
         assert 0 < sum(r["on_policy"] for r in rows) < len(rows)
 
 
+@pytest.mark.slow
 def test_bf16_changes_the_arithmetic_within_bf16_rounding(tmp_path, ledger):
     """train.mixed_precision=bf16 runs the forward pass under bf16 autocast: the first step's loss
     (same weights, same batch) differs from float32's, by about bf16's rounding (8 mantissa bits)."""
@@ -305,6 +310,7 @@ def test_an_sft_baseline_ignores_the_on_policy_signal(tmp_path, ledger):
     assert len(rows) == 8 and not any(r["on_policy"] for r in rows) and all(r["kd"] is None for r in rows)
 
 
+@pytest.mark.slow
 def test_online_equals_cached_when_the_cache_holds_the_whole_vocabulary(tmp_path, ledger):
     """k = V: the top-k cache is the full distribution, so both signals train the same student, up
     to the float16 rounding of the cached logprobs (about 1e-3 relative)."""
@@ -391,6 +397,7 @@ def test_lora_target_modules_that_match_nothing_list_the_linear_layers(tmp_path,
     assert not (d / "student").exists()
 
 
+@pytest.mark.slow
 def test_train_never_deletes_what_potstill_did_not_write(tmp_path, ledger, capsys):
     d = run_dir(tmp_path, ledger)
     args = ["train", str(RECIPE), *tiny_overrides(d), "train.epochs=2"]  # with the baseline
@@ -424,6 +431,7 @@ class _Payload:
 
 
 @pytest.mark.parametrize("planted", ["optimizer.safetensors", "optimizer.pt"])
+@pytest.mark.slow
 def test_a_checkpoint_never_loads_a_pickle(tmp_path, ledger, capsys, planted):
     import pickle
 
