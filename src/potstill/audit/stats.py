@@ -10,7 +10,7 @@ the p-value is its exact upper tail ``P(X >= k)``. Two rules keep that true:
   the statistic (a text repeating one green pair a hundred times is not a hundred pieces of
   evidence);
 - **the exact tail, not the normal approximation** ``norm.sf(z)``: with few tokens or small p the
-  normal tail is off by orders of magnitude (see ``tests/test_audit_stats.py``).
+  normal tail is off by orders of magnitude (see ``tests/audit/test_audit_stats.py``).
 
 The tail is summed in log space from the binomial pmf, so p-values far below 1e-308 keep their
 exponent (``log10_p``) instead of underflowing to 0.
