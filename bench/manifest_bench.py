@@ -40,7 +40,9 @@ def synthetic_ledger(path: Path, rows: int, k: int = 20, tokens: int = 12) -> li
                            (p, json.dumps([{"role": "user", "content": f"prompt number {i:>10} of the bench"}])))
                 db.execute("INSERT INTO requests VALUES (?, ?, ?, '{}', 0, 'done', NULL, 't', 't')", (h, p, key))
                 ids = rng.integers(0, 32000, (tokens, k), dtype="<i4")
-                db.execute("INSERT INTO completions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                db.execute("INSERT INTO completions (request_hash, session_id, text, token_ids, top_k, topk_ids, "
+                           "topk_logprobs, finish_reason, prompt_tokens, completion_tokens, seed, seconds, created_at) "
+                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            (h, session, "a completion of twelve", ids[:, 0].tobytes(), k, ids.tobytes(),
                             rng.normal(-3, 1, (tokens, k)).astype("<f2").tobytes(), "stop", 10, tokens, 0, 0.1, "t"))
                 hashes.append(h)
