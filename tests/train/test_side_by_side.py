@@ -59,6 +59,9 @@ def test_side_by_side_trains_the_same_models_as_one_at_a_time(ledger_dir, tmp_pa
 @pytest.mark.slow
 def test_a_refusal_in_a_child_is_raised_here_and_no_child_is_left(ledger_dir, tmp_path):
     recipe = _recipe(ledger_dir, tmp_path / "run", "teacher.terms_family=openai-api")
+    from potstill.pipeline import planned
+
+    planned(recipe)  # as `potstill train` and `run` do first: another teacher section is another plan
     with pytest.raises(PotstillError, match="openai-api"):
         sbs.train_side_by_side(recipe, students(recipe), None, threads=1)
     assert not multiprocessing.active_children()
