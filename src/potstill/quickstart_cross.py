@@ -69,7 +69,10 @@ def student_tokenizer(recipe, out: Path) -> Path:
 
 
 def free(port: int) -> bool:
+    """Whether a server could listen on HOST:port now. SO_REUSEADDR, as uvicorn binds: connections the
+    earlier server closed linger in TIME_WAIT for a minute and do not stop it listening again."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:

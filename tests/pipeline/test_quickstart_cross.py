@@ -15,7 +15,7 @@ from potstill.cli import main
 from potstill.errors import PotstillError
 from potstill.ledger import Ledger
 from potstill.prompts import load_prompts
-from potstill.quickstart_cross import BPE_TOKENS, HOST, MODEL_NAME, train_bpe
+from potstill.quickstart_cross import BPE_TOKENS, HOST, MODEL_NAME, pick_port, train_bpe
 
 from helpers import QUICKSTART, TEACHER, tiny_overrides
 
@@ -27,6 +27,27 @@ def tiny(out) -> list[str]:
 def listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex((HOST, port)) == 0
+
+
+def test_a_rerun_gets_the_earlier_port_back_while_connections_the_server_closed_linger(tmp_path):
+    record = tmp_path / "served-teacher.json"
+    port = pick_port(record)
+    with socket.socket() as server:  # the earlier server: it closes its side first, leaving TIME_WAIT on its port
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((HOST, port))
+        server.listen()
+        client = socket.create_connection((HOST, port))
+        accepted, _ = server.accept()
+        accepted.close()
+    try:
+        assert pick_port(record) == port
+        with socket.socket() as other:  # a port another process listens on is not taken over
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            other.bind((HOST, port))
+            other.listen()
+            assert pick_port(record) != port
+    finally:
+        client.close()
 
 
 def test_the_bpe_is_trained_on_the_prompts_the_same_each_time_and_spells_any_text(tmp_path):
