@@ -28,6 +28,11 @@ teacher's distribution of the student's next token given the text's bytes [0, b_
     Z = 1 if d = 0, else p_t(c_t) + sum of p_t(a) over the alternatives consistent with the prefix
         (|a| > d, a[:d] = c_t[:d])    (the probability of the prefix c_t[:d] among what is known)
 
+    P(EOS) += p_t(EOS_teacher)        if d = 0 and the teacher's stop logprob at t is known (the
+                                      teacher ending its answer before c_t: the student ends before
+                                      x_s; its special tokens have no bytes, so this is the one way an
+                                      end of answer reaches the student)
+
 p_t(a) = exp(logprob); p_t(c_t) comes from the chosen token's own logprob, whether or not c_t is
 among the alternatives (an alternative with c_t's bytes is c_t). Masses landing on the same student
 id add up; the k largest are kept, descending, and the rest and the unknown mass are the tail. A
@@ -358,7 +363,8 @@ def _row(masses: dict[int, float], k: int) -> tuple[list[int], list[float]]:
 
 def student_targets(chosen: Sequence[bytes], chosen_logprobs: Sequence[float],
                     alternatives: Sequence[Sequence[bytes]], alt_logprobs: Sequence[Sequence[float]],
-                    student_offsets: Sequence[Sequence[int]], student_ids: Sequence[int], trie: ByteTrie, k: int
+                    student_offsets: Sequence[Sequence[int]], student_ids: Sequence[int], trie: ByteTrie, k: int,
+                    stops: Sequence[float] | None = None, stop_id: int | None = None
                     ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """The teacher's top-k over its tokens -> a top-k over the student's ids at every student token
     of its text (the rule in the module's docstring).
@@ -366,7 +372,9 @@ def student_targets(chosen: Sequence[bytes], chosen_logprobs: Sequence[float],
     chosen (T,) bytes of each generated token, chosen_logprobs (T,); alternatives / alt_logprobs:
     per position, up to 20 (bytes, logprob) (the chosen token may be among them); student_offsets
     (S, 2) byte spans in b"".join(chosen) and student_ids (S,) (``encode_with_offsets`` of the text);
-    trie the student's ``ByteTrie``. Returns ids (S, k) int32, logprobs (S, k) float32 (descending,
+    trie the student's ``ByteTrie``; stops (T,) the teacher's logprob of ending its answer at each
+    position (its EOS; -inf or None: unknown) and stop_id the student's EOS, together or not at all.
+    Returns ids (S, k) int32, logprobs (S, k) float32 (descending,
     padded with the row's first id at -inf) and counts: positions, exact (cuts coincide and one
     teacher token is the student token), unmappable (events no student token starts; mass to the
     tail), empty (zero-byte student tokens)."""
@@ -384,6 +392,8 @@ def student_targets(chosen: Sequence[bytes], chosen_logprobs: Sequence[float],
         path, events, z, t = _events(teacher, b, e)
         counts["exact"] += teacher.start(t) == b and teacher.ends[t] == e
         masses = {x: path}
+        if stops is not None and stop_id is not None and teacher.start(t) == b and math.isfinite(stops[t]):
+            masses[stop_id] = math.exp(stops[t])  # the teacher stopping before c_t: the student before x_s
         for y, p in events:
             w = trie.longest_prefix(y)
             if w is None:

@@ -175,13 +175,12 @@ def cmd_import(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from potstill.pipeline import refuse_unusable_logit_kd, students, train_students
+    from potstill.pipeline import students, train_students
     from potstill.train import check_outputs
     from potstill.train.distributed import check_launch
 
     recipe = _recipe(args)
     check_launch(recipe.device_for("train"))  # before any work: a launch that would not distribute as it says
-    refuse_unusable_logit_kd(recipe)  # as run does: before the terms gate and the training processes
     for name, _ in students(recipe):  # before the first student trains, not after
         check_outputs(recipe.run_dir, name)
     train_students(recipe, students(recipe), args.accept_terms_risk)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Callable
 
 from potstill.losses import LOSSES
@@ -57,23 +56,6 @@ def students(recipe: Recipe) -> list[tuple[str, TrainSpec]]:
     if (b := baseline_spec(recipe)) is not None:
         out.append(("baseline", b))
     return out
-
-
-def refuse_unusable_logit_kd(recipe: Recipe) -> None:
-    """Logit KD from an online or on-policy teacher across tokenizers is refused before the teacher
-    is asked anything (run: an HTTP teacher is paid for every answer, and these could not be trained
-    on) and before the terms gate and the training processes (train). From the cache it works
-    across tokenizers (train/examples.py, potstill.align)."""
-    from potstill.train.loop import load_student_tokenizer
-    from potstill.train.tokenizer_match import check_tokenizers, logit_rows, recipe_samples
-
-    teacher_dir = recipe.teacher.tokenizer_dir
-    if teacher_dir is not None and not Path(teacher_dir).is_dir():
-        return  # generate stops at once, naming the missing folder, before asking the teacher anything
-    if any(spec.objective == "kd" and spec.teacher_signal != "cached" for _, spec in students(recipe)):
-        tokenizer = load_student_tokenizer(recipe)
-        check_tokenizers(teacher_dir, tokenizer, logit_rows(recipe.student, tokenizer),
-                         need_logits=True, samples=recipe_samples(recipe))
 
 
 def student_is_current(recipe: Recipe, name: str, spec: TrainSpec, ledger_sha256: str) -> bool:
@@ -158,7 +140,6 @@ def run_all(recipe: Recipe, accept_terms_risk: str | None = None, *,
     from potstill.ledger.plans import recipe_plan
     from potstill.report import write_report
 
-    refuse_unusable_logit_kd(recipe)
     generated(generate(recipe))
     with Ledger(recipe.run_dir / "ledger.sqlite") as ledger:
         # train.data ledger trains on every done row, and hashes them all (train/loop.py: ledger_examples)

@@ -1,20 +1,18 @@
 """KD across tokenizers: a student with its own tokenizer (trained here with the `tokenizers`
 library) learns from the teacher's text (SFT) or its cached top-k mapped onto the student's tokens
-(potstill.align), and is evaluated on text; logit KD from an online teacher across tokenizers is
-refused before the teacher is asked anything."""
+(potstill.align), or from an online teacher re-reading its text every step (train/cross_online.py),
+and is evaluated on text."""
 
 import filecmp
 import json
 import shutil
-import sqlite3
+from types import SimpleNamespace
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from potstill.cli import main
-from potstill.pipeline import refuse_unusable_logit_kd
-from potstill.recipe import load_recipe
 
 from helpers import QUICKSTART, TEACHER, tiny_overrides
 
@@ -66,42 +64,24 @@ def test_sft_student_with_another_tokenizer_is_evaluated_and_reported(tmp_path, 
     assert html.count("<td>n/a</td>") == 4
 
 
-def test_run_refuses_online_logit_kd_across_tokenizers_before_generating(tmp_path, other_tokenizer, capsys):
-    out = tmp_path / "run"
-    for extra in (["train.teacher_signal=online"], ["train.teacher_signal=on_policy", "train.lmbda=0.5"]):
-        assert main(["run", RECIPE, *tiny_overrides(out), f"student.tokenizer={other_tokenizer}", *extra]) == 2
-        err = capsys.readouterr().err
-        assert "logit KD needs the student to share the teacher's tokenizer" in err and "train.objective=sft" in err
-        assert not (out / "ledger.sqlite").exists()  # the teacher was asked nothing
-
-
-def test_train_refuses_online_logit_kd_across_tokenizers_before_the_terms_gate_and_its_processes(tmp_path, other_tokenizer,
-                                                                                          capsys):
-    """As run does: the student and the baseline are not started side by side, to fail there."""
-    import time
-
-    out = tmp_path / "run"
-    assert main(["generate", RECIPE, *tiny_overrides(out, n_prompts=16)]) == 0
-    capsys.readouterr()
-    start = time.perf_counter()
-    assert main(["train", RECIPE, *tiny_overrides(out, n_prompts=16), f"student.tokenizer={other_tokenizer}",
-                 "train.teacher_signal=online"]) == 2
-    seconds = time.perf_counter() - start
-    printed = capsys.readouterr()
-    assert "logit KD needs the student to share the teacher's tokenizer" in printed.err and printed.err.count("\n") == 1
-    assert "side by side" not in printed.out and "terms" not in printed.out, printed.out
-    assert not (out / "logs").exists() and seconds < 10, seconds
-
-
 @pytest.mark.slow
-def test_generated_ledger_is_kept_when_run_refuses(tmp_path, other_tokenizer, capsys):
-    """A ledger from an earlier generate is neither touched nor extended by the refused run."""
-    out = tmp_path / "run"
-    assert main(["generate", RECIPE, *tiny_overrides(out, n_prompts=16)]) == 0
-    assert main(["run", RECIPE, *tiny_overrides(out), f"student.tokenizer={other_tokenizer}",
-                 "train.teacher_signal=online"]) == 2
-    with sqlite3.connect(out / "ledger.sqlite") as db:
-        assert db.execute("select count(*) from requests").fetchone()[0] == 16
+def test_online_and_on_policy_logit_kd_across_tokenizers_train(tmp_path, other_tokenizer, capsys):
+    """The teacher re-reads the student's text in its own tokens every step; its targets, mapped onto
+    the student's tokens, train as cached ones do (the chunked loss too)."""
+    for extra in (["train.teacher_signal=online"],
+                  ["train.teacher_signal=on_policy", "train.lmbda=0.5", "train.chunk_size=16", "train.loss=jsd"]):
+        out = tmp_path / extra[0].split("=")[1]
+        assert main(["run", RECIPE, *tiny_overrides(out), f"student.tokenizer={other_tokenizer}", "baseline=null",
+                     *extra]) == 0, capsys.readouterr().err
+        printed = capsys.readouterr().out
+        mapped = int(printed.split("the teacher re-reading each step's text: ")[1].split(" student tokens")[0]
+                     .replace(",", ""))
+        assert mapped > 0, printed
+        info = json.loads((out / "student" / "potstill.json").read_text())
+        assert info["tokenizers"] == "different" and info["objective"] == "kd"
+        rows = [json.loads(line) for line in (out / "logs" / "student.jsonl").open()]
+        trained = [r for r in rows if "skipped" not in r]
+        assert trained and all(r["kd"] > 0 for r in trained), rows
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +118,7 @@ def test_doctor_compares_what_the_tokenizers_do(split_apart, capsys):
     teacher, student = split_apart
     assert main(["doctor", teacher, student, "--prompts", str(QUICKSTART / "prompts" / "heldout.jsonl")]) == 0
     out = capsys.readouterr().out
-    assert "tokenizers: different" in out and "logit KD: across tokenizers, from the cached top-k" in out, out
+    assert "tokenizers: different" in out and "logit KD: across tokenizers (potstill.align" in out, out
     share = out.split("% of the student's tokens (")[0].rsplit("- ", 1)[1]
     assert 0 < int(share) < 100, out  # the same vocabulary, split otherwise: some tokens align, not all
     assert "the tokenizers split text differently" in out and "loads as Qwen2Tokenizer" in out
@@ -149,19 +129,23 @@ def test_doctor_compares_what_the_tokenizers_do(split_apart, capsys):
     assert "tokenizers: identical" in out and "sample texts: 8 encoded by both tokenizers, 0 to other ids" in out
 
 
-def test_run_refuses_online_logit_kd_when_the_tokenizers_split_text_differently(tmp_path, split_apart, capsys):
+def test_online_logit_kd_maps_targets_when_the_tokenizers_split_text_differently(tmp_path, split_apart, capsys):
+    """One vocabulary, two ways of splitting text: the ids do not line up, so the teacher's targets
+    are mapped (not read as the student's ids)."""
+    from potstill.train.cross_online import OnlineCross
+    from potstill.train.examples import TrainExample
+
     teacher, student = split_apart
-    out = tmp_path / "run"
-    args = ["run", RECIPE, *tiny_overrides(out), f"teacher.path={teacher}", f"student.tokenizer={student}",
-            "train.teacher_signal=online"]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "logit KD needs the student to share the teacher's tokenizer" in err
-    assert "the tokenizers split text differently" in err and "Qwen2Tokenizer" in err, err
-    assert not (out / "ledger.sqlite").exists()
-    # the teacher's own folder as the student's tokenizer: loaded alike, so accepted
-    refuse_unusable_logit_kd(load_recipe(RECIPE, [*tiny_overrides(out), f"teacher.path={teacher}",
-                                                  "train.teacher_signal=online"]))
+    t_tok, s_tok = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher))  # random weights: the shapes matter
+    cross = OnlineCross.build(model, t_tok, s_tok, 20)
+    text = "78368 sorted"
+    ids = s_tok(text, add_special_tokens=False)["input_ids"]
+    ex = TrainExample([1, *ids], 1, None, None)
+    cross.prepare([ex], [SimpleNamespace(messages=[{"role": "user", "content": "sort 78368"}], text=text)], s_tok)
+    [out] = cross.targets([ex], "cpu")
+    assert out.topk_ids.shape == (len(ids), 20) and out.topk_ids.max() < len(s_tok)
+    assert 0 < cross.counts["exact"] < cross.counts["positions"] == len(ids)  # some cuts differ
 
 
 def test_doctor_names_the_special_tokens_that_differ(tmp_path, capsys):

@@ -160,7 +160,7 @@ def token_level_gap(name: str, model: LocalModel, teacher: LocalModel) -> str | 
     this model, or None when they do."""
     if model.describe()["tokenizer_sha256"] != teacher.describe()["tokenizer_sha256"]:
         return (f"the {name}'s tokenizer differs from the teacher's, so token i is not the same token in both "
-                f"(sequence-level KD); compare the text-level metrics")
+                f"whatever it was trained on; compare KL/byte and the text-level metrics")
     return None
 
 

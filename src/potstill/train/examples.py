@@ -27,11 +27,18 @@ class TrainExample:
     n_prompt: int  # the first n_prompt ids are the prompt (no loss)
     topk_ids: np.ndarray | None  # (n_completion, k): teacher's top-k for each completion token
     topk_logprobs: np.ndarray | None  # (n_completion, k)
+    # online and on-policy KD from a teacher of another tokenizer (train/cross_online.py): the
+    # teacher's ids for the prompt, the completion's bytes and each student token's span in them
+    teacher_prompt: list[int] | None = None
+    text: bytes | None = None
+    offsets: list[tuple[int, int]] | None = None
+    # completion positions with no loss: tokens standing for bytes the tokenizer could not spell (unknown)
+    excluded: list[int] = field(default_factory=list)
 
     @property
     def n_completion(self) -> int:
-        """Completion tokens: the ones the loss is over."""
-        return len(self.input_ids) - self.n_prompt
+        """Completion tokens the loss is over (the excluded ones aside)."""
+        return len(self.input_ids) - self.n_prompt - len(self.excluded)
 
 
 @dataclass
@@ -44,12 +51,15 @@ class CrossTokenizer:
     trie: ByteTrie
     teacher_pieces: dict[str, list[bytes | None]]  # teacher key -> its tokens' bytes (its tokenizer is here)
     k: int
+    student_eos: int | None = None
+    teacher_eos: dict[str, int | None] = field(default_factory=dict)  # teacher key -> its EOS id
     counts: Counter = field(default_factory=Counter)
 
     @classmethod
     def build(cls, student_tok, teacher_toks: dict[str, object], k: int) -> CrossTokenizer:
         pieces = token_bytes(student_tok)
-        return cls(pieces, ByteTrie(pieces), {key: token_bytes(tok) for key, tok in teacher_toks.items()}, k)
+        return cls(pieces, ByteTrie(pieces), {key: token_bytes(tok) for key, tok in teacher_toks.items()}, k,
+                   student_tok.eos_token_id, {key: tok.eos_token_id for key, tok in teacher_toks.items()})
 
 
 def build_examples(examples: list[Example], tokenizer, *, same_tokenizer: bool | set[str],
@@ -61,33 +71,38 @@ def build_examples(examples: list[Example], tokenizer, *, same_tokenizer: bool |
     file's) is refused, naming the ledger row."""
     out = []
     for ex in examples:
-        p_ids = prompt_ids(tokenizer, ex.messages)
+        p_ids, excluded = prompt_ids(tokenizer, ex.messages), []
         same = ex.teacher_key in same_tokenizer if isinstance(same_tokenizer, set) else same_tokenizer
         if same and ex.token_ids is not None:
             check_ids(ex, len(tokenizer))
             c_ids = ex.token_ids.tolist()
             topk_ids, topk_lp = ex.topk_ids, ex.topk_logprobs
         elif cross is not None:
-            c_ids, topk_ids, topk_lp = cross_example(ex, tokenizer, cross, teacher_tokens(ex, cross))
+            c_ids, topk_ids, topk_lp, excluded = cross_example(ex, tokenizer, cross, teacher_tokens(ex, cross))
         else:
             c_ids = tokenizer(ex.text, add_special_tokens=False)["input_ids"]
             if ex.finish_reason == "stop" and tokenizer.eos_token_id is not None:
                 c_ids.append(tokenizer.eos_token_id)
             topk_ids = topk_lp = None
         if c_ids:
-            out.append(TrainExample(p_ids + c_ids, len(p_ids), topk_ids, topk_lp))
+            out.append(TrainExample(p_ids + c_ids, len(p_ids), topk_ids, topk_lp, excluded=excluded))
     return out
 
 
-def teacher_tokens(ex: Example, cross: CrossTokenizer) -> tuple[list, list, list, list] | None:
+def teacher_tokens(ex: Example, cross: CrossTokenizer) -> tuple[list, list, list, list, list | None] | None:
     """A row's generated tokens and top-k as bytes: (chosen (T,), chosen logprobs (T,), alternatives
-    (T, k), their logprobs (T, k)); None when the row has no top-k to read."""
+    (T, k), their logprobs (T, k), the teacher's stop logprob (T,) where its ids are known (its EOS
+    in the top-k, else -inf), else None); None when the row has no top-k to read."""
+    stops = None
     if ex.topk_bytes is not None and ex.token_bytes is not None:
         chosen, alternatives = ex.token_bytes.tolist(), ex.topk_bytes.tolist()
     elif ex.topk_ids is not None and ex.token_ids is not None and ex.teacher_key in cross.teacher_pieces:
         pieces = cross.teacher_pieces[ex.teacher_key]
         chosen = [pieces[i] or b"" for i in ex.token_ids.tolist()]  # a special token (EOS) is no text
         alternatives = [[pieces[i] or b"" for i in row] for row in ex.topk_ids.tolist()]
+        eos = cross.teacher_eos.get(ex.teacher_key)
+        stops = [next((float(lp) for i, lp in zip(ids, lps) if i == eos), -math.inf)
+                 for ids, lps in zip(ex.topk_ids.tolist(), np.asarray(ex.topk_logprobs, np.float64).tolist())]
     else:
         cross.counts["rows_without_topk"] += 1  # no top-k, or ids of a tokenizer that is not here
         return None
@@ -103,30 +118,35 @@ def teacher_tokens(ex: Example, cross: CrossTokenizer) -> tuple[list, list, list
             hit = [alt_lp[t, j] for j, a in enumerate(alternatives[t]) if a == c]
             tail = max(1.0 - float(np.exp(alt_lp[t]).sum()), 1e-6)
             chosen_lp.append(hit[0] if hit else math.log(tail))
-    return chosen, chosen_lp, alternatives, alt_lp.tolist()
+    return chosen, chosen_lp, alternatives, alt_lp.tolist(), stops
 
 
-def cross_example(ex: Example, tokenizer, cross: CrossTokenizer, teacher) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """The student's completion ids for the row's text and a target row for each (``align``'s rule);
-    the EOS a stopped answer ends with gets the teacher's stop probability when the teacher's last
-    token is a special one (its EOS), else certainty. A row without a top-k (``teacher`` None), or
-    whose text the student's tokenizer cannot spell byte for byte (an unknown token), gets its own
-    tokens, certain: KD toward the text, as CE (counted)."""
-    stop_lp = 0.0
+def cross_example(ex: Example, tokenizer, cross: CrossTokenizer, teacher
+                  ) -> tuple[list[int], np.ndarray, np.ndarray, list[int]]:
+    """The student's completion ids for the row's text, a target row for each (``align``'s rule) and
+    the completion positions without loss; the EOS a stopped answer ends with gets the teacher's stop
+    probability when the teacher's last token is a special one (its EOS), else certainty. A row
+    without a top-k (``teacher`` None), or whose text the student's tokenizer cannot spell byte for
+    byte, gets its own tokens, certain: KD toward the text, as CE (counted); its unknown tokens
+    (bytes the student cannot spell) are excluded from the loss (counted)."""
+    stop_lp, excluded = 0.0, []
     try:
         ids, offsets = encode_with_offsets(tokenizer, ex.text, cross.pieces)
     except PotstillError:
         cross.counts["rows_student_cannot_spell"] += 1
         ids, teacher = tokenizer(ex.text, add_special_tokens=False)["input_ids"], None
+        excluded = unknown_positions(ids, tokenizer)
+        cross.counts["positions_excluded"] += len(excluded)
     if teacher is None:
         topk_ids, topk_lp = certain(ids, cross.k)
     else:
-        chosen, chosen_lp, alternatives, alt_lp = teacher
+        chosen, chosen_lp, alternatives, alt_lp, stops = teacher
         end = len(chosen)
         while end and not chosen[end - 1]:  # trailing special tokens (EOS): not text
             end -= 1
         topk_ids, topk_lp, counts = student_targets(chosen[:end], chosen_lp[:end], alternatives[:end], alt_lp[:end],
-                                                    offsets, ids, cross.trie, cross.k)
+                                                    offsets, ids, cross.trie, cross.k, stops and stops[:end],
+                                                    cross.student_eos)
         cross.counts.update(counts)
         stop_lp = float(chosen_lp[end]) if end < len(chosen) else 0.0
     if ex.finish_reason == "stop" and tokenizer.eos_token_id is not None:
@@ -134,7 +154,13 @@ def cross_example(ex: Example, tokenizer, cross: CrossTokenizer, teacher) -> tup
         row_lp[0, 0] = stop_lp
         ids = [*ids, tokenizer.eos_token_id]
         topk_ids, topk_lp = np.concatenate([topk_ids, row_ids]), np.concatenate([topk_lp, row_lp])
-    return list(ids), topk_ids, topk_lp
+    return list(ids), topk_ids, topk_lp, excluded
+
+
+def unknown_positions(ids: list[int], tokenizer) -> list[int]:
+    """The positions of ``ids`` that are the tokenizer's unknown token: bytes it could not spell."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return [j for j, i in enumerate(ids) if unk is not None and i == unk]
 
 
 def certain(ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,6 +202,8 @@ def collate(batch: list[TrainExample], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :length] = torch.tensor(ex.input_ids)
         attention_mask[i, :length] = 1
         labels[i, ex.n_prompt:length] = torch.tensor(ex.input_ids[ex.n_prompt:])
+        for j in ex.excluded:
+            labels[i, ex.n_prompt + j] = -100
         if has_topk:
             topk_ids[i, ex.n_prompt:length] = torch.from_numpy(np.asarray(ex.topk_ids, np.int64))
             topk_logprobs[i, ex.n_prompt:length] = torch.from_numpy(np.asarray(ex.topk_logprobs, np.float32))

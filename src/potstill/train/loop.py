@@ -42,6 +42,7 @@ from potstill.receipts.terms.export import gate_training, model_name, write_obli
 from potstill.recipe import Recipe, TrainSpec
 from potstill.train import checkpoint
 from potstill.train.distributed import check_launch, describe, fsdp_on_cpu
+from potstill.train.cross_online import OnlineCross
 from potstill.train.examples import CrossTokenizer, TrainExample, build_examples, collate
 from potstill.train.heads import current, model_heads
 from potstill.train.tokenizer_match import Compat, check_tokenizers, ledger_samples
@@ -244,14 +245,15 @@ def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: i
                          top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
     m.train(was_training)
     samples = []
-    for p, row in zip(prompts, out[:, width:].cpu().tolist()):
+    for ex, p, row in zip(batch, prompts, out[:, width:].cpu().tolist(), strict=True):
         if eos_id in row:
             row = row[:row.index(eos_id) + 1]
-        samples.append(TrainExample(p + (row or [eos_id]), len(p), None, None))
+        samples.append(TrainExample(p + (row or [eos_id]), len(p), None, None, teacher_prompt=ex.teacher_prompt))
     return samples
 
 
 OVERFLOW = "fp16 gradient overflow"  # a skipped step that is the scaler's business, not a bad step
+NOTHING = "no token to train on: every sampled completion was cut"  # on-policy across tokenizers, not a bad step
 
 
 def ledger_examples(recipe: Recipe, name: str, accept_terms_risk: str | None = None) -> tuple[list, str, dict, dict]:
@@ -309,6 +311,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     tokenizer: object
     teacher: torch.nn.Module | None  # online and on-policy KD: the teacher's weights, frozen
+    cross: OnlineCross | None  # the same, from a teacher of another tokenizer (then teacher is None)
     compat: Compat
     heads: dict[str, Head] | None  # chunk_size > 0: the output heads the loss rebuilds logits from
     data: list[TrainExample]
@@ -340,11 +343,16 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     model = load_student(recipe, tokenizer)
     compat, data = training_data(recipe, spec, name, examples, descriptions, tokenizer, model.config.vocab_size,
                                  accelerator.is_main_process)
-    teacher = None
+    teacher, cross = None, None
     if spec.objective == "kd" and spec.teacher_signal != "cached":  # teacher.path: checked when the recipe loaded
         teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype,
                                     trust_remote_code=recipe.teacher.trust_remote_code)
         teacher.to(accelerator.device).requires_grad_(False)
+        if compat.kind == "different":  # it re-reads the student's text in its own tokens every step
+            cross = OnlineCross.build(teacher, load_tokenizer_dir(recipe.teacher.tokenizer_dir, "teacher tokenizer"),
+                                      tokenizer, recipe.generation.top_logprobs)
+            cross.prepare(data, examples, tokenizer)
+            teacher = None  # the targets come from ``cross``: the loss reads them as cached ones
     if spec.lora is not None:
         model = add_lora(model, spec)
     if accelerator.is_main_process:  # a size nobody meant shows before the first step, not after the last
@@ -363,7 +371,7 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     ckpt_root = recipe.run_dir / "checkpoints" / name
     return Setup(
         spec=spec, accelerator=accelerator, model=model, optimizer=optimizer, tokenizer=tokenizer, teacher=teacher,
-        compat=compat,  # the heads are checked before any step
+        cross=cross, compat=compat,  # the heads are checked before any step
         heads=model_heads(model, teacher, half=mixed_precision in ("bf16", "fp16")) if spec.chunk_size else None,
         data=data, plan=Plan(len(data), spec, accelerator.num_processes),
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
@@ -379,10 +387,10 @@ def training_data(recipe: Recipe, spec: TrainSpec, name: str, examples: list, de
     """The student's tokens and targets for ``examples``, and how its tokenizer compares with the
     recipe teacher's. Logit KD from the cache works across tokenizers: a row whose ids are not the
     student's (another tokenizer; in a merged ledger, another teacher's) gets targets mapped onto
-    the student's tokens (potstill.align); online and on-policy KD need one tokenizer."""
+    the student's tokens (potstill.align); online and on-policy KD from a teacher of another
+    tokenizer map its targets every step (``OnlineCross``, set up by ``setup``)."""
     cached_kd = spec.objective == "kd" and spec.teacher_signal == "cached"
-    compat = check_tokenizers(recipe.teacher.tokenizer_dir, tokenizer, vocab_rows,
-                              need_logits=spec.objective == "kd" and not cached_kd, samples=ledger_samples(examples))
+    compat = check_tokenizers(recipe.teacher.tokenizer_dir, tokenizer, vocab_rows, samples=ledger_samples(examples))
     same: bool | set[str] = compat.same_ids
     if recipe.train.data == "ledger":  # several teachers: the rows whose teacher reads text as the student does
         student_sha = tokenizer_sha256(tokenizer)
@@ -403,8 +411,9 @@ def training_data(recipe: Recipe, spec: TrainSpec, name: str, examples: list, de
                  if c["rows_text_differs"] else "")
               + (f"; {c['rows_without_topk']:,} rows of a teacher whose tokenizer is unknown here, trained on the "
                  f"text" if c["rows_without_topk"] else "")
-              + (f"; {c['rows_student_cannot_spell']:,} rows with bytes the student's tokenizer cannot spell (an "
-                 f"unknown token), trained on the text" if c["rows_student_cannot_spell"] else ""))
+              + (f"; {c['rows_student_cannot_spell']:,} rows with bytes the student's tokenizer cannot spell, trained "
+                 f"on the text, {c['positions_excluded']:,} unknown tokens in them excluded"
+                 if c["rows_student_cannot_spell"] else ""))
     return compat, data
 
 
@@ -494,8 +503,14 @@ def train_step(s: Setup, step: int) -> dict:
     if on_policy:  # completions sampled from the student; their tokens are counted afresh
         micro = [sample_from_student(model, batch, s.pad_id, s.tokenizer.eos_token_id, s.on_policy_max_new_tokens)
                  for batch in micro]
+        if s.cross is not None:  # cut where the sampled bytes stop being text the teacher can read
+            micro = [s.cross.from_samples(batch) for batch in micro]
         mine = sum(ex.n_completion for batch in micro for ex in batch)
         n_tokens = int(acc.reduce(torch.tensor(mine, device=acc.device), "sum"))
+        if not n_tokens:  # every process sees the same sum, so all skip
+            return {"step": step + 1, "skipped": NOTHING}
+    if s.cross is not None:  # the teacher's targets, mapped onto the student's tokens
+        micro = [s.cross.targets(batch, acc.device) for batch in micro]
     sums = torch.zeros(4, device=acc.device)  # (loss, ce, kd, router) per token of the step; on the device: no sync
     for j, batch in enumerate(micro):
         tensors = {k: v.to(acc.device) for k, v in collate(batch, s.pad_id).items()}
@@ -551,7 +566,7 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student", accept_terms_r
             advance(1)
             done = row["step"]
             if "skipped" in row:
-                bad = 0 if row["skipped"] == OVERFLOW else bad + 1
+                bad = 0 if row["skipped"] in (OVERFLOW, NOTHING) else bad + 1
                 if acc.is_main_process:
                     log.write(json.dumps(row) + "\n")
                 if bad >= MAX_BAD_STEPS:
@@ -570,6 +585,8 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student", accept_terms_r
                     checkpoint.save_checkpoint(s.ckpt_root, done, _unwrap(s.model), s.optimizer,
                                                {"signature": s.signature}, spec.keep_checkpoints, gathered)
                 acc.wait_for_everyone()
+    if s.cross is not None and acc.is_main_process:
+        print(f"train {name}: logit KD across tokenizers, the teacher re-reading each step's text: {s.cross.summary()}")
     export(s, recipe, name, time.perf_counter() - began)
     return run / name
 

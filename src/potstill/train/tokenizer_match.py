@@ -174,31 +174,23 @@ def ledger_samples(examples: list) -> list:
     return [ex.messages for ex in picked] + [ex.text for ex in picked]
 
 
-def check_tokenizers(teacher_path: str | Path | None, student_tok, student_rows: int, *, need_logits: bool,
-                     samples=()) -> Compat:
+def check_tokenizers(teacher_path: str | Path | None, student_tok, student_rows: int, *, samples=()) -> Compat:
     """Compare the teacher at ``teacher_path`` with the student (``samples`` as in ``compare``, with
-    the PROBES); refuse logit KD across tokenizers. No path: an HTTP teacher whose tokenizer is
-    unknown, so its text is all a student can learn from."""
+    the PROBES). No path: an HTTP teacher whose tokenizer is unknown, so its text, and its top-k as
+    bytes where it gave them, are all a student can learn from."""
     from potstill.hf import load_tokenizer_dir
 
     if teacher_path is None:
-        if need_logits:
-            raise PotstillError("logit KD needs the teacher's token ids, and this HTTP teacher has no local tokenizer: "
-                                "set teacher.tokenizer and teacher.token_ids (vLLM, potstill serve), or use "
-                                "sequence-level KD: train.objective=sft")
         return Compat("different", 0, False, ["the teacher's tokenizer is unknown (HTTP teacher without "
-                                              "teacher.tokenizer): the student learns from its text"])
+                                              "teacher.tokenizer): the student learns from its text, and from "
+                                              "its top-k as bytes where the endpoint gave them"])
 
     teacher_tok = load_tokenizer_dir(teacher_path, "teacher tokenizer")
     try:
         teacher_rows = _rows(teacher_path, teacher_tok)
     except (OSError, ValueError) as e:
         raise PotstillError(f"teacher {teacher_path} could not be read: {str(e).splitlines()[0]}") from None
-    compat = compare(teacher_tok, teacher_rows, student_tok, student_rows, samples)
-    if need_logits and compat.kind == "different":
-        raise PotstillError("logit KD needs the student to share the teacher's tokenizer, and it does not ("
-                            + compat.notes[0] + "); use sequence-level KD instead: train.objective=sft")
-    return compat
+    return compare(teacher_tok, teacher_rows, student_tok, student_rows, samples)
 
 
 def doctor(teacher_path: str | Path, student_path: str | Path, prompts: str | Path | None = None) -> list[str]:
@@ -214,7 +206,7 @@ def doctor(teacher_path: str | Path, student_path: str | Path, prompts: str | Pa
     lines = []
     student_tok = load_tokenizer_dir(student_path, "student tokenizer")
     try:
-        compat = check_tokenizers(teacher_path, student_tok, _rows(student_path), need_logits=False, samples=samples)
+        compat = check_tokenizers(teacher_path, student_tok, _rows(student_path), samples=samples)
     except (OSError, ValueError) as e:
         raise PotstillError(f"student {student_path} could not be read: {str(e).splitlines()[0]}") from None
     verdict = {"identical": "logit KD: yes (identical tokenizers)",
@@ -222,8 +214,9 @@ def doctor(teacher_path: str | Path, student_path: str | Path, prompts: str | Pa
     if verdict is None:
         teacher_tok = load_tokenizer_dir(teacher_path, "teacher tokenizer")
         exact, total, skipped = aligned_share(teacher_tok, student_tok, samples)
-        verdict = ("logit KD: across tokenizers, from the cached top-k (teacher_signal cached; potstill.align maps "
-                   "the teacher's top-k onto the student's tokens); online and on-policy: no"
+        verdict = ("logit KD: across tokenizers (potstill.align maps the teacher's top-k onto the student's tokens: "
+                   "from the ledger with teacher_signal cached; online and on_policy, the teacher re-reads the "
+                   "student's text every step)"
                    + (f"\n  - {exact / total:.0%} of the student's tokens ({exact:,} of {total:,}, on "
                       f"{len(samples) + len(PROBES) - skipped} sample texts) are exactly one teacher token: their "
                       f"targets are the teacher's top-k as it is" if total else "")
