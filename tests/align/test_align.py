@@ -237,6 +237,23 @@ def test_unmappable_bytes_are_counted_and_their_mass_is_tail():
     assert counts["exact"] == 1  # "a"; " b" is two student tokens
 
 
+def test_the_teachers_stop_reaches_the_students_eos_where_the_cuts_coincide():
+    """Teacher "a" (.5; stop .2) + "bc" (.7; stop .1); student "a" + "b" + "c", EOS id 9: the stop
+    is an event at a student token that starts where a teacher token starts, never inside one."""
+    trie = _hand_trie([b"a", b"b", b"c"])
+    stops = [math.log(0.2), math.log(0.1)]
+    ids, lps, _ = student_targets([b"a", b"bc"], [math.log(0.5), math.log(0.7)], [[b"a"], [b"bc"]],
+                                  [[math.log(0.5)], [math.log(0.7)]], [(0, 1), (1, 2), (2, 3)], [0, 1, 2], trie, k=3,
+                                  stops=stops, stop_id=9)
+    assert _probs(ids[0], lps[0]) == pytest.approx({0: 0.5, 9: 0.2})
+    assert _probs(ids[1], lps[1]) == pytest.approx({1: 0.7, 9: 0.1})
+    assert _probs(ids[2], lps[2]) == pytest.approx({2: 1.0})  # inside "bc": Z = p("bc"), no stop
+    plain, _, _ = student_targets([b"a", b"bc"], [math.log(0.5), math.log(0.7)], [[b"a"], [b"bc"]],
+                                  [[math.log(0.5)], [math.log(0.7)]], [(0, 1), (1, 2), (2, 3)], [0, 1, 2], trie, k=3,
+                                  stops=[-math.inf, -math.inf], stop_id=9)
+    assert 9 not in plain.tolist()[0] + plain.tolist()[1]  # an unknown stop adds nothing
+
+
 def test_rows_with_fewer_ids_than_k_are_padded_and_train_as_the_shorter_row():
     trie = _hand_trie([b"a", b"b", b"c"])
     ids, lps, _ = student_targets([b"a"], [math.log(0.7)], [[b"b"]], [[math.log(0.2)]], [(0, 1)], [0], trie, k=4)

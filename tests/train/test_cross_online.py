@@ -137,3 +137,20 @@ def test_tokens_the_student_cannot_spell_are_excluded_from_the_loss_and_counted(
     assert cross.counts["rows_student_cannot_spell"] == 1 and cross.counts["positions_excluded"] == 1
     labels = collate([d], student.pad_token_id)["labels"][0, d.n_prompt:].tolist()
     assert labels == [3, 4, -100, 6, 6, 1]
+
+
+def test_a_cached_rows_special_alternatives_are_the_teachers_stop(bpe):
+    """As potstill serve answers: a special token is an alternative of no bytes. Its mass is the
+    teacher's probability of ending the answer there, and goes to the student's EOS."""
+    digit = [i for i, b in enumerate(token_bytes(bpe)) if b == b"4"][0]
+    row = SimpleNamespace(request_hash="r", messages=CHAT, meta={}, teacher_key="t", text="4", token_ids=None,
+                          topk_ids=None, topk_logprobs=np.log(np.asarray([[0.7, 0.2, 0.1], [0.9, 0.05, 0.05]])),
+                          finish_reason="stop", token_bytes=np.asarray([b"4", b""], dtype=object),
+                          topk_bytes=np.asarray([[b"4", b"", b"5"], [b"", b"6", b"7"]], dtype=object),
+                          token_logprobs=np.log(np.asarray([0.7, 0.9])))
+    cross = CrossTokenizer.build(bpe, {}, 4)
+    [d] = build_examples([row], bpe, same_tokenizer=False, cross=cross)
+    assert d.input_ids[d.n_prompt:] == [digit, bpe.eos_token_id]
+    got = {i: float(np.exp(lp)) for i, lp in zip(d.topk_ids[0].tolist(), d.topk_logprobs[0].tolist()) if lp > -np.inf}
+    assert got[digit] == pytest.approx(0.7) and got[bpe.eos_token_id] == pytest.approx(0.2)
+    assert d.topk_ids[1, 0] == bpe.eos_token_id and np.exp(d.topk_logprobs[1, 0]) == pytest.approx(0.9)

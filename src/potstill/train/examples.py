@@ -91,11 +91,16 @@ def build_examples(examples: list[Example], tokenizer, *, same_tokenizer: bool |
 
 def teacher_tokens(ex: Example, cross: CrossTokenizer) -> tuple[list, list, list, list, list | None] | None:
     """A row's generated tokens and top-k as bytes: (chosen (T,), chosen logprobs (T,), alternatives
-    (T, k), their logprobs (T, k), the teacher's stop logprob (T,) where its ids are known (its EOS
-    in the top-k, else -inf), else None); None when the row has no top-k to read."""
+    (T, k), their logprobs (T, k), the teacher's stop logprob (T,): its EOS in the top-k where its
+    ids are known, its alternatives of no bytes (special tokens) where they are bytes, else -inf);
+    None when the row has no top-k to read."""
     stops = None
     if ex.topk_bytes is not None and ex.token_bytes is not None:
         chosen, alternatives = ex.token_bytes.tolist(), ex.topk_bytes.tolist()
+        # an alternative of no bytes is a special token (potstill serve; an EOS or a turn marker): the
+        # answer would end there; their mass together is the teacher's stop probability
+        stops = [_log_sum(lp for a, lp in zip(row, lps) if not a)
+                 for row, lps in zip(alternatives, np.asarray(ex.topk_logprobs, np.float64).tolist())]
     elif ex.topk_ids is not None and ex.token_ids is not None and ex.teacher_key in cross.teacher_pieces:
         pieces = cross.teacher_pieces[ex.teacher_key]
         chosen = [pieces[i] or b"" for i in ex.token_ids.tolist()]  # a special token (EOS) is no text
@@ -119,6 +124,12 @@ def teacher_tokens(ex: Example, cross: CrossTokenizer) -> tuple[list, list, list
             tail = max(1.0 - float(np.exp(alt_lp[t]).sum()), 1e-6)
             chosen_lp.append(hit[0] if hit else math.log(tail))
     return chosen, chosen_lp, alternatives, alt_lp.tolist(), stops
+
+
+def _log_sum(logprobs) -> float:
+    """log(sum(exp)) of some logprobs; -inf for none."""
+    p = sum(math.exp(lp) for lp in logprobs)
+    return math.log(p) if p > 0 else -math.inf
 
 
 def cross_example(ex: Example, tokenizer, cross: CrossTokenizer, teacher
