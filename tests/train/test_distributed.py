@@ -162,7 +162,9 @@ def assert_same(one: Path, two: Path, tol: float = 1e-5, weights_tol: float = 1e
     [],                                                                     # cached top-k KD
     ["train.teacher_signal=online"],                                        # the online teacher, replicated
     ["train.teacher_signal=online", "train.chunk_size=5", "train.loss=jsd"],  # chunked: the gathered head
-], ids=["cached", "online", "chunked"])
+    ["train.lora={r: 4, alpha: 8}"],                                        # LoRA: merged from the gathered state
+    ["train.lora={r: 4, alpha: 8}", "train.chunk_size=5"],                  # LoRA, chunked: the frozen head
+], ids=["cached", "online", "chunked", "lora", "lora-chunked"])
 def test_fsdp2_two_processes_equal_one(tmp_path, ledger, signal):
     train_one(run_dir(tmp_path, ledger, "one"), *signal)
     d = run_dir(tmp_path, ledger, "two")
@@ -176,15 +178,16 @@ def test_fsdp2_two_processes_equal_one(tmp_path, ledger, signal):
     assert_same(tmp_path / "one", d)
 
 
-def test_fsdp2_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, ledger):
+@pytest.mark.parametrize("extra", [[], ["train.lora={r: 4, alpha: 8}"]], ids=["full", "lora"])
+def test_fsdp2_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, ledger, extra):
     """Both ranks SIGKILL themselves after step 5 (checkpoints every 2 steps); the same launch again
     resumes from step 4's sharded-then-gathered checkpoint and ends where one process ends."""
-    train_one(run_dir(tmp_path, ledger, "one"), "train.checkpoint_every=2")
+    train_one(run_dir(tmp_path, ledger, "one"), "train.checkpoint_every=2", *extra)
     d = run_dir(tmp_path, ledger, "two")
-    killed = fsdp_launch(tmp_path, d, "train.checkpoint_every=2", env={"POTSTILL_CRASH_AT": "step-5"})
+    killed = fsdp_launch(tmp_path, d, "train.checkpoint_every=2", *extra, env={"POTSTILL_CRASH_AT": "step-5"})
     assert killed.returncode != 0 and not (d / "student").exists()
     assert checkpoint.latest(d / "checkpoints" / "student").name == "step-4"
-    resumed = fsdp_launch(tmp_path, d, "train.checkpoint_every=2")
+    resumed = fsdp_launch(tmp_path, d, "train.checkpoint_every=2", *extra)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     info = json.loads((d / "student" / "potstill.json").read_text())
     assert info["resumed_from"] == 4 and info["distributed"]["type"] == "FSDP"

@@ -13,6 +13,7 @@ so the sample order is a function of the recipe alone: a resumed run sees the sa
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -311,7 +312,6 @@ class Setup:
     optimizer: torch.optim.Optimizer
     tokenizer: object
     teacher: torch.nn.Module | None  # online and on-policy KD: the teacher's weights, frozen
-    cross: OnlineCross | None  # the same, from a teacher of another tokenizer (then teacher is None)
     compat: Compat
     heads: dict[str, Head] | None  # chunk_size > 0: the output heads the loss rebuilds logits from
     data: list[TrainExample]
@@ -328,6 +328,7 @@ class Setup:
     terms: dict | None = None  # the terms gate's record (potstill.json "terms")
     request_hashes: list[str] | None = None  # the ledger rows trained on: the Merkle manifest's rows
     distributed: dict | None = None  # the distributed type, process count and backend that ran (distributed.describe)
+    cross: OnlineCross | None = None  # online KD from a teacher of another tokenizer (then teacher is None)
 
 
 def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | None = None) -> Setup:
@@ -455,9 +456,6 @@ def make_accelerator(device: str, spec: TrainSpec) -> tuple[Accelerator, str]:
         torch.cuda.set_device(int(device.partition(":")[2]))
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
     fsdp_on_cpu(accelerator)  # tests only: the GPUs' FSDP2 path over gloo (distributed.FSDP_ON_CPU)
-    if accelerator.is_fsdp2 and spec.lora is not None:
-        raise PotstillError("train.lora under FSDP is not supported yet: train LoRA with DDP (accelerate launch "
-                            "--multi_gpu), or the full student under FSDP")
     return accelerator, mixed_precision
 
 
@@ -618,20 +616,36 @@ def export(s: Setup, recipe: Recipe, name: str, seconds: float) -> None:
     acc.wait_for_everyone()
 
 
-def _save_full(model, state_dict: dict, out: Path) -> None:
-    """Save ``state_dict`` (full tensors) as a Hugging Face folder of ``model``'s own class.
-    fully_shard swaps a model's class for an FSDP subclass (FSDPLlamaForCausalLM) whose parameters
-    are shards; the folder is written from a plain model of the wrapped class, built on the meta
-    device (no memory) and given the gathered tensors."""
+def _plain(model, state_dict: dict):
+    """A plain copy of an FSDP2 ``model`` holding ``state_dict`` (full tensors), LoRA adapters merged.
+    fully_shard swaps a model's class for an FSDP subclass (FSDPLlamaForCausalLM) whose parameters are
+    shards, and merging adapters into shards would need every process; so the copy is built from the
+    wrapped class on the meta device (no memory), wrapped by peft as the student was, given the
+    gathered tensors, and merged here, in the one process that writes."""
     from torch.distributed.fsdp import FSDPModule
 
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
+    config = copy.deepcopy(base.config)  # peft's wrapper edits the config it is given: not the student's
+    tied = getattr(config, "tie_word_embeddings", False)
     with torch.device("meta"):
-        plain = cls(model.config)
+        plain = cls(config)
+        if hasattr(model, "peft_config"):
+            import peft
+
+            plain = peft.get_peft_model(plain, copy.deepcopy(model.peft_config["default"]))
     plain.load_state_dict(state_dict, strict=False, assign=True)
-    plain.tie_weights()
-    plain.generation_config = model.generation_config
-    plain.save_pretrained(out, safe_serialization=True)
+    if hasattr(plain, "merge_and_unload"):
+        plain = plain.merge_and_unload()
+    plain.config = copy.deepcopy(base.config)
+    out_emb, in_emb = plain.get_output_embeddings(), plain.get_input_embeddings()
+    if tied and out_emb is not None:  # tie_weights leaves tensors given by assign apart
+        out_emb.weight = in_emb.weight
+    plain.generation_config = base.generation_config
+    left = [n for n, p in plain.named_parameters() if p.is_meta]
+    if left:  # a key the gathered state did not have: never write a folder without its weights
+        raise PotstillError(f"FSDP export: the gathered state has no {left[0]} ({len(left)} such parameters)")
+    return plain
 
 
 def check_outputs(run: Path, name: str) -> None:
@@ -664,13 +678,12 @@ def save_student(model, tokenizer, out: Path, info: dict, manifest_rows: list[tu
     the weights' hash go into potstill.json and the card."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
+    if state_dict is not None:  # FSDP2: the gathered weights, as the model's own class, adapters merged
+        model = _plain(model, state_dict)
+    elif hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
         model = model.merge_and_unload()
     try:
-        if state_dict is not None:  # FSDP2: the gathered weights, saved as the model's own class
-            _save_full(model, state_dict, tmp)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_obligation_files(tmp, info.get("terms"), info.get("license"))
         info["weights_sha256"] = weights_sha256(tmp)
