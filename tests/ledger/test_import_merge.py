@@ -89,8 +89,9 @@ def test_openai_finetuning_lines_import_once_and_hash_like_imported_requests(tmp
 
 def test_openai_request_response_and_batch_lines(tmp_path):
     msgs = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "capital of France?"}]
-    logprobs = {"content": [{"token": "Paris", "logprob": -0.01, "bytes": [80],
-                             "top_logprobs": [{"token": "Paris", "logprob": -0.01, "bytes": [80]}]}], "refusal": None}
+    paris = list(b"Paris")  # both choices carry these logprobs: they spell the first choice's text, not the second's
+    logprobs = {"content": [{"token": "Paris", "logprob": -0.01, "bytes": paris,
+                             "top_logprobs": [{"token": "Paris", "logprob": -0.01, "bytes": paris}]}], "refusal": None}
     batch_ok = {"status_code": 200, "request_id": "r1", "body": chat_completion(["4"])}
     batch_429 = {"status_code": 429, "request_id": "r2", "body": {"error": {"message": "rate limited"}}}
     path = write_jsonl(tmp_path / "stored.jsonl", [
@@ -112,18 +113,34 @@ def test_openai_request_response_and_batch_lines(tmp_path):
         examples = list(ledger.examples(hashes))
         failures = ledger.failures()
         completion_tokens = dict(ledger.db.execute("SELECT text, completion_tokens FROM completions"))
-    assert desc["logprobs"] == LOGPROBS_DROPPED and desc["models"] == ["gpt-4o-mini-2024-07-18"]
+    assert "logprobs" not in desc and desc["models"] == ["gpt-4o-mini-2024-07-18"]  # kept, as bytes
     assert desc["format"] == "openai_chat"
-    assert {k: counts[k] for k in ("read", "new", "already", "skipped")} == {"read": 6, "new": 3, "already": 0,
-                                                                             "skipped": 3}
-    assert sorted(e.text for e in examples) == ["4", "Paris", "Paris."]  # two choices: two samples of one prompt
-    paris = [e for e in examples if e.text.startswith("Paris")]
-    assert paris[0].messages[0] == {"role": "system", "content": "be brief"}
-    assert paris[0].meta["metadata"] == {"task": "geo"} and paris[0].meta["request"]["model"] == "gpt-4o-mini"
+    assert {k: counts[k] for k in ("read", "new", "already", "skipped")} == {"read": 6, "new": 2, "already": 0,
+                                                                             "skipped": 4}
+    assert sorted(e.text for e in examples) == ["4", "Paris"]  # two choices: two samples of one prompt
+    [paris] = [e for e in examples if e.text.startswith("Paris")]
+    assert paris.messages[0] == {"role": "system", "content": "be brief"}
+    assert paris.meta["metadata"] == {"task": "geo"} and paris.meta["request"]["model"] == "gpt-4o-mini"
     assert all(e.token_ids is None and e.topk_ids is None for e in examples)
-    assert completion_tokens == {"Paris": 1, "Paris.": 1, "4": 4}  # counted from logprobs, else from usage
+    # the logprobs as the HTTP teacher keeps them: raw bytes, the chosen token's logprob, k alternatives
+    assert paris.token_bytes.tolist() == [b"Paris"] and paris.topk_bytes.tolist() == [[b"Paris"]]
+    assert paris.token_logprobs.tolist() == pytest.approx([-0.01], abs=1e-4) and paris.topk_logprobs.shape == (1, 1)
+    assert completion_tokens == {"Paris": 1, "4": 4}  # counted from logprobs, else from usage
     reasons = sorted(r.split(": ", 1)[1] for r in failures.values())
-    assert reasons == ["HTTP 429: rate limited", "refusal", "unknown finish_reason 'content_filter'"]
+    assert reasons[:3] == ["HTTP 429: rate limited", "refusal", "response.choices[1].logprobs: position 0: the "
+                           "tokens' bytes differ from the text's UTF-8 at byte 5 (5 bytes of tokens, 6 of text)"]
+    assert reasons[3] == "unknown finish_reason 'content_filter'"
+
+
+def test_openai_logprobs_without_alternatives_are_dropped_and_the_description_says_so(tmp_path):
+    logprobs = {"content": [{"token": "4", "logprob": -0.1, "bytes": [52], "top_logprobs": []}]}
+    path = write_jsonl(tmp_path / "lp.jsonl", [{"messages": [{"role": "user", "content": "2+2"}],
+                                                "response": chat_completion(["4"], logprobs=logprobs)}])
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        assert import_file(ledger, path)["new"] == 1
+        [example] = ledger.examples()
+    assert imported_requests(path)[0]["logprobs"] == LOGPROBS_DROPPED
+    assert example.text == "4" and example.token_bytes is None and example.topk_logprobs is None
 
 
 def test_batch_output_without_messages_is_refused(tmp_path):

@@ -10,8 +10,12 @@ Formats (``format="auto"`` picks Parquet by extension or magic bytes, else by th
       work), and Batch API output lines ``{"custom_id", "response": {"status_code", "body":
       <chat.completion>}, "error"}`` when they carry the request's messages too (a Batch output
       line alone holds no prompt). Each choice of a response is one completion.
-  OpenAI logprobs name token *strings*, not ids: the text is kept, the logprobs are dropped, and the
-  teacher description says so.
+  A choice's ``logprobs`` with ``top_logprobs`` are kept as the HTTP teacher keeps them: each token's
+  raw ``bytes`` (else its string's UTF-8), its logprob and its k alternatives, checked by the same
+  rules (``openai.wire.logprob_fields``: a choice whose logprobs are malformed, or whose tokens do not
+  spell its text, is skipped with the reason), so cached logit KD across tokenizers can learn from
+  them; k is the request's ``top_logprobs``, else the first position's count, one k per file.
+  Logprobs without alternatives are dropped (the text is kept), and the teacher description says so.
 - ``jsonl`` / ``parquet``: one row per completion with ``prompt`` (str) or ``messages`` (chat
   list), ``response`` (str), optional ``finish_reason`` (default "stop"), optional ``token_ids``
   (T ints) with ``topk_ids`` and ``topk_logprobs`` (T x k lists; rows are put in descending order
@@ -48,15 +52,25 @@ from potstill.ledger import Ledger, completion_problem, request_hash, teacher_ke
 from potstill.prompts import ROLES, Prompt, jsonl_objects, parse_prompt
 from potstill.provenance import file_sha256
 from potstill.records import Completion
-from potstill.teachers.openai.wire import batch_line_problem
+from potstill.teachers.openai.wire import Malformed, batch_line_problem, logprob_fields
 
 FORMATS = ("openai_chat", "jsonl", "parquet")
 MAX_LINE_BYTES = 64 << 20  # a line with T x k top-k lists can be MBs; longer lines are refused unread
 CHUNK_ROWS = 4096  # rows planned and recorded per transaction (one transaction each in Ledger.add_requests and Ledger.record)
 CHUNK_BYTES = 64 << 20  # ... or fewer, once their top-k arrays hold this many bytes
 PARQUET_BATCH_ROWS = 256
-LOGPROBS_DROPPED = "dropped: token strings without ids"
+LOGPROBS_DROPPED = "dropped: logprobs without top_logprobs (no alternatives to learn from)"
 COMPLETION_KEYS = ("response", "finish_reason", "token_ids", "topk_ids", "topk_logprobs")
+
+
+class _ChatBytes:
+    """The part of a teacher spec ``logprob_fields`` reads: chat logprobs, tokens kept as bytes."""
+
+    api = "chat"
+    token_ids = False
+
+
+_CHAT_BYTES = _ChatBytes()
 
 
 class _Unusable(Exception):
@@ -74,6 +88,9 @@ class _Row:
     token_ids: np.ndarray | None = None  # (T,) int32
     topk_ids: np.ndarray | None = None  # (T, k) int32
     topk_logprobs: np.ndarray | None = None  # (T, k) float32, descending
+    token_bytes: list[bytes] | None = None  # (T,) an OpenAI export's tokens as raw bytes (no ids)
+    topk_bytes: list[list[bytes]] | None = None  # (T, k)
+    token_logprobs: np.ndarray | None = None  # (T,) float32
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     model: str | None = None
@@ -83,11 +100,21 @@ class _Row:
     def completion(self, request_hash: str) -> Completion:
         return Completion(request_hash, self.text, self.token_ids, self.topk_ids, self.topk_logprobs,
                           self.finish_reason, self.prompt_tokens, seed=None, seconds=None,
-                          completion_tokens=self.completion_tokens)
+                          completion_tokens=self.completion_tokens, token_logprobs=self.token_logprobs,
+                          token_bytes=self.token_bytes, topk_bytes=self.topk_bytes)
+
+    @property
+    def width(self) -> int | None:
+        """k, the alternatives per token, when the row has a top-k."""
+        if self.topk_ids is not None and self.topk_ids.size:
+            return self.topk_ids.shape[1]
+        return len(self.topk_bytes[0]) if self.topk_bytes else None
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.token_ids, self.topk_ids, self.topk_logprobs) if a is not None)
+        arrays = sum(a.nbytes for a in (self.token_ids, self.topk_ids, self.topk_logprobs, self.token_logprobs)
+                     if a is not None)
+        return arrays + sum(len(b) + 2 for row in self.topk_bytes or () for b in row)
 
 
 # -- public API -------------------------------------------------------------------------------
@@ -198,13 +225,13 @@ def _scan(path: str, resolved: str, size: int, mtime_ns: int, fmt: str,
         dropped |= row.logprobs_dropped
         if row.model:
             models.add(row.model)
-        if row.topk_ids is not None and row.topk_ids.size:
+        if (width := row.width) is not None:
             # training batches hold one k: a file mixing widths would be misread, not just padded
             if k is None:
-                k, first = row.topk_ids.shape[1], row.where
-            elif row.topk_ids.shape[1] != k:
-                raise PotstillError(f"{row.where}: topk_ids has {row.topk_ids.shape[1]} entries per token, {first} "
-                                    f"has {k}: one k per file")
+                k, first = width, row.where
+            elif width != k:
+                raise PotstillError(f"{row.where}: the top-k has {width} entries per token, {first} has {k}: one k "
+                                    f"per file")
     if not rows:
         raise PotstillError(f"{path}: no rows to import")
     return tuple(sorted(models)), dropped
@@ -439,12 +466,35 @@ def _openai_rows(obj: object, where: str) -> list[_Row]:
         logprobs = choice.get("logprobs")
         tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
         if tokens:
-            row.logprobs_dropped = True
             row.completion_tokens = len(tokens)
+            if row.problem is None:
+                _keep_logprobs(row, choice, tokens, body, where, i)
         elif len(choices) == 1:
             row.completion_tokens = _int(usage.get("completion_tokens"))
         rows.append(row)
     return rows
+
+
+def _keep_logprobs(row: _Row, choice: dict, tokens: list, body: dict, where: str, i: int) -> None:
+    """A choice's logprobs as the HTTP teacher keeps them (bytes, logprobs, k alternatives), checked
+    by the same rules; without alternatives they are dropped; malformed, the row is skipped."""
+    asked = body.get("top_logprobs")
+    first = tokens[0].get("top_logprobs") if isinstance(tokens[0], dict) else None
+    k = asked if type(asked) is int and asked > 0 else len(first) if isinstance(first, list) else 0
+    if not k:
+        row.logprobs_dropped = True
+        return
+    params = {"top_logprobs": k, "max_new_tokens": len(tokens), "stop": body.get("stop")}
+    try:
+        fields = logprob_fields(choice, row.text, row.finish_reason, params, _CHAT_BYTES, None)
+    except Malformed as e:
+        row.problem = f"response.choices[{i}].logprobs: {e}"
+        return
+    except (TypeError, AttributeError, KeyError, ValueError) as e:
+        raise PotstillError(f"{where}: response.choices[{i}].logprobs: unexpected shape ({type(e).__name__}: "
+                            f"{str(e)[:80]})") from None
+    row.token_bytes, row.topk_bytes = fields["token_bytes"], fields["topk_bytes"]
+    row.token_logprobs, row.topk_logprobs = fields["token_logprobs"], fields["topk_logprobs"]
 
 
 def _finetuning_row(obj: dict, where: str) -> _Row:

@@ -245,7 +245,7 @@ def _check_spelling(tokens: list[bytes], text: str, finish: str, params: dict) -
                     f"{at} ({len(joined)} bytes of tokens, {len(want)} of text)")
 
 
-def _logprob_fields(choice: dict, text: str, finish: str, params: dict, spec, vocab: int | None) -> dict:
+def logprob_fields(choice: dict, text: str, finish: str, params: dict, spec, vocab: int | None) -> dict:
     """The ``Completion`` fields a choice's logprobs give, checked: ids (token_ids) or raw bytes of
     the chosen tokens and of the k likeliest alternatives (descending), and their logprobs."""
     k = top_k(params)
@@ -312,7 +312,7 @@ def _parse_response(request: Request, data: dict, params: dict, spec, seconds: f
         text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate (JSON allows "\ud800"): SQLite could not store it
         raise Malformed("response text is not valid Unicode") from None
-    fields = _logprob_fields(choice, text, finish, params, spec, vocab) if top_k(params) else {}
+    fields = logprob_fields(choice, text, finish, params, spec, vocab) if top_k(params) else {}
     return Completion(request_hash=request.request_hash, text=text, token_ids=fields.pop("token_ids", None),
                       topk_ids=fields.pop("topk_ids", None), topk_logprobs=fields.pop("topk_logprobs", None),
                       finish_reason=finish, prompt_tokens=used[0], seed=request_seed(request), seconds=seconds,
