@@ -196,13 +196,14 @@ def loss_terms(run: Run) -> dict:
 
 
 def teacher_token_terms(run: Run) -> dict:
-    """The online teacher's outputs alive while the student runs: loss_sums keeps its forward's output."""
+    """The online teacher's targets alive while the student runs: loss_sums keeps the completion rows
+    of its forward's last hidden state (chunked) or logits (dense), copies; the whole output is dropped."""
     t, n = run.teacher, run.rows
     tb = DTYPE_BYTES[run.teacher_dtype]
-    if run.chunk:  # output_hidden_states=True: every layer's hidden state, in the teacher's dtype
-        return {"teacher hidden states": ((t.layers + 1) * run.tokens + n) * t.hidden * tb}
+    if run.chunk:  # the last hidden state's rows, in the teacher's dtype
+        return {"teacher hidden rows": n * t.hidden * tb}
     lb = 2 if (run.precision == "bf16" or tb == 2) else 4  # its head under autocast gives bf16 logits
-    return {"teacher logits": (run.tokens + n) * t.vocab * lb}
+    return {"teacher logit rows": n * t.vocab * lb}
 
 
 def predict(run: Run, device: str = "cpu") -> Prediction:

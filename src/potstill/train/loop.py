@@ -149,6 +149,7 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
                        "teacher_head": heads["teacher"].rows(compat.shared_vocab)}
         else:
             targets = {"teacher_logits": at(t_out.logits)[:, :compat.shared_vocab]}
+        del t_out  # its (B, L, V) logits, or every layer's hidden states: the targets above are copies of rows
     elif kd_ratio:
         targets = {"topk_ids": at(batch["topk_ids"], 1), "topk_logprobs": at(batch["topk_logprobs"], 1)}
     kd_args = dict(name=spec.loss, temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha)
