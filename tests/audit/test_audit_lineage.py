@@ -276,6 +276,7 @@ def test_a_hostile_endpoint_is_one_line_without_the_key(folders, tmp_path, capsy
     assert "--api-key-env names AUDIT_KEY, which is not set" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # seconds of real retries, deadlines or processes: the full suite runs it
 def test_a_trickling_endpoint_fails_the_probe_within_the_deadline(tmp_path, capsys):
     """A body trickled a byte every 10 ms never trips a per-read timeout: --timeout is the deadline
     of the whole attempt (connect, headers, body), as teacher.timeout is, and nothing retries it

@@ -101,6 +101,7 @@ def test_quickstart_with_a_bpe_student_asks_the_served_teacher_as_openai_and_tra
     assert not listening(port)
 
 
+@pytest.mark.slow  # seconds of real retries, deadlines or processes: the full suite runs it
 def test_the_server_is_stopped_when_the_run_fails(tmp_path, capsys, monkeypatch):
     import potstill.pipeline
 

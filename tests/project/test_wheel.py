@@ -78,6 +78,7 @@ def test_quickstart_runs_from_an_installed_wheel_outside_the_checkout(tmp_path):
     assert str(tmp_path / "venv") in recipe and str(ROOT) not in recipe  # the installed copy, not the checkout's
 
 
+@pytest.mark.slow  # seconds of real retries, deadlines or processes: the full suite runs it
 def test_editable_install_uses_the_checkout_quickstart(tmp_path):
     """The README's `pip install -e .`: the package maps to src/, the quickstart stays in examples/."""
     source = _copy_source(tmp_path / "source")

@@ -130,6 +130,7 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", MALFORMED)
+@pytest.mark.slow  # seconds of real retries, deadlines or processes: the full suite runs it
 def test_each_malformed_body_fails_with_its_reason_and_is_never_stored(endpoint, tmp_path, case):
     edit, reason = MALFORMED[case]
     m = endpoint(spoil=edit)

@@ -80,6 +80,7 @@ def test_token_ids_give_topk_rows(mock, tmp_path):
             assert (ex.topk_logprobs[:, :-1] >= ex.topk_logprobs[:, 1:]).all()
 
 
+@pytest.mark.slow  # seconds of real retries, deadlines or processes: the full suite runs it
 def test_rate_limits_are_waited_out(mock, tmp_path):
     m = mock(rate_limit=0.3, retry_after="ms:200")
     recipe = http_recipe(tmp_path, [m], 60)
@@ -109,6 +110,7 @@ def test_transient_faults_cost_few_extra_attempts(mock, tmp_path):
     assert len(m.log) <= 115 * 400 // 100
 
 
+@pytest.mark.slow  # seconds of real retries, deadlines or processes: the full suite runs it
 def test_malformed_bodies_are_never_stored(mock, tmp_path):
     # sticky: some bodies are bad at every attempt (so some requests fail for good), and the others
     # never, so the run is not stopped by five bad first answers in a row (test_a_broken_endpoint_...)
@@ -451,6 +453,7 @@ def test_two_generates_on_one_ledger_are_refused(mock, tmp_path):
 # -- issue 10: never hang, never leak a key, never store a wrong row, never overspend ---------------
 
 
+@pytest.mark.slow  # seconds of real retries, deadlines or processes: the full suite runs it
 def test_an_attempt_has_one_deadline_even_for_a_trickling_body(mock, tmp_path):
     m = mock(trickle=1.0, trickle_seconds=0.05)  # ~700-byte bodies: 35 s each at a byte per 0.05 s
     recipe = http_recipe(tmp_path, [m], 4, "teacher.timeout=1", "teacher.max_attempts=2")
