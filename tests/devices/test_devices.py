@@ -108,3 +108,17 @@ def test_auto_chunk_reads_free_cuda_memory_and_is_fixed_elsewhere(monkeypatch):
     assert resolve_chunk_size("auto", "cpu", 151_936, 896, 4) == resolve_chunk_size("auto", "mps", 10, 4, 4) == CPU_CHUNK
     assert resolve_chunk_size(0, "cuda", 151_936, 896, 2) == 0 and resolve_chunk_size(7, "cpu", 10, 4, 4) == 7
     assert len(asked) == 1
+
+
+def test_a_chunk_from_the_cache_is_sized_by_its_own_bytes(monkeypatch):
+    """Sparse targets hold 24 bytes a row and vocabulary entry (docs/memory.md's check), a dense
+    teacher's logits 30 (bf16) or 36 (float32): the cache gets the larger chunk the same memory fits."""
+    from potstill.devices import chunk_bytes_per_row, pick_chunk_size, resolve_chunk_size
+
+    assert chunk_bytes_per_row(1000, 2, dense_teacher=False) == chunk_bytes_per_row(1000, 4, dense_teacher=False) == 24_000
+    assert chunk_bytes_per_row(1000, 2) == 30_000 and chunk_bytes_per_row(1000, 4) == 36_000
+    free = 13 * GIB  # Qwen's vocabulary in float32: a quarter, less the head's gradient, fits 439 dense rows (256), 658 cached (512)
+    dense, cached = pick_chunk_size(free, 151_936, 896, 4), pick_chunk_size(free, 151_936, 896, 4, dense_teacher=False)
+    assert cached == 2 * dense
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * GIB))
+    assert resolve_chunk_size("auto", "cuda", 151_936, 896, 4, dense_teacher=False) == cached

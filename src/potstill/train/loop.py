@@ -365,7 +365,8 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
                                   weight_decay=spec.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    asked, spec = spec, with_chunk_size(spec, model, device, mixed_precision)
+    # an online teacher's dense logits, or sparse targets (the cache; a teacher of another tokenizer's)
+    asked, spec = spec, with_chunk_size(spec, model, device, mixed_precision, dense_teacher=teacher is not None)
     signature = {"examples": len(data), "ledger_sha256": ledger_sha, "train": asked.model_dump(exclude={"resume"}),
                  "processes": accelerator.num_processes}
     if accelerator.is_fsdp2:  # its checkpoints key the optimizer's state by parameter name
@@ -460,15 +461,16 @@ def make_accelerator(device: str, spec: TrainSpec) -> tuple[Accelerator, str]:
     return accelerator, mixed_precision
 
 
-def with_chunk_size(spec: TrainSpec, model, device: str, mixed_precision: str) -> TrainSpec:
+def with_chunk_size(spec: TrainSpec, model, device: str, mixed_precision: str, dense_teacher: bool) -> TrainSpec:
     """``spec`` with chunk_size auto resolved: the chunk that fits the memory left with the student
     and the teacher on the device (CHUNK_SHARE leaves room for activations and the optimizer's state,
-    made at the first step). The steps and potstill.json see the number, the resume signature what
-    was asked."""
+    made at the first step), for a loss against a dense teacher's logits or sparse targets. The steps
+    and potstill.json see the number, the resume signature what was asked."""
     head_weight = _unwrap(model).get_output_embeddings().weight
     v, h = head_weight.shape
     dtype_bytes = 2 if mixed_precision in ("bf16", "fp16") else head_weight.element_size()
-    return spec.model_copy(update={"chunk_size": resolve_chunk_size(spec.chunk_size, device, v, h, dtype_bytes)})
+    return spec.model_copy(update={"chunk_size": resolve_chunk_size(spec.chunk_size, device, v, h, dtype_bytes,
+                                                                    dense_teacher)})
 
 
 def resume_step(ckpt_root: Path, signature: dict, spec: TrainSpec, model, optimizer, accelerator, name: str) -> int:
