@@ -15,31 +15,14 @@ from potstill.generate import generate
 from potstill.recipe import load_recipe
 from potstill.train import checkpoint
 
-from helpers import QUICKSTART, tiny_overrides
+from helpers import QUICKSTART, ROOT, tiny_overrides
 
 pytestmark = pytest.mark.slow  # every test launches processes
 
 RECIPE = QUICKSTART / "recipe.yaml"
 POTSTILL = str(Path(sys.executable).parent / "potstill")
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
-FSDP2 = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-fsdp_config:
-  fsdp_version: 2
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_reshard_after_forward: true
-  fsdp_state_dict_type: FULL_STATE_DICT
-  fsdp_cpu_ram_efficient_loading: false
-  fsdp_offload_params: false
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-rdzv_backend: static
-same_network: true
-use_cpu: false
-"""
+FSDP2 = (ROOT / "examples" / "accelerate" / "fsdp2.yaml").read_text()  # the documented config, 2 processes
 # a launch on a device with no collective backend (MPS): accelerate then says NO in every process
 AS_IF_MPS = """\
 import sys, torch
