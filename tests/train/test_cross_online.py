@@ -116,6 +116,26 @@ def test_sampled_completions_are_cut_where_their_bytes_stop_being_text_the_teach
     assert "Q" not in t_tok.get_vocab()
 
 
+def test_a_sharded_teacher_runs_its_forward_when_no_row_of_the_batch_needs_it(teacher, bpe):
+    """Sharded (FSDP2), each teacher forward gathers every process's shards: a process whose
+    micro-batch has no row to re-read (here: a row the student's tokenizer cannot spell, text None)
+    still runs one, read by nobody, else the others would wait for it."""
+    model, t_tok = teacher
+    shapes = []
+
+    def counted(**inputs):
+        shapes.append(tuple(inputs["input_ids"].shape))
+        return model(**inputs)
+
+    ex, _ = row(bpe, "42")
+    for lockstep, forwards in ((False, []), (True, [(1, 1)])):
+        shapes.clear()
+        cross = OnlineCross.build(counted, t_tok, bpe, 20, lockstep=lockstep)
+        [out] = cross.targets([ex], "cpu")
+        assert shapes == forwards
+        assert np.array_equal(out.topk_ids, cross._certain(ex).topk_ids)  # the row trains on its own tokens
+
+
 def test_tokens_the_student_cannot_spell_are_excluded_from_the_loss_and_counted(tmp_path, teacher):
     """A student tokenizer with an unknown token (no byte fallback) and a teacher answer with a
     character it never saw: that position has no loss; the rest of the row trains on its text."""

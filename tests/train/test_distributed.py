@@ -15,7 +15,7 @@ from potstill.generate import generate
 from potstill.recipe import load_recipe
 from potstill.train import checkpoint
 
-from helpers import QUICKSTART, ROOT, tiny_overrides
+from helpers import QUICKSTART, ROOT, TEACHER, tiny_overrides
 
 pytestmark = pytest.mark.slow  # every test launches processes
 
@@ -104,7 +104,9 @@ def test_a_deepspeed_launch_is_refused_naming_what_to_use(tmp_path, ledger):
 # FSDP2 on CPUs. accelerate turns FSDP on only on an accelerator; POTSTILL_TEST_FSDP_ON_CPU makes
 # potstill's Accelerator take the path it takes on GPUs (accelerate's FSDP plugin from the launch's
 # FSDP_* variables, accelerator.prepare -> fully_shard per decoder layer) over a CPU gloo mesh.
-FSDP_ON_CPU = {"POTSTILL_TEST_FSDP_ON_CPU": "1"}
+# TORCH_DISTRIBUTED_DEBUG=DETAIL checks, before each collective, that every process calls the same
+# one with the same shapes: a sharded model's forwards must run in lockstep in all processes.
+FSDP_ON_CPU = {"POTSTILL_TEST_FSDP_ON_CPU": "1", "TORCH_DISTRIBUTED_DEBUG": "DETAIL"}
 
 
 def train_one(d: Path, *extra: str) -> None:
@@ -143,8 +145,8 @@ def assert_same(one: Path, two: Path, tol: float = 1e-5, weights_tol: float = 1e
 
 @pytest.mark.parametrize("signal", [
     [],                                                                     # cached top-k KD
-    ["train.teacher_signal=online"],                                        # the online teacher, replicated
-    ["train.teacher_signal=online", "train.chunk_size=5", "train.loss=jsd"],  # chunked: the gathered head
+    ["train.teacher_signal=online"],                                        # the online teacher, sharded
+    ["train.teacher_signal=online", "train.chunk_size=5", "train.loss=jsd"],  # chunked: both gathered heads
     ["train.lora={r: 4, alpha: 8}"],                                        # LoRA: merged from the gathered state
     ["train.lora={r: 4, alpha: 8}", "train.chunk_size=5"],                  # LoRA, chunked: the frozen head
     ["train.lora={r: 4, alpha: 8}",                                         # GPT-2: Conv1D adapters, tied head
@@ -157,12 +159,32 @@ def test_fsdp2_two_processes_equal_one(tmp_path, ledger, signal):
     done = fsdp_launch(tmp_path, d, *signal)
     assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads((d / "student" / "potstill.json").read_text())
-    assert info["distributed"] == {"type": "FSDP", "processes": 2, "backend": "gloo"}
+    online = any("teacher_signal" in x for x in signal)
+    assert info["distributed"] == {"type": "FSDP", "processes": 2, "backend": "gloo",
+                                   **({"online_teacher": "sharded"} if online else {})}
+    if online:  # each process holds half the teacher's layers, and its embedding and head whole
+        said = [line for line in done.stdout.splitlines() if "the online teacher (" in line]
+        assert said == ["train student: the online teacher (1,779,072 parameters) sharded over 2 processes by decoder "
+                        "layer: each holds 893,568 (its share of the layers; the embedding, final norm and head whole)"]
     # the export is a plain Hugging Face folder, written once, by the main process
     plain = "GPT2LMHeadModel" if any("gpt2" in x for x in signal) else "LlamaForCausalLM"
     assert json.loads((d / "student" / "config.json").read_text())["architectures"] == [plain]
     assert sum("train: wrote" in line for line in done.stdout.splitlines()) == 1
     assert_same(tmp_path / "one", d)
+
+
+def test_fsdp2_a_bfloat16_teacher_sharded_equals_one_process(tmp_path):
+    """The teacher in bfloat16 (its shards gathered as bfloat16), dense and chunked."""
+    bf16 = "teacher.dtype=bfloat16"
+    generate(load_recipe(RECIPE, [*tiny_overrides(tmp_path / "ledger"), bf16]))
+    for loss in (["train.chunk_size=0"], ["train.chunk_size=5"]):
+        extra = ["train.teacher_signal=online", bf16, *loss]
+        one, two = (run_dir(tmp_path, tmp_path / "ledger" / "ledger.sqlite", f"{n}{loss[0][-1]}") for n in ("one", "two"))
+        train_one(one, *extra)
+        done = fsdp_launch(tmp_path, two, *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((two / "student" / "potstill.json").read_text())["distributed"]["online_teacher"] == "sharded"
+        assert_same(one, two)
 
 
 @pytest.mark.parametrize("extra", [[], ["train.lora={r: 4, alpha: 8}"]], ids=["full", "lora"])
@@ -179,3 +201,36 @@ def test_fsdp2_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, ledger,
     info = json.loads((d / "student" / "potstill.json").read_text())
     assert info["resumed_from"] == 4 and info["distributed"]["type"] == "FSDP"
     assert_same(tmp_path / "one", d)  # the log holds each step once, as one process logged it
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """The quickstart's 512-token byte-level BPE, a student tokenizer other than the teacher's."""
+    from potstill.prompts import load_prompts
+    from potstill.quickstart_cross import train_bpe
+
+    texts = [p.messages[0][1] for p in load_prompts(QUICKSTART / "prompts" / "train.jsonl")]
+    return train_bpe(texts, TEACHER, tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.mark.parametrize("student", ["trained", "other-tokenizer"])
+def test_fsdp2_on_policy_equals_ddp(tmp_path, ledger, bpe, student):
+    """On-policy KD under FSDP2, student and teacher sharded. Each process seeds its own sampling, so
+    two processes cannot equal one; DDP's two processes (teacher whole in each) draw the same samples.
+    "trained": the quickstart teacher as the student, whose samples end at different lengths in each
+    process, so the sharded student must keep sampling in lockstep. "other-tokenizer": the sharded
+    teacher re-reads each sample in its own tokens (cross_online), every process in the same forward."""
+    extra = ["train.teacher_signal=on_policy", "train.lmbda=0.5", "train.loss=jsd", "train.chunk_size=16",
+             *([f"student.path={TEACHER}", "student.config=null"] if student == "trained" else [f"student.tokenizer={bpe}"])]
+    ddp = run_dir(tmp_path, ledger, "ddp")
+    done = launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", POTSTILL, *train_args(ddp), "train.epochs=2", *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((ddp / "student" / "potstill.json").read_text())["distributed"]["online_teacher"] == "whole"
+    d = run_dir(tmp_path, ledger, "two")
+    done = fsdp_launch(tmp_path, d, *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((d / "student" / "potstill.json").read_text())["distributed"] == {
+        "type": "FSDP", "processes": 2, "backend": "gloo", "online_teacher": "sharded"}
+    assert any(r.get("on_policy") for r in rows(d)) and not all(r.get("on_policy") for r in rows(d))
+    assert_same(ddp, d)

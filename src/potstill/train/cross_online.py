@@ -50,14 +50,15 @@ class OnlineCross:
     student_eos: int | None
     k: int
     no_text: torch.Tensor  # the teacher's ids with no bytes (special tokens; its EOS reaches the student apart)
+    lockstep: bool = False  # the teacher is sharded: every process runs each forward, with rows to read or not
     counts: Counter = field(default_factory=Counter)
 
     @classmethod
-    def build(cls, teacher, teacher_tok, student_tok, k: int) -> OnlineCross:
+    def build(cls, teacher, teacher_tok, student_tok, k: int, lockstep: bool = False) -> OnlineCross:
         pieces, teacher_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
         no_text = torch.tensor([i for i, b in enumerate(teacher_pieces) if not b], dtype=torch.long)
         return cls(teacher, teacher_tok, teacher_pieces, pieces, ByteTrie(pieces), student_tok.eos_token_id,
-                   k or DEFAULT_K, no_text)
+                   k or DEFAULT_K, no_text, lockstep)
 
     def prepare(self, data: list[TrainExample], examples: list, student_tok) -> None:
         """Once, before training: each example's teacher prompt, and its completion's bytes and the
@@ -149,8 +150,12 @@ class OnlineCross:
         return out
 
     def _teacher_logprobs(self, rows: list[list[int]], device) -> list[torch.Tensor]:
-        """The teacher's log-softmax (L - 1, V) after each position of each row, over its tokenizer's rows."""
+        """The teacher's log-softmax (L - 1, V) after each position of each row, over its tokenizer's rows.
+        With no row, no forward, unless ``lockstep``: then a forward of one token, read by nobody,
+        because the other processes' forwards gather this one's shards of the teacher."""
         if not rows:
+            if self.lockstep:
+                self.teacher(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
             return []
         width = max(map(len, rows))
         pad = self.teacher_tok.pad_token_id if self.teacher_tok.pad_token_id is not None else 0

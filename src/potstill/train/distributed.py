@@ -103,3 +103,44 @@ def fsdp_on_cpu(accelerator) -> None:
 def describe(state) -> dict:
     """The distributed type, process count and backend that really ran (potstill.json "distributed")."""
     return {"type": state.distributed_type.value, "processes": state.num_processes, "backend": state.backend}
+
+
+def decoder_layers(model) -> list:
+    """The modules FSDP2 shards apart, children before parents: the model's ``_no_split_modules``
+    classes (its decoder layers, as accelerate finds them for the student), else the items of its
+    largest ModuleList."""
+    import torch
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    if not found:
+        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+        if lists:
+            found = list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+    return found[::-1]  # modules() lists parents first; fully_shard wants the inner ones first
+
+
+def shard_teacher(teacher, student) -> int:
+    """Shard the frozen online ``teacher`` in place over the processes ``student`` is sharded over
+    (FSDP2), and return how many of its parameters one process holds between forwards: its share
+    of the layers, and the root's whole.
+
+    Each decoder layer is its own unit: gathered for its forward, freed after it. The rest (the
+    embedding, the final norm, the output head) is the root unit, which, as the student's root
+    does, stays gathered once its first forward has gathered it: the chunked loss reads the full
+    head after the teacher's forward at no further communication, and those parameters, whole, are
+    the price in every process. The teacher takes no gradient, so its root never reshards."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    layers = decoder_layers(teacher)
+    if not layers:
+        raise PotstillError(f"the online teacher ({type(teacher).__name__}) has no decoder layers FSDP2 could shard "
+                            f"apart (no _no_split_modules, no ModuleList); train it replicated (DDP) or from the cache")
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    root = sum(p.numel() for p in teacher.parameters() if id(p) not in in_layers)  # a tied weight once
+    mesh = next(p.device_mesh for p in student.parameters() if isinstance(p, DTensor))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=False)
+    return root + sum(p.to_local().numel() for layer in layers for p in layer.parameters())

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -42,7 +43,7 @@ from potstill.receipts import manifest, spdx
 from potstill.receipts.terms.export import gate_training, model_name, write_obligation_files
 from potstill.recipe import Recipe, TrainSpec
 from potstill.train import checkpoint
-from potstill.train.distributed import check_launch, describe, fsdp_on_cpu
+from potstill.train.distributed import check_launch, describe, fsdp_on_cpu, shard_teacher
 from potstill.train.cross_online import OnlineCross
 from potstill.train.examples import CrossTokenizer, TrainExample, build_examples, collate
 from potstill.train.heads import current, model_heads
@@ -145,8 +146,8 @@ def loss_sums(model, batch: dict, spec: TrainSpec, compat: Compat, teacher=None,
             t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             output_hidden_states=spec.chunk_size > 0, logits_to_keep=1 if spec.chunk_size else 0)
         if spec.chunk_size:
-            targets = {"teacher_hidden": at(t_out.hidden_states[-1]),
-                       "teacher_head": heads["teacher"].rows(compat.shared_vocab)}
+            targets = {"teacher_hidden": at(t_out.hidden_states[-1]),  # a sharded teacher's: gathered
+                       "teacher_head": current(heads["teacher"], teacher, "teacher").rows(compat.shared_vocab)}
         else:
             targets = {"teacher_logits": at(t_out.logits)[:, :compat.shared_vocab]}
         del t_out  # its (B, L, V) logits, or every layer's hidden states: the targets above are copies of rows
@@ -234,8 +235,14 @@ class Plan:
 
 
 @torch.no_grad()
-def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: int, max_new_tokens: int) -> list[TrainExample]:
-    """Replace each example's completion with one sampled from the student (temperature 1)."""
+def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: int, max_new_tokens: int,
+                        sharded: bool = False) -> list[TrainExample]:
+    """Replace each example's completion with one sampled from the student (temperature 1).
+    ``sharded``: the student is sharded over several processes (FSDP2), so every forward gathers
+    weights from all of them, and a process whose samples have all ended keeps stepping until every
+    process's have (``synced_gpus``); otherwise the processes' gathers would pair up wrongly, or
+    wait forever. transformers also finds fully_shard's modules by a marker attribute; said here so
+    that no such detail decides it."""
     prompts = [ex.input_ids[:ex.n_prompt] for ex in batch]
     ids, att = left_pad(prompts, pad_id)
     width = ids.shape[1]
@@ -244,7 +251,8 @@ def sample_from_student(model, batch: list[TrainExample], pad_id: int, eos_id: i
     m.eval()
     with folder_defaults_off(m):  # a student checkpoint's generation_config.json changes nothing
         out = m.generate(input_ids=ids.to(m.device), attention_mask=att.to(m.device), do_sample=True, temperature=1.0,
-                         top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+                         top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+                         synced_gpus=sharded)
     m.train(was_training)
     samples = []
     for ex, p, row in zip(batch, prompts, out[:, width:].cpu().tolist(), strict=True):
@@ -328,7 +336,9 @@ class Setup:
     start: int  # the first step to run: 0, or the step of the checkpoint resumed
     terms: dict | None = None  # the terms gate's record (potstill.json "terms")
     request_hashes: list[str] | None = None  # the ledger rows trained on: the Merkle manifest's rows
-    distributed: dict | None = None  # the distributed type, process count and backend that ran (distributed.describe)
+    # the distributed type, process count and backend that ran (distributed.describe), and where an
+    # online teacher was: "whole" in every process, or "sharded" over them
+    distributed: dict | None = None
     cross: OnlineCross | None = None  # online KD from a teacher of another tokenizer (then teacher is None)
 
 
@@ -345,16 +355,6 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     model = load_student(recipe, tokenizer)
     compat, data = training_data(recipe, spec, name, examples, descriptions, tokenizer, model.config.vocab_size,
                                  accelerator.is_main_process)
-    teacher, cross = None, None
-    if spec.objective == "kd" and spec.teacher_signal != "cached":  # teacher.path: checked when the recipe loaded
-        teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype,
-                                    trust_remote_code=recipe.teacher.trust_remote_code)
-        teacher.to(accelerator.device).requires_grad_(False)
-        if compat.kind == "different":  # it re-reads the student's text in its own tokens every step
-            cross = OnlineCross.build(teacher, load_tokenizer_dir(recipe.teacher.tokenizer_dir, "teacher tokenizer"),
-                                      tokenizer, recipe.generation.top_logprobs)
-            cross.prepare(data, examples, tokenizer)
-            teacher = None  # the targets come from ``cross``: the loss reads them as cached ones
     if spec.lora is not None:
         model = add_lora(model, spec)
     if accelerator.is_main_process:  # a size nobody meant shows before the first step, not after the last
@@ -365,6 +365,15 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
                                   weight_decay=spec.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
+    teacher, cross = online_teacher(recipe, spec, accelerator, model, name), None
+    distributed = describe(accelerator.state)
+    if teacher is not None:
+        distributed["online_teacher"] = "sharded" if sharded(accelerator) else "whole"
+    if teacher is not None and compat.kind == "different":  # it re-reads the student's text in its own tokens
+        cross = OnlineCross.build(teacher, load_tokenizer_dir(recipe.teacher.tokenizer_dir, "teacher tokenizer"),
+                                  tokenizer, recipe.generation.top_logprobs, lockstep=sharded(accelerator))
+        cross.prepare(data, examples, tokenizer)
+        teacher = None  # the targets come from ``cross``: the loss reads them as cached ones
     # an online teacher's dense logits, or sparse targets (the cache; a teacher of another tokenizer's)
     asked, spec = spec, with_chunk_size(spec, model, device, mixed_precision, dense_teacher=teacher is not None)
     signature = {"examples": len(data), "ledger_sha256": ledger_sha, "train": asked.model_dump(exclude={"resume"}),
@@ -382,7 +391,44 @@ def setup(recipe: Recipe, spec: TrainSpec, name: str, accept_terms_risk: str | N
         mixed_precision=mixed_precision, compile=bool(spec.chunk_size) and resolve_compile(spec.compile, device),
         ledger_sha=ledger_sha, teachers=teacher_shares(examples, data, descriptions), signature=signature,
         ckpt_root=ckpt_root, start=resume_step(ckpt_root, signature, spec, model, optimizer, accelerator, name),
-        terms=terms, request_hashes=[ex.request_hash for ex in examples], distributed=describe(accelerator.state))
+        terms=terms, request_hashes=[ex.request_hash for ex in examples], distributed=distributed)
+
+
+def sharded(accelerator) -> bool:
+    """Whether models are sharded over several processes here (FSDP2), so that each forward gathers
+    weights from every process and all must run it together."""
+    return accelerator.is_fsdp2 and accelerator.num_processes > 1
+
+
+def online_teacher(recipe: Recipe, spec: TrainSpec, accelerator, student, name: str) -> torch.nn.Module | None:
+    """The online teacher (online and on-policy KD), frozen; None for the cached signal.
+
+    One process, or DDP: whole on every process's device. Sharded (FSDP2 over several processes,
+    after the student is): sharded as the student is (``distributed.shard_teacher``), and the
+    processes of a machine load it in turn, so that its host memory holds one whole copy at a time
+    (each process's copy leaves it as the shards reach the device)."""
+    if not (spec.objective == "kd" and spec.teacher_signal != "cached"):
+        return None
+    many = sharded(accelerator)
+    teacher, held = None, 0
+    # a process that fails here exits, and the launcher stops the others waiting in the barrier
+    for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) if many else 1):
+        if not many or accelerator.local_process_index == turn:  # teacher.path: checked when the recipe loaded
+            teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype,
+                                        trust_remote_code=recipe.teacher.trust_remote_code)
+            teacher.requires_grad_(False)
+            if many:
+                held = shard_teacher(teacher, student)
+            else:
+                teacher.to(accelerator.device)
+        if many:
+            accelerator.wait_for_everyone()
+    if many and accelerator.is_main_process:
+        total = sum(p.numel() for p in teacher.parameters())
+        print(f"train {name}: the online teacher ({total:,} parameters) sharded over {accelerator.num_processes} "
+              f"processes by decoder layer: each holds {held:,} (its share of the layers; the embedding, final norm and "
+              f"head whole)")
+    return teacher
 
 
 def training_data(recipe: Recipe, spec: TrainSpec, name: str, examples: list, descriptions: dict[str, dict],
@@ -502,8 +548,8 @@ def train_step(s: Setup, step: int) -> dict:
         group["lr"] = lr_at(step, s.plan.total, spec)
     micro = [[s.data[i] for i in chunk] for chunk in s.plan.micro_batches(ids, acc.process_index)]
     if on_policy:  # completions sampled from the student; their tokens are counted afresh
-        micro = [sample_from_student(model, batch, s.pad_id, s.tokenizer.eos_token_id, s.on_policy_max_new_tokens)
-                 for batch in micro]
+        micro = [sample_from_student(model, batch, s.pad_id, s.tokenizer.eos_token_id, s.on_policy_max_new_tokens,
+                                     sharded(acc)) for batch in micro]
         if s.cross is not None:  # cut where the sampled bytes stop being text the teacher can read
             micro = [s.cross.from_samples(batch) for batch in micro]
         mine = sum(ex.n_completion for batch in micro for ex in batch)
