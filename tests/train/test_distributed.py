@@ -1,7 +1,9 @@
 """Past one process: a launch that would not distribute as it says is refused before any work,
 through real ``accelerate launch`` subprocesses on this CPU machine (gloo)."""
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from potstill.cli import main
 from potstill.generate import generate
 from potstill.recipe import load_recipe
 from potstill.train import checkpoint
@@ -234,3 +237,21 @@ def test_fsdp2_on_policy_equals_ddp(tmp_path, ledger, bpe, student):
         "type": "FSDP", "processes": 2, "backend": "gloo", "online_teacher": "sharded"}
     assert any(r.get("on_policy") for r in rows(d)) and not all(r.get("on_policy") for r in rows(d))
     assert_same(ddp, d)
+
+
+def test_fsdp2_online_kd_across_tokenizers_equals_one_process(tmp_path, ledger, bpe):
+    """The sharded teacher re-reads each micro-batch's text in its own tokens; what the mapping
+    counted is summed over the processes, so the line says what one process says."""
+    extra = ["train.teacher_signal=online", f"student.tokenizer={bpe}"]
+    one = run_dir(tmp_path, ledger, "one")
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        assert main(["train", str(RECIPE), *tiny_overrides(one), "baseline=null", "train.epochs=2",
+                     "train.micro_batch_size=8", *extra]) == 0
+    d = run_dir(tmp_path, ledger, "two")
+    done = fsdp_launch(tmp_path, d, *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = [[line for line in out.splitlines() if "the teacher re-reading each step's text" in line]
+               for out in (said.getvalue(), done.stdout)]
+    assert summary[0] == summary[1] and len(summary[0]) == 1, summary
+    assert_same(one, d)

@@ -36,6 +36,8 @@ from potstill.hf import prompt_ids
 from potstill.train.examples import TrainExample, certain, unknown_positions
 
 DEFAULT_K = 20  # alternatives per teacher token when the recipe asked the ledger for none
+# what each process counts of its own steps (``prepare`` counts what every process sees alike)
+STEP_COUNTS = ("positions", "exact", "unmappable", "empty", "cut_tokens", "rows_teacher_cannot_spell")
 
 
 @dataclass
@@ -74,6 +76,14 @@ class OnlineCross:
                 continue
             if ids == d.input_ids[d.n_prompt:d.n_prompt + len(ids)]:
                 d.text, d.offsets = ex.text.encode(), offsets
+
+    def add_up(self, reduce) -> None:
+        """Make the counts of every step the sum over all processes: ``reduce`` sums a tensor over
+        them (a collective: every process calls this). What ``prepare`` counted is every process's
+        count already: each prepared all the data."""
+        summed = reduce(torch.tensor([self.counts[k] for k in STEP_COUNTS], dtype=torch.long)).tolist()
+        for k, v in zip(STEP_COUNTS, summed, strict=True):
+            self.counts[k] = v
 
     def summary(self) -> str:
         """What the mapping did over the training, for one printed line."""

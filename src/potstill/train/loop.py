@@ -632,8 +632,11 @@ def train(recipe: Recipe, spec: TrainSpec, name: str = "student", accept_terms_r
                     checkpoint.save_checkpoint(s.ckpt_root, done, _unwrap(s.model), s.optimizer,
                                                {"signature": s.signature}, spec.keep_checkpoints, gathered)
                 acc.wait_for_everyone()
-    if s.cross is not None and acc.is_main_process:
-        print(f"train {name}: logit KD across tokenizers, the teacher re-reading each step's text: {s.cross.summary()}")
+    if s.cross is not None:
+        s.cross.add_up(lambda t: acc.reduce(t.to(acc.device), "sum").cpu())  # every process's steps
+        if acc.is_main_process:
+            print(f"train {name}: logit KD across tokenizers, the teacher re-reading each step's text: "
+                  f"{s.cross.summary()}")
     export(s, recipe, name, time.perf_counter() - began)
     return run / name
 
