@@ -112,3 +112,73 @@ def test_a_half_precision_chunk_is_widened_to_float32_once(teacher_kind):
     assert Widenings.count == n // chunk  # the student's logits, once a chunk (the teacher's have no grad)
     loss.backward()
     assert torch.isfinite(hidden.grad.float()).all()
+
+
+def test_under_autocast_the_head_is_cast_once_whatever_the_number_of_chunks():
+    """autocast caches the bf16 cast of a leaf that requires grad until its context exits: were the
+    head a new leaf each chunk, one (V, H) cast per chunk would stay alive to the backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(3)
+    n, h, v, chunk = 12, 8, 97, 2
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = (torch.randn(v, h, generator=g) * 0.3).requires_grad_(True)
+    labels = torch.randint(0, v, (n,), generator=g)
+
+    class HeadCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if (func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32
+                    and out.dtype == torch.bfloat16 and tuple(out.shape) == (v, h)):
+                HeadCasts.count += 1
+            return out
+
+    with HeadCasts(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = chunked_kd_loss(hidden, weight, labels, kd_ratio=0.0, chunk_size=chunk)
+    assert HeadCasts.count == 1  # n / chunk = 6 before
+    loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, _, _ = chunked_kd_loss(hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True), labels,
+                                    kd_ratio=0.0, chunk_size=n)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_the_same_one(bias):
+    """LoRA freezes the head: the chunked loss then computes no (V, H) gradient for it (autograd
+    would drop one, but only after each chunk had paid for it: counted here as (V, H) products)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HeadGradients(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.mm.default and tuple(out.shape) == (v, h):
+                HeadGradients.count += 1
+            return out
+
+    g = torch.Generator().manual_seed(4)
+    n, h, v = 9, 6, 31
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    b = torch.randn(v, generator=g) * 0.1 if bias else None
+    labels = torch.randint(0, v, (n,), generator=g)
+    lp, ids = torch.randn(n, v, generator=g).log_softmax(-1).topk(5, -1)
+    from potstill.losses.chunked import Head
+
+    grads = []
+    for trained in (True, False):
+        x = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(trained)
+        bb = None if b is None else b.clone().requires_grad_(trained)
+        HeadGradients.count = 0
+        with HeadGradients():
+            loss, _, _ = chunked_kd_loss(x, Head(w, bb), labels, topk_ids=ids, topk_logprobs=lp, chunk_size=4)
+        assert HeadGradients.count == (3 if trained else 0)  # one a chunk
+        loss.backward()
+        assert (w.grad is not None) == trained and (bb is None or (bb.grad is not None) == trained)
+        grads.append(x.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

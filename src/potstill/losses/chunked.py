@@ -105,9 +105,14 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, head, labels, teacher_tensors, teacher_keys, spec, chunk_size, stats):
         teacher = dict(zip(teacher_keys, teacher_tensors))
         n = hidden.shape[0]
+        # The head's weight and bias are one leaf each for every chunk: autocast caches the bf16
+        # cast of a leaf that requires grad until its context exits (after the backward), so a new
+        # leaf per chunk kept one (V, H) cast per chunk. A frozen head (LoRA) takes no gradient.
+        w = weight.detach().requires_grad_(weight.requires_grad)
+        b = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
+        wrt = [t for t in (w, b) if t is not None and t.requires_grad]
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight)
-        grad_bias = None if bias is None else torch.zeros_like(bias)
+        grad_head = [torch.zeros_like(t) for t in wrt]
         # (3,) running sums of loss, CE and KD, kept on the device: no host sync inside the loop
         sums = hidden.new_zeros(3, dtype=torch.float32)
         step = _step_function(spec["compile"])
@@ -115,28 +120,26 @@ class _ChunkedLoss(torch.autograd.Function):
             end = min(start + chunk_size, n)
             with torch.enable_grad():
                 h = hidden[start:end].detach().requires_grad_(True)
-                w = weight.detach().requires_grad_(True)
-                b = None if bias is None else bias.detach().requires_grad_(True)
                 part = {k: v[start:end] for k, v in teacher.items()}
                 # the chunk's (chunk, V) logits live only inside this call and its backward
                 loss, ce, kd = step(head, h, w, b, labels[start:end], part, spec)
-                grads = torch.autograd.grad(loss, (h, w) if b is None else (h, w, b))
+                grads = torch.autograd.grad(loss, (h, *wrt))
             grad_hidden[start:end] = grads[0]
-            grad_weight += grads[1]
-            if b is not None:
-                grad_bias += grads[2]
+            for total, g in zip(grad_head, grads[1:], strict=True):
+                total += g
             sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).float()
         scale = 1.0 / max(n, 1)
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(grad_hidden * scale, grad_weight * scale, *([grad_bias * scale] if bias is not None else []))
+        ctx.head_grads = tuple(t is not None and t.requires_grad for t in (w, b))  # which of weight, bias get one
+        ctx.save_for_backward(grad_hidden * scale, *(g * scale for g in grad_head))
         stats["ce"], stats["kd"] = sums[1] * scale, sums[2] * scale  # for logging: 0-dim tensors, no grad
         return sums[0] * scale
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_hidden, grad_weight, *grad_bias = ctx.saved_tensors
-        grad_bias = grad_bias[0] * grad_out if ctx.has_bias else None
-        return grad_hidden * grad_out, grad_weight * grad_out, grad_bias, *([None] * 7)
+        grad_hidden, *grad_head = ctx.saved_tensors
+        grad_head = iter(grad_head)
+        grad_weight, grad_bias = (next(grad_head) * grad_out if wanted else None for wanted in ctx.head_grads)
+        return grad_hidden * grad_out, grad_weight, grad_bias, *([None] * 7)
 
 
 def chunked_kd_loss(hidden: Tensor, head: Head | Tensor, labels: Tensor, *, name: str = "forward_kl",

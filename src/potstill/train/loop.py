@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs
 
 from potstill.devices import resolve_chunk_size, resolve_compile, resolve_mixed_precision
 from potstill.errors import PotstillError
@@ -502,7 +503,9 @@ def make_accelerator(device: str, spec: TrainSpec) -> tuple[Accelerator, str]:
     mixed_precision = resolve_mixed_precision(spec.mixed_precision, device)
     if device.startswith("cuda:"):  # one process on a chosen GPU; under `accelerate launch` each rank has its own
         torch.cuda.set_device(int(device.partition(":")[2]))
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+    # DDP: each gradient a view into its all-reduce bucket, not a second copy of every gradient
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[ddp])
     fsdp_on_cpu(accelerator)  # tests only: the GPUs' FSDP2 path over gloo (distributed.FSDP_ON_CPU)
     return accelerator, mixed_precision
 
