@@ -24,7 +24,6 @@ import argparse
 import gc
 import importlib.metadata
 import json
-import math
 import os
 import re
 import subprocess
@@ -174,12 +173,16 @@ def loss_terms(run: Run) -> dict:
         else:  # potstill.devices.chunk_bytes_per_row: both logits, their gradient, six float32 copies
             terms["chunk working memory"] = rows * v * (3 * cb + 6 * 4)
         # the head's float32 gradient, accumulated, + one chunk's (or, at the end, its scaled copy); under
-        # autocast also the chunk's bf16 gradient before its cast
-        terms["head gradient"] = v * h * (
-            2 * (2 if fsdp_bf16 else 4) + (2 if bf16 and not fsdp_bf16 else 0))
+        # autocast also the chunk's bf16 gradient before its cast. LoRA: the head is frozen, no gradient
+        # (since 2026-12-07; before, computed and dropped)
+        if not run.lora:
+            terms["head gradient"] = v * h * (
+                2 * (2 if fsdp_bf16 else 4) + (2 if bf16 and not fsdp_bf16 else 0))
         terms["hidden rows"] = 3 * n * h * 4
-        if bf16 and not fsdp_bf16:  # each chunk's detached head is a new leaf: autocast caches its cast
-            terms["autocast cache of the head"] = math.ceil(n / run.chunk) * v * h * 2
+        if bf16 and not fsdp_bf16:  # the head's bf16 cast: autocast caches one for every chunk (a trained
+            # head: one leaf for all chunks since 2026-12-07; before, a new leaf and a cached cast per chunk),
+            # a frozen head's is cast again for each chunk and freed with it
+            terms["bf16 cast of the head"] = v * h * 2
     else:
         terms["logits"] = run.tokens * v * 4
         if bf16:
@@ -215,36 +218,78 @@ def predict(run: Run, device: str = "cpu") -> Prediction:
     p = Prediction()
     p.held["weights"] = 4 * s.params / w
     if run.lora:
-        p.held["LoRA adapters"] = 4 * trained
+        p.held["LoRA adapters"] = 4 * trained / w  # FSDP2 shards them with their layers
     p.held["AdamW m, v"] = 8 * trained / w
     if run.launch == "ddp" and run.world > 1:
         p.held["DDP buckets"] = 4 * trained
     if run.teacher is not None:
-        p.held["teacher weights"] = DTYPE_BYTES[run.teacher_dtype] * run.teacher.params
-    grads = {"gradients": 4 * trained / w}
+        p.held.update(teacher_held(run))
+    # DDP: the gradients are views into its all-reduce buckets (gradient_as_bucket_view, since
+    # 2026-12-07; before, a second copy of every gradient)
+    grads = {} if run.launch == "ddp" and run.world > 1 else {"gradients": 4 * trained / w}
     cast = {}
     if bf16 and run.launch != "fsdp2":
         cast["bf16 weight copies"] = 2 * s.linear_params
-    fsdp = fsdp_terms(run) if run.launch == "fsdp2" else {}
+    fsdp = {phase: fsdp_terms(run, phase) if run.launch == "fsdp2" else {} for phase in ("forward", "backward")}
     act = {"activations": activation_bytes_per_token(s, bf16, run.lora, bf16 and run.launch == "fsdp2") * run.tokens}
-    p.phases["forward + loss"] = {**cast, **fsdp, **act, **loss_terms(run)}
-    p.phases["end of backward"] = {**grads, **cast, **fsdp}
+    p.phases["forward + loss"] = {**cast, **fsdp["forward"], **act, **loss_terms(run)}
+    p.phases["end of backward"] = {**grads, **cast, **fsdp["backward"]}
     largest = max(s.vocab * s.hidden, s.hidden * s.intermediate) if not run.lora else 0
     temp = 4 * trained / w if device == "cuda" else 2 * 4 * largest  # foreach sqrt(v) vs one tensor's
     p.phases["optimizer step"] = {**grads, "AdamW temporary": temp}
+    if run.teacher is not None:
+        p.phases["teacher forward"] = teacher_forward_terms(run, device)
     return p
 
 
-def fsdp_terms(run: Run) -> dict:
+def teacher_sharded(run: Run) -> bool:
+    return run.teacher is not None and run.launch == "fsdp2" and run.world > 1
+
+
+def teacher_held(run: Run) -> dict:
+    """The online teacher's weights, frozen, in teacher.dtype: whole in every process, or under
+    FSDP2 over several processes sharded (distributed.shard_teacher): 1/W of every parameter, and
+    its root (embedding, final norm, head) also whole, gathered at its first forward and kept."""
+    t, tb = run.teacher, DTYPE_BYTES[run.teacher_dtype]
+    if not teacher_sharded(run):
+        return {"teacher weights": tb * t.params}
+    return {"teacher weights": tb * t.params / run.world,
+            "teacher root, gathered": tb * (t.params - t.layers * t.layer_params)}
+
+
+def teacher_forward_terms(run: Run, device: str) -> dict:
+    """Alive during the teacher's forward, before the student's (no gradient exists yet): its output
+    (every layer's hidden state for the chunked loss, else its (B, L, V) logits) and, sharded, a
+    decoder layer being gathered: FSDP2's all-gather output (the whole layer, flat; this process's
+    shard is copied into its own slice of it) and the layer's unsharded parameters it is copied
+    into, 2 layers. gloo (the CPU) gathers through a buffer of its own, one more layer (a 64 MiB
+    all_gather_into_tensor over gloo, measured alone: +97 MiB, the output's 32 MiB untouched half
+    included); NCCL gathers in place, but on CUDA the next layer's gather overlaps this one's
+    compute: 4 layers there (read from FSDP2's code, not measured)."""
+    t, tb = run.teacher, DTYPE_BYTES[run.teacher_dtype]
+    if run.chunk:
+        out = {"teacher hidden states": (t.layers + 1) * run.tokens * t.hidden * tb}
+    else:
+        out = {"teacher logits": run.tokens * t.vocab * (2 if run.precision == "bf16" or tb == 2 else 4)}
+    if teacher_sharded(run):
+        out["FSDP2 gathered teacher layers"] = (4 if device == "cuda" else 3) * t.layer_params * tb
+    return out
+
+
+def fsdp_terms(run: Run, phase: str) -> dict:
     """FSDP2 (accelerate: fully_shard per decoder layer, the embedding on its own, the final norm and
-    head together with reshard_after_forward False): the unsharded pieces one process holds at once.
-    A decoder layer's backward holds its gathered parameters, the previous layer's (prefetched by
-    FSDP2's pre_backward) and its own unsharded gradient, all in the parameter dtype (bf16 under
-    MixedPrecisionPolicy(param_dtype=bf16), which accelerate sets for mixed_precision bf16)."""
+    head together with reshard_after_forward False): the unsharded pieces one process holds at once,
+    in the parameter dtype (bf16 under MixedPrecisionPolicy(param_dtype=bf16), which accelerate sets
+    for mixed_precision bf16). The head, gathered from forward to backward. In the forward, a layer
+    being gathered: 3 layers, the all-gather output, the unsharded parameters it is copied into and
+    gloo's own buffer (as for the sharded teacher, ``teacher_forward_terms``; on CUDA, NCCL gathers
+    in place, but the layer running and the next one's gather are 3 as well). In the backward, a
+    layer's gathered parameters, the previous layer's (prefetched by FSDP2's pre_backward) and its
+    own unsharded gradient; LoRA: the frozen layer takes no gradient (its adapters' is small)."""
     s = run.student
     pb = 2 if run.precision == "bf16" else 4
-    return {"FSDP2 gathered head": s.vocab * s.hidden * pb,
-            "FSDP2 gathered layers": s.layer_params * 3 * pb}
+    layers = 3 if phase == "forward" or not run.lora else 2
+    return {"FSDP2 gathered head": s.vocab * s.hidden * pb, "FSDP2 gathered layers": s.layer_params * layers * pb}
 
 
 # ---------------------------------------------------------------- measurement
@@ -266,7 +311,8 @@ def build(run: Run, world: int, accelerator=None):
 
     from potstill.recipe import LoraSpec, TrainSpec
     from potstill.train.heads import model_heads
-    from potstill.train.loop import Plan, Setup, add_lora, make_accelerator
+    from potstill.train.distributed import shard_teacher
+    from potstill.train.loop import Plan, Setup, add_lora, make_accelerator, sharded
     from potstill.train.tokenizer_match import Compat
 
     spec = TrainSpec(kd_ratio=run.kd_ratio, chunk_size=run.chunk, compile="off", mixed_precision=run.precision,
@@ -291,6 +337,8 @@ def build(run: Run, world: int, accelerator=None):
     # reported with this benchmark); here they are checked before, on the float32 forward
     heads = model_heads(model, teacher) if run.chunk and run.precision == "bf16" else None
     model, optimizer = accelerator.prepare(model, optimizer)
+    if teacher is not None and sharded(accelerator):  # as train.online_teacher does
+        shard_teacher(teacher, model)
     if run.chunk and heads is None:
         heads = model_heads(model, teacher)  # as train.setup does
     data = examples(run, world)
@@ -344,6 +392,9 @@ def measure(run: Run) -> dict:
     began = time.perf_counter()
     s = build(run, world, accelerator)
     built = status_mib("VmRSS") - base
+    # the steps' peak: building a sharded teacher holds it whole first, which a GPU's host memory
+    # holds, not the GPU; every other run builds less than its steps then hold
+    reset_peak()
     for step in range(STEPS):
         row = train_step(s, step)
         assert "skipped" not in row, row
@@ -376,15 +427,19 @@ CHECKS = {
     "chunked loss, cached": Run(BIG_V, batch=2, seq=1024, chunk=256),
     "chunked loss, online": Run(BIG_V, batch=2, seq=1024, chunk=256, teacher=BIG_V),
     "chunked loss, cached, bf16": Run(BIG_V, batch=2, seq=1024, chunk=256, precision="bf16"),
-    "chunked loss, bf16 (autocast cache)": Run(WIDE_HEAD, batch=1, seq=520, chunk=32, precision="bf16"),
+    "chunked loss, bf16, 16 chunks": Run(WIDE_HEAD, batch=1, seq=520, chunk=32, precision="bf16"),
     "DDP, 2 processes": Run(WIDE, **SHORT, launch="ddp", world=2),
     "FSDP2, 2 processes": Run(WIDE, **SHORT, launch="fsdp2", world=2),
+    "LoRA r=8, FSDP2, 2 processes": Run(WIDE, **SHORT, lora=8, launch="fsdp2", world=2),
+    "online teacher, FSDP2, 2 processes": Run(SMALL, **SHORT, teacher=Shape(1024, 8, 4096, 16, 16, 4096),
+                                              launch="fsdp2", world=2),
 }
 TINY = Shape(128, 2, 512, 2, 2, 2048)
 SMOKE = {
     "smoke: chunked, bf16, LoRA": Run(TINY, batch=2, seq=64, chunk=32, precision="bf16", lora=4),
     "smoke: dense, online": Run(TINY, batch=2, seq=64, teacher=TINY),
     "smoke: FSDP2, 2 processes": Run(TINY, batch=1, seq=32, chunk=16, launch="fsdp2", world=2),
+    "smoke: FSDP2, online teacher": Run(TINY, batch=1, seq=32, chunk=16, launch="fsdp2", world=2, teacher=TINY),
 }
 RUNS = {**CHECKS, **SMOKE}
 
@@ -506,21 +561,19 @@ def plan_tables() -> str:
         for chunk in (1024, 0):
             run = {**PLAN, **fields, "chunk": chunk}
             one, ddp = largest(run), largest({**run, "launch": "ddp", "world": 8})
-            fsdp = ("not modelled (LoRA under FSDP2 trains; its memory is not checked)" if fields.get("lora")
-                    else cell(largest({**run, "launch": "fsdp2", "world": 8})))
+            fsdp = cell(largest({**run, "launch": "fsdp2", "world": 8}))
             out.append(f"| {name} | {'chunked 1,024' if chunk else 'dense'} | {cell(one)} | {cell(ddp)} | {fsdp} |")
     return "\n".join(out + ["", teachers_table()])
 
 
 def teachers_table() -> str:
-    out = ["Online teacher (replicated in every process, DDP and FSDP2 alike), chunked loss 1,024:", "",
+    out = ["Online teacher (whole in one process; under FSDP2 sharded by decoder layer, its embedding and head whole "
+           "in each process), chunked loss 1,024:", "",
            ("| mode | teacher dtype | largest teacher beside a llama(16) student "
             "| largest student beside a llama(32) teacher (8.03B) |"), "|---|---|---|---|"]
     for name, fields in STUDENT_MODES.items():
         for tdtype in ("bfloat16", "float32"):
             for launch, world in (("one", 1), ("fsdp2", 8)):
-                if launch == "fsdp2" and fields.get("lora"):
-                    continue
                 run = {**PLAN, **fields, "chunk": 1024, "teacher_dtype": tdtype, "launch": launch, "world": world}
                 teacher = largest(run, "teacher", llama(16))
                 student = largest(run, "student", llama(32))

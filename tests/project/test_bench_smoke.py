@@ -193,7 +193,8 @@ def test_memory_plan(runs):
     _, out = output(runs, "memory_plan")
     assert "| full, float32 | chunked 1,024 | " in out and "| full, bf16, FSDP2 x 8 | bfloat16 | " in out
     assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| smoke")] == \
-        ["| smoke: chunked, bf16, LoRA", "| smoke: dense, online", "| smoke: FSDP2, 2 processes"]
+        ["| smoke: chunked, bf16, LoRA", "| smoke: dense, online", "| smoke: FSDP2, 2 processes",
+         "| smoke: FSDP2, online teacher"]
 
 
 def test_gpu_bench(runs):  # TRL's and Liger's arms are printed as skipped when missing; any other failure exits 1
