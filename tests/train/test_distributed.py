@@ -255,3 +255,18 @@ def test_fsdp2_online_kd_across_tokenizers_equals_one_process(tmp_path, ledger, 
                for out in (said.getvalue(), done.stdout)]
     assert summary[0] == summary[1] and len(summary[0]) == 1, summary
     assert_same(one, d)
+
+
+def test_shard_teacher_keeps_every_architectures_logits_and_head():
+    """Llama, a tied and padded Qwen2, a soft-capped Gemma 2, GPT-2 (Conv1D, transformer.h), Phi (a
+    head bias) and a Mixtral MoE teacher, sharded over 2 processes: the same logits as whole, the
+    chunked loss's head rebuilt from the gathered root, and each process holding less than all."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(Path(__file__).parent / "shard_archs.py")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISTRIBUTED_DEBUG": "DETAIL"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == 6
+    for name, r in results.items():
+        assert r["logits"] <= 1e-6 and r["head"] <= 1e-5, (name, r)
+        assert r["total"] / 2 < r["held"] < r["total"], (name, r)
