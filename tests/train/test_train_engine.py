@@ -168,6 +168,12 @@ def run_killed(d: Path, crash_at: str, *extra: str) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, ledger) -> dict:
+    """The weights of the run every killed-and-resumed one must end with."""
+    return trained(tmp_path_factory.mktemp("uninterrupted"), ledger, "ref", "train.checkpoint_every=2")
+
+
 @pytest.mark.parametrize("crash_at, resumes_from", [
     ("step-5", 4),             # between checkpoints
     ("save-4-weights", 2),     # during a save: the half-written step-4 is ignored
@@ -175,8 +181,7 @@ def run_killed(d: Path, crash_at: str, *extra: str) -> subprocess.CompletedProce
     ("save-4-renamed", 4),     # saved, before the old one is pruned
 ])
 @pytest.mark.slow
-def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, ledger, crash_at, resumes_from):
-    reference = trained(tmp_path, ledger, "ref", "train.checkpoint_every=2")
+def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, ledger, uninterrupted, crash_at, resumes_from):
     d = run_dir(tmp_path, ledger, "killed")
     killed = run_killed(d, crash_at)
     assert killed.returncode == -9  # a real SIGKILL
@@ -186,7 +191,7 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, ledger, cra
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     info = json.loads((d / "student" / "potstill.json").read_text())
     assert info["resumed_from"] == resumes_from
-    assert_close(reference, weights(d), 1e-6)
+    assert_close(uninterrupted, weights(d), 1e-6)
     steps = [json.loads(line)["step"] for line in (d / "logs" / "student.jsonl").open()]
     assert steps == list(range(1, 9))  # the log has each step once
 
