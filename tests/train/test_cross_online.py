@@ -116,6 +116,28 @@ def test_sampled_completions_are_cut_where_their_bytes_stop_being_text_the_teach
     assert "Q" not in t_tok.get_vocab()
 
 
+def test_a_sentencepiece_students_sample_is_read_without_its_dummy_space(teacher, bpe):
+    """A SentencePiece student spells a completion "5 3" as "▁5 ▁3": its first space is the dummy
+    prefix, which the ledger's rows leave out (align.encode_with_offsets). A sample is read the
+    same way, so the teacher re-reads "5 3", not " 5 3"."""
+    from tokenizers import decoders
+
+    from potstill.align import encode_with_offsets
+
+    model, t_tok = teacher
+    vocab = {"<unk>": 0, "</s>": 1, "▁": 2, "5": 3, "3": 4, "▁5": 5, "▁3": 6}
+    sp = Tokenizer(models.BPE(vocab, [("▁", "5"), ("▁", "3")], unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    sp = PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="</s>", unk_token="<unk>")
+    cross = OnlineCross.build(model, t_tok, sp, 20)
+    ids = sp("5 3", add_special_tokens=False)["input_ids"]
+    assert ids == [5, 6] and cross.dummy_space and not OnlineCross.build(model, t_tok, bpe, 20).dummy_space
+    [out] = cross.from_samples([TrainExample([0, *ids, sp.eos_token_id], 1, None, None, teacher_prompt=[0])])
+    assert out.text == b"5 3" and out.offsets == encode_with_offsets(sp, "5 3")[1] == [(0, 1), (1, 3)]
+    assert out.input_ids == [0, 5, 6, sp.eos_token_id]  # nothing cut
+
+
 def test_a_sharded_teacher_runs_its_forward_when_no_row_of_the_batch_needs_it(teacher, bpe):
     """Sharded (FSDP2), each teacher forward gathers every process's shards: a process whose
     micro-batch has no row to re-read (here: a row the student's tokenizer cannot spell, text None)

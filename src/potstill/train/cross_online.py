@@ -18,7 +18,9 @@ every step (about 0.3 ms per row, against the teacher's forward).
 Where bytes cannot be read as text, they cannot be re-read: a sampled completion is cut before its
 first token that has no bytes (a special token other than a final EOS), that ends past the last
 whole UTF-8 character, or whose bytes the teacher's tokenizer cannot spell (counted:
-``counts["cut_tokens"]``); what is cut is not trained on: neither reinforced nor guessed. A ledger row the student's tokenizer
+``counts["cut_tokens"]``); what is cut is not trained on: neither reinforced nor guessed. A SentencePiece student's sample
+starts with its dummy space ("▁5" for "5"): it is left out of the bytes, as the ledger's rows leave
+it out (``align.encode_with_offsets``). A ledger row the student's tokenizer
 cannot spell byte for byte, or whose bytes the teacher's tokenizer cannot spell, trains on its own
 tokens with certain targets (counted, as in the cache)."""
 
@@ -53,6 +55,9 @@ class OnlineCross:
     k: int
     no_text: torch.Tensor  # the teacher's ids with no bytes (special tokens; its EOS reaches the student apart)
     lockstep: bool = False  # the teacher is sharded: every process runs each forward, with rows to read or not
+    # the student's tokenizer puts a space before a text that has none (SentencePiece's dummy prefix):
+    # its first piece of a completion holds one space the text does not
+    dummy_space: bool = False
     counts: Counter = field(default_factory=Counter)
 
     @classmethod
@@ -60,7 +65,7 @@ class OnlineCross:
         pieces, teacher_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
         no_text = torch.tensor([i for i, b in enumerate(teacher_pieces) if not b], dtype=torch.long)
         return cls(teacher, teacher_tok, teacher_pieces, pieces, ByteTrie(pieces), student_tok.eos_token_id,
-                   k or DEFAULT_K, no_text, lockstep)
+                   k or DEFAULT_K, no_text, lockstep, dummy_space=_dummy_space(student_tok, pieces))
 
     def prepare(self, data: list[TrainExample], examples: list, student_tok) -> None:
         """Once, before training: each example's teacher prompt, and its completion's bytes and the
@@ -107,10 +112,12 @@ class OnlineCross:
         eos = bool(ids) and ids[-1] == self.student_eos
         body = ids[:-1] if eos else ids
         spans, data, end = [], b"", 0
-        for i in body:
+        for n, i in enumerate(body):
             piece = self.student_pieces[i] if i < len(self.student_pieces) else None
             if not piece:
                 break
+            if n == 0 and self.dummy_space and piece.startswith(b" "):
+                piece = piece[1:]  # the dummy space, as the ledger's rows leave it out (align.encode_with_offsets)
             data += piece
             spans.append((end, end + len(piece)))
             end += len(piece)
@@ -205,6 +212,16 @@ class OnlineCross:
         """KD toward the example's own tokens (as CE): a row neither tokenizer could re-read."""
         ids, lps = certain(ex.input_ids[ex.n_prompt:], self.k)
         return replace(ex, topk_ids=ids, topk_logprobs=lps)
+
+
+def _dummy_space(tokenizer, pieces: list[bytes | None]) -> bool:
+    """Whether ``tokenizer`` spells a text with a space before it (SentencePiece's dummy prefix),
+    asked of the first probe it spells with known bytes."""
+    for probe in ("a", "0", "5", "x", "."):
+        got = [pieces[i] if i < len(pieces) else None for i in tokenizer(probe, add_special_tokens=False)["input_ids"]]
+        if got and None not in got:
+            return b"".join(got) == b" " + probe.encode()
+    return False
 
 
 def _utf8_prefix(data: bytes) -> int:
