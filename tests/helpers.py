@@ -141,3 +141,12 @@ def make_run(path, skill: str):
     (path / "logs" / "student.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2)))
     (path / "student" / "potstill.json").write_text(json.dumps(student_info(HOSTILE_TEACHER)))
     return path
+
+
+def free_port() -> int:
+    """A loopback port free now: bound, then let go (never listening, so a connection to it is refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

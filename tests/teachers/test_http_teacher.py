@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import QUICKSTART, ROOT
+from helpers import QUICKSTART, ROOT, free_port
 from mock_endpoint import VOCAB, Faults, MockEndpoint, request_shas
 from potstill.teachers.openai.dispatch import retry_after
 from potstill.errors import PotstillError
@@ -744,11 +744,7 @@ def test_rate_limit_buckets_pace_requests_and_tokens():
 
 
 def closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:  # bound, never listening: the kernel refuses every connection
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()  # bound, never listening: the kernel refuses every connection
 
 
 def test_a_connection_never_made_is_not_charged(tmp_path):

@@ -4,7 +4,6 @@ through real ``accelerate launch`` subprocesses on this CPU machine (gloo)."""
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from potstill.generate import generate
 from potstill.recipe import load_recipe
 from potstill.train import checkpoint
 
-from helpers import QUICKSTART, ROOT, TEACHER, tiny_overrides
+from helpers import QUICKSTART, ROOT, TEACHER, free_port, tiny_overrides
 
 pytestmark = pytest.mark.slow  # every test launches processes
 
@@ -119,19 +118,13 @@ def train_one(d: Path, *extra: str) -> None:
     train(recipe, recipe.train)
 
 
-def alongside(launched, work) -> subprocess.CompletedProcess:
+def alongside(launched, work):
     """``launched()`` (a launch) in a thread while this process runs ``work()``: most of a launch is
-    its processes starting, which leaves the CPUs to the work. The launch's result."""
+    its processes starting, which leaves the CPUs to the work. Both results."""
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(launched)
-        work()
-        return future.result()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        done = work()
+        return future.result(), done
 
 
 def fsdp_launch(tmp_path: Path, d: Path, *extra: str, env=None) -> subprocess.CompletedProcess:
@@ -171,7 +164,7 @@ def assert_same(one: Path, two: Path, tol: float = 1e-5, weights_tol: float = 1e
 def test_fsdp2_two_processes_equal_one(tmp_path, ledger, signal):
     """(The chunked loss with the sharded teacher: test_fsdp2_a_bfloat16_teacher_sharded_equals_one_process.)"""
     one, d = run_dir(tmp_path, ledger, "one"), run_dir(tmp_path, ledger, "two")
-    done = alongside(lambda: fsdp_launch(tmp_path, d, *signal), lambda: train_one(one, *signal))
+    done, _ = alongside(lambda: fsdp_launch(tmp_path, d, *signal), lambda: train_one(one, *signal))
     assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads((d / "student" / "potstill.json").read_text())
     online = any("teacher_signal" in x for x in signal)
@@ -194,7 +187,7 @@ def test_fsdp2_a_bfloat16_teacher_sharded_equals_one_process(tmp_path):
     extra = ["train.teacher_signal=online", "teacher.dtype=bfloat16", "train.chunk_size=5", "train.loss=jsd"]
     generate(load_recipe(RECIPE, [*tiny_overrides(tmp_path / "ledger"), extra[1]]))
     one, two = (run_dir(tmp_path, tmp_path / "ledger" / "ledger.sqlite", n) for n in ("one", "two"))
-    done = alongside(lambda: fsdp_launch(tmp_path, two, *extra), lambda: train_one(one, *extra))
+    done, _ = alongside(lambda: fsdp_launch(tmp_path, two, *extra), lambda: train_one(one, *extra))
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((two / "student" / "potstill.json").read_text())["distributed"]["online_teacher"] == "sharded"
     assert_same(one, two)
@@ -205,9 +198,9 @@ def test_fsdp2_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, ledger,
     """Both ranks SIGKILL themselves after step 5 (checkpoints every 2 steps); the same launch again
     resumes from step 4's sharded-then-gathered checkpoint and ends where one process ends."""
     one, d = run_dir(tmp_path, ledger, "one"), run_dir(tmp_path, ledger, "two")
-    killed = alongside(lambda: fsdp_launch(tmp_path, d, "train.checkpoint_every=2", *extra,
-                                           env={"POTSTILL_CRASH_AT": "step-5"}),
-                       lambda: train_one(one, "train.checkpoint_every=2", *extra))
+    killed, _ = alongside(lambda: fsdp_launch(tmp_path, d, "train.checkpoint_every=2", *extra,
+                                              env={"POTSTILL_CRASH_AT": "step-5"}),
+                          lambda: train_one(one, "train.checkpoint_every=2", *extra))
     assert killed.returncode != 0 and not (d / "student").exists()
     assert checkpoint.latest(d / "checkpoints" / "student").name == "step-4"
     resumed = fsdp_launch(tmp_path, d, "train.checkpoint_every=2", *extra)
@@ -238,12 +231,11 @@ def test_fsdp2_on_policy_equals_ddp(tmp_path, ledger, bpe, student):
     extra = ["train.teacher_signal=on_policy", "train.lmbda=0.5", "train.loss=jsd", "train.chunk_size=16",
              *([f"student.path={TEACHER}", "student.config=null"] if student == "trained" else [f"student.tokenizer={bpe}"])]
     ddp, d = run_dir(tmp_path, ledger, "ddp"), run_dir(tmp_path, ledger, "two")
-    ddp_done = {}
-    done = alongside(lambda: fsdp_launch(tmp_path, d, *extra), lambda: ddp_done.update(done=launch(
+    done, ddp_done = alongside(lambda: fsdp_launch(tmp_path, d, *extra), lambda: launch(
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-        "no", "--main_process_port", str(free_port()), POTSTILL, *train_args(ddp), "train.epochs=2", *extra)))
-    assert ddp_done["done"].returncode == 0, ddp_done["done"].stderr[-3000:]
-    ddp_stdout = ddp_done["done"].stdout
+        "no", "--main_process_port", str(free_port()), POTSTILL, *train_args(ddp), "train.epochs=2", *extra))
+    assert ddp_done.returncode == 0, ddp_done.stderr[-3000:]
+    ddp_stdout = ddp_done.stdout
     assert json.loads((ddp / "student" / "potstill.json").read_text())["distributed"]["online_teacher"] == "whole"
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((d / "student" / "potstill.json").read_text())["distributed"] == {

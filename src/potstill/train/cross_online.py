@@ -65,7 +65,7 @@ class OnlineCross:
         pieces, teacher_pieces = token_bytes(student_tok), token_bytes(teacher_tok)
         no_text = torch.tensor([i for i, b in enumerate(teacher_pieces) if not b], dtype=torch.long)
         return cls(teacher, teacher_tok, teacher_pieces, pieces, ByteTrie(pieces), student_tok.eos_token_id,
-                   k or DEFAULT_K, no_text, lockstep, dummy_space=_dummy_space(student_tok, pieces))
+                   k or DEFAULT_K, no_text, lockstep, dummy_space=_adds_dummy_space(student_tok, pieces))
 
     def prepare(self, data: list[TrainExample], examples: list, student_tok) -> None:
         """Once, before training: each example's teacher prompt, and its completion's bytes and the
@@ -214,7 +214,7 @@ class OnlineCross:
         return replace(ex, topk_ids=ids, topk_logprobs=lps)
 
 
-def _dummy_space(tokenizer, pieces: list[bytes | None]) -> bool:
+def _adds_dummy_space(tokenizer, pieces: list[bytes | None]) -> bool:
     """Whether ``tokenizer`` spells a text with a space before it (SentencePiece's dummy prefix),
     asked of the first probe it spells with known bytes."""
     for probe in ("a", "0", "5", "x", "."):

@@ -410,21 +410,22 @@ def online_teacher(recipe: Recipe, spec: TrainSpec, accelerator, student, name: 
     (each process's copy leaves it as the shards reach the device)."""
     if not (spec.objective == "kd" and spec.teacher_signal != "cached"):
         return None
-    many = sharded(accelerator)
+
+    def load():  # teacher.path: checked when the recipe loaded
+        model, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype,
+                                  trust_remote_code=recipe.teacher.trust_remote_code)
+        return model.requires_grad_(False)
+
+    if not sharded(accelerator):
+        return load().to(accelerator.device)
     teacher, held = None, 0
     # a process that fails here exits, and the launcher stops the others waiting in the barrier
-    for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) if many else 1):
-        if not many or accelerator.local_process_index == turn:  # teacher.path: checked when the recipe loaded
-            teacher, _ = load_model_dir(recipe.teacher.path, "teacher", recipe.teacher.dtype,
-                                        trust_remote_code=recipe.teacher.trust_remote_code)
-            teacher.requires_grad_(False)
-            if many:
-                held = shard_teacher(teacher, student)
-            else:
-                teacher.to(accelerator.device)
-        if many:
-            accelerator.wait_for_everyone()
-    if many and accelerator.is_main_process:
+    for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))):
+        if accelerator.local_process_index == turn:
+            teacher = load()
+            held = shard_teacher(teacher, student)
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         total = sum(p.numel() for p in teacher.parameters())
         print(f"train {name}: the online teacher ({total:,} parameters) sharded over {accelerator.num_processes} "
               f"processes by decoder layer: each holds {held:,} (its share of the layers; the embedding, final norm and "
